@@ -1,0 +1,90 @@
+//! The HTTP face of breakwater: the distribution API under `/v2/`, plus `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Architecture invariant: this module holds no registry policy. It parses requests, calls `Registry`, and
+//! writes the answers (headers, bodies, error JSON) the spec asks for.
+
+mod error;
+mod range;
+mod route;
+mod v2;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::registry::Registry;
+
+/// What every handler needs.
+pub struct App {
+    pub registry: Registry,
+    /// Renders `/metrics`; `None` when the process has no Prometheus recorder (library use in tests).
+    pub metrics: Option<PrometheusHandle>,
+}
+
+/// The `Range` header value of an upload that holds `size` bytes (`0-<last byte>`; `0-0` when empty, as
+/// distribution sends).
+fn upload_range(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v2", any(v2::handle))
+        .route("/v2/", any(v2::handle))
+        .route("/v2/{*path}", any(v2::handle))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .layer(middleware::from_fn(observe))
+        .with_state(app)
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    match &app.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn readyz(State(app): State<Arc<App>>) -> Response {
+    if app.registry.ready().await {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "metadata store unavailable\n").into_response()
+    }
+}
+
+/// Counts and logs every request: requests by route, method and status, and bytes served by route.
+async fn observe(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let kind = match route::parse(&path) {
+        Some(r) => r.kind(),
+        None if path == "/metrics" || path == "/healthz" || path == "/readyz" => "ops",
+        None => "other",
+    };
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16();
+    metrics::counter!("breakwater_http_requests_total",
+        "route" => kind, "method" => method.to_string(), "status" => status.to_string())
+    .increment(1);
+    if method != axum::http::Method::HEAD {
+        let bytes = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        metrics::counter!("breakwater_http_response_bytes_total", "route" => kind).increment(bytes);
+    }
+    tracing::info!(%method, path, status, elapsed_ms = start.elapsed().as_millis() as u64, "request");
+    resp
+}

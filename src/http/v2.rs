@@ -1,0 +1,302 @@
+//! Handlers of the distribution API: one entry point that routes on the parsed path and the method.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use futures_util::TryStreamExt;
+
+use super::range::{self, RangeRequest};
+use super::route::{self, Route};
+use super::{upload_range, App};
+use crate::meta::Page;
+use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::registry::RegistryError;
+use crate::storage::ByteStream;
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+const DIGEST_HEADER: &str = "docker-content-digest";
+const UPLOAD_UUID_HEADER: &str = "docker-upload-uuid";
+const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+/// Largest page of `_catalog` or `tags/list` served; distribution's limit, and a bound on one response's size.
+const MAX_PAGE: u64 = 1000;
+/// Catalog page size when the client gives none (as distribution).
+const DEFAULT_CATALOG_PAGE: u64 = 100;
+
+pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
+    let mut resp = match dispatch(&app, &method, &uri, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert(API_VERSION_HEADER, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response> {
+    let Some(route) = route::parse(uri.path()) else {
+        return Ok(not_found());
+    };
+    let query: HashMap<String, String> = Query::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
+    let reg = &app.registry;
+    let m = method.as_str();
+    match (&route, m) {
+        (Route::Base, "GET" | "HEAD") => Ok(json_response(StatusCode::OK, "application/json", "{}".into(), m)),
+        (Route::Catalog, "GET") => {
+            let n = page_size(&query, Some(DEFAULT_CATALOG_PAGE))?;
+            let page = reg.catalog(query.get("last").map(String::as_str), n).await?;
+            let link = page.more.then(|| next_link("/v2/_catalog", n, &page));
+            let body = serde_json::json!({ "repositories": page.items }).to_string();
+            Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
+        }
+        (Route::Tags { name }, "GET") => {
+            let repo = repo(name)?;
+            let n = page_size(&query, None)?;
+            let page = reg.tags(&repo, query.get("last").map(String::as_str), n).await?;
+            let link = page.more.then(|| next_link(&format!("/v2/{repo}/tags/list"), n, &page));
+            let body = serde_json::json!({ "name": repo.as_str(), "tags": page.items }).to_string();
+            Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
+        }
+        (Route::Manifest { name, reference }, "GET" | "HEAD") => {
+            let (repo, reference) = (repo(name)?, manifest_ref(reference)?);
+            if m == "HEAD" {
+                let rec = reg.manifest_record(&repo, &reference).await?;
+                return Ok(manifest_response(&rec.media_type, &rec.digest, rec.size, Body::empty()));
+            }
+            let man = reg.manifest(&repo, &reference).await?;
+            let size = man.bytes.len() as u64;
+            Ok(manifest_response(&man.record.media_type, &man.record.digest, size, Body::from(man.bytes)))
+        }
+        (Route::Manifest { name, reference }, "PUT") => {
+            let (repo, reference) = (repo(name)?, manifest_ref(reference)?);
+            let bytes = axum::body::to_bytes(body, MAX_MANIFEST_BYTES + 1).await.map_err(|e| {
+                if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                    RegistryError::ManifestTooLarge
+                } else {
+                    RegistryError::ManifestInvalid(format!("reading the manifest failed: {e}"))
+                }
+            })?;
+            let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let pushed = reg.put_manifest(&repo, &reference, content_type, bytes).await?;
+            let mut resp = created(&format!("/v2/{repo}/manifests/{}", pushed.digest), &pushed.digest);
+            if let Some(subject) = pushed.subject {
+                resp.headers_mut().insert("oci-subject", header_value(&subject.to_string()));
+            }
+            Ok(resp)
+        }
+        (Route::Manifest { name, reference }, "DELETE") => {
+            reg.delete_manifest(&repo(name)?, &manifest_ref(reference)?).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::Blob { name, digest }, "GET" | "HEAD") => {
+            let (repo, digest) = (repo(name)?, digest_param(digest)?);
+            let size = reg.blob_size(&repo, &digest).await?;
+            serve_blob(app, &digest, size, headers, m == "HEAD").await
+        }
+        (Route::Blob { name, digest }, "DELETE") => {
+            reg.delete_blob(&repo(name)?, &digest_param(digest)?).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::UploadStart { name }, "POST") => {
+            let repo = repo(name)?;
+            if let Some(mount) = query.get("mount") {
+                let digest = digest_param(mount)?;
+                // An invalid `from` cannot hold the blob: fall back to an upload rather than fail the push.
+                let from = query.get("from").and_then(|f| f.parse::<RepoName>().ok());
+                if reg.mount(&repo, &digest, from.as_ref()).await? {
+                    return Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest));
+                }
+            } else if let Some(d) = query.get("digest") {
+                let digest = digest_param(d)?;
+                reg.put_blob(&repo, &digest, body_stream(body)).await?;
+                return Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest));
+            }
+            let id = reg.start_upload(&repo).await?;
+            Ok(upload_response(StatusCode::ACCEPTED, &repo, &id, 0))
+        }
+        (Route::Upload { name, id }, "GET") => {
+            let repo = repo(name)?;
+            let size = reg.upload_offset(&repo, id).await?;
+            Ok(upload_response(StatusCode::NO_CONTENT, &repo, id, size))
+        }
+        (Route::Upload { name, id }, "PATCH") => {
+            let repo = repo(name)?;
+            let start = content_range_start(headers)?;
+            let size = reg.upload_chunk(&repo, id, start, body_stream(body)).await?;
+            Ok(upload_response(StatusCode::ACCEPTED, &repo, id, size))
+        }
+        (Route::Upload { name, id }, "PUT") => {
+            let repo = repo(name)?;
+            let digest = digest_param(query.get("digest").map(String::as_str).unwrap_or(""))?;
+            reg.finish_upload(&repo, id, &digest, Some(body_stream(body))).await?;
+            Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest))
+        }
+        (Route::Upload { name, id }, "DELETE") => {
+            reg.cancel_upload(&repo(name)?, id).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (Route::Referrers { name, digest }, "GET") => {
+            let (repo, subject) = (repo(name)?, digest_param(digest)?);
+            let filter = query.get("artifactType").map(String::as_str);
+            let found = reg.referrers(&repo, &subject, filter).await?;
+            let manifests: Vec<_> = found
+                .iter()
+                .map(|r| {
+                    let mut d = serde_json::json!({
+                        "mediaType": r.media_type, "digest": r.digest, "size": r.size,
+                    });
+                    if let Some(t) = &r.artifact_type {
+                        d["artifactType"] = t.clone().into();
+                    }
+                    if let Some(a) = r.annotations.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()) {
+                        d["annotations"] = a;
+                    }
+                    d
+                })
+                .collect();
+            let index = serde_json::json!({
+                "schemaVersion": 2, "mediaType": crate::oci::OCI_INDEX, "manifests": manifests,
+            });
+            let mut resp = json_response(StatusCode::OK, crate::oci::OCI_INDEX, index.to_string(), m);
+            if filter.is_some() {
+                resp.headers_mut().insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
+            }
+            Ok(resp)
+        }
+        _ => Err(RegistryError::Unsupported(format!("{m} is not supported on {}", route.kind()))),
+    }
+}
+
+fn repo(name: &str) -> Result<RepoName> {
+    Ok(name.parse()?)
+}
+
+fn manifest_ref(s: &str) -> Result<Reference> {
+    Ok(s.parse()?)
+}
+
+fn digest_param(s: &str) -> Result<Digest> {
+    Ok(s.parse()?)
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Every value passed here is built from validated names and digests, which are visible ASCII.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, [(header::CONTENT_TYPE, "application/json")], super::error::error_body("NAME_UNKNOWN", "no such endpoint"))
+        .into_response()
+}
+
+fn body_stream(body: Body) -> ByteStream {
+    Box::pin(body.into_data_stream().map_err(std::io::Error::other))
+}
+
+/// `n` of a paged listing: `default` when absent (`None`: everything), an error when not a number or too large.
+fn page_size(query: &HashMap<String, String>, default: Option<u64>) -> Result<u64> {
+    match query.get("n") {
+        None => Ok(default.unwrap_or(i64::MAX as u64 - 1)),
+        Some(n) => match n.parse::<u64>() {
+            Ok(n) if n <= MAX_PAGE => Ok(n),
+            _ => Err(RegistryError::PaginationInvalid(format!("n must be an integer from 0 to {MAX_PAGE}, not {n:?}"))),
+        },
+    }
+}
+
+fn next_link(path: &str, n: u64, page: &Page) -> String {
+    let last = page.items.last().map(String::as_str).unwrap_or("");
+    format!("<{path}?n={n}&last={last}>; rel=\"next\"")
+}
+
+fn with_link(mut resp: Response, link: Option<String>) -> Response {
+    if let Some(link) = link {
+        resp.headers_mut().insert(header::LINK, header_value(&link));
+    }
+    resp
+}
+
+/// A JSON body, or for HEAD its headers alone.
+fn json_response(status: StatusCode, content_type: &'static str, body: String, method: &str) -> Response {
+    let len = body.len();
+    let body = if method == "HEAD" { Body::empty() } else { Body::from(body) };
+    let mut resp = (status, [(header::CONTENT_TYPE, content_type)], body).into_response();
+    resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+fn created(location: &str, digest: &Digest) -> Response {
+    let mut resp = StatusCode::CREATED.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, header_value(location));
+    h.insert(DIGEST_HEADER, header_value(&digest.to_string()));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    resp
+}
+
+fn upload_response(status: StatusCode, repo: &RepoName, id: &str, size: u64) -> Response {
+    let mut resp = status.into_response();
+    let h = resp.headers_mut();
+    h.insert(header::LOCATION, header_value(&format!("/v2/{repo}/blobs/uploads/{id}")));
+    h.insert(header::RANGE, header_value(&upload_range(size)));
+    h.insert(UPLOAD_UUID_HEADER, header_value(id));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    resp
+}
+
+fn manifest_response(media_type: &str, digest: &Digest, size: u64, body: Body) -> Response {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, header_value(media_type));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    h.insert(DIGEST_HEADER, header_value(&digest.to_string()));
+    h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
+    resp
+}
+
+/// The start offset of a PATCH's `Content-Range: <start>-<end>`; `None` for a streamed chunk without one.
+fn content_range_start(headers: &HeaderMap) -> Result<Option<u64>> {
+    let Some(v) = headers.get(header::CONTENT_RANGE) else {
+        return Ok(None);
+    };
+    let bad = || RegistryError::BlobUploadInvalid("Content-Range must be <start>-<end>".into());
+    let s = v.to_str().map_err(|_| bad())?;
+    let s = s.strip_prefix("bytes=").or_else(|| s.strip_prefix("bytes ")).unwrap_or(s);
+    let (start, end) = s.split_once('-').ok_or_else(bad)?;
+    let start: u64 = start.trim().parse().map_err(|_| bad())?;
+    let end: u64 = end.split('/').next().unwrap_or("").trim().parse().map_err(|_| bad())?;
+    if end < start {
+        return Err(bad());
+    }
+    Ok(Some(start))
+}
+
+async fn serve_blob(app: &App, digest: &Digest, size: u64, headers: &HeaderMap, head: bool) -> Result<Response> {
+    let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let (status, window) = match range::parse(range_header, size) {
+        RangeRequest::Full => (StatusCode::OK, None),
+        RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, Some(r)),
+        RangeRequest::Unsatisfiable => {
+            let mut resp = RegistryError::RangeInvalid(format!("range not satisfiable for a blob of {size} bytes")).into_response();
+            resp.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+            return Ok(resp);
+        }
+    };
+    let len = window.map_or(size, |r| r.end - r.start);
+    let body = if head { Body::empty() } else { Body::from_stream(app.registry.read_blob(digest, window).await?) };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(DIGEST_HEADER, header_value(&digest.to_string()));
+    h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
+    if let Some(r) = window {
+        h.insert(header::CONTENT_RANGE, header_value(&format!("bytes {}-{}/{size}", r.start, r.end - 1)));
+    }
+    Ok(resp)
+}

@@ -1,0 +1,10 @@
+//! breakwater: an OCI Distribution registry that will also be a coalescing pull-through cache and a resumable
+//! replication engine. See ARCHITECTURE.md for the map of this crate.
+
+pub mod config;
+pub mod http;
+pub mod meta;
+pub mod oci;
+pub mod registry;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,120 @@
+//! The `breakwater` command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use breakwater::config::{self, Config, FileConfig, LogFormat};
+
+#[derive(Parser)]
+#[command(name = "breakwater", version, about = "A container registry, pull-through cache and replicator")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the registry.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags and environment variables override it.
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:5000]. Port 0 picks a free port.
+    #[arg(long, env = "BREAKWATER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory (content store and embedded metadata) [default: ./breakwater-data].
+    #[arg(long, env = "BREAKWATER_DATA")]
+    data: Option<PathBuf>,
+    /// Metadata store URL: sqlite://PATH or postgres://USER@HOST/DB [default: SQLite in the data directory].
+    #[arg(long, env = "BREAKWATER_METADATA")]
+    metadata: Option<String>,
+    /// Log format on stderr [default: text].
+    #[arg(long, env = "BREAKWATER_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Refuse every DELETE (405 UNSUPPORTED).
+    #[arg(long, env = "BREAKWATER_NO_DELETE")]
+    no_delete: bool,
+}
+
+impl ServeArgs {
+    fn resolve(self) -> anyhow::Result<Config> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
+        let metadata = self.metadata.or(file.metadata).unwrap_or_else(|| config::sqlite_url(&data));
+        Ok(Config {
+            listen: self.listen.or(file.listen).unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default")),
+            data,
+            metadata,
+            log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            delete_enabled: !self.no_delete && file.delete_enabled.unwrap_or(true),
+        })
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    init_logging(config.log_format);
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let app = breakwater::server::build(&config, Some(metrics)).await?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
+    let mut out = std::io::stdout();
+    writeln!(out, "breakwater listening on http://{addr}")?;
+    out.flush()?;
+    tracing::info!(%addr, data = %config.data.display(), "serving");
+    breakwater::server::serve(listener, app, shutdown_signal()).await
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}

@@ -1,0 +1,82 @@
+//! Everything that is not bytes: repositories, which blobs each repository holds, manifest records, tags, and
+//! upload sessions.
+//!
+//! One implementation, `SqlMeta`, speaks to SQLite (the embedded default) and PostgreSQL (several instances
+//! sharing one state) through sqlx's `Any` driver: the SQL is the same for both apart from the schema's column
+//! collation, so there is one body of queries to keep right rather than two.
+
+mod sql;
+
+pub use sql::SqlMeta;
+
+use crate::oci::{Digest, RepoName, Tag};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("metadata store error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("metadata store holds an invalid value: {0}")]
+    Corrupt(String),
+}
+
+/// What is known about a manifest stored in a repository (its bytes are in the blob store under `digest`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    pub subject: Option<Digest>,
+    pub artifact_type: Option<String>,
+    /// The manifest's `annotations`, as JSON text, for the referrers API.
+    pub annotations: Option<String>,
+}
+
+/// A page of a sorted listing: the items, and whether more follow (to decide on a `Link` header).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    pub items: Vec<String>,
+    pub more: bool,
+}
+
+#[async_trait::async_trait]
+pub trait Meta: Send + Sync + 'static {
+    /// Records that `repo` holds blob `digest`, creating the repository if needed.
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError>;
+    /// Whether `repo` holds blob `digest`.
+    async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    /// Removes blob `digest` from `repo`; false if it was not there.
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+
+    /// Stores a manifest record in `repo` and, if given, points `tag` at it, in one transaction.
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> Result<(), MetaError>;
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>, MetaError>;
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, MetaError>;
+    /// Removes a manifest and every tag pointing at it; false if it was not there.
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
+    /// Removes a tag (not the manifest); false if it was not there.
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError>;
+    /// Manifests in `repo` whose subject is `subject`, optionally only those of `artifact_type`.
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<ManifestRecord>, MetaError>;
+
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool, MetaError>;
+    /// Tags of `repo` in byte order, after `last`, at most `limit`.
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: u64) -> Result<Page, MetaError>;
+    /// Repository names in byte order, after `last`, at most `limit`.
+    async fn list_repos(&self, last: Option<&str>, limit: u64) -> Result<Page, MetaError>;
+
+    /// Registers upload session `id` for `repo`.
+    async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError>;
+    /// The repository upload `id` belongs to, if it exists.
+    async fn upload_repo(&self, id: &str) -> Result<Option<String>, MetaError>;
+    async fn delete_upload(&self, id: &str) -> Result<(), MetaError>;
+}
+
+/// Opens the metadata store named by `url`: `sqlite://PATH` or `postgres://...`.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Meta>, MetaError> {
+    Ok(std::sync::Arc::new(SqlMeta::connect(url).await?))
+}

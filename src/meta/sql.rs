@@ -1,0 +1,299 @@
+//! `Meta` over SQL, for SQLite and PostgreSQL alike.
+
+use std::str::FromStr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{ManifestRecord, Meta, MetaError, Page};
+use crate::oci::{Digest, RepoName, Tag};
+
+/// Which SQL dialect the pool speaks; only the schema differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+pub struct SqlMeta {
+    pool: AnyPool,
+}
+
+/// The schema. `{text_key}` is the type of names and tags: they must sort byte-wise (as distribution does and
+/// as `last=` pagination assumes), which PostgreSQL only does under the "C" collation.
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS repositories (name {text_key} PRIMARY KEY, created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS blob_links (repo {text_key} NOT NULL, digest TEXT NOT NULL, size BIGINT NOT NULL, \
+     created_at BIGINT NOT NULL, PRIMARY KEY (repo, digest))",
+    "CREATE INDEX IF NOT EXISTS blob_links_digest ON blob_links (digest)",
+    "CREATE TABLE IF NOT EXISTS manifests (repo {text_key} NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL, \
+     size BIGINT NOT NULL, subject TEXT, artifact_type TEXT, annotations TEXT, created_at BIGINT NOT NULL, \
+     PRIMARY KEY (repo, digest))",
+    "CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest)",
+    "CREATE INDEX IF NOT EXISTS manifests_subject ON manifests (repo, subject)",
+    "CREATE TABLE IF NOT EXISTS tags (repo {text_key} NOT NULL, tag {text_key} NOT NULL, digest TEXT NOT NULL, \
+     updated_at BIGINT NOT NULL, PRIMARY KEY (repo, tag))",
+    "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at BIGINT NOT NULL)",
+];
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+fn digest_of(s: String) -> Result<Digest, MetaError> {
+    Digest::from_str(&s).map_err(|_| MetaError::Corrupt(s))
+}
+
+fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
+    Ok(ManifestRecord {
+        digest: digest_of(row.try_get("digest")?)?,
+        media_type: row.try_get("media_type")?,
+        size: row.try_get::<i64, _>("size")? as u64,
+        subject: row.try_get::<Option<String>, _>("subject")?.map(digest_of).transpose()?,
+        artifact_type: row.try_get("artifact_type")?,
+        annotations: row.try_get("annotations")?,
+    })
+}
+
+/// A page of at most `limit` names from a query that was asked for `limit + 1` rows.
+fn page(rows: Vec<AnyRow>, limit: u64) -> Result<Page, MetaError> {
+    let mut items = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?;
+    let more = items.len() as u64 > limit;
+    items.truncate(limit as usize);
+    Ok(Page { items, more })
+}
+
+impl SqlMeta {
+    pub async fn connect(url: &str) -> Result<SqlMeta, MetaError> {
+        sqlx::any::install_default_drivers();
+        let dialect = if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Dialect::Postgres
+        } else {
+            Dialect::Sqlite
+        };
+        let mut options = AnyPoolOptions::new().max_connections(16);
+        if dialect == Dialect::Sqlite {
+            // SQLite serialises writers anyway; a few connections serve concurrent readers, and WAL lets them read
+            // while one writes. `synchronous=FULL` because a tag that was acknowledged must survive a power cut.
+            options = options.max_connections(4).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA synchronous=FULL").execute(&mut *conn).await?;
+                    sqlx::query("PRAGMA busy_timeout=10000").execute(&mut *conn).await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = options.connect(url).await?;
+        let text_key = match dialect {
+            Dialect::Sqlite => "TEXT",
+            Dialect::Postgres => "TEXT COLLATE \"C\"",
+        };
+        for stmt in SCHEMA {
+            sqlx::query(&stmt.replace("{text_key}", text_key)).execute(&pool).await?;
+        }
+        Ok(SqlMeta { pool })
+    }
+
+    async fn ensure_repo<'c, E>(exec: E, repo: &RepoName) -> Result<(), MetaError>
+    where
+        E: sqlx::Executor<'c, Database = sqlx::Any>,
+    {
+        sqlx::query("INSERT INTO repositories (name, created_at) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING")
+            .bind(repo.as_str())
+            .bind(now())
+            .execute(exec)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Meta for SqlMeta {
+    async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        Self::ensure_repo(&mut *tx, repo).await?;
+        sqlx::query(
+            "INSERT INTO blob_links (repo, digest, size, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (repo, digest) DO NOTHING",
+        )
+        .bind(repo.as_str())
+        .bind(digest.to_string())
+        .bind(size as i64)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let row = sqlx::query("SELECT 1 FROM blob_links WHERE repo = $1 AND digest = $2")
+            .bind(repo.as_str())
+            .bind(digest.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM blob_links WHERE repo = $1 AND digest = $2")
+            .bind(repo.as_str())
+            .bind(digest.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        Self::ensure_repo(&mut *tx, repo).await?;
+        sqlx::query(
+            "INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (repo, digest) DO NOTHING",
+        )
+        .bind(repo.as_str())
+        .bind(m.digest.to_string())
+        .bind(&m.media_type)
+        .bind(m.size as i64)
+        .bind(m.subject.as_ref().map(|d| d.to_string()))
+        .bind(m.artifact_type.clone())
+        .bind(m.annotations.clone())
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        if let Some(tag) = tag {
+            sqlx::query(
+                "INSERT INTO tags (repo, tag, digest, updated_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (repo, tag) DO UPDATE SET digest = excluded.digest, updated_at = excluded.updated_at",
+            )
+            .bind(repo.as_str())
+            .bind(tag.as_str())
+            .bind(m.digest.to_string())
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>, MetaError> {
+        let row = sqlx::query(
+            "SELECT digest, media_type, size, subject, artifact_type, annotations FROM manifests \
+             WHERE repo = $1 AND digest = $2",
+        )
+        .bind(repo.as_str())
+        .bind(digest.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, MetaError> {
+        let row = sqlx::query("SELECT digest FROM tags WHERE repo = $1 AND tag = $2")
+            .bind(repo.as_str())
+            .bind(tag.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get::<String, _>(0).map_err(MetaError::from).and_then(digest_of)).transpose()
+    }
+
+    async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query("DELETE FROM manifests WHERE repo = $1 AND digest = $2")
+            .bind(repo.as_str())
+            .bind(digest.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM tags WHERE repo = $1 AND digest = $2")
+            .bind(repo.as_str())
+            .bind(digest.to_string())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM tags WHERE repo = $1 AND tag = $2")
+            .bind(repo.as_str())
+            .bind(tag.as_str())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<ManifestRecord>, MetaError> {
+        let rows = sqlx::query(
+            "SELECT digest, media_type, size, subject, artifact_type, annotations FROM manifests \
+             WHERE repo = $1 AND subject = $2 ORDER BY digest",
+        )
+        .bind(repo.as_str())
+        .bind(subject.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        // Referrer lists are short; filtering here keeps the query one shape for both dialects.
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let r = record(row)?;
+            if artifact_type.is_none_or(|want| r.artifact_type.as_deref() == Some(want)) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn repo_exists(&self, repo: &RepoName) -> Result<bool, MetaError> {
+        let row = sqlx::query("SELECT 1 FROM repositories WHERE name = $1")
+            .bind(repo.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn list_tags(&self, repo: &RepoName, last: Option<&str>, limit: u64) -> Result<Page, MetaError> {
+        let rows = sqlx::query("SELECT tag FROM tags WHERE repo = $1 AND tag > $2 ORDER BY tag LIMIT $3")
+            .bind(repo.as_str())
+            .bind(last.unwrap_or(""))
+            .bind(limit.saturating_add(1) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        page(rows, limit)
+    }
+
+    async fn list_repos(&self, last: Option<&str>, limit: u64) -> Result<Page, MetaError> {
+        let rows = sqlx::query("SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2")
+            .bind(last.unwrap_or(""))
+            .bind(limit.saturating_add(1) as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        page(rows, limit)
+    }
+
+    async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError> {
+        sqlx::query("INSERT INTO uploads (id, repo, created_at) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(repo.as_str())
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn upload_repo(&self, id: &str) -> Result<Option<String>, MetaError> {
+        let row = sqlx::query("SELECT repo FROM uploads WHERE id = $1").bind(id).fetch_optional(&self.pool).await?;
+        Ok(row.map(|r| r.try_get::<String, _>(0)).transpose()?)
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,83 @@
+//! Registry errors, each with the stable error code of the OCI distribution spec.
+
+use crate::meta::MetaError;
+use crate::oci::{Digest, GrammarError};
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("blob unknown to registry")]
+    BlobUnknown,
+    #[error("blob upload unknown to registry")]
+    BlobUploadUnknown,
+    #[error("blob upload invalid: {0}")]
+    BlobUploadInvalid(String),
+    #[error("chunk does not start at the upload's current offset {offset}")]
+    UploadOutOfOrder { offset: u64 },
+    #[error("{0}")]
+    DigestInvalid(String),
+    #[error("manifest references {0}, which is unknown to this repository")]
+    ManifestBlobUnknown(Digest),
+    #[error("manifest invalid: {0}")]
+    ManifestInvalid(String),
+    #[error("manifest exceeds the 4 MiB limit")]
+    ManifestTooLarge,
+    #[error("manifest unknown")]
+    ManifestUnknown,
+    #[error("{0}")]
+    NameInvalid(String),
+    #[error("repository name not known to registry")]
+    NameUnknown,
+    #[error("{0}")]
+    RangeInvalid(String),
+    #[error("{0}")]
+    PaginationInvalid(String),
+    #[error("the operation is unsupported: {0}")]
+    Unsupported(String),
+    #[error(transparent)]
+    Storage(StorageError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+}
+
+impl RegistryError {
+    /// The spec's error code. Internal failures have none in the spec; `UNKNOWN` is what distribution sends.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RegistryError::BlobUnknown => "BLOB_UNKNOWN",
+            RegistryError::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            RegistryError::BlobUploadInvalid(_) => "BLOB_UPLOAD_INVALID",
+            RegistryError::UploadOutOfOrder { .. } => "BLOB_UPLOAD_INVALID",
+            RegistryError::DigestInvalid(_) => "DIGEST_INVALID",
+            RegistryError::ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
+            RegistryError::ManifestInvalid(_) => "MANIFEST_INVALID",
+            RegistryError::ManifestTooLarge => "SIZE_INVALID",
+            RegistryError::ManifestUnknown => "MANIFEST_UNKNOWN",
+            RegistryError::NameInvalid(_) => "NAME_INVALID",
+            RegistryError::NameUnknown => "NAME_UNKNOWN",
+            RegistryError::RangeInvalid(_) => "RANGE_INVALID",
+            RegistryError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
+            RegistryError::Unsupported(_) => "UNSUPPORTED",
+            RegistryError::Storage(StorageError::DigestMismatch { .. }) => "DIGEST_INVALID",
+            RegistryError::Storage(StorageError::Body(_)) => "BLOB_UPLOAD_INVALID",
+            RegistryError::Storage(StorageError::NotFound) => "BLOB_UNKNOWN",
+            RegistryError::Storage(StorageError::Io(_)) | RegistryError::Meta(_) => "UNKNOWN",
+        }
+    }
+}
+
+impl From<StorageError> for RegistryError {
+    fn from(e: StorageError) -> Self {
+        RegistryError::Storage(e)
+    }
+}
+
+impl From<GrammarError> for RegistryError {
+    fn from(e: GrammarError) -> Self {
+        match e {
+            GrammarError::Name(_) => RegistryError::NameInvalid(e.to_string()),
+            GrammarError::Digest(_) => RegistryError::DigestInvalid(e.to_string()),
+            GrammarError::Tag(_) => RegistryError::ManifestInvalid(e.to_string()),
+        }
+    }
+}

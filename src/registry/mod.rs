@@ -1,0 +1,282 @@
+//! The registry's rules over `storage` (bytes) and `meta` (everything else): push, pull, mount, delete, list,
+//! referrers. Nothing here knows about HTTP; the `http` module translates requests into these calls and
+//! `RegistryError`s into the spec's error responses.
+//!
+//! Architecture invariant: deleting never removes bytes. A delete unlinks a blob or a manifest from a
+//! repository; the bytes stay in the content store (which other repositories, or a push racing with the delete,
+//! may share) until a garbage collector that can prove them unreferenced removes them.
+
+mod error;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+pub use error::RegistryError;
+
+use crate::meta::{ManifestRecord, Meta, Page};
+use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
+
+/// Outcome of a manifest push, for the response headers.
+#[derive(Debug)]
+pub struct PushedManifest {
+    pub digest: Digest,
+    pub subject: Option<Digest>,
+}
+
+/// A manifest ready to be served: its record and its exact bytes.
+#[derive(Debug)]
+pub struct Manifest {
+    pub record: ManifestRecord,
+    pub bytes: Bytes,
+}
+
+pub struct Registry {
+    store: Arc<dyn BlobStore>,
+    meta: Arc<dyn Meta>,
+    /// Whether DELETE requests are honoured (operators of shared registries often turn deletes off).
+    deletes_enabled: bool,
+}
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+impl Registry {
+    pub fn new(store: Arc<dyn BlobStore>, meta: Arc<dyn Meta>, deletes_enabled: bool) -> Registry {
+        Registry { store, meta, deletes_enabled }
+    }
+
+    fn check_deletes(&self) -> Result<()> {
+        if self.deletes_enabled {
+            Ok(())
+        } else {
+            Err(RegistryError::Unsupported("deletes are disabled on this registry".into()))
+        }
+    }
+
+    // ---- blobs -------------------------------------------------------------------------------------------
+
+    /// The size of blob `digest` in `repo`.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
+        if !self.meta.blob_linked(repo, digest).await? {
+            return Err(RegistryError::BlobUnknown);
+        }
+        self.store.size(digest).await?.ok_or(RegistryError::BlobUnknown)
+    }
+
+    /// Streams blob `digest` (or a window of it) from `repo`.
+    pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream> {
+        self.store.read(digest, range).await.map_err(|e| match e {
+            StorageError::NotFound => RegistryError::BlobUnknown,
+            e => e.into(),
+        })
+    }
+
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
+        self.check_deletes()?;
+        if self.meta.unlink_blob(repo, digest).await? {
+            Ok(())
+        } else {
+            Err(RegistryError::BlobUnknown)
+        }
+    }
+
+    // ---- uploads -----------------------------------------------------------------------------------------
+
+    /// Cross-repository mount: links `digest` into `repo` if `from` holds it (or, with no `from`, if any
+    /// repository does; spec v1.1 allows that). Returns false when the caller must fall back to an upload.
+    pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<bool> {
+        if let Some(from) = from {
+            if !self.meta.blob_linked(from, digest).await? {
+                return Ok(false);
+            }
+        }
+        match self.store.size(digest).await? {
+            Some(size) => {
+                self.meta.link_blob(repo, digest, size).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Stores a whole blob sent in one request and links it into `repo`.
+    pub async fn put_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<()> {
+        let size = self.store.put(digest, body).await?;
+        self.meta.link_blob(repo, digest, size).await?;
+        Ok(())
+    }
+
+    /// Opens an upload session in `repo` and returns its id.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.store.upload_start(&id).await?;
+        self.meta.create_upload(&id, repo).await?;
+        Ok(id)
+    }
+
+    /// Bytes received so far by upload `id` of `repo`.
+    pub async fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64> {
+        match self.meta.upload_repo(id).await? {
+            Some(r) if r == repo.as_str() => {}
+            _ => return Err(RegistryError::BlobUploadUnknown),
+        }
+        self.store.upload_size(id).await?.ok_or(RegistryError::BlobUploadUnknown)
+    }
+
+    /// Appends a chunk. With `start` (from `Content-Range`), the chunk must begin exactly where the upload ends.
+    /// Returns the new size.
+    pub async fn upload_chunk(&self, repo: &RepoName, id: &str, start: Option<u64>, body: ByteStream) -> Result<u64> {
+        let offset = self.upload_offset(repo, id).await?;
+        if let Some(start) = start {
+            if start != offset {
+                return Err(RegistryError::UploadOutOfOrder { offset });
+            }
+        }
+        // Two clients appending to one session at once would interleave chunks; the digest check at commit then
+        // refuses the result, so nothing corrupt can become visible.
+        Ok(self.store.upload_append(id, body).await?)
+    }
+
+    /// Completes upload `id` with an optional last chunk; the blob becomes visible only if it matches `digest`.
+    pub async fn finish_upload(&self, repo: &RepoName, id: &str, digest: &Digest, last: Option<ByteStream>) -> Result<()> {
+        self.upload_offset(repo, id).await?;
+        if let Some(body) = last {
+            self.store.upload_append(id, body).await?;
+        }
+        let committed = self.store.upload_commit(id, digest).await;
+        // Whatever the outcome, the session is over: a mismatched upload is discarded by the store.
+        self.meta.delete_upload(id).await?;
+        let size = committed?;
+        self.meta.link_blob(repo, digest, size).await?;
+        Ok(())
+    }
+
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
+        self.upload_offset(repo, id).await?;
+        self.meta.delete_upload(id).await?;
+        match self.store.upload_abort(id).await {
+            Ok(()) | Err(StorageError::NotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    // ---- manifests ---------------------------------------------------------------------------------------
+
+    /// Validates and stores a manifest pushed to `repo` under `reference`.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<PushedManifest> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(RegistryError::ManifestTooLarge);
+        }
+        let info = ManifestInfo::parse(&bytes, content_type).map_err(RegistryError::ManifestInvalid)?;
+        // Pushed by digest, the manifest is stored under that digest's algorithm; by tag, under sha256.
+        let (digest, tag) = match reference {
+            Reference::Digest(d) => {
+                let actual = Digest::of(d.algorithm(), &bytes);
+                if &actual != d {
+                    return Err(RegistryError::DigestInvalid(format!("manifest digest is {actual}, not {d}")));
+                }
+                (actual, None)
+            }
+            Reference::Tag(t) => (Digest::of(Algorithm::Sha256, &bytes), Some(t)),
+        };
+        for blob in &info.blobs {
+            if !self.meta.blob_linked(repo, blob).await? {
+                return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
+            }
+        }
+        for child in &info.children {
+            if self.meta.manifest(repo, child).await?.is_none() {
+                return Err(RegistryError::ManifestBlobUnknown(child.clone()));
+            }
+        }
+        let size = bytes.len() as u64;
+        let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+        self.store.put(&digest, body).await?;
+        let annotations = match &info.annotations {
+            Some(a) => Some(serde_json::to_string(a).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?),
+            None => None,
+        };
+        let record = ManifestRecord {
+            digest: digest.clone(),
+            media_type: info.media_type,
+            size,
+            subject: info.subject.clone(),
+            artifact_type: info.artifact_type,
+            annotations,
+        };
+        self.meta.put_manifest(repo, &record, tag).await?;
+        Ok(PushedManifest { digest, subject: info.subject })
+    }
+
+    /// The record of the manifest `reference` names in `repo` (enough for HEAD).
+    pub async fn manifest_record(&self, repo: &RepoName, reference: &Reference) -> Result<ManifestRecord> {
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(t) => self.meta.resolve_tag(repo, t).await?.ok_or(RegistryError::ManifestUnknown)?,
+        };
+        self.meta.manifest(repo, &digest).await?.ok_or(RegistryError::ManifestUnknown)
+    }
+
+    /// The manifest `reference` names in `repo`, with its bytes.
+    pub async fn manifest(&self, repo: &RepoName, reference: &Reference) -> Result<Manifest> {
+        let record = self.manifest_record(repo, reference).await?;
+        let mut stream = self.read_blob(&record.digest, None).await.map_err(|e| match e {
+            RegistryError::BlobUnknown => RegistryError::ManifestUnknown,
+            e => e,
+        })?;
+        let mut buf = Vec::with_capacity(record.size as usize);
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.map_err(StorageError::Io)?);
+        }
+        Ok(Manifest { record, bytes: buf.into() })
+    }
+
+    /// DELETE by digest removes the manifest and its tags; by tag, only the tag.
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &Reference) -> Result<()> {
+        self.check_deletes()?;
+        let found = match reference {
+            Reference::Digest(d) => self.meta.delete_manifest(repo, d).await?,
+            Reference::Tag(t) => self.meta.delete_tag(repo, t).await?,
+        };
+        if found {
+            Ok(())
+        } else {
+            Err(RegistryError::ManifestUnknown)
+        }
+    }
+
+    // ---- listings ----------------------------------------------------------------------------------------
+
+    pub async fn tags(&self, repo: &RepoName, last: Option<&str>, n: u64) -> Result<Page> {
+        if !self.meta.repo_exists(repo).await? {
+            return Err(RegistryError::NameUnknown);
+        }
+        Ok(self.meta.list_tags(repo, last, n).await?)
+    }
+
+    pub async fn catalog(&self, last: Option<&str>, n: u64) -> Result<Page> {
+        Ok(self.meta.list_repos(last, n).await?)
+    }
+
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<ManifestRecord>> {
+        Ok(self.meta.referrers(repo, subject, artifact_type).await?)
+    }
+
+    /// Whether the stores answer (for `/readyz`).
+    pub async fn ready(&self) -> bool {
+        self.meta.repo_exists(&"readiness-probe".parse().expect("valid name")).await.is_ok()
+    }
+}

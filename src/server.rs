@@ -1,0 +1,30 @@
+//! Assembles a running registry from a `Config`: opens the stores, binds the socket, serves until shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::{self, App};
+use crate::registry::Registry;
+use crate::storage::LocalStore;
+
+/// Opens the stores named by `config` and returns the HTTP application.
+pub async fn build(config: &Config, metrics: Option<metrics_exporter_prometheus::PrometheusHandle>) -> anyhow::Result<Arc<App>> {
+    std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    let store = LocalStore::open(&config.data.join("content"))
+        .await
+        .with_context(|| format!("opening the content store in {}", config.data.display()))?;
+    let meta = crate::meta::open(&config.metadata).await.context("opening the metadata store")?;
+    let registry = Registry::new(Arc::new(store), meta, config.delete_enabled);
+    Ok(Arc::new(App { registry, metrics }))
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests
+/// finish.
+pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    axum::serve(listener, http::router(app)).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

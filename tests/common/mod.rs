@@ -1,0 +1,152 @@
+//! Shared test harness: starts the real `breakwater` binary and a real Debian `docker-registry` on free loopback
+//! ports, each with its own temporary data directory, and stops them when the handle is dropped.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `breakwater serve`, killed on drop.
+pub struct Breakwater {
+    child: Child,
+    /// `127.0.0.1:PORT`, as printed by the server once it listens.
+    pub addr: String,
+    /// Where the server keeps its blobs and its SQLite database; removed on drop.
+    pub data: tempfile::TempDir,
+}
+
+impl Breakwater {
+    /// A registry with its defaults (embedded SQLite, local disk).
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A registry with extra `serve` flags.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().expect("tempdir");
+        Self::start_in(data, extra)
+    }
+
+    /// Starts on an existing data directory (to test restarts over the same state).
+    pub fn start_in(data: tempfile::TempDir, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .args(extra)
+            .env("RUST_LOG", "breakwater=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn breakwater");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read listen line");
+        let addr = line
+            .trim()
+            .strip_prefix("breakwater listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line from breakwater: {line:?}"))
+            .to_string();
+        Breakwater { child, addr, data }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server and hands back its data directory (for restart tests).
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"));
+        data
+    }
+}
+
+impl Drop for Breakwater {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port (bound then released; good enough for servers that cannot report their own port).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_for_port(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {addr}");
+}
+
+/// A running Debian `docker-registry` (CNCF distribution 2.8), killed on drop.
+pub struct Distribution {
+    child: Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Distribution {
+    pub fn start() -> Self {
+        Self::start_proxy(None)
+    }
+
+    /// With `Some(url)`, distribution runs as a pull-through cache of `url`.
+    pub fn start_proxy(remote: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+            dir.path().join("storage").display()
+        );
+        if let Some(remote) = remote {
+            config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
+        let config_path = dir.path().join("config.yml");
+        std::fs::write(&config_path, config).expect("write config");
+        let child = Command::new(registry_binary())
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn docker-registry (apt-get install docker-registry)");
+        wait_for_port(&addr);
+        Distribution { child, addr, dir }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+impl Drop for Distribution {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn registry_binary() -> PathBuf {
+    for candidate in ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from("docker-registry")
+}
