@@ -1,0 +1,166 @@
+//! The metadata layer against both of its backends: the embedded SQLite and a real PostgreSQL
+//! (127.0.0.1:5432, trust auth; each run creates its own database and drops it afterwards).
+
+use std::sync::Arc;
+
+use breakwater::meta::{ManifestRecord, Meta, Page};
+use breakwater::oci::{Algorithm, Digest, RepoName, Tag};
+
+const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn repo(s: &str) -> RepoName {
+    s.parse().unwrap()
+}
+
+fn tag(s: &str) -> Tag {
+    s.parse().unwrap()
+}
+
+fn digest(s: &str) -> Digest {
+    Digest::of(Algorithm::Sha256, s.as_bytes())
+}
+
+fn record(content: &str, subject: Option<&str>, artifact_type: Option<&str>) -> ManifestRecord {
+    ManifestRecord {
+        digest: digest(content),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: content.len() as u64,
+        subject: subject.map(digest),
+        artifact_type: artifact_type.map(str::to_string),
+        annotations: Some(r#"{"k":"v"}"#.into()),
+    }
+}
+
+/// A fresh PostgreSQL database, dropped when the guard goes.
+struct PgDatabase {
+    name: String,
+}
+
+impl PgDatabase {
+    async fn create() -> (PgDatabase, String) {
+        sqlx::any::install_default_drivers();
+        let name = format!("bw_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::AnyPool::connect(PG_ADMIN_URL).await.expect("PostgreSQL on 127.0.0.1:5432");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
+        admin.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        (PgDatabase { name }, url)
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside the test's runtime; a small one of its own removes the database.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Ok(admin) = sqlx::AnyPool::connect(PG_ADMIN_URL).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
+}
+
+/// The behaviour every backend must have.
+async fn exercise(meta: Arc<dyn Meta>) {
+    let a = repo("team/app");
+    let b = repo("team/other");
+
+    // Blob links are per repository.
+    assert!(!meta.blob_linked(&a, &digest("layer")).await.unwrap());
+    meta.link_blob(&a, &digest("layer"), 5).await.unwrap();
+    meta.link_blob(&a, &digest("layer"), 5).await.unwrap(); // idempotent
+    assert!(meta.blob_linked(&a, &digest("layer")).await.unwrap());
+    assert!(!meta.blob_linked(&b, &digest("layer")).await.unwrap());
+    assert!(meta.repo_exists(&a).await.unwrap());
+    assert!(!meta.repo_exists(&b).await.unwrap());
+
+    // Manifests, tags, re-tagging.
+    let m1 = record("m1", None, None);
+    let m2 = record("m2", None, None);
+    meta.put_manifest(&a, &m1, Some(&tag("v1"))).await.unwrap();
+    meta.put_manifest(&a, &m2, Some(&tag("latest"))).await.unwrap();
+    assert_eq!(meta.resolve_tag(&a, &tag("v1")).await.unwrap(), Some(m1.digest.clone()));
+    assert_eq!(meta.manifest(&a, &m1.digest).await.unwrap(), Some(m1.clone()));
+    assert_eq!(meta.manifest(&b, &m1.digest).await.unwrap(), None);
+    meta.put_manifest(&a, &m1, Some(&tag("latest"))).await.unwrap();
+    assert_eq!(meta.resolve_tag(&a, &tag("latest")).await.unwrap(), Some(m1.digest.clone()));
+
+    // Tags sort byte-wise (uppercase before lowercase, '-' before digits), and page with `last`.
+    for t in ["B", "a", "a-1", "a1", "Z9", "_x"] {
+        meta.put_manifest(&a, &m2, Some(&tag(t))).await.unwrap();
+    }
+    let all = meta.list_tags(&a, None, 100).await.unwrap();
+    assert_eq!(all.items, ["B", "Z9", "_x", "a", "a-1", "a1", "latest", "v1"]);
+    assert!(!all.more);
+    let first = meta.list_tags(&a, None, 3).await.unwrap();
+    assert_eq!(first, Page { items: vec!["B".into(), "Z9".into(), "_x".into()], more: true });
+    let next = meta.list_tags(&a, Some("_x"), 5).await.unwrap();
+    assert_eq!(next, Page { items: vec!["a".into(), "a-1".into(), "a1".into(), "latest".into(), "v1".into()], more: false });
+    assert_eq!(meta.list_tags(&a, Some("zzz"), 5).await.unwrap().items, Vec::<String>::new());
+    assert_eq!(meta.list_tags(&a, None, 0).await.unwrap(), Page { items: vec![], more: true });
+
+    // Deleting a tag keeps the manifest; deleting the manifest drops its tags.
+    assert!(meta.delete_tag(&a, &tag("v1")).await.unwrap());
+    assert!(!meta.delete_tag(&a, &tag("v1")).await.unwrap());
+    assert!(meta.manifest(&a, &m1.digest).await.unwrap().is_some());
+    assert!(meta.delete_manifest(&a, &m2.digest).await.unwrap());
+    assert!(!meta.delete_manifest(&a, &m2.digest).await.unwrap());
+    assert_eq!(meta.resolve_tag(&a, &tag("a1")).await.unwrap(), None);
+    assert_eq!(meta.list_tags(&a, None, 100).await.unwrap().items, ["latest"]);
+
+    // Referrers, with the artifact type filter.
+    let sig = record("sig", Some("m1"), Some("application/vnd.example.sig"));
+    let sbom = record("sbom", Some("m1"), Some("application/vnd.example.sbom"));
+    meta.put_manifest(&a, &sig, None).await.unwrap();
+    meta.put_manifest(&a, &sbom, None).await.unwrap();
+    let mut all = meta.referrers(&a, &m1.digest, None).await.unwrap();
+    all.sort_by(|x, y| x.digest.cmp(&y.digest));
+    let mut want = vec![sig.clone(), sbom.clone()];
+    want.sort_by(|x, y| x.digest.cmp(&y.digest));
+    assert_eq!(all, want);
+    assert_eq!(meta.referrers(&a, &m1.digest, Some("application/vnd.example.sig")).await.unwrap(), vec![sig]);
+    assert!(meta.referrers(&b, &m1.digest, None).await.unwrap().is_empty());
+
+    // Catalog paging.
+    for r in ["z", "team/a-b", "team/a_b", "0"] {
+        meta.link_blob(&repo(r), &digest("layer"), 5).await.unwrap();
+    }
+    let names = meta.list_repos(None, 100).await.unwrap().items;
+    assert_eq!(names, ["0", "team/a-b", "team/a_b", "team/app", "z"]);
+    assert_eq!(meta.list_repos(Some("team/a_b"), 2).await.unwrap(), Page { items: vec!["team/app".into(), "z".into()], more: false });
+
+    // Unlinking.
+    assert!(meta.unlink_blob(&a, &digest("layer")).await.unwrap());
+    assert!(!meta.unlink_blob(&a, &digest("layer")).await.unwrap());
+
+    // Upload sessions.
+    meta.create_upload("u-1", &a).await.unwrap();
+    assert_eq!(meta.upload_repo("u-1").await.unwrap().as_deref(), Some("team/app"));
+    meta.delete_upload("u-1").await.unwrap();
+    assert_eq!(meta.upload_repo("u-1").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn sqlite_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = breakwater::meta::open(&breakwater::config::sqlite_url(dir.path())).await.unwrap();
+    exercise(meta).await;
+    // State survives reopening the file.
+    let meta = breakwater::meta::open(&breakwater::config::sqlite_url(dir.path())).await.unwrap();
+    assert!(meta.repo_exists(&repo("team/app")).await.unwrap());
+}
+
+#[tokio::test]
+async fn postgres_backend() {
+    let (_db, url) = PgDatabase::create().await;
+    let meta = breakwater::meta::open(&url).await.unwrap();
+    exercise(meta).await;
+    // Opening again over an existing schema works (the schema is created idempotently).
+    let meta = breakwater::meta::open(&url).await.unwrap();
+    assert!(meta.repo_exists(&repo("team/app")).await.unwrap());
+}
