@@ -64,8 +64,26 @@ impl Breakwater {
     pub fn stop(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let data = std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"));
-        data
+        std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"))
+    }
+}
+
+impl Breakwater {
+    /// Waits for the server to exit by itself (after a signal), asserts it exited cleanly, and hands back its
+    /// data directory.
+    pub fn stop_after_exit(mut self) -> tempfile::TempDir {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait().expect("wait") {
+                Some(status) => {
+                    assert!(status.success(), "breakwater exited with {status}");
+                    break;
+                }
+                None if Instant::now() > deadline => panic!("breakwater did not exit after the signal"),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        std::mem::replace(&mut self.data, tempfile::tempdir().expect("tempdir"))
     }
 }
 
