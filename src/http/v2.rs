@@ -48,7 +48,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
         (Route::Catalog, "GET") => {
             let n = page_size(&query, Some(DEFAULT_CATALOG_PAGE))?;
             let page = reg.catalog(query.get("last").map(String::as_str), n).await?;
-            let link = page.more.then(|| next_link("/v2/_catalog", n, &page));
+            let link = next_page_link("/v2/_catalog", n, &page);
             let body = serde_json::json!({ "repositories": page.items }).to_string();
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
@@ -56,7 +56,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             let repo = repo(name)?;
             let n = page_size(&query, None)?;
             let page = reg.tags(&repo, query.get("last").map(String::as_str), n).await?;
-            let link = page.more.then(|| next_link(&format!("/v2/{repo}/tags/list"), n, &page));
+            let link = next_page_link(&format!("/v2/{repo}/tags/list"), n, &page);
             let body = serde_json::json!({ "name": repo.as_str(), "tags": page.items }).to_string();
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
@@ -124,8 +124,12 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
         }
         (Route::Upload { name, id }, "PATCH") => {
             let repo = repo(name)?;
-            let start = content_range_start(headers)?;
-            let size = reg.upload_chunk(&repo, id, start, body_stream(body)).await?;
+            let range = content_range(headers)?;
+            let declared = headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let size = reg.upload_chunk(&repo, id, range, declared, body_stream(body)).await?;
             Ok(upload_response(StatusCode::ACCEPTED, &repo, id, size))
         }
         (Route::Upload { name, id }, "PUT") => {
@@ -196,15 +200,21 @@ fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-/// `n` of a paged listing: `default` when absent (`None`: everything), an error when not a number or too large.
+/// `n` of a paged listing: `default` when absent (`None`: everything), at most `MAX_PAGE` (the spec lets a
+/// registry return fewer than `n` items when it sends a `Link` to the rest), an error when not a number.
 fn page_size(query: &HashMap<String, String>, default: Option<u64>) -> Result<u64> {
     match query.get("n") {
         None => Ok(default.unwrap_or(i64::MAX as u64 - 1)),
         Some(n) => match n.parse::<u64>() {
-            Ok(n) if n <= MAX_PAGE => Ok(n),
-            _ => Err(RegistryError::PaginationInvalid(format!("n must be an integer from 0 to {MAX_PAGE}, not {n:?}"))),
+            Ok(n) => Ok(n.min(MAX_PAGE)),
+            Err(_) => Err(RegistryError::PaginationInvalid(format!("n must be a non-negative integer, not {n:?}"))),
         },
     }
+}
+
+/// A `Link` to the next page, when there is one. With `n=0` the spec wants an empty list and no `Link`.
+fn next_page_link(path: &str, n: u64, page: &Page) -> Option<String> {
+    (page.more && n > 0).then(|| next_link(path, n, page))
 }
 
 fn next_link(path: &str, n: u64, page: &Page) -> String {
@@ -257,8 +267,8 @@ fn manifest_response(media_type: &str, digest: &Digest, size: u64, body: Body) -
     resp
 }
 
-/// The start offset of a PATCH's `Content-Range: <start>-<end>`; `None` for a streamed chunk without one.
-fn content_range_start(headers: &HeaderMap) -> Result<Option<u64>> {
+/// A PATCH's `Content-Range: <start>-<end>` (inclusive); `None` for a streamed chunk without one.
+fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };
@@ -271,7 +281,7 @@ fn content_range_start(headers: &HeaderMap) -> Result<Option<u64>> {
     if end < start {
         return Err(bad());
     }
-    Ok(Some(start))
+    Ok(Some((start, end)))
 }
 
 async fn serve_blob(app: &App, digest: &Digest, size: u64, headers: &HeaderMap, head: bool) -> Result<Response> {

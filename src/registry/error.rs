@@ -12,7 +12,7 @@ pub enum RegistryError {
     BlobUploadUnknown,
     #[error("blob upload invalid: {0}")]
     BlobUploadInvalid(String),
-    #[error("chunk does not start at the upload's current offset {offset}")]
+    #[error("chunk does not continue the upload at offset {offset}, or its length does not match its Content-Range")]
     UploadOutOfOrder { offset: u64 },
     #[error("{0}")]
     DigestInvalid(String),

@@ -125,12 +125,21 @@ impl Registry {
         self.store.upload_size(id).await?.ok_or(RegistryError::BlobUploadUnknown)
     }
 
-    /// Appends a chunk. With `start` (from `Content-Range`), the chunk must begin exactly where the upload ends.
-    /// Returns the new size.
-    pub async fn upload_chunk(&self, repo: &RepoName, id: &str, start: Option<u64>, body: ByteStream) -> Result<u64> {
+    /// Appends a chunk. With `range` (from `Content-Range`, inclusive), the chunk must begin exactly where the
+    /// upload ends, and when its length is declared (`Content-Length`) it must be the range's length; otherwise
+    /// nothing is appended. Returns the new size.
+    pub async fn upload_chunk(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        range: Option<(u64, u64)>,
+        declared_len: Option<u64>,
+        body: ByteStream,
+    ) -> Result<u64> {
         let offset = self.upload_offset(repo, id).await?;
-        if let Some(start) = start {
-            if start != offset {
+        if let Some((start, end)) = range {
+            let length_differs = declared_len.is_some_and(|len| len != end - start + 1);
+            if start != offset || length_differs {
                 return Err(RegistryError::UploadOutOfOrder { offset });
             }
         }

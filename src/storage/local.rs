@@ -146,6 +146,21 @@ impl BlobStore for LocalStore {
         Ok(size)
     }
 
+    async fn adopt_file(&self, digest: &Digest, path: &Path) -> Result<u64, StorageError> {
+        let file = File::open(path).await?;
+        file.sync_all().await?;
+        let size = file.metadata().await?.len();
+        drop(file);
+        if self.install(path, digest).await.is_err() {
+            // A spool on another filesystem cannot be renamed in: copy it through the verifying path instead.
+            let file = File::open(path).await?;
+            let body: ByteStream = Box::pin(ReaderStream::with_capacity(file, READ_CHUNK));
+            self.put(digest, body).await?;
+            let _ = fs::remove_file(path).await;
+        }
+        Ok(size)
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
         match fs::remove_file(self.blob_path(digest)).await {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),

@@ -7,6 +7,7 @@
 mod local;
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 
 use bytes::Bytes;
@@ -54,6 +55,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Stores a whole blob from a stream; it becomes visible only if its digest is `expected`.
     async fn put(&self, expected: &Digest, body: ByteStream) -> Result<u64, StorageError>;
+
+    /// Stores the local file `path` as blob `digest`. The caller has already computed the file's digest while
+    /// writing it (a cache fill hashes as it downloads) and guarantees it equals `digest`; the file is consumed.
+    async fn adopt_file(&self, digest: &Digest, path: &Path) -> Result<u64, StorageError>;
 
     /// Removes a committed blob. Removing an absent blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;

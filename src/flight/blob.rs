@@ -1,0 +1,366 @@
+//! Blob flights: one upstream download per digest, streamed to every waiting client from a spool file.
+//!
+//! ```text
+//! client 1 ─┐                        ┌─ spool file (grows) ─┐
+//! client 2 ─┼─> BlobFlights::join ───┤                      ├─> verify digest, adopt into storage
+//! client N ─┘    one fetch task      └─ watch: Progress ────┘
+//! ```
+//! The fetch task appends to the spool and publishes how many bytes are there; each client reads the spool
+//! through its own file handle up to that mark, then waits for the next change. So late joiners replay from
+//! disk, a slow client only slows itself, and memory per client is one read buffer whatever N is.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{watch, Mutex};
+
+use crate::oci::Digest;
+use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
+
+/// Bytes gathered from upstream before they are written to the spool and announced to readers; announcing every
+/// small network chunk would wake every reader thousands of times a second.
+const PUBLISH_BYTES: usize = 256 * 1024;
+/// ...unless this long has passed since the last announcement, so a slow upstream still streams promptly.
+const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
+/// One read per client per wake-up; the only per-client memory a flight costs.
+const READ_CHUNK: usize = 64 * 1024;
+/// How many times a broken download is resumed (with `Range`) before the flight fails.
+const RESUME_ATTEMPTS: u32 = 3;
+
+/// An upstream response body for a blob, starting at the offset it was asked for.
+pub struct FetchBody {
+    /// Size of the whole blob, when the upstream says (`Content-Length` of a 200, or the total of a 206).
+    pub total: Option<u64>,
+    /// Whether the body starts at the requested offset (a 206) or at 0 (a 200 that ignored `Range`).
+    pub from_offset: bool,
+    pub body: ByteStream,
+}
+
+/// Starts a download of the blob from byte `offset`. Given by the caller (the proxy), which knows the upstream.
+pub type Fetcher = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<FetchBody, String>> + Send + Sync>;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlightError {
+    #[error("upstream fetch failed: {0}")]
+    Failed(Arc<str>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Waiting for the upstream's response headers.
+    Connecting,
+    Streaming,
+    /// Verified and adopted into storage.
+    Done,
+    Failed(Arc<str>),
+}
+
+#[derive(Debug, Clone)]
+struct Progress {
+    /// Bytes in the spool file that readers may read.
+    written: u64,
+    total: Option<u64>,
+    phase: Phase,
+}
+
+/// One blob being downloaded.
+pub struct BlobFlight {
+    pub digest: Digest,
+    spool: PathBuf,
+    progress: watch::Receiver<Progress>,
+    /// Where the blob lives once the flight is done (readers that arrive after the spool was moved read it there).
+    store: Arc<dyn BlobStore>,
+}
+
+/// How a request for a blob is served.
+pub enum Join {
+    /// The blob is in storage already, with this size.
+    Stored(u64),
+    /// A flight is running; `joined` is true if someone else started it (a coalesced request).
+    Flight { flight: Arc<BlobFlight>, joined: bool },
+}
+
+/// The flights in progress, by digest.
+pub struct BlobFlights {
+    store: Arc<dyn BlobStore>,
+    spool_dir: PathBuf,
+    /// A tokio mutex because the miss path checks storage (async) under it: see `join`.
+    inflight: Mutex<HashMap<Digest, Arc<BlobFlight>>>,
+}
+
+impl BlobFlights {
+    /// Flights spool into `spool_dir`, which must be on the same filesystem as a local store so that adopting a
+    /// finished spool is a rename. Spools left by a previous process are removed: flights do not survive restarts.
+    pub async fn new(store: Arc<dyn BlobStore>, spool_dir: PathBuf) -> io::Result<Arc<BlobFlights>> {
+        tokio::fs::create_dir_all(&spool_dir).await?;
+        let mut entries = tokio::fs::read_dir(&spool_dir).await?;
+        while let Some(e) = entries.next_entry().await? {
+            let _ = tokio::fs::remove_file(e.path()).await;
+        }
+        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()) }))
+    }
+
+    /// Number of flights running now.
+    pub async fn running(&self) -> usize {
+        self.inflight.lock().await.len()
+    }
+
+    /// Whether `digest` is being downloaded (eviction must not remove it).
+    pub async fn is_running(&self, digest: &Digest) -> bool {
+        self.inflight.lock().await.contains_key(digest)
+    }
+
+    /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
+    pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
+        let mut inflight = self.inflight.lock().await;
+        if let Some(f) = inflight.get(digest) {
+            return Ok(Join::Flight { flight: Arc::clone(f), joined: true });
+        }
+        // Checked under the lock: a finishing flight adopts its blob into storage *before* it leaves the map
+        // (also under the lock), so a miss here cannot race with a flight that just finished.
+        if let Some(size) = self.store.size(digest).await? {
+            return Ok(Join::Stored(size));
+        }
+        let spool = self.spool_dir.join(format!("{}-{}", digest.hex(), uuid::Uuid::new_v4().simple()));
+        let file = File::create(&spool).await?;
+        let (tx, rx) = watch::channel(Progress { written: 0, total: None, phase: Phase::Connecting });
+        let flight =
+            Arc::new(BlobFlight { digest: digest.clone(), spool: spool.clone(), progress: rx, store: Arc::clone(&self.store) });
+        inflight.insert(digest.clone(), Arc::clone(&flight));
+        drop(inflight);
+        metrics::gauge!("breakwater_flights_in_progress").increment(1.0);
+        let flights = Arc::clone(self);
+        let digest = digest.clone();
+        tokio::spawn(async move {
+            let outcome = download(&digest, file, &fetch, &tx).await;
+            let phase = match outcome {
+                Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
+                    Ok(_) => Phase::Done,
+                    Err(e) => Phase::Failed(format!("storing the blob failed: {e}").into()),
+                },
+                Err(e) => Phase::Failed(e.into()),
+            };
+            if let Phase::Failed(reason) = &phase {
+                tracing::warn!(%digest, %reason, "blob flight failed; nothing was cached");
+                let _ = tokio::fs::remove_file(&spool).await;
+            } else {
+                tracing::info!(%digest, "blob flight done");
+            }
+            let mut inflight = flights.inflight.lock().await;
+            tx.send_modify(|p| p.phase = phase);
+            inflight.remove(&digest);
+            metrics::gauge!("breakwater_flights_in_progress").decrement(1.0);
+        });
+        Ok(Join::Flight { flight, joined: false })
+    }
+}
+
+/// Downloads into `file`, resuming after breaks, and verifies size and digest. Readers see bytes as they land.
+async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), String> {
+    let mut hasher = digest.algorithm().hasher();
+    let mut written = 0u64;
+    let mut total: Option<u64> = None;
+    let mut failures = 0u32;
+    let mut last_error = String::new();
+    'attempts: loop {
+        if failures > RESUME_ATTEMPTS {
+            return Err(format!("gave up after {failures} attempts: {last_error}"));
+        }
+        let resp = match fetch(written).await {
+            Ok(r) => r,
+            Err(e) => {
+                failures += 1;
+                last_error = e;
+                continue;
+            }
+        };
+        match (total, resp.total) {
+            (None, Some(t)) => total = Some(t),
+            (Some(a), Some(b)) if a != b => return Err(format!("upstream changed the blob's size from {a} to {b}")),
+            _ => {}
+        }
+        tx.send_modify(|p| {
+            p.total = total;
+            p.phase = Phase::Streaming;
+        });
+        // A resumed request that got the whole body again: skip what we already have.
+        let mut skip = if resp.from_offset { 0 } else { written };
+        let mut body = resp.body;
+        let mut pending = BytesMut::new();
+        let mut last_publish = Instant::now();
+        loop {
+            let chunk = match body.next().await {
+                Some(Ok(c)) => c,
+                Some(Err(e)) => {
+                    flush(&mut file, &mut pending, &mut written, tx).await?;
+                    failures += 1;
+                    last_error = format!("upstream body broke at byte {written}: {e}");
+                    tracing::info!(%digest, written, "upstream body broke; resuming with a range request");
+                    continue 'attempts;
+                }
+                None => break,
+            };
+            let mut chunk: Bytes = chunk;
+            if skip > 0 {
+                let n = (skip as usize).min(chunk.len());
+                chunk = chunk.slice(n..);
+                skip -= n as u64;
+            }
+            if let Some(t) = total {
+                if written + pending.len() as u64 + chunk.len() as u64 > t {
+                    return Err(format!("upstream sent more than the {t} bytes it announced"));
+                }
+            }
+            hasher.update(&chunk);
+            pending.extend_from_slice(&chunk);
+            metrics::counter!("breakwater_upstream_blob_bytes_total").increment(chunk.len() as u64);
+            if pending.len() >= PUBLISH_BYTES || last_publish.elapsed() >= PUBLISH_INTERVAL {
+                flush(&mut file, &mut pending, &mut written, tx).await?;
+                last_publish = Instant::now();
+            }
+        }
+        flush(&mut file, &mut pending, &mut written, tx).await?;
+        if let Some(t) = total {
+            if written != t {
+                failures += 1;
+                last_error = format!("upstream body ended at {written} of {t} bytes");
+                continue 'attempts;
+            }
+        }
+        break;
+    }
+    let actual = hasher.finish();
+    if &actual != digest {
+        return Err(format!("upstream content has digest {actual}, not {digest}"));
+    }
+    tx.send_modify(|p| p.total = Some(written));
+    Ok(())
+}
+
+/// Writes what is pending to the spool and tells the readers.
+async fn flush(file: &mut File, pending: &mut BytesMut, written: &mut u64, tx: &watch::Sender<Progress>) -> Result<(), String> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let io = |e: io::Error| format!("writing the spool failed: {e}");
+    file.write_all(pending).await.map_err(io)?;
+    // After flush the bytes are in the kernel's page cache, where other handles on the file can read them.
+    file.flush().await.map_err(io)?;
+    *written += pending.len() as u64;
+    pending.clear();
+    let w = *written;
+    tx.send_modify(|p| p.written = w);
+    Ok(())
+}
+
+impl BlobFlight {
+    /// The blob's size, once the upstream has said it (or, if it never does, once the download is done).
+    pub async fn size(&self) -> Result<u64, FlightError> {
+        let mut rx = self.progress.clone();
+        loop {
+            {
+                let p = rx.borrow_and_update();
+                match (&p.phase, p.total) {
+                    (Phase::Failed(e), _) => return Err(FlightError::Failed(e.clone())),
+                    (_, Some(t)) => return Ok(t),
+                    _ => {}
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(FlightError::Failed("the download task ended unexpectedly".into()));
+            }
+        }
+    }
+
+    /// Streams the blob (or `range` of it) as it arrives. If the flight fails, the stream ends with an error,
+    /// which cuts the client's connection: it has been promised `Content-Length` bytes and must not take a short
+    /// body for a whole one. The last byte is held back until the digest has been verified, for the same reason.
+    pub async fn reader(self: &Arc<Self>, range: Option<ByteRange>) -> Result<ByteStream, FlightError> {
+        let size = self.size().await?;
+        let range = range.unwrap_or(ByteRange { start: 0, end: size });
+        let mut rx = self.progress.clone();
+        let file = loop {
+            match File::open(&self.spool).await {
+                Ok(f) => break Some(f),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    // The spool has just been moved into storage (or removed after a failure).
+                    let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
+                    match phase {
+                        Ok(Phase::Done) => break None,
+                        Ok(Phase::Failed(e)) => return Err(FlightError::Failed(e)),
+                        _ => return Err(FlightError::Failed("the download task ended unexpectedly".into())),
+                    }
+                }
+                Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
+            }
+        };
+        let Some(mut file) = file else {
+            return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));
+        };
+        if range.start > 0 {
+            file.seek(io::SeekFrom::Start(range.start))
+                .await
+                .map_err(|e| FlightError::Failed(format!("seeking the spool: {e}").into()))?;
+        }
+        let state = ReadState { file, pos: range.start, end: range.end, size, rx, buf: vec![0; READ_CHUNK] };
+        Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
+    }
+}
+
+struct ReadState {
+    file: File,
+    pos: u64,
+    end: u64,
+    size: u64,
+    rx: watch::Receiver<Progress>,
+    buf: Vec<u8>,
+}
+
+async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Option<ReadState>)> {
+    let mut st = state?;
+    loop {
+        if st.pos >= st.end {
+            return None;
+        }
+        let (readable, failed) = {
+            let p = st.rx.borrow_and_update();
+            // Until verified, the blob's final byte is withheld (see `reader`).
+            let limit = if p.phase == Phase::Done { p.written } else { p.written.min(st.size.saturating_sub(1)) };
+            let failed = match &p.phase {
+                Phase::Failed(e) => Some(e.clone()),
+                _ => None,
+            };
+            (limit.min(st.end), failed)
+        };
+        if let Some(reason) = failed {
+            return Some((Err(io::Error::other(format!("upstream fetch failed: {reason}"))), None));
+        }
+        if readable > st.pos {
+            let want = ((readable - st.pos) as usize).min(st.buf.len());
+            return match st.file.read(&mut st.buf[..want]).await {
+                Ok(0) => Some((Err(io::Error::other("spool shorter than announced")), None)),
+                Ok(n) => {
+                    st.pos += n as u64;
+                    let bytes = Bytes::copy_from_slice(&st.buf[..n]);
+                    Some((Ok(bytes), Some(st)))
+                }
+                Err(e) => Some((Err(e), None)),
+            };
+        }
+        if st.rx.changed().await.is_err() {
+            // The task is gone; its last word is still readable.
+            let p = st.rx.borrow().clone();
+            if p.phase != Phase::Done || p.written < st.end {
+                return Some((Err(io::Error::other("the download task ended unexpectedly")), None));
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A single-flight group for results that are small enough to share by value.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+/// At most one running computation per key; everyone asking for a key while it runs gets the same result.
+pub struct Group<K, V: Clone> {
+    inflight: Arc<Mutex<HashMap<K, Shared<BoxFuture<'static, V>>>>>,
+}
+
+impl<K, V> Default for Group<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Group { inflight: Arc::new(Mutex::new(HashMap::new())) }
+    }
+}
+
+impl<K, V> Group<K, V>
+where
+    K: Eq + Hash + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// Runs `make()` for `key` unless a run is already in flight, and returns its result, plus whether this call
+    /// joined a run someone else started.
+    ///
+    /// The work runs as a spawned task that removes its own entry when done, so it completes (and its result is
+    /// stored by whatever `make` does) even if every caller goes away.
+    pub async fn run<F, Fut>(&self, key: K, make: F) -> (V, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let (shared, joined) = {
+            let mut map = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&key) {
+                Some(s) => (s.clone(), true),
+                None => {
+                    let work = make();
+                    let inflight = Arc::clone(&self.inflight);
+                    let k = key.clone();
+                    let task = tokio::spawn(async move {
+                        let v = work.await;
+                        inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+                        v
+                    });
+                    let fut: BoxFuture<'static, V> = Box::pin(async move {
+                        match task.await {
+                            Ok(v) => v,
+                            // The task only ends without a value if it panicked; re-raise in every waiter.
+                            Err(e) => std::panic::resume_unwind(e.into_panic()),
+                        }
+                    });
+                    let shared = fut.shared();
+                    map.insert(key, shared.clone());
+                    (shared, false)
+                }
+            }
+        };
+        (shared.await, joined)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_run() {
+        let group: Arc<Group<&'static str, u32>> = Arc::new(Group::default());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let mut handles = Vec::new();
+        for _ in 0..20 {
+            let (group, runs, mut gate, arrived) = (group.clone(), runs.clone(), gate.clone(), arrived.clone());
+            handles.push(tokio::spawn(async move {
+                arrived.fetch_add(1, Ordering::SeqCst);
+                group
+                    .run("k", move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let _ = gate.wait_for(|open| *open).await;
+                        7
+                    })
+                    .await
+            }));
+        }
+        // The test runtime is single-threaded: a caller that counted itself has also entered the group (nothing
+        // between the two yields), so once all have arrived, all are waiting on the same run.
+        while arrived.load(Ordering::SeqCst) < 20 {
+            tokio::task::yield_now().await;
+        }
+        release.send(true).unwrap();
+        let mut joined = 0;
+        for h in handles {
+            let (v, j) = h.await.unwrap();
+            assert_eq!(v, 7);
+            joined += j as usize;
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(joined, 19);
+        // Once finished, the next call runs again.
+        let (v, j) = group.run("k", || async { 8 }).await;
+        assert_eq!((v, j), (8, false));
+    }
+
+    #[tokio::test]
+    async fn work_outlives_a_cancelled_caller() {
+        let group: Arc<Group<u8, u8>> = Arc::new(Group::default());
+        let (done_tx, mut done) = tokio::sync::watch::channel(false);
+        let caller = tokio::spawn({
+            let group = group.clone();
+            async move {
+                group
+                    .run(1, move || async move {
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                        done_tx.send_replace(true);
+                        1
+                    })
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        let finished = tokio::time::timeout(Duration::from_secs(10), done.wait_for(|d| *d)).await;
+        assert!(finished.is_ok(), "the work finished although its caller went away");
+    }
+}
