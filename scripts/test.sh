@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The test command: installs the real clients and registry the integration tests drive (when any is missing),
+# then runs the whole test suite. Extra arguments go to `cargo test`, e.g. `scripts/test.sh --test clients`.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Each tool's command is also its Debian 12 package name.
+tools=(docker-registry skopeo umoci podman)
+
+have() {
+  command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ] || [ -x "/usr/sbin/$1" ]
+}
+
+missing=()
+for cmd in "${tools[@]}"; do
+  have "$cmd" || missing+=("$cmd")
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "test.sh: installing missing tools: ${missing[*]}" >&2
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "test.sh: apt-get not found; install the Debian 12 packages ${tools[*]}" >&2
+    exit 1
+  fi
+  sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if ! command -v sudo >/dev/null 2>&1; then
+      echo "test.sh: not root and no sudo; cannot install ${missing[*]}" >&2
+      exit 1
+    fi
+    sudo=(sudo)
+  fi
+  "${sudo[@]}" apt-get update
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${tools[@]}"
+  for cmd in "${tools[@]}"; do
+    have "$cmd" || { echo "test.sh: $cmd still missing after apt-get install" >&2; exit 1; }
+  done
+fi
+
+exec cargo test --locked "$@"

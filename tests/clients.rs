@@ -1,0 +1,1050 @@
+//! Real clients against the real `breakwater` binary: images are built offline with umoci, moved with skopeo
+//! (OCI and Docker schema2 media types, single images and multi-platform indexes), copied to and from a real
+//! CNCF distribution registry, and pulled by podman. Every test asserts digests and media types end to end.
+//!
+//! The tools are required, not optional: a missing tool fails the test (run `scripts/test.sh`, which installs them).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tools and processes
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Panics (never skips) when a tool the tests need is not installed.
+fn require(tool: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is not installed: run scripts/test.sh (it installs docker-registry, skopeo, umoci and podman)"
+    );
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for arg in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&arg.to_string_lossy());
+    }
+    s
+}
+
+/// Runs a command to completion and returns its output, whatever its exit status.
+fn output(cmd: &mut Command) -> Output {
+    let line = describe(cmd);
+    eprintln!("+ {line}");
+    cmd.stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("could not run `{line}`: {e}"))
+}
+
+/// Runs a command, panics with its output unless it succeeds, returns its stdout.
+fn run(cmd: &mut Command) -> String {
+    let line = describe(cmd);
+    let out = output(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "`{line}` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// A private scratch directory for one test; removed on drop.
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("bw-clients-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// `skopeo` with no dependency on the machine's policy.json and with its temporary files in `tmp`.
+/// The command timeout only guards against a hung server; no test measures time.
+fn skopeo(tmp: &Path) -> Command {
+    require("skopeo");
+    let mut cmd = Command::new("skopeo");
+    cmd.arg("--insecure-policy")
+        .args(["--command-timeout", "300s"])
+        .arg("--tmpdir")
+        .arg(tmp);
+    cmd
+}
+
+fn umoci() -> Command {
+    require("umoci");
+    Command::new("umoci")
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{:x}", Sha256::digest(bytes))
+}
+
+/// `oci:DIR:TAG`
+fn oci_ref(layout: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", layout.display())
+}
+
+/// `docker://ADDR/REPO:TAG` (or `@DIGEST` when `reference` is a digest).
+fn docker_ref(addr: &str, repo: &str, reference: &str) -> String {
+    if reference.contains(':') {
+        format!("docker://{addr}/{repo}@{reference}")
+    } else {
+        format!("docker://{addr}/{repo}:{reference}")
+    }
+}
+
+/// The manifest bytes exactly as the registry serves them, via `skopeo inspect --raw`.
+fn skopeo_raw(tmp: &Path, image: &str) -> Vec<u8> {
+    let out = output(skopeo(tmp).args(["inspect", "--raw", "--tls-verify=false", image]));
+    assert!(
+        out.status.success(),
+        "skopeo inspect --raw {image} failed\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The `Digest` that `skopeo inspect` reports for an image (resolved through the registry).
+fn skopeo_inspect_digest(tmp: &Path, image: &str) -> String {
+    let text = run(skopeo(tmp).args(["inspect", "--tls-verify=false", image]));
+    let v: Value = serde_json::from_str(&text).expect("skopeo inspect JSON");
+    v["Digest"]
+        .as_str()
+        .expect("Digest in skopeo inspect")
+        .to_string()
+}
+
+/// `skopeo copy` with TLS verification off on both sides (only docker:// references use it).
+fn skopeo_copy(tmp: &Path, extra: &[&str], src: &str, dest: &str) {
+    run(skopeo(tmp)
+        .arg("copy")
+        .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
+        .args(extra)
+        .args([src, dest]));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// OCI layouts built with umoci
+// ---------------------------------------------------------------------------------------------------------------
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_slice(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// The descriptor that a layout's index.json holds for `tag`.
+fn layout_descriptor(layout: &Path, tag: &str) -> Value {
+    let index = read_json(&layout.join("index.json"));
+    let found: Vec<&Value> = index["manifests"]
+        .as_array()
+        .expect("index.json manifests")
+        .iter()
+        .filter(|d| d["annotations"][REF_NAME] == tag)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "exactly one entry for tag {tag} in {}/index.json: {index}",
+        layout.display()
+    );
+    found[0].clone()
+}
+
+fn layout_digest(layout: &Path, tag: &str) -> String {
+    layout_descriptor(layout, tag)["digest"]
+        .as_str()
+        .expect("digest")
+        .to_string()
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    let (algo, hex) = digest.split_once(':').expect("algo:hex digest");
+    layout.join("blobs").join(algo).join(hex)
+}
+
+/// Reads a blob from a layout and checks that its bytes match its name.
+fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let path = blob_path(layout, digest);
+    let bytes = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("blob {digest} missing in {}: {e}", layout.display()));
+    assert_eq!(
+        sha256(&bytes),
+        digest,
+        "blob {} does not hash to its name",
+        path.display()
+    );
+    bytes
+}
+
+/// `len` bytes that gzip cannot shrink (xorshift), so that a layer is really that large on the wire.
+fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Builds a one-layer image `layout:tag` for `linux/arch` whose layer holds `files`, with umoci alone (no network).
+/// The layer is produced by `umoci repack`, so it is a complete tar that any client can extract.
+/// Returns the manifest digest recorded in index.json.
+fn build_image(layout: &Path, tag: &str, arch: &str, files: &[(&str, &str)]) -> String {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, c)| (*n, c.as_bytes())).collect();
+    build_image_bytes(layout, tag, arch, &files)
+}
+
+fn build_image_bytes(layout: &Path, tag: &str, arch: &str, files: &[(&str, &[u8])]) -> String {
+    let image = format!("{}:{tag}", layout.display());
+    if !layout.join("index.json").exists() {
+        run(umoci().args(["init", "--layout"]).arg(layout));
+    }
+    run(umoci().args(["new", "--image", &image]));
+    let bundle = layout.with_file_name(format!(
+        "{}-bundle-{tag}",
+        layout.file_name().expect("layout name").to_string_lossy()
+    ));
+    run(umoci()
+        .args(["unpack", "--rootless", "--image", &image])
+        .arg(&bundle));
+    for (name, content) in files {
+        let path = bundle.join("rootfs").join(name);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir in rootfs");
+        std::fs::write(&path, content).expect("write file in rootfs");
+    }
+    run(umoci().args(["repack", "--image", &image]).arg(&bundle));
+    run(umoci().args([
+        "config",
+        "--image",
+        &image,
+        "--os",
+        "linux",
+        "--architecture",
+        arch,
+    ]));
+    std::fs::remove_dir_all(&bundle).expect("remove bundle");
+
+    let digest = layout_digest(layout, tag);
+    let manifest: Value =
+        serde_json::from_slice(&layout_blob(layout, &digest)).expect("manifest JSON");
+    assert_eq!(
+        manifest["layers"].as_array().map(|l| l.len()),
+        Some(1),
+        "umoci built one layer: {manifest}"
+    );
+    let config: Value = serde_json::from_slice(&layout_blob(
+        layout,
+        manifest["config"]["digest"].as_str().unwrap(),
+    ))
+    .unwrap();
+    assert_eq!(config["architecture"], arch);
+    assert_eq!(config["os"], "linux");
+    digest
+}
+
+/// Writes an OCI image index over the given `(tag, arch)` images of `layout` and tags it `index_tag`.
+/// Returns the index digest.
+fn build_index(layout: &Path, index_tag: &str, children: &[(&str, &str)]) -> String {
+    let manifests: Vec<Value> = children
+        .iter()
+        .map(|(tag, arch)| {
+            let d = layout_descriptor(layout, tag);
+            json!({
+                "mediaType": d["mediaType"],
+                "digest": d["digest"],
+                "size": d["size"],
+                "platform": { "architecture": arch, "os": "linux" },
+            })
+        })
+        .collect();
+    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
+    let bytes = serde_json::to_vec(&index).unwrap();
+    let digest = sha256(&bytes);
+    std::fs::write(blob_path(layout, &digest), &bytes).expect("write index blob");
+
+    let index_json = layout.join("index.json");
+    let mut top = read_json(&index_json);
+    top["manifests"].as_array_mut().unwrap().push(json!({
+        "mediaType": OCI_INDEX,
+        "digest": digest,
+        "size": bytes.len(),
+        "annotations": { REF_NAME: index_tag },
+    }));
+    std::fs::write(&index_json, serde_json::to_vec(&top).unwrap()).expect("write index.json");
+    assert_eq!(layout_digest(layout, index_tag), digest);
+    digest
+}
+
+/// The GOARCH name of this machine, the platform podman selects from an index.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "arm" => "arm",
+        "powerpc64" => "ppc64le",
+        "s390x" => "s390x",
+        "riscv64" => "riscv64",
+        other => panic!("no GOARCH mapping for {other}"),
+    }
+}
+
+/// A layout `dir/src` with `v1` (amd64), `v1-arm64` (arm64) and `multi`, an OCI index over both.
+struct MultiArch {
+    layout: PathBuf,
+    amd64: String,
+    arm64: String,
+    index: String,
+}
+
+fn build_multiarch(dir: &Path) -> MultiArch {
+    let layout = dir.join("src");
+    let amd64 = build_image(
+        &layout,
+        "v1",
+        "amd64",
+        &[("etc/breakwater-test", "amd64\n")],
+    );
+    let arm64 = build_image(
+        &layout,
+        "v1-arm64",
+        "arm64",
+        &[("etc/breakwater-test", "arm64\n")],
+    );
+    assert_ne!(amd64, arm64);
+    let index = build_index(&layout, "multi", &[("v1", "amd64"), ("v1-arm64", "arm64")]);
+    MultiArch {
+        layout,
+        amd64,
+        arm64,
+        index,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Plain HTTP against the registries
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Response {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().expect("ASCII header").to_string())
+    }
+}
+
+fn http(method: reqwest::Method, url: &str, accept: &[&str]) -> Response {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut req = reqwest::Client::new().request(method.clone(), url);
+        if !accept.is_empty() {
+            req = req.header(reqwest::header::ACCEPT, accept.join(", "));
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url} body: {e}"))
+            .to_vec();
+        Response {
+            status,
+            headers,
+            body,
+        }
+    })
+}
+
+const ALL_MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
+
+/// GETs a manifest from `base` (`http://ADDR`) and checks the response is self-consistent: 200, the body hashes to
+/// `Docker-Content-Digest` (and to `expect_digest`), `Content-Type` is `expect_type` and matches the body's own
+/// `mediaType`. Returns the body.
+fn get_manifest(
+    base: &str,
+    repo: &str,
+    reference: &str,
+    expect_digest: &str,
+    expect_type: &str,
+) -> Vec<u8> {
+    let url = format!("{base}/v2/{repo}/manifests/{reference}");
+    let resp = http(reqwest::Method::GET, &url, ALL_MANIFEST_TYPES);
+    assert_eq!(
+        resp.status,
+        200,
+        "GET {url}: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(sha256(&resp.body), expect_digest, "GET {url}: body digest");
+    assert_eq!(
+        resp.header("docker-content-digest").as_deref(),
+        Some(expect_digest),
+        "GET {url}: Docker-Content-Digest header"
+    );
+    assert_eq!(
+        resp.header("content-type").as_deref(),
+        Some(expect_type),
+        "GET {url}: Content-Type"
+    );
+    let v: Value = serde_json::from_slice(&resp.body).expect("manifest is JSON");
+    // `mediaType` is optional in OCI manifests (umoci omits it); when present it must agree with Content-Type.
+    if !v["mediaType"].is_null() {
+        assert_eq!(
+            v["mediaType"], expect_type,
+            "GET {url}: mediaType inside the manifest"
+        );
+    }
+
+    let head = http(reqwest::Method::HEAD, &url, ALL_MANIFEST_TYPES);
+    assert_eq!(head.status, 200, "HEAD {url}");
+    assert_eq!(
+        head.header("docker-content-digest").as_deref(),
+        Some(expect_digest),
+        "HEAD {url}: digest"
+    );
+    assert_eq!(
+        head.header("content-type").as_deref(),
+        Some(expect_type),
+        "HEAD {url}: Content-Type"
+    );
+    assert_eq!(
+        head.header("content-length").as_deref(),
+        Some(resp.body.len().to_string().as_str()),
+        "HEAD {url}: Content-Length"
+    );
+    resp.body
+}
+
+/// Checks that an image index is served intact by `base`: by tag and by digest, and every child by digest.
+fn assert_index_served(base: &str, repo: &str, tag: &str, index_digest: &str, index_bytes: &[u8]) {
+    let by_tag = get_manifest(base, repo, tag, index_digest, OCI_INDEX);
+    assert_eq!(by_tag, index_bytes, "index bytes by tag");
+    let by_digest = get_manifest(base, repo, index_digest, index_digest, OCI_INDEX);
+    assert_eq!(by_digest, index_bytes, "index bytes by digest");
+    let index: Value = serde_json::from_slice(index_bytes).unwrap();
+    for child in index["manifests"].as_array().unwrap() {
+        let digest = child["digest"].as_str().unwrap();
+        let body = get_manifest(base, repo, digest, digest, OCI_MANIFEST);
+        assert_eq!(
+            body.len() as u64,
+            child["size"].as_u64().unwrap(),
+            "child {digest} size"
+        );
+    }
+}
+
+/// Checks that a fresh OCI layout received `tag` as exactly `digest` and that it (and, for an index, every child)
+/// is stored under its digest.
+fn assert_layout_holds(layout: &Path, tag: &str, digest: &str, media_type: &str) {
+    let d = layout_descriptor(layout, tag);
+    assert_eq!(
+        d["digest"], digest,
+        "digest of {tag} in the copied-out layout"
+    );
+    assert_eq!(
+        d["mediaType"], media_type,
+        "media type of {tag} in the copied-out layout"
+    );
+    let bytes = layout_blob(layout, digest);
+    let v: Value = serde_json::from_slice(&bytes).unwrap();
+    if media_type == OCI_INDEX {
+        for child in v["manifests"].as_array().unwrap() {
+            let child_bytes = layout_blob(layout, child["digest"].as_str().unwrap());
+            let m: Value = serde_json::from_slice(&child_bytes).unwrap();
+            layout_blob(layout, m["config"]["digest"].as_str().unwrap());
+            for layer in m["layers"].as_array().unwrap() {
+                layout_blob(layout, layer["digest"].as_str().unwrap());
+            }
+        }
+    } else {
+        layout_blob(layout, v["config"]["digest"].as_str().unwrap());
+        for layer in v["layers"].as_array().unwrap() {
+            layout_blob(layout, layer["digest"].as_str().unwrap());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------------------------
+
+/// umoci image → skopeo push (OCI manifest) → skopeo pull into a fresh layout: same manifest digest everywhere.
+#[test]
+fn skopeo_oci_image_round_trip() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = dir.path().join("src");
+    // A layer of several MiB, so that uploads and downloads span many reads and writes.
+    let big = incompressible(6 << 20, 0x5eed);
+    let digest = build_image_bytes(
+        &layout,
+        "v1",
+        host_arch(),
+        &[
+            ("hello.txt", b"hello from breakwater\n"),
+            ("var/big.bin", &big),
+        ],
+    );
+    let manifest_bytes = layout_blob(&layout, &digest);
+    let manifest: Value = serde_json::from_slice(&manifest_bytes).unwrap();
+    assert!(
+        manifest["layers"][0]["size"].as_u64().unwrap() > 6 << 20,
+        "the layer did not compress: {manifest}"
+    );
+
+    let bw = common::Breakwater::start();
+    let base = bw.url("");
+    skopeo_copy(
+        tmp,
+        &[],
+        &oci_ref(&layout, "v1"),
+        &docker_ref(&bw.addr, "some/repo", "v1"),
+    );
+
+    // What the registry serves is byte for byte what was pushed.
+    assert_eq!(
+        skopeo_raw(tmp, &docker_ref(&bw.addr, "some/repo", "v1")),
+        manifest_bytes
+    );
+    assert_eq!(
+        skopeo_inspect_digest(tmp, &docker_ref(&bw.addr, "some/repo", "v1")),
+        digest
+    );
+    assert_eq!(
+        get_manifest(&base, "some/repo", "v1", &digest, OCI_MANIFEST),
+        manifest_bytes
+    );
+    assert_eq!(
+        get_manifest(&base, "some/repo", &digest, &digest, OCI_MANIFEST),
+        manifest_bytes
+    );
+
+    // The config and layer blobs are served intact.
+    let mut blobs = vec![manifest["config"].clone()];
+    blobs.extend(manifest["layers"].as_array().unwrap().iter().cloned());
+    for blob in blobs {
+        let digest = blob["digest"].as_str().unwrap();
+        let resp = http(
+            reqwest::Method::GET,
+            &bw.url(&format!("/v2/some/repo/blobs/{digest}")),
+            &[],
+        );
+        assert_eq!(resp.status, 200, "GET blob {digest}");
+        assert_eq!(sha256(&resp.body), digest, "blob {digest} content");
+        assert_eq!(
+            resp.body.len() as u64,
+            blob["size"].as_u64().unwrap(),
+            "blob {digest} size"
+        );
+    }
+
+    // Back out, by tag and by digest, into fresh layouts.
+    let out = dir.path().join("out");
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &docker_ref(&bw.addr, "some/repo", "v1"),
+        &oci_ref(&out, "v1"),
+    );
+    assert_layout_holds(&out, "v1", &digest, OCI_MANIFEST);
+    let out2 = dir.path().join("out-by-digest");
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &docker_ref(&bw.addr, "some/repo", &digest),
+        &oci_ref(&out2, "v1"),
+    );
+    assert_layout_holds(&out2, "v1", &digest, OCI_MANIFEST);
+    assert_eq!(
+        layout_blob(&out, &digest),
+        manifest_bytes,
+        "the manifest that comes back is byte for byte the one that was pushed"
+    );
+}
+
+/// Multi-platform OCI index pushed with `skopeo copy --all` and copied back out: index and child digests survive.
+#[test]
+fn skopeo_multiarch_index_round_trip() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let src = build_multiarch(dir.path());
+    let index_bytes = layout_blob(&src.layout, &src.index);
+
+    let bw = common::Breakwater::start();
+    let base = bw.url("");
+    let remote = docker_ref(&bw.addr, "multi/arch", "v1");
+    skopeo_copy(tmp, &["--all"], &oci_ref(&src.layout, "multi"), &remote);
+
+    assert_eq!(
+        skopeo_raw(tmp, &remote),
+        index_bytes,
+        "index served byte for byte"
+    );
+    assert_eq!(skopeo_inspect_digest(tmp, &remote), src.index);
+    assert_index_served(&base, "multi/arch", "v1", &src.index, &index_bytes);
+    assert_eq!(
+        skopeo_raw(tmp, &docker_ref(&bw.addr, "multi/arch", &src.amd64)),
+        layout_blob(&src.layout, &src.amd64)
+    );
+    assert_eq!(
+        skopeo_raw(tmp, &docker_ref(&bw.addr, "multi/arch", &src.arm64)),
+        layout_blob(&src.layout, &src.arm64)
+    );
+
+    // skopeo picks each platform out of the index served by breakwater.
+    for arch in ["amd64", "arm64"] {
+        let text = run(skopeo(tmp)
+            .args(["--override-arch", arch, "--override-os", "linux"])
+            .args(["inspect", "--tls-verify=false", &remote]));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["Architecture"], arch,
+            "skopeo inspect --override-arch {arch}: {text}"
+        );
+        // `Digest` is that of the top-level reference, the index.
+        assert_eq!(v["Digest"], src.index.as_str());
+    }
+
+    let out = dir.path().join("out");
+    skopeo_copy(
+        tmp,
+        &["--all", "--preserve-digests"],
+        &remote,
+        &oci_ref(&out, "v1"),
+    );
+    assert_layout_holds(&out, "v1", &src.index, OCI_INDEX);
+    assert_eq!(layout_blob(&out, &src.index), index_bytes);
+    assert_eq!(
+        layout_blob(&out, &src.amd64),
+        layout_blob(&src.layout, &src.amd64)
+    );
+    assert_eq!(
+        layout_blob(&out, &src.arm64),
+        layout_blob(&src.layout, &src.arm64)
+    );
+}
+
+/// `skopeo copy --format v2s2`: breakwater serves the Docker schema2 manifest with its own media type and digest,
+/// and copying it back out keeps it byte for byte.
+#[test]
+fn skopeo_docker_schema2_round_trip() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = dir.path().join("src");
+    let oci_digest = build_image(
+        &layout,
+        "v1",
+        host_arch(),
+        &[("schema2.txt", "docker media types\n")],
+    );
+
+    let bw = common::Breakwater::start();
+    let base = bw.url("");
+    let remote = docker_ref(&bw.addr, "docker/schema2", "v1");
+    skopeo_copy(tmp, &["--format", "v2s2"], &oci_ref(&layout, "v1"), &remote);
+
+    let raw = skopeo_raw(tmp, &remote);
+    let digest = sha256(&raw);
+    assert_ne!(digest, oci_digest, "the manifest was converted to schema2");
+    let manifest: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(manifest["mediaType"], DOCKER_MANIFEST);
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.docker.container.image.v1+json"
+    );
+    assert_eq!(skopeo_inspect_digest(tmp, &remote), digest);
+
+    // Over HTTP: Content-Type is the Docker media type, by tag and by digest.
+    assert_eq!(
+        get_manifest(&base, "docker/schema2", "v1", &digest, DOCKER_MANIFEST),
+        raw
+    );
+    assert_eq!(
+        get_manifest(&base, "docker/schema2", &digest, &digest, DOCKER_MANIFEST),
+        raw
+    );
+
+    // Back out to a `dir:` copy (which keeps manifests as they are): same bytes, same digest.
+    let out = dir.path().join("out-dir");
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &remote,
+        &format!("dir:{}", out.display()),
+    );
+    let copied = std::fs::read(out.join("manifest.json")).expect("manifest.json in dir: copy");
+    assert_eq!(sha256(&copied), digest);
+    assert_eq!(copied, raw);
+    // And to another repository of the same registry (skopeo tries cross-repository mounts here).
+    let other = docker_ref(&bw.addr, "docker/schema2-copy", "v1");
+    skopeo_copy(tmp, &["--preserve-digests"], &remote, &other);
+    assert_eq!(
+        get_manifest(&base, "docker/schema2-copy", "v1", &digest, DOCKER_MANIFEST),
+        raw
+    );
+}
+
+/// A real CNCF distribution registry as the source and as the destination; indexes and single images.
+#[test]
+fn skopeo_between_distribution_and_breakwater() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let src = build_multiarch(dir.path());
+    let index_bytes = layout_blob(&src.layout, &src.index);
+    let single = layout_blob(&src.layout, &src.amd64);
+
+    let upstream = common::Distribution::start();
+    let bw = common::Breakwater::start();
+    let bw_base = bw.url("");
+    let up_base = upstream.url("");
+
+    // Seed distribution, check it holds what we built.
+    skopeo_copy(
+        tmp,
+        &["--all"],
+        &oci_ref(&src.layout, "multi"),
+        &docker_ref(&upstream.addr, "lib/multi", "v1"),
+    );
+    skopeo_copy(
+        tmp,
+        &[],
+        &oci_ref(&src.layout, "v1"),
+        &docker_ref(&upstream.addr, "lib/single", "v1"),
+    );
+    assert_index_served(&up_base, "lib/multi", "v1", &src.index, &index_bytes);
+
+    // distribution → breakwater
+    skopeo_copy(
+        tmp,
+        &["--all", "--preserve-digests"],
+        &docker_ref(&upstream.addr, "lib/multi", "v1"),
+        &docker_ref(&bw.addr, "mirror/multi", "v1"),
+    );
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &docker_ref(&upstream.addr, "lib/single", "v1"),
+        &docker_ref(&bw.addr, "mirror/single", "v1"),
+    );
+    assert_eq!(
+        skopeo_inspect_digest(tmp, &docker_ref(&bw.addr, "mirror/multi", "v1")),
+        src.index
+    );
+    assert_index_served(&bw_base, "mirror/multi", "v1", &src.index, &index_bytes);
+    assert_eq!(
+        get_manifest(&bw_base, "mirror/single", "v1", &src.amd64, OCI_MANIFEST),
+        single
+    );
+
+    // breakwater → distribution (new repositories, so every blob really travels from breakwater)
+    skopeo_copy(
+        tmp,
+        &["--all", "--preserve-digests"],
+        &docker_ref(&bw.addr, "mirror/multi", "v1"),
+        &docker_ref(&upstream.addr, "back/multi", "v1"),
+    );
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &docker_ref(&bw.addr, "mirror/single", "v1"),
+        &docker_ref(&upstream.addr, "back/single", "v1"),
+    );
+    assert_eq!(
+        skopeo_inspect_digest(tmp, &docker_ref(&upstream.addr, "back/multi", "v1")),
+        src.index
+    );
+    assert_index_served(&up_base, "back/multi", "v1", &src.index, &index_bytes);
+    assert_eq!(
+        get_manifest(&up_base, "back/single", "v1", &src.amd64, OCI_MANIFEST),
+        single
+    );
+
+    // And a Docker schema2 image pushed to breakwater travels to distribution unchanged.
+    skopeo_copy(
+        tmp,
+        &["--format", "v2s2"],
+        &oci_ref(&src.layout, "v1"),
+        &docker_ref(&bw.addr, "s2/app", "v1"),
+    );
+    let s2 = skopeo_raw(tmp, &docker_ref(&bw.addr, "s2/app", "v1"));
+    let s2_digest = sha256(&s2);
+    skopeo_copy(
+        tmp,
+        &["--preserve-digests"],
+        &docker_ref(&bw.addr, "s2/app", "v1"),
+        &docker_ref(&upstream.addr, "s2/app", "v1"),
+    );
+    assert_eq!(
+        get_manifest(&up_base, "s2/app", "v1", &s2_digest, DOCKER_MANIFEST),
+        s2
+    );
+}
+
+/// Copies inside breakwater, tag listing and deletion as skopeo does them.
+#[test]
+fn skopeo_copy_between_repositories_list_tags_and_delete() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = dir.path().join("src");
+    let digest = build_image(&layout, "v1", host_arch(), &[("a.txt", "a\n")]);
+    let manifest_bytes = layout_blob(&layout, &digest);
+
+    let bw = common::Breakwater::start();
+    let base = bw.url("");
+    skopeo_copy(
+        tmp,
+        &[],
+        &oci_ref(&layout, "v1"),
+        &docker_ref(&bw.addr, "team/app", "v1"),
+    );
+    // Same registry, other repository: skopeo reuses the blobs with cross-repository mounts.
+    skopeo_copy(
+        tmp,
+        &[],
+        &docker_ref(&bw.addr, "team/app", "v1"),
+        &docker_ref(&bw.addr, "team/app", "v2"),
+    );
+    skopeo_copy(
+        tmp,
+        &[],
+        &docker_ref(&bw.addr, "team/app", "v1"),
+        &docker_ref(&bw.addr, "other/app", "v1"),
+    );
+    assert_eq!(
+        get_manifest(&base, "team/app", "v2", &digest, OCI_MANIFEST),
+        manifest_bytes
+    );
+    assert_eq!(
+        get_manifest(&base, "other/app", "v1", &digest, OCI_MANIFEST),
+        manifest_bytes
+    );
+
+    let tags_text = run(skopeo(tmp).args([
+        "list-tags",
+        "--tls-verify=false",
+        &format!("docker://{}/team/app", bw.addr),
+    ]));
+    let tags: Value = serde_json::from_str(&tags_text).unwrap();
+    let mut tags: Vec<&str> = tags["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    tags.sort();
+    assert_eq!(tags, ["v1", "v2"]);
+
+    // `skopeo delete` resolves the tag and deletes the manifest by digest: gone from that repository only.
+    run(skopeo(tmp).args([
+        "delete",
+        "--tls-verify=false",
+        &docker_ref(&bw.addr, "team/app", "v1"),
+    ]));
+    for reference in ["v1", "v2", digest.as_str()] {
+        let resp = http(
+            reqwest::Method::GET,
+            &bw.url(&format!("/v2/team/app/manifests/{reference}")),
+            ALL_MANIFEST_TYPES,
+        );
+        assert_eq!(resp.status, 404, "team/app:{reference} after delete");
+        let err: Value = serde_json::from_slice(&resp.body).expect("error body is JSON");
+        assert_eq!(err["errors"][0]["code"], "MANIFEST_UNKNOWN", "{err}");
+    }
+    let out = output(skopeo(tmp).args([
+        "inspect",
+        "--raw",
+        "--tls-verify=false",
+        &docker_ref(&bw.addr, "team/app", "v1"),
+    ]));
+    assert!(
+        !out.status.success(),
+        "skopeo inspect after delete must fail"
+    );
+    assert_eq!(
+        get_manifest(&base, "other/app", "v1", &digest, OCI_MANIFEST),
+        manifest_bytes
+    );
+}
+
+/// A podman root, runroot and tmpdir private to one test. As non-root, podman starts a pause process for its user
+/// namespace; it is told to keep its state under our directory and the process is stopped on drop.
+struct Podman {
+    dir: tempfile::TempDir,
+}
+
+impl Podman {
+    fn new() -> Self {
+        require("podman");
+        let dir = scratch();
+        for sub in ["root", "run", "tmp", "xdg", "vartmp"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        Podman { dir }
+    }
+
+    fn cmd(&self) -> Command {
+        let d = self.dir.path();
+        let mut cmd = Command::new("podman");
+        cmd.arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("run"))
+            .arg("--tmpdir")
+            .arg(d.join("tmp"))
+            .args(["--storage-driver", "vfs", "--events-backend", "none"])
+            .env("TMPDIR", d.join("vartmp"))
+            .env("XDG_RUNTIME_DIR", d.join("xdg"));
+        cmd
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        // vfs layers of a rootless pull are owned by sub-uids: let podman remove what it stored before the temp dir
+        // goes. (Not `podman system reset`, which also touches the machine's network configuration.)
+        let _ = self
+            .cmd()
+            .args(["rmi", "--all", "--force"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // Rootless podman leaves a pause process holding its user namespace; its pid file is under our directories.
+        for pidfile in [
+            self.dir.path().join("xdg/libpod/tmp/pause.pid"),
+            self.dir.path().join("tmp/pause.pid"),
+        ] {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+            {
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        }
+    }
+}
+
+/// podman pulls a single image and a multi-platform index from breakwater and records their digests.
+#[test]
+fn podman_pulls_from_breakwater() {
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = dir.path().join("src");
+    let single = build_image(
+        &layout,
+        "single",
+        host_arch(),
+        &[("etc/motd", "pulled by podman\n")],
+    );
+    let src = build_multiarch(dir.path());
+
+    let bw = common::Breakwater::start();
+    skopeo_copy(
+        tmp,
+        &[],
+        &oci_ref(&layout, "single"),
+        &docker_ref(&bw.addr, "pod/single", "v1"),
+    );
+    skopeo_copy(
+        tmp,
+        &["--all"],
+        &oci_ref(&src.layout, "multi"),
+        &docker_ref(&bw.addr, "pod/multi", "v1"),
+    );
+
+    let podman = Podman::new();
+    let single_ref = format!("{}/pod/single:v1", bw.addr);
+    let multi_ref = format!("{}/pod/multi:v1", bw.addr);
+    run(podman
+        .cmd()
+        .args(["pull", "--tls-verify=false", &single_ref]));
+    run(podman
+        .cmd()
+        .args(["pull", "--tls-verify=false", &multi_ref]));
+
+    let listing = run(podman.cmd().args([
+        "images",
+        "--digests",
+        "--no-trunc",
+        "--format",
+        "{{.Repository}}:{{.Tag}} {{.Digest}}",
+    ]));
+    let lines: Vec<&str> = listing.lines().collect();
+    assert!(
+        lines.contains(&format!("{single_ref} {single}").as_str()),
+        "podman images --digests:\n{listing}"
+    );
+    assert!(
+        lines.contains(&format!("{multi_ref} {}", src.index).as_str()),
+        "podman images --digests:\n{listing}"
+    );
+
+    // From the index, podman picked this machine's platform and knows both digests.
+    let inspect = run(podman.cmd().args(["image", "inspect", &multi_ref]));
+    let v: Value = serde_json::from_str(&inspect).unwrap();
+    let image = &v[0];
+    assert_eq!(image["Architecture"], host_arch(), "{inspect}");
+    assert_eq!(image["Digest"], src.index.as_str(), "{inspect}");
+    let platform_digest = if host_arch() == "arm64" {
+        &src.arm64
+    } else {
+        &src.amd64
+    };
+    let repo_digests: Vec<&str> = image["RepoDigests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    let repo = format!("{}/pod/multi", bw.addr);
+    assert!(
+        repo_digests.contains(&format!("{repo}@{}", src.index).as_str()),
+        "RepoDigests: {repo_digests:?}"
+    );
+    assert!(
+        repo_digests.contains(&format!("{repo}@{platform_digest}").as_str()),
+        "RepoDigests: {repo_digests:?}"
+    );
+
+    // podman verified every blob's digest while pulling and unpacked the layers into its vfs store.
+    let inspect = run(podman.cmd().args(["image", "inspect", &single_ref]));
+    let v: Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(v[0]["Digest"], single.as_str());
+
+    // Pull by digest too (a pinned reference, as Kubernetes manifests use).
+    let pinned = format!("{}/pod/single@{single}", bw.addr);
+    run(podman.cmd().args(["pull", "--tls-verify=false", &pinned]));
+    let inspect = run(podman.cmd().args(["image", "inspect", &pinned]));
+    let v: Value = serde_json::from_str(&inspect).unwrap();
+    assert_eq!(v[0]["Digest"], single.as_str(), "{inspect}");
+}
