@@ -3,8 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::upstream::UpstreamConfig;
 
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -24,7 +27,27 @@ pub struct Config {
     pub metadata: String,
     pub log_format: LogFormat,
     pub delete_enabled: bool,
+    /// Registries this one caches, each under its own name.
+    pub upstreams: Vec<UpstreamConfig>,
+    pub cache: CacheConfig,
 }
+
+/// Limits of the pull-through cache.
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    /// How long an upstream's "not found" is remembered.
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { negative_ttl: Duration::from_secs(DEFAULT_NEGATIVE_TTL_SECS) }
+    }
+}
+
+pub const DEFAULT_TAG_TTL_SECS: u64 = 300;
+pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 5;
+pub const DEFAULT_NEGATIVE_TTL_SECS: u64 = 30;
 
 /// The TOML file: every key optional, names as in the flags.
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +58,77 @@ pub struct FileConfig {
     pub metadata: Option<String>,
     pub log_format: Option<LogFormat>,
     pub delete_enabled: Option<bool>,
+    #[serde(default)]
+    pub upstream: Vec<FileUpstream>,
+    #[serde(default)]
+    pub cache: FileCache,
+}
+
+/// An `[[upstream]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    pub name: String,
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub tag_ttl_secs: Option<u64>,
+    pub timeout_secs: Option<u64>,
+    #[serde(default)]
+    pub default: bool,
+    /// Defaults to true for Docker Hub URLs.
+    pub library_shorthand: Option<bool>,
+}
+
+/// The `[cache]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    pub negative_ttl_secs: Option<u64>,
+}
+
+/// Builds and checks one upstream's settings.
+pub fn upstream(
+    name: &str,
+    url: &str,
+    tag_ttl_secs: u64,
+    timeout_secs: u64,
+    default: bool,
+    library_shorthand: Option<bool>,
+) -> anyhow::Result<UpstreamConfig> {
+    // The name is the first path component of cached repositories, so it must be one valid component.
+    if name.contains('/') || name.parse::<crate::oci::RepoName>().is_err() {
+        anyhow::bail!("upstream name {name:?} must be one lowercase repository path component, like docker.io");
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        anyhow::bail!("upstream {name}: url {url:?} must start with http:// or https://");
+    }
+    Ok(UpstreamConfig {
+        name: name.to_string(),
+        url: url.to_string(),
+        username: None,
+        password: None,
+        tag_ttl: Duration::from_secs(tag_ttl_secs),
+        timeout: Duration::from_secs(timeout_secs.max(1)),
+        default,
+        library_shorthand: library_shorthand.unwrap_or(url.contains("docker.io")),
+    })
+}
+
+impl FileUpstream {
+    pub fn resolve(self) -> anyhow::Result<UpstreamConfig> {
+        let mut u = upstream(
+            &self.name,
+            &self.url,
+            self.tag_ttl_secs.unwrap_or(DEFAULT_TAG_TTL_SECS),
+            self.timeout_secs.unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS),
+            self.default,
+            self.library_shorthand,
+        )?;
+        u.username = self.username;
+        u.password = self.password;
+        Ok(u)
+    }
 }
 
 impl FileConfig {

@@ -6,6 +6,8 @@ pub mod flight;
 pub mod http;
 pub mod meta;
 pub mod oci;
+pub mod proxy;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod upstream;

@@ -42,6 +42,21 @@ struct ServeArgs {
     /// Refuse every DELETE (405 UNSUPPORTED).
     #[arg(long, env = "BREAKWATER_NO_DELETE")]
     no_delete: bool,
+    /// Cache an upstream registry: NAME=URL (repeatable). Clients pull HOST/NAME/REPO:TAG.
+    #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// The upstream that un-prefixed names go to (registry-mirror mode without `ns=`).
+    #[arg(long, env = "BREAKWATER_DEFAULT_UPSTREAM")]
+    default_upstream: Option<String>,
+    /// How long a cached tag is trusted before it is revalidated upstream, for --upstream entries [default: 300].
+    #[arg(long, env = "BREAKWATER_TAG_TTL_SECS")]
+    tag_ttl_secs: Option<u64>,
+    /// Bound on waiting for an upstream, for --upstream entries [default: 5].
+    #[arg(long, env = "BREAKWATER_UPSTREAM_TIMEOUT_SECS")]
+    upstream_timeout_secs: Option<u64>,
+    /// How long an upstream's "not found" is remembered [default: 30].
+    #[arg(long, env = "BREAKWATER_NEGATIVE_TTL_SECS")]
+    negative_ttl_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -52,7 +67,37 @@ impl ServeArgs {
         };
         let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
         let metadata = self.metadata.or(file.metadata).unwrap_or_else(|| config::sqlite_url(&data));
+        let mut upstreams = Vec::new();
+        for u in file.upstream {
+            upstreams.push(u.resolve()?);
+        }
+        for spec in &self.upstreams {
+            let (name, url) = spec.split_once('=').with_context(|| format!("--upstream {spec:?}: expected NAME=URL"))?;
+            upstreams.push(config::upstream(
+                name,
+                url,
+                self.tag_ttl_secs.unwrap_or(config::DEFAULT_TAG_TTL_SECS),
+                self.upstream_timeout_secs.unwrap_or(config::DEFAULT_UPSTREAM_TIMEOUT_SECS),
+                false,
+                None,
+            )?);
+        }
+        if let Some(default) = &self.default_upstream {
+            let u = upstreams.iter_mut().find(|u| &u.name == default);
+            u.with_context(|| format!("--default-upstream {default}: no upstream has that name"))?.default = true;
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if upstreams[..i].iter().any(|v| v.name == u.name) {
+                anyhow::bail!("upstream {} is configured twice", u.name);
+            }
+        }
+        if upstreams.iter().filter(|u| u.default).count() > 1 {
+            anyhow::bail!("only one upstream can be the default");
+        }
+        let negative_ttl = self.negative_ttl_secs.or(file.cache.negative_ttl_secs).unwrap_or(config::DEFAULT_NEGATIVE_TTL_SECS);
         Ok(Config {
+            upstreams,
+            cache: config::CacheConfig { negative_ttl: std::time::Duration::from_secs(negative_ttl) },
             listen: self.listen.or(file.listen).unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default")),
             data,
             metadata,

@@ -8,7 +8,10 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::http::{self, App};
+use crate::flight::BlobFlights;
+use crate::proxy::Proxy;
 use crate::registry::Registry;
+use crate::upstream::Upstream;
 use crate::storage::LocalStore;
 
 /// Opens the stores named by `config` and returns the HTTP application.
@@ -18,8 +21,17 @@ pub async fn build(config: &Config, metrics: Option<metrics_exporter_prometheus:
         .await
         .with_context(|| format!("opening the content store in {}", config.data.display()))?;
     let meta = crate::meta::open(&config.metadata).await.context("opening the metadata store")?;
-    let registry = Registry::new(Arc::new(store), meta, config.delete_enabled);
-    Ok(Arc::new(App { registry, metrics }))
+    let store: Arc<dyn crate::storage::BlobStore> = Arc::new(store);
+    let registry = Arc::new(Registry::new(Arc::clone(&store), meta, config.delete_enabled));
+    let flights = BlobFlights::new(store, config.data.join("content").join("spool"))
+        .await
+        .context("preparing the cache's spool directory")?;
+    let mut upstreams = Vec::new();
+    for u in &config.upstreams {
+        upstreams.push(Upstream::new(u.clone()).with_context(|| format!("upstream {}", u.name))?);
+    }
+    let proxy = Proxy::new(Arc::clone(&registry), upstreams, flights, config.cache.negative_ttl);
+    Ok(Arc::new(App { registry, proxy, metrics }))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests

@@ -44,11 +44,24 @@ pub struct FetchBody {
     pub body: ByteStream,
 }
 
-/// Starts a download of the blob from byte `offset`. Given by the caller (the proxy), which knows the upstream.
-pub type Fetcher = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<FetchBody, String>> + Send + Sync>;
+/// Why a fetch attempt gave no body.
+#[derive(Debug, Clone)]
+pub enum FetchError {
+    /// The upstream does not have the blob: no point retrying.
+    NotFound,
+    /// Worth another attempt (connection trouble, 5xx).
+    Retryable(String),
+    /// Not worth another attempt (auth refused, rate-limited).
+    Fatal(String),
+}
 
-#[derive(Debug, Clone, thiserror::Error)]
+/// Starts a download of the blob from byte `offset`. Given by the caller (the proxy), which knows the upstream.
+pub type Fetcher = Arc<dyn Fn(u64) -> BoxFuture<'static, Result<FetchBody, FetchError>> + Send + Sync>;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FlightError {
+    #[error("blob not found upstream")]
+    NotFound,
     #[error("upstream fetch failed: {0}")]
     Failed(Arc<str>),
 }
@@ -60,7 +73,7 @@ enum Phase {
     Streaming,
     /// Verified and adopted into storage.
     Done,
-    Failed(Arc<str>),
+    Failed(FlightError),
 }
 
 #[derive(Debug, Clone)]
@@ -144,12 +157,12 @@ impl BlobFlights {
             let phase = match outcome {
                 Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
                     Ok(_) => Phase::Done,
-                    Err(e) => Phase::Failed(format!("storing the blob failed: {e}").into()),
+                    Err(e) => Phase::Failed(FlightError::Failed(format!("storing the blob failed: {e}").into())),
                 },
-                Err(e) => Phase::Failed(e.into()),
+                Err(e) => Phase::Failed(e),
             };
             if let Phase::Failed(reason) = &phase {
-                tracing::warn!(%digest, %reason, "blob flight failed; nothing was cached");
+                tracing::warn!(%digest, error = %reason, "blob flight failed; nothing was cached");
                 let _ = tokio::fs::remove_file(&spool).await;
             } else {
                 tracing::info!(%digest, "blob flight done");
@@ -164,7 +177,26 @@ impl BlobFlights {
 }
 
 /// Downloads into `file`, resuming after breaks, and verifies size and digest. Readers see bytes as they land.
-async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), String> {
+async fn download(digest: &Digest, file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), FlightError> {
+    download_inner(digest, file, fetch, tx).await.map_err(|e| match e {
+        Stop::NotFound => FlightError::NotFound,
+        Stop::Failed(m) => FlightError::Failed(m.into()),
+    })
+}
+
+/// Why a download stopped for good.
+enum Stop {
+    NotFound,
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(m: String) -> Self {
+        Stop::Failed(m)
+    }
+}
+
+async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), Stop> {
     let mut hasher = digest.algorithm().hasher();
     let mut written = 0u64;
     let mut total: Option<u64> = None;
@@ -172,11 +204,13 @@ async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::
     let mut last_error = String::new();
     'attempts: loop {
         if failures > RESUME_ATTEMPTS {
-            return Err(format!("gave up after {failures} attempts: {last_error}"));
+            return Err(Stop::Failed(format!("gave up after {failures} attempts: {last_error}")));
         }
         let resp = match fetch(written).await {
             Ok(r) => r,
-            Err(e) => {
+            Err(FetchError::NotFound) => return Err(Stop::NotFound),
+            Err(FetchError::Fatal(e)) => return Err(Stop::Failed(e)),
+            Err(FetchError::Retryable(e)) => {
                 failures += 1;
                 last_error = e;
                 continue;
@@ -184,7 +218,9 @@ async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::
         };
         match (total, resp.total) {
             (None, Some(t)) => total = Some(t),
-            (Some(a), Some(b)) if a != b => return Err(format!("upstream changed the blob's size from {a} to {b}")),
+            (Some(a), Some(b)) if a != b => {
+                return Err(Stop::Failed(format!("upstream changed the blob's size from {a} to {b}")))
+            }
             _ => {}
         }
         tx.send_modify(|p| {
@@ -216,7 +252,7 @@ async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::
             }
             if let Some(t) = total {
                 if written + pending.len() as u64 + chunk.len() as u64 > t {
-                    return Err(format!("upstream sent more than the {t} bytes it announced"));
+                    return Err(Stop::Failed(format!("upstream sent more than the {t} bytes it announced")));
                 }
             }
             hasher.update(&chunk);
@@ -239,7 +275,7 @@ async fn download(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::
     }
     let actual = hasher.finish();
     if &actual != digest {
-        return Err(format!("upstream content has digest {actual}, not {digest}"));
+        return Err(Stop::Failed(format!("upstream content has digest {actual}, not {digest}")));
     }
     tx.send_modify(|p| p.total = Some(written));
     Ok(())
@@ -269,7 +305,7 @@ impl BlobFlight {
             {
                 let p = rx.borrow_and_update();
                 match (&p.phase, p.total) {
-                    (Phase::Failed(e), _) => return Err(FlightError::Failed(e.clone())),
+                    (Phase::Failed(e), _) => return Err(e.clone()),
                     (_, Some(t)) => return Ok(t),
                     _ => {}
                 }
@@ -277,6 +313,20 @@ impl BlobFlight {
             if rx.changed().await.is_err() {
                 return Err(FlightError::Failed("the download task ended unexpectedly".into()));
             }
+        }
+    }
+
+    /// Waits until the blob is verified and in storage, or the flight has failed.
+    pub async fn finished(&self) -> Result<(), FlightError> {
+        let mut rx = self.progress.clone();
+        let phase = rx
+            .wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_)))
+            .await
+            .map(|p| p.phase.clone())
+            .map_err(|_| FlightError::Failed("the download task ended unexpectedly".into()))?;
+        match phase {
+            Phase::Failed(e) => Err(e),
+            _ => Ok(()),
         }
     }
 
@@ -295,7 +345,7 @@ impl BlobFlight {
                     let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
                     match phase {
                         Ok(Phase::Done) => break None,
-                        Ok(Phase::Failed(e)) => return Err(FlightError::Failed(e)),
+                        Ok(Phase::Failed(e)) => return Err(e),
                         _ => return Err(FlightError::Failed("the download task ended unexpectedly".into())),
                     }
                 }
@@ -335,13 +385,13 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
             // Until verified, the blob's final byte is withheld (see `reader`).
             let limit = if p.phase == Phase::Done { p.written } else { p.written.min(st.size.saturating_sub(1)) };
             let failed = match &p.phase {
-                Phase::Failed(e) => Some(e.clone()),
+                Phase::Failed(e) => Some(e.to_string()),
                 _ => None,
             };
             (limit.min(st.end), failed)
         };
         if let Some(reason) = failed {
-            return Some((Err(io::Error::other(format!("upstream fetch failed: {reason}"))), None));
+            return Some((Err(io::Error::other(reason)), None));
         }
         if readable > st.pos {
             let want = ((readable - st.pos) as usize).min(st.buf.len());

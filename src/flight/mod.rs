@@ -11,5 +11,5 @@
 mod blob;
 mod group;
 
-pub use blob::{BlobFlight, BlobFlights, FetchBody, Fetcher, FlightError, Join};
+pub use blob::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightError, Join};
 pub use group::Group;

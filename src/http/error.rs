@@ -17,6 +17,9 @@ fn status(e: &RegistryError) -> StatusCode {
         RegistryError::UploadOutOfOrder { .. } | RegistryError::RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
         RegistryError::ManifestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         RegistryError::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
+        RegistryError::Denied(_) => StatusCode::FORBIDDEN,
+        RegistryError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
+        RegistryError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
         RegistryError::BlobUploadInvalid(_)
         | RegistryError::DigestInvalid(_)
         | RegistryError::ManifestBlobUnknown(_)

@@ -23,7 +23,9 @@ use crate::registry::Registry;
 
 /// What every handler needs.
 pub struct App {
-    pub registry: Registry,
+    pub registry: Arc<Registry>,
+    /// Pull-through policy; with no upstreams configured every name is local.
+    pub proxy: crate::proxy::Proxy,
     /// Renders `/metrics`; `None` when the process has no Prometheus recorder (library use in tests).
     pub metrics: Option<PrometheusHandle>,
 }

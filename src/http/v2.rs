@@ -13,7 +13,9 @@ use super::range::{self, RangeRequest};
 use super::route::{self, Route};
 use super::{upload_range, App};
 use crate::meta::Page;
+use crate::flight::BlobFlight;
 use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::proxy::{Cached, ProxiedBlob, Target};
 use crate::registry::RegistryError;
 use crate::storage::ByteStream;
 
@@ -42,6 +44,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
     };
     let query: HashMap<String, String> = Query::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
     let reg = &app.registry;
+    let ns = query.get("ns").map(String::as_str);
     let m = method.as_str();
     match (&route, m) {
         (Route::Base, "GET" | "HEAD") => Ok(json_response(StatusCode::OK, "application/json", "{}".into(), m)),
@@ -53,7 +56,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
         (Route::Tags { name }, "GET") => {
-            let repo = repo(name)?;
+            let repo = app.proxy.local_name(name, ns)?;
             let n = page_size(&query, None)?;
             let page = reg.tags(&repo, query.get("last").map(String::as_str), n).await?;
             let link = next_page_link(&format!("/v2/{repo}/tags/list"), n, &page);
@@ -61,17 +64,29 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
         (Route::Manifest { name, reference }, "GET" | "HEAD") => {
-            let (repo, reference) = (repo(name)?, manifest_ref(reference)?);
-            if m == "HEAD" {
-                let rec = reg.manifest_record(&repo, &reference).await?;
-                return Ok(manifest_response(&rec.media_type, &rec.digest, rec.size, Body::empty()));
+            let reference = manifest_ref(reference)?;
+            let (repo, stale) = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => (repo, false),
+                Target::Cached(c) => resolve_cached(app, &c, &reference).await?,
+                Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &reference).await {
+                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &reference).await?,
+                    _ => (repo, false),
+                },
+            };
+            let (record, body) = if m == "HEAD" {
+                (reg.manifest_record(&repo, &reference).await?, Body::empty())
+            } else {
+                let man = reg.manifest(&repo, &reference).await?;
+                (man.record, Body::from(man.bytes))
+            };
+            let mut resp = manifest_response(&record.media_type, &record.digest, record.size, body);
+            if stale {
+                resp.headers_mut().insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
             }
-            let man = reg.manifest(&repo, &reference).await?;
-            let size = man.bytes.len() as u64;
-            Ok(manifest_response(&man.record.media_type, &man.record.digest, size, Body::from(man.bytes)))
+            Ok(resp)
         }
         (Route::Manifest { name, reference }, "PUT") => {
-            let (repo, reference) = (repo(name)?, manifest_ref(reference)?);
+            let (repo, reference) = (writable(app, name)?, manifest_ref(reference)?);
             let bytes = axum::body::to_bytes(body, MAX_MANIFEST_BYTES + 1).await.map_err(|e| {
                 if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
                     RegistryError::ManifestTooLarge
@@ -88,20 +103,28 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(resp)
         }
         (Route::Manifest { name, reference }, "DELETE") => {
-            reg.delete_manifest(&repo(name)?, &manifest_ref(reference)?).await?;
+            reg.delete_manifest(&writable(app, name)?, &manifest_ref(reference)?).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
-            let (repo, digest) = (repo(name)?, digest_param(digest)?);
-            let size = reg.blob_size(&repo, &digest).await?;
-            serve_blob(app, &digest, size, headers, m == "HEAD").await
+            let digest = digest_param(digest)?;
+            let source = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => BlobSource::Stored(reg.blob_size(&repo, &digest).await?),
+                Target::Cached(c) => app.proxy.blob(&c, &digest).await?.into(),
+                Target::LocalOrCached(repo, c) => match reg.blob_size(&repo, &digest).await {
+                    Ok(size) => BlobSource::Stored(size),
+                    Err(RegistryError::BlobUnknown) => app.proxy.blob(&c, &digest).await?.into(),
+                    Err(e) => return Err(e),
+                },
+            };
+            serve_blob(app, &digest, source, headers, m == "HEAD").await
         }
         (Route::Blob { name, digest }, "DELETE") => {
-            reg.delete_blob(&repo(name)?, &digest_param(digest)?).await?;
+            reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::UploadStart { name }, "POST") => {
-            let repo = repo(name)?;
+            let repo = writable(app, name)?;
             if let Some(mount) = query.get("mount") {
                 let digest = digest_param(mount)?;
                 // An invalid `from` cannot hold the blob: fall back to an upload rather than fail the push.
@@ -123,7 +146,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(upload_response(StatusCode::NO_CONTENT, &repo, id, size))
         }
         (Route::Upload { name, id }, "PATCH") => {
-            let repo = repo(name)?;
+            let repo = writable(app, name)?;
             let range = content_range(headers)?;
             let declared = headers
                 .get(header::CONTENT_LENGTH)
@@ -133,17 +156,17 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(upload_response(StatusCode::ACCEPTED, &repo, id, size))
         }
         (Route::Upload { name, id }, "PUT") => {
-            let repo = repo(name)?;
+            let repo = writable(app, name)?;
             let digest = digest_param(query.get("digest").map(String::as_str).unwrap_or(""))?;
             reg.finish_upload(&repo, id, &digest, Some(body_stream(body))).await?;
             Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest))
         }
         (Route::Upload { name, id }, "DELETE") => {
-            reg.cancel_upload(&repo(name)?, id).await?;
+            reg.cancel_upload(&writable(app, name)?, id).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         (Route::Referrers { name, digest }, "GET") => {
-            let (repo, subject) = (repo(name)?, digest_param(digest)?);
+            let (repo, subject) = (app.proxy.local_name(name, ns)?, digest_param(digest)?);
             let filter = query.get("artifactType").map(String::as_str);
             let found = reg.referrers(&repo, &subject, filter).await?;
             let manifests: Vec<_> = found
@@ -176,6 +199,35 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
 
 fn repo(name: &str) -> Result<RepoName> {
     Ok(name.parse()?)
+}
+
+/// A repository a client may write to: valid, and not in an upstream's namespace.
+fn writable(app: &App, name: &str) -> Result<RepoName> {
+    let repo = repo(name)?;
+    app.proxy.check_writable(name)?;
+    Ok(repo)
+}
+
+/// Resolves a manifest through the cache; returns the local repository that now holds it, and whether it is
+/// served stale.
+async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<(RepoName, bool)> {
+    let resolved = app.proxy.manifest(c, reference).await?;
+    Ok((c.local.clone(), resolved.stale))
+}
+
+/// Where a blob's bytes come from.
+enum BlobSource {
+    Stored(u64),
+    Flight(Arc<BlobFlight>, u64),
+}
+
+impl From<ProxiedBlob> for BlobSource {
+    fn from(b: ProxiedBlob) -> Self {
+        match b {
+            ProxiedBlob::Stored(size) => BlobSource::Stored(size),
+            ProxiedBlob::Flight(f, size) => BlobSource::Flight(f, size),
+        }
+    }
 }
 
 fn manifest_ref(s: &str) -> Result<Reference> {
@@ -284,7 +336,10 @@ fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     Ok(Some((start, end)))
 }
 
-async fn serve_blob(app: &App, digest: &Digest, size: u64, headers: &HeaderMap, head: bool) -> Result<Response> {
+async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
+    let size = match &source {
+        BlobSource::Stored(size) | BlobSource::Flight(_, size) => *size,
+    };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, window) = match range::parse(range_header, size) {
         RangeRequest::Full => (StatusCode::OK, None),
@@ -296,7 +351,13 @@ async fn serve_blob(app: &App, digest: &Digest, size: u64, headers: &HeaderMap, 
         }
     };
     let len = window.map_or(size, |r| r.end - r.start);
-    let body = if head { Body::empty() } else { Body::from_stream(app.registry.read_blob(digest, window).await?) };
+    let body = match source {
+        _ if head => Body::empty(),
+        BlobSource::Stored(_) => Body::from_stream(app.registry.read_blob(digest, window).await?),
+        BlobSource::Flight(flight, _) => Body::from_stream(
+            flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
+        ),
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -34,6 +34,12 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    UpstreamUnavailable(String),
+    #[error("the upstream registry is rate-limiting requests; try again later")]
+    TooManyRequests,
     #[error(transparent)]
     Storage(StorageError),
     #[error(transparent)]
@@ -58,6 +64,10 @@ impl RegistryError {
             RegistryError::RangeInvalid(_) => "RANGE_INVALID",
             RegistryError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
             RegistryError::Unsupported(_) => "UNSUPPORTED",
+            RegistryError::Denied(_) => "DENIED",
+            // Not a spec code: the spec has none for a gateway failure; clients only show the message.
+            RegistryError::UpstreamUnavailable(_) => "UNAVAILABLE",
+            RegistryError::TooManyRequests => "TOOMANYREQUESTS",
             RegistryError::Storage(StorageError::DigestMismatch { .. }) => "DIGEST_INVALID",
             RegistryError::Storage(StorageError::Body(_)) => "BLOB_UPLOAD_INVALID",
             RegistryError::Storage(StorageError::NotFound) => "BLOB_UNKNOWN",

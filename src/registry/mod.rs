@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 pub use error::RegistryError;
 
 use crate::meta::{ManifestRecord, Meta, Page};
-use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
 use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 
 /// Outcome of a manifest push, for the response headers.
@@ -209,10 +209,7 @@ impl Registry {
         let size = bytes.len() as u64;
         let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
         self.store.put(&digest, body).await?;
-        let annotations = match &info.annotations {
-            Some(a) => Some(serde_json::to_string(a).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?),
-            None => None,
-        };
+        let annotations = annotations_json(&info.annotations)?;
         let record = ManifestRecord {
             digest: digest.clone(),
             media_type: info.media_type,
@@ -262,6 +259,48 @@ impl Registry {
         }
     }
 
+    // ---- the cache's way in -------------------------------------------------------------------------------
+
+    /// Records a blob the cache has put in storage as held by `repo`.
+    pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        Ok(self.meta.link_blob(repo, digest, size).await?)
+    }
+
+    /// Stores a manifest fetched from an upstream. Unlike a push, its blobs need not be here yet: a cache
+    /// fetches them when they are asked for. The caller has verified `bytes` against `digest`.
+    pub async fn cache_manifest(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        media_type: &str,
+        bytes: Bytes,
+        tag: Option<&Tag>,
+    ) -> Result<()> {
+        let info = ManifestInfo::parse(&bytes, Some(media_type)).map_err(RegistryError::ManifestInvalid)?;
+        let size = bytes.len() as u64;
+        let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+        self.store.put(digest, body).await?;
+        let record = ManifestRecord {
+            digest: digest.clone(),
+            media_type: info.media_type,
+            size,
+            subject: info.subject,
+            artifact_type: info.artifact_type,
+            annotations: annotations_json(&info.annotations)?,
+        };
+        Ok(self.meta.put_manifest(repo, &record, tag).await?)
+    }
+
+    /// Points `tag` at a manifest `repo` already holds.
+    pub async fn tag_manifest(&self, repo: &RepoName, digest: &Digest, tag: &Tag) -> Result<()> {
+        let record = self.meta.manifest(repo, digest).await?.ok_or(RegistryError::ManifestUnknown)?;
+        Ok(self.meta.put_manifest(repo, &record, Some(tag)).await?)
+    }
+
+    pub async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
+        Ok(self.meta.resolve_tag(repo, tag).await?)
+    }
+
     // ---- listings ----------------------------------------------------------------------------------------
 
     pub async fn tags(&self, repo: &RepoName, last: Option<&str>, n: u64) -> Result<Page> {
@@ -288,4 +327,9 @@ impl Registry {
     pub async fn ready(&self) -> bool {
         self.meta.repo_exists(&"readiness-probe".parse().expect("valid name")).await.is_ok()
     }
+}
+
+/// A manifest's annotations as the JSON text the metadata store keeps for the referrers API.
+fn annotations_json(a: &Option<std::collections::BTreeMap<String, String>>) -> Result<Option<String>> {
+    a.as_ref().map(|a| serde_json::to_string(a).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))).transpose()
 }

@@ -1,0 +1,319 @@
+//! Pull-through policy: which upstream a name maps to, how long a tag is trusted, what is served when the
+//! upstream fails, and which requests share one upstream fetch.
+//!
+//! A cached artifact is an ordinary repository of the local registry named `<upstream>/<repository>`
+//! (`docker.io/library/alpine`), so it can be listed and pulled like pushed content; only pushes into an
+//! upstream's namespace are refused.
+//!
+//! Architecture invariant: for a given (upstream, repository, reference) at most one manifest request, and for a
+//! given blob digest at most one download, is in flight at any time, whatever the number of clients.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::flight::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightError, Group, Join};
+use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::registry::{Registry, RegistryError};
+use crate::upstream::{Upstream, UpstreamError};
+
+type Result<T> = std::result::Result<T, RegistryError>;
+
+/// Where a repository name leads.
+pub enum Target {
+    /// Pushed content only.
+    Local(RepoName),
+    /// An upstream's namespace: served from the cache, filled from the upstream.
+    Cached(Cached),
+    /// A mirror request without a prefix: local content if the repository has it, else the default upstream.
+    LocalOrCached(RepoName, Cached),
+}
+
+/// A repository of an upstream, and the local repository that caches it.
+#[derive(Clone)]
+pub struct Cached {
+    pub upstream: Arc<Upstream>,
+    pub remote: RepoName,
+    pub local: RepoName,
+}
+
+/// A manifest the proxy resolved: it is in the local repository `Cached::local` under `digest`.
+pub struct Resolved {
+    pub digest: Digest,
+    /// Served from the cache because the upstream could not be asked (the response gets a `Warning`).
+    pub stale: bool,
+}
+
+/// A blob the proxy can serve.
+pub enum ProxiedBlob {
+    Stored(u64),
+    Flight(Arc<BlobFlight>, u64),
+}
+
+/// The key of a manifest flight: one upstream request at a time per (upstream, repository, reference).
+type ManifestKey = (String, String, String);
+
+/// How a manifest flight ended; shared by value with every waiter.
+type ManifestOutcome = std::result::Result<Digest, UpstreamError>;
+
+pub struct Proxy {
+    registry: Arc<Registry>,
+    upstreams: Vec<Arc<Upstream>>,
+    flights: Arc<BlobFlights>,
+    manifests: Group<ManifestKey, ManifestOutcome>,
+    /// When each cached tag was last confirmed upstream; a tag is trusted for its upstream's TTL after that.
+    /// In memory: after a restart every tag is revalidated once, which costs one HEAD.
+    validated: Mutex<HashMap<(RepoName, Tag), Instant>>,
+    /// References the upstream said do not exist, until when (stops storms of requests for missing tags).
+    missing: Mutex<HashMap<(RepoName, String), Instant>>,
+    negative_ttl: Duration,
+}
+
+fn fetch_error(e: UpstreamError) -> FetchError {
+    match e {
+        UpstreamError::NotFound => FetchError::NotFound,
+        UpstreamError::Unavailable(m) | UpstreamError::Invalid(m) => FetchError::Retryable(m),
+        e @ (UpstreamError::RateLimited | UpstreamError::Unauthorized(_)) => FetchError::Fatal(e.to_string()),
+    }
+}
+
+/// The error a client sees when the upstream failed and nothing is cached.
+fn client_error(upstream: &Upstream, e: UpstreamError, not_found: RegistryError) -> RegistryError {
+    match e {
+        UpstreamError::NotFound => not_found,
+        UpstreamError::RateLimited => RegistryError::TooManyRequests,
+        e => RegistryError::UpstreamUnavailable(format!("upstream {}: {e}", upstream.name())),
+    }
+}
+
+impl Proxy {
+    pub fn new(registry: Arc<Registry>, upstreams: Vec<Upstream>, flights: Arc<BlobFlights>, negative_ttl: Duration) -> Proxy {
+        Proxy {
+            registry,
+            upstreams: upstreams.into_iter().map(Arc::new).collect(),
+            flights,
+            manifests: Group::default(),
+            validated: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+            negative_ttl,
+        }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    fn by_name(&self, name: &str) -> Option<&Arc<Upstream>> {
+        self.upstreams.iter().find(|u| u.name() == name)
+    }
+
+    fn cached(&self, upstream: &Arc<Upstream>, remote: &str) -> Result<Cached> {
+        let remote = if upstream.config.library_shorthand && !remote.contains('/') {
+            format!("library/{remote}")
+        } else {
+            remote.to_string()
+        };
+        let remote: RepoName = remote.parse()?;
+        let local: RepoName = format!("{}/{remote}", upstream.name()).parse()?;
+        Ok(Cached { upstream: Arc::clone(upstream), remote, local })
+    }
+
+    /// Maps a repository name (and containerd's `ns=` query, if any) to where it is served from.
+    pub fn target(&self, name: &str, ns: Option<&str>) -> Result<Target> {
+        let repo: RepoName = name.parse()?;
+        if let Some(upstream) = ns.and_then(|ns| self.by_name(ns)) {
+            // containerd names the upstream in `ns` and sends the name without it.
+            return Ok(Target::Cached(self.cached(upstream, name)?));
+        }
+        if let Some((first, rest)) = name.split_once('/') {
+            if let Some(upstream) = self.by_name(first) {
+                return Ok(Target::Cached(self.cached(upstream, rest)?));
+            }
+        }
+        match self.upstreams.iter().find(|u| u.config.default) {
+            Some(upstream) => Ok(Target::LocalOrCached(repo, self.cached(upstream, name)?)),
+            None => Ok(Target::Local(repo)),
+        }
+    }
+
+    /// The local repository a listing of `name` reads (tags, referrers): cached repositories are listed as
+    /// cached, without asking the upstream.
+    pub fn local_name(&self, name: &str, ns: Option<&str>) -> Result<RepoName> {
+        Ok(match self.target(name, ns)? {
+            Target::Local(repo) | Target::LocalOrCached(repo, _) => repo,
+            Target::Cached(c) => c.local,
+        })
+    }
+
+    /// Refuses writes into an upstream's namespace: the cache owns those repositories.
+    pub fn check_writable(&self, name: &str) -> Result<()> {
+        let first = name.split('/').next().unwrap_or(name);
+        match self.by_name(first) {
+            Some(u) => Err(RegistryError::Denied(format!(
+                "{name} is in the namespace of upstream {}, a read-only pull-through cache",
+                u.name()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn is_missing(&self, repo: &RepoName, reference: &str) -> bool {
+        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (repo.clone(), reference.to_string());
+        match missing.get(&key) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                missing.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn mark_missing(&self, repo: &RepoName, reference: &str) {
+        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        missing.retain(|_, until| *until > Instant::now());
+        missing.insert((repo.clone(), reference.to_string()), Instant::now() + self.negative_ttl);
+    }
+
+    fn fresh(&self, c: &Cached, tag: &Tag) -> bool {
+        let validated = self.validated.lock().unwrap_or_else(|p| p.into_inner());
+        validated.get(&(c.local.clone(), tag.clone())).is_some_and(|t| t.elapsed() < c.upstream.config.tag_ttl)
+    }
+
+    fn mark_fresh(&self, c: &Cached, tag: &Tag) {
+        self.validated.lock().unwrap_or_else(|p| p.into_inner()).insert((c.local.clone(), tag.clone()), Instant::now());
+    }
+
+    /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`.
+    pub async fn manifest(&self, c: &Cached, reference: &Reference) -> Result<Resolved> {
+        match reference {
+            Reference::Digest(d) => {
+                if self.registry.manifest_record(&c.local, reference).await.is_ok() {
+                    count_cache("manifest", "hit");
+                    return Ok(Resolved { digest: d.clone(), stale: false });
+                }
+                self.fetch_manifest(c, &d.to_string(), None, None).await.map(|digest| Resolved { digest, stale: false })
+            }
+            Reference::Tag(t) => {
+                let held = self.registry.resolve_tag(&c.local, t).await?;
+                if let Some(d) = &held {
+                    if self.fresh(c, t) {
+                        count_cache("manifest", "hit");
+                        return Ok(Resolved { digest: d.clone(), stale: false });
+                    }
+                }
+                match self.fetch_manifest(c, t.as_str(), Some(t), held.clone()).await {
+                    Ok(digest) => {
+                        self.mark_fresh(c, t);
+                        Ok(Resolved { digest, stale: false })
+                    }
+                    Err(RegistryError::ManifestUnknown) => Err(RegistryError::ManifestUnknown),
+                    Err(e) => match held {
+                        Some(digest) => {
+                            tracing::warn!(upstream = c.upstream.name(), repo = %c.remote, tag = %t, error = %e,
+                                "upstream unavailable; serving the cached tag");
+                            metrics::counter!("breakwater_cache_stale_serves_total", "upstream" => c.upstream.name().to_string()).increment(1);
+                            Ok(Resolved { digest, stale: true })
+                        }
+                        None => Err(e),
+                    },
+                }
+            }
+        }
+    }
+
+    /// One coalesced upstream exchange for a manifest reference. With `held` (the digest the cache has for the
+    /// tag), a HEAD revalidates it and the manifest is only downloaded if it changed.
+    async fn fetch_manifest(&self, c: &Cached, reference: &str, tag: Option<&Tag>, held: Option<Digest>) -> Result<Digest> {
+        if self.is_missing(&c.local, reference) {
+            count_cache("manifest", "negative");
+            return Err(RegistryError::ManifestUnknown);
+        }
+        let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
+        let (registry, cached, reference_owned, tag_owned) =
+            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned());
+        let (outcome, joined) = self
+            .manifests
+            .run(key, move || async move {
+                let Cached { upstream, remote, local } = cached;
+                if let Some(held) = held {
+                    let head = upstream.manifest(&remote, &reference_owned, true).await?;
+                    if head.digest == held {
+                        return Ok(held);
+                    }
+                    if let Some(tag) = &tag_owned {
+                        if registry.tag_manifest(&local, &head.digest, tag).await.is_ok() {
+                            return Ok(head.digest);
+                        }
+                    }
+                }
+                let m = upstream.manifest(&remote, &reference_owned, false).await?;
+                let bytes = m.bytes.clone().unwrap_or_default();
+                registry
+                    .cache_manifest(&local, &m.digest, &m.media_type, bytes, tag_owned.as_ref())
+                    .await
+                    .map_err(|e| UpstreamError::Invalid(format!("caching the manifest failed: {e}")))?;
+                Ok(m.digest)
+            })
+            .await;
+        count_cache("manifest", if joined { "coalesced" } else { "miss" });
+        match outcome {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                if e == UpstreamError::NotFound {
+                    self.mark_missing(&c.local, reference);
+                }
+                Err(client_error(&c.upstream, e, RegistryError::ManifestUnknown))
+            }
+        }
+    }
+
+    /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
+    pub async fn blob(&self, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
+        if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
+            count_cache("blob", "hit");
+            return Ok(ProxiedBlob::Stored(size));
+        }
+        let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
+        let fetch: Fetcher = Arc::new(move |offset| {
+            let (upstream, remote, d) = (Arc::clone(&upstream), remote.clone(), d.clone());
+            Box::pin(async move {
+                let b = upstream.blob(&remote, &d, offset).await.map_err(fetch_error)?;
+                Ok(FetchBody { total: b.total, from_offset: b.from_offset, body: b.body })
+            })
+        });
+        match self.flights.join(digest, fetch).await? {
+            Join::Stored(size) => {
+                // Cached for another repository already: content is shared, only the link is new.
+                count_cache("blob", "hit");
+                self.registry.link_blob(&c.local, digest, size).await?;
+                Ok(ProxiedBlob::Stored(size))
+            }
+            Join::Flight { flight, joined } => {
+                count_cache("blob", if joined { "coalesced" } else { "miss" });
+                let size = flight.size().await.map_err(|e| flight_error(c, e))?;
+                let (registry, local, f) = (Arc::clone(&self.registry), c.local.clone(), Arc::clone(&flight));
+                tokio::spawn(async move {
+                    if f.finished().await.is_ok() {
+                        if let Err(e) = registry.link_blob(&local, &f.digest, size).await {
+                            tracing::warn!(error = %e, "linking a cached blob failed");
+                        }
+                    }
+                });
+                Ok(ProxiedBlob::Flight(flight, size))
+            }
+        }
+    }
+}
+
+fn flight_error(c: &Cached, e: FlightError) -> RegistryError {
+    match e {
+        FlightError::NotFound => RegistryError::BlobUnknown,
+        FlightError::Failed(m) => RegistryError::UpstreamUnavailable(format!("upstream {}: {m}", c.upstream.name())),
+    }
+}
+
+fn count_cache(kind: &'static str, result: &'static str) {
+    metrics::counter!("breakwater_cache_requests_total", "kind" => kind, "result" => result).increment(1);
+}

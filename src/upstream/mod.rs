@@ -1,0 +1,455 @@
+//! A client for upstream registries: what the pull-through cache (and later the replicator) uses to fetch.
+//!
+//! It speaks the distribution API with anonymous, basic or bearer-token auth (the `WWW-Authenticate` challenge
+//! flow, tokens cached per scope until they expire), bounds every wait, honours `Retry-After`, and follows
+//! redirects (blob CDNs) with reqwest's policy, which drops `Authorization` when the host changes.
+//!
+//! Credentials never reach a log: `Upstream`'s `Debug` omits them and no URL carrying them is ever built.
+
+mod challenge;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+use crate::oci::{Algorithm, Digest, RepoName, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
+use crate::storage::ByteStream;
+
+/// Settings of one upstream registry.
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// The name clients use as the first path component (`HOST/NAME/repo`) and as containerd's `ns=`.
+    pub name: String,
+    /// Base URL, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// How long a tag fetched from upstream is trusted before it is revalidated.
+    pub tag_ttl: Duration,
+    /// Bound on waiting for an upstream answer (and on silence in the middle of a body).
+    pub timeout: Duration,
+    /// Whether un-prefixed names (mirror mode without `ns=`) go to this upstream.
+    pub default: bool,
+    /// Docker Hub's shorthand: a one-component name `x` means `library/x`.
+    pub library_shorthand: bool,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tag_ttl", &self.tag_ttl)
+            .field("timeout", &self.timeout)
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+/// Why an upstream request did not give what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found upstream")]
+    NotFound,
+    #[error("upstream refused our credentials: {0}")]
+    Unauthorized(String),
+    #[error("upstream is rate-limiting us")]
+    RateLimited,
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    #[error("upstream answered something invalid: {0}")]
+    Invalid(String),
+}
+
+/// A manifest as the upstream has it.
+#[derive(Debug, Clone)]
+pub struct RemoteManifest {
+    pub digest: Digest,
+    pub media_type: String,
+    /// The exact bytes (absent for a HEAD).
+    pub bytes: Option<Bytes>,
+}
+
+/// A blob body from upstream, starting at the requested offset (or at 0 if the upstream ignored `Range`).
+pub struct RemoteBlob {
+    pub total: Option<u64>,
+    pub from_offset: bool,
+    pub body: ByteStream,
+}
+
+struct Token {
+    value: String,
+    expires: Instant,
+}
+
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    base: String,
+    client: reqwest::Client,
+    /// Bearer tokens by scope (`repository:NAME:pull`).
+    tokens: Mutex<HashMap<String, Token>>,
+    /// Set once the upstream asked for basic auth, so later requests send it up front.
+    basic_preferred: Mutex<bool>,
+    /// No request is sent before this instant (`Retry-After` of a 429 or 503).
+    not_before: Mutex<Option<Instant>>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.config.fmt(f)
+    }
+}
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
+     application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// How long an upstream's `Retry-After` may hold us off at most (a broken header must not disable the cache).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// Parses `Retry-After`: delay-seconds or an HTTP-date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v).ok()?.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
+    };
+    Some(d.min(MAX_RETRY_AFTER))
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
+        let base = config.url.trim_end_matches('/').to_string();
+        Ok(Upstream {
+            config,
+            base,
+            client,
+            tokens: Mutex::new(HashMap::new()),
+            basic_preferred: Mutex::new(false),
+            not_before: Mutex::new(None),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn count(&self, method: &Method, status: &str) {
+        metrics::counter!("breakwater_upstream_requests_total",
+            "upstream" => self.config.name.clone(), "method" => method.to_string(), "status" => status.to_string())
+        .increment(1);
+    }
+
+    fn basic_header(&self) -> Option<HeaderValue> {
+        let (user, pass) = (self.config.username.as_ref()?, self.config.password.as_deref().unwrap_or(""));
+        let mut v = HeaderValue::from_str(&format!("Basic {}", base64(&format!("{user}:{pass}")))).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        let t = tokens.get(scope).filter(|t| t.expires > Instant::now())?;
+        let mut v = HeaderValue::from_str(&format!("Bearer {}", t.value)).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    /// Authorization to send up front for `scope`, from what earlier challenges taught us.
+    fn known_auth(&self, scope: &str) -> Option<HeaderValue> {
+        if *self.basic_preferred.lock().unwrap_or_else(|p| p.into_inner()) {
+            return self.basic_header();
+        }
+        self.cached_token(scope)
+    }
+
+    /// Answers a 401's challenge: returns the Authorization to retry with.
+    async fn authorize(&self, challenge: &str, scope: &str) -> Result<HeaderValue, UpstreamError> {
+        let c = challenge::parse(challenge).ok_or_else(|| UpstreamError::Invalid(format!("unparsable challenge {challenge:?}")))?;
+        match c.scheme.as_str() {
+            "basic" => {
+                *self.basic_preferred.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                self.basic_header().ok_or_else(|| UpstreamError::Unauthorized("upstream wants credentials; none are configured".into()))
+            }
+            "bearer" => {
+                let realm = c.params.get("realm").ok_or_else(|| UpstreamError::Invalid("bearer challenge without realm".into()))?;
+                let mut req = self.client.get(realm).timeout(self.config.timeout);
+                let mut query: Vec<(&str, &str)> = Vec::new();
+                if let Some(service) = c.params.get("service") {
+                    query.push(("service", service));
+                }
+                query.push(("scope", c.params.get("scope").map(String::as_str).unwrap_or(scope)));
+                req = req.query(&query);
+                if let Some(basic) = self.basic_header() {
+                    req = req.header(header::AUTHORIZATION, basic);
+                }
+                let resp = req.send().await.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?;
+                self.count(&Method::GET, resp.status().as_str());
+                if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+                    return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status())));
+                }
+                if !resp.status().is_success() {
+                    return Err(UpstreamError::Unavailable(format!("token endpoint answered {}", resp.status())));
+                }
+                let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("token body: {}", without_url(&e))))?;
+                #[derive(serde::Deserialize)]
+                struct TokenResponse {
+                    token: Option<String>,
+                    access_token: Option<String>,
+                    expires_in: Option<u64>,
+                }
+                let t: TokenResponse =
+                    serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+                let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
+                // The spec's default lifetime is 60 s; renew a little early so a token never expires in flight.
+                let lifetime = Duration::from_secs(t.expires_in.unwrap_or(60).max(10));
+                let expires = Instant::now() + lifetime - lifetime / 10;
+                let mut v = HeaderValue::from_str(&format!("Bearer {value}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
+                v.set_sensitive(true);
+                self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.to_string(), Token { value, expires });
+                Ok(v)
+            }
+            other => Err(UpstreamError::Unauthorized(format!("unsupported auth scheme {other}"))),
+        }
+    }
+
+    /// Sends `method path` for `repo`, answering one auth challenge, and classifies failures.
+    async fn send(&self, method: Method, repo: &RepoName, path: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+        if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < t {
+                return Err(UpstreamError::RateLimited);
+            }
+        }
+        let scope = format!("repository:{repo}:pull");
+        let url = format!("{}{path}", self.base);
+        let mut auth = self.known_auth(&scope);
+        for attempt in 0..2 {
+            let mut req = self.client.request(method.clone(), &url).headers(headers.clone());
+            if let Some(a) = &auth {
+                req = req.header(header::AUTHORIZATION, a.clone());
+            }
+            let resp = match tokio::time::timeout(self.config.timeout, req.send()).await {
+                Err(_) => {
+                    self.count(&method, "timeout");
+                    return Err(UpstreamError::Unavailable(format!("no answer within {:?}", self.config.timeout)));
+                }
+                Ok(Err(e)) => {
+                    self.count(&method, "error");
+                    return Err(UpstreamError::Unavailable(without_url(&e)));
+                }
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status();
+            self.count(&method, status.as_str());
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
+                match challenge {
+                    Some(c) => {
+                        auth = Some(self.authorize(&c, &scope).await?);
+                        continue;
+                    }
+                    None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
+                }
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+                if let Some(wait) = retry_after(resp.headers()) {
+                    *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+                }
+            }
+            return match status {
+                s if s.is_success() => Ok(resp),
+                StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                    Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
+                }
+                StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
+                s => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
+            };
+        }
+        Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
+    }
+
+    /// GETs (or HEADs) the manifest `reference` of `repo`. A GET's bytes are verified against the digest the
+    /// reference names, or hashed to find it.
+    pub async fn manifest(&self, repo: &RepoName, reference: &str, head: bool) -> Result<RemoteManifest, UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        let method = if head { Method::HEAD } else { Method::GET };
+        let resp = self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), h).await?;
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_string())
+            .unwrap_or_default();
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<Digest>().ok());
+        if head {
+            let digest = header_digest.ok_or_else(|| UpstreamError::Invalid("HEAD without Docker-Content-Digest".into()))?;
+            return Ok(RemoteManifest { digest, media_type, bytes: None });
+        }
+        if resp.content_length().is_some_and(|l| l > MAX_MANIFEST_BYTES as u64) {
+            return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
+        }
+        let bytes = read_limited(resp, MAX_MANIFEST_BYTES, self.config.timeout).await?;
+        let digest = match reference.parse::<Digest>() {
+            Ok(want) => {
+                let got = Digest::of(want.algorithm(), &bytes);
+                if got != want {
+                    return Err(UpstreamError::Invalid(format!("manifest digest is {got}, not {want}")));
+                }
+                got
+            }
+            Err(_) => {
+                let alg = header_digest.as_ref().map_or(Algorithm::Sha256, Digest::algorithm);
+                Digest::of(alg, &bytes)
+            }
+        };
+        let media_type = if [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].contains(&media_type.as_str()) {
+            media_type
+        } else {
+            // Some registries label manifests application/json; the body says what it is.
+            crate::oci::ManifestInfo::parse(&bytes, None).map(|m| m.media_type).map_err(UpstreamError::Invalid)?
+        };
+        Ok(RemoteManifest { digest, media_type, bytes: Some(bytes) })
+    }
+
+    /// GETs blob `digest` of `repo` from byte `offset` on. The body is streamed; a silence longer than the
+    /// timeout ends it with an error (so the caller can resume).
+    pub async fn blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<RemoteBlob, UpstreamError> {
+        let mut h = HeaderMap::new();
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                h.insert(header::RANGE, v);
+            }
+        }
+        let resp = self.send(Method::GET, repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let total = if partial {
+            resp.headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit('/').next())
+                .and_then(|t| t.parse::<u64>().ok())
+        } else {
+            resp.content_length()
+        };
+        let upstream = self.config.name.clone();
+        let idle = self.config.timeout;
+        let stream = resp.bytes_stream();
+        let body = futures_util::stream::unfold(Some(stream), move |s| {
+            let upstream = upstream.clone();
+            async move {
+                let mut s = s?;
+                match tokio::time::timeout(idle, s.next()).await {
+                    Err(_) => Some((Err(std::io::Error::other(format!("upstream silent for {idle:?}"))), None)),
+                    Ok(None) => None,
+                    Ok(Some(Err(e))) => Some((Err(std::io::Error::other(without_url(&e))), None)),
+                    Ok(Some(Ok(b))) => {
+                        metrics::counter!("breakwater_upstream_bytes_total", "upstream" => upstream).increment(b.len() as u64);
+                        Some((Ok(b), Some(s)))
+                    }
+                }
+            }
+        });
+        Ok(RemoteBlob { total, from_offset: partial, body: Box::pin(body) })
+    }
+}
+
+/// Reads a response body of at most `limit` bytes.
+async fn read_limited(resp: reqwest::Response, limit: usize, idle: Duration) -> Result<Bytes, UpstreamError> {
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    loop {
+        match tokio::time::timeout(idle, stream.next()).await {
+            Err(_) => return Err(UpstreamError::Unavailable(format!("upstream silent for {idle:?}"))),
+            Ok(None) => return Ok(out.into()),
+            Ok(Some(Err(e))) => return Err(UpstreamError::Unavailable(without_url(&e))),
+            Ok(Some(Ok(b))) => {
+                if out.len() + b.len() > limit {
+                    return Err(UpstreamError::Invalid(format!("body larger than {limit} bytes")));
+                }
+                out.extend_from_slice(&b);
+            }
+        }
+    }
+}
+
+/// A reqwest error's text without its URL (a URL could carry a token in its query).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<url>");
+    }
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else {
+        "request"
+    };
+    format!("{kind}: {s}")
+}
+
+/// Standard base64, for the basic `Authorization` header (the one place we need it).
+fn base64(input: &str) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = input.as_bytes();
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(""), "");
+        assert_eq!(base64("f"), "Zg==");
+        assert_eq!(base64("fo"), "Zm8=");
+        assert_eq!(base64("foo"), "Zm9v");
+        assert_eq!(base64("user:pa:ss"), "dXNlcjpwYTpzcw==");
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let mut h = HeaderMap::new();
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        let later = SystemTime::now() + Duration::from_secs(120);
+        h.insert(header::RETRY_AFTER, HeaderValue::from_str(&httpdate::fmt_http_date(later)).unwrap());
+        let d = retry_after(&h).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("999999"));
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+}
