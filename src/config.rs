@@ -37,11 +37,12 @@ pub struct Config {
 pub struct CacheConfig {
     /// How long an upstream's "not found" is remembered.
     pub negative_ttl: Duration,
+    pub eviction: crate::proxy::EvictionPolicy,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { negative_ttl: Duration::from_secs(DEFAULT_NEGATIVE_TTL_SECS) }
+        CacheConfig { negative_ttl: Duration::from_secs(DEFAULT_NEGATIVE_TTL_SECS), eviction: Default::default() }
     }
 }
 
@@ -85,6 +86,8 @@ pub struct FileUpstream {
 #[serde(deny_unknown_fields)]
 pub struct FileCache {
     pub negative_ttl_secs: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub max_age_secs: Option<u64>,
 }
 
 /// Builds and checks one upstream's settings.

@@ -20,6 +20,33 @@ struct Cli {
 enum Command {
     /// Run the registry.
     Serve(ServeArgs),
+    /// Pull artifacts through a running breakwater so its cache holds them (e.g. docker.io/library/alpine:3.20).
+    Warm(WarmArgs),
+}
+
+#[derive(clap::Args)]
+struct WarmArgs {
+    /// The breakwater to warm.
+    #[arg(long, env = "BREAKWATER_SERVER", default_value = "http://127.0.0.1:5000")]
+    server: String,
+    /// Only this platform of a multi-platform image (os/arch[/variant]); default: every platform.
+    #[arg(long)]
+    platform: Option<String>,
+    /// References as the server names them: UPSTREAM/REPO:TAG or UPSTREAM/REPO@DIGEST.
+    #[arg(required = true)]
+    refs: Vec<String>,
+}
+
+async fn warm(args: WarmArgs) -> anyhow::Result<()> {
+    init_logging(LogFormat::Text);
+    let refs = args
+        .refs
+        .iter()
+        .map(|r| r.parse().map_err(|e: String| anyhow::anyhow!(e)))
+        .collect::<anyhow::Result<Vec<breakwater::warm::WarmRef>>>()?;
+    let stats = breakwater::warm::warm(&args.server, &refs, args.platform.as_deref()).await?;
+    eprintln!("warmed {} manifests and {} blobs ({} bytes)", stats.manifests, stats.blobs, stats.bytes);
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -57,6 +84,12 @@ struct ServeArgs {
     /// How long an upstream's "not found" is remembered [default: 30].
     #[arg(long, env = "BREAKWATER_NEGATIVE_TTL_SECS")]
     negative_ttl_secs: Option<u64>,
+    /// Budget of the pull-through cache in bytes; least recently pulled blobs are evicted beyond it.
+    #[arg(long, env = "BREAKWATER_CACHE_MAX_BYTES")]
+    cache_max_bytes: Option<u64>,
+    /// Cached blobs not pulled for this long are evicted.
+    #[arg(long, env = "BREAKWATER_CACHE_MAX_AGE_SECS")]
+    cache_max_age_secs: Option<u64>,
 }
 
 impl ServeArgs {
@@ -97,7 +130,13 @@ impl ServeArgs {
         let negative_ttl = self.negative_ttl_secs.or(file.cache.negative_ttl_secs).unwrap_or(config::DEFAULT_NEGATIVE_TTL_SECS);
         Ok(Config {
             upstreams,
-            cache: config::CacheConfig { negative_ttl: std::time::Duration::from_secs(negative_ttl) },
+            cache: config::CacheConfig {
+                negative_ttl: std::time::Duration::from_secs(negative_ttl),
+                eviction: breakwater::proxy::EvictionPolicy {
+                    max_bytes: self.cache_max_bytes.or(file.cache.max_bytes),
+                    max_age: self.cache_max_age_secs.or(file.cache.max_age_secs).map(std::time::Duration::from_secs),
+                },
+            },
             listen: self.listen.or(file.listen).unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default")),
             data,
             metadata,
@@ -164,5 +203,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve(args).await,
+        Command::Warm(args) => warm(args).await,
     }
 }

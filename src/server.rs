@@ -30,7 +30,20 @@ pub async fn build(config: &Config, metrics: Option<metrics_exporter_prometheus:
     for u in &config.upstreams {
         upstreams.push(Upstream::new(u.clone()).with_context(|| format!("upstream {}", u.name))?);
     }
-    let proxy = Proxy::new(Arc::clone(&registry), upstreams, flights, config.cache.negative_ttl);
+    let proxy = Arc::new(Proxy::new(Arc::clone(&registry), upstreams, flights, config.cache.negative_ttl, config.cache.eviction));
+    if config.cache.eviction.max_age.is_some() {
+        // Age limits expire content even when nothing new is fetched; budget overruns are handled after each fill.
+        let proxy = Arc::clone(&proxy);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = proxy.evict().await {
+                    tracing::warn!(error = %e, "cache eviction failed");
+                }
+            }
+        });
+    }
     Ok(Arc::new(App { registry, proxy, metrics }))
 }
 

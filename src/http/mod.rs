@@ -25,7 +25,7 @@ use crate::registry::Registry;
 pub struct App {
     pub registry: Arc<Registry>,
     /// Pull-through policy; with no upstreams configured every name is local.
-    pub proxy: crate::proxy::Proxy,
+    pub proxy: Arc<crate::proxy::Proxy>,
     /// Renders `/metrics`; `None` when the process has no Prometheus recorder (library use in tests).
     pub metrics: Option<PrometheusHandle>,
 }

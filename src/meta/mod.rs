@@ -69,6 +69,20 @@ pub trait Meta: Send + Sync + 'static {
     /// Repository names in byte order, after `last`, at most `limit`.
     async fn list_repos(&self, last: Option<&str>, limit: u64) -> Result<Page, MetaError>;
 
+    /// Every repository that holds blob `digest`.
+    async fn blob_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError>;
+
+    /// Accounts blob `digest` as cache content (fetched from an upstream), accessed now.
+    async fn cache_record(&self, digest: &Digest, size: u64) -> Result<(), MetaError>;
+    /// Marks cache content as accessed now (eviction removes the least recently pulled first).
+    async fn cache_touch(&self, digest: &Digest) -> Result<(), MetaError>;
+    /// Total bytes of cache content.
+    async fn cache_bytes(&self) -> Result<u64, MetaError>;
+    /// The `limit` least recently accessed cache entries: (digest, size, last access in Unix milliseconds).
+    async fn cache_oldest(&self, limit: u64) -> Result<Vec<(Digest, u64, i64)>, MetaError>;
+    /// Stops accounting `digest` as cache content.
+    async fn cache_forget(&self, digest: &Digest) -> Result<(), MetaError>;
+
     /// Registers upload session `id` for `repo`.
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError>;
     /// The repository upload `id` belongs to, if it exists.

@@ -35,10 +35,17 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS tags (repo {text_key} NOT NULL, tag {text_key} NOT NULL, digest TEXT NOT NULL, \
      updated_at BIGINT NOT NULL, PRIMARY KEY (repo, tag))",
     "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS cache_blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, last_access BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS cache_blobs_access ON cache_blobs (last_access)",
 ];
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Cache access times are kept in milliseconds: pulls a second apart must still order.
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 fn digest_of(s: String) -> Result<Digest, MetaError> {
@@ -275,6 +282,56 @@ impl Meta for SqlMeta {
             .fetch_all(&self.pool)
             .await?;
         page(rows, limit)
+    }
+
+    async fn blob_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError> {
+        let rows = sqlx::query("SELECT repo FROM blob_links WHERE digest = $1 ORDER BY repo")
+            .bind(digest.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+
+    async fn cache_record(&self, digest: &Digest, size: u64) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO cache_blobs (digest, size, last_access) VALUES ($1, $2, $3) \
+             ON CONFLICT (digest) DO UPDATE SET last_access = excluded.last_access",
+        )
+        .bind(digest.to_string())
+        .bind(size as i64)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn cache_touch(&self, digest: &Digest) -> Result<(), MetaError> {
+        sqlx::query("UPDATE cache_blobs SET last_access = $1 WHERE digest = $2")
+            .bind(now_millis())
+            .bind(digest.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn cache_bytes(&self) -> Result<u64, MetaError> {
+        let row = sqlx::query("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM cache_blobs").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+
+    async fn cache_oldest(&self, limit: u64) -> Result<Vec<(Digest, u64, i64)>, MetaError> {
+        let rows = sqlx::query("SELECT digest, size, last_access FROM cache_blobs ORDER BY last_access, digest LIMIT $1")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((digest_of(r.try_get(0)?)?, r.try_get::<i64, _>(1)? as u64, r.try_get::<i64, _>(2)?)))
+            .collect()
+    }
+
+    async fn cache_forget(&self, digest: &Digest) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM cache_blobs WHERE digest = $1").bind(digest.to_string()).execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError> {

@@ -8,6 +8,10 @@
 //! Architecture invariant: for a given (upstream, repository, reference) at most one manifest request, and for a
 //! given blob digest at most one download, is in flight at any time, whatever the number of clients.
 
+mod evict;
+
+pub use evict::{EvictionPolicy, Evicted};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,7 +71,15 @@ pub struct Proxy {
     /// References the upstream said do not exist, until when (stops storms of requests for missing tags).
     missing: Mutex<HashMap<(RepoName, String), Instant>>,
     negative_ttl: Duration,
+    eviction: EvictionPolicy,
+    /// Serialises eviction passes.
+    eviction_pass: tokio::sync::Mutex<()>,
+    /// Blobs whose access time was written recently: a herd of hits costs one write, not one per client.
+    touched: Mutex<HashMap<Digest, Instant>>,
 }
+
+/// How often a cache hit refreshes a blob's access time at most.
+const TOUCH_INTERVAL: Duration = Duration::from_secs(30);
 
 fn fetch_error(e: UpstreamError) -> FetchError {
     match e {
@@ -87,7 +99,13 @@ fn client_error(upstream: &Upstream, e: UpstreamError, not_found: RegistryError)
 }
 
 impl Proxy {
-    pub fn new(registry: Arc<Registry>, upstreams: Vec<Upstream>, flights: Arc<BlobFlights>, negative_ttl: Duration) -> Proxy {
+    pub fn new(
+        registry: Arc<Registry>,
+        upstreams: Vec<Upstream>,
+        flights: Arc<BlobFlights>,
+        negative_ttl: Duration,
+        eviction: EvictionPolicy,
+    ) -> Proxy {
         Proxy {
             registry,
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
@@ -96,6 +114,9 @@ impl Proxy {
             validated: Mutex::new(HashMap::new()),
             missing: Mutex::new(HashMap::new()),
             negative_ttl,
+            eviction,
+            eviction_pass: tokio::sync::Mutex::new(()),
+            touched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -270,9 +291,10 @@ impl Proxy {
     }
 
     /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
-    pub async fn blob(&self, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
+    pub async fn blob(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
         if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
             count_cache("blob", "hit");
+            self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(size));
         }
         let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
@@ -288,21 +310,53 @@ impl Proxy {
                 // Cached for another repository already: content is shared, only the link is new.
                 count_cache("blob", "hit");
                 self.registry.link_blob(&c.local, digest, size).await?;
+                self.touch(digest).await;
                 Ok(ProxiedBlob::Stored(size))
             }
             Join::Flight { flight, joined } => {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });
                 let size = flight.size().await.map_err(|e| flight_error(c, e))?;
-                let (registry, local, f) = (Arc::clone(&self.registry), c.local.clone(), Arc::clone(&flight));
+                let (proxy, local, f) = (Arc::clone(self), c.local.clone(), Arc::clone(&flight));
                 tokio::spawn(async move {
                     if f.finished().await.is_ok() {
-                        if let Err(e) = registry.link_blob(&local, &f.digest, size).await {
-                            tracing::warn!(error = %e, "linking a cached blob failed");
-                        }
+                        proxy.adopt(&local, &f.digest, size, !joined).await;
                     }
                 });
                 Ok(ProxiedBlob::Flight(flight, size))
             }
+        }
+    }
+}
+
+impl Proxy {
+    /// After a flight: links the blob into the cache repository and, for the request that started the flight,
+    /// accounts it as cache content and evicts if the cache is now over budget.
+    async fn adopt(&self, local: &RepoName, digest: &Digest, size: u64, started: bool) {
+        if let Err(e) = self.registry.link_blob(local, digest, size).await {
+            tracing::warn!(error = %e, "linking a cached blob failed");
+        }
+        if started {
+            if let Err(e) = self.registry.meta().cache_record(digest, size).await {
+                tracing::warn!(error = %e, "recording a cached blob failed");
+            }
+            if let Err(e) = self.evict().await {
+                tracing::warn!(error = %e, "cache eviction failed");
+            }
+        }
+    }
+
+    /// Refreshes a cached blob's access time, at most once per `TOUCH_INTERVAL`.
+    async fn touch(&self, digest: &Digest) {
+        {
+            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if touched.get(digest).is_some_and(|t| t.elapsed() < TOUCH_INTERVAL) {
+                return;
+            }
+            touched.retain(|_, t| t.elapsed() < TOUCH_INTERVAL);
+            touched.insert(digest.clone(), Instant::now());
+        }
+        if let Err(e) = self.registry.meta().cache_touch(digest).await {
+            tracing::warn!(error = %e, "recording a cache access failed");
         }
     }
 }

@@ -2,9 +2,9 @@
 //! referrers. Nothing here knows about HTTP; the `http` module translates requests into these calls and
 //! `RegistryError`s into the spec's error responses.
 //!
-//! Architecture invariant: deleting never removes bytes. A delete unlinks a blob or a manifest from a
+//! Architecture invariant: a DELETE request never removes bytes. It unlinks a blob or a manifest from a
 //! repository; the bytes stay in the content store (which other repositories, or a push racing with the delete,
-//! may share) until a garbage collector that can prove them unreferenced removes them.
+//! may share). Only cache eviction removes bytes, and only of blobs that no pushed repository holds.
 
 mod error;
 
@@ -295,6 +295,17 @@ impl Registry {
     pub async fn tag_manifest(&self, repo: &RepoName, digest: &Digest, tag: &Tag) -> Result<()> {
         let record = self.meta.manifest(repo, digest).await?.ok_or(RegistryError::ManifestUnknown)?;
         Ok(self.meta.put_manifest(repo, &record, Some(tag)).await?)
+    }
+
+    /// The cache's bookkeeping of what it fetched, for eviction.
+    pub fn meta(&self) -> &dyn Meta {
+        self.meta.as_ref()
+    }
+
+    /// Removes the bytes of `digest` from the content store. Only eviction calls this, for content that no
+    /// pushed repository holds (see the module's invariant).
+    pub async fn remove_content(&self, digest: &Digest) -> Result<()> {
+        Ok(self.store.delete(digest).await?)
     }
 
     pub async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {

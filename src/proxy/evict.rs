@@ -1,0 +1,104 @@
+//! Cache eviction: keeps the bytes fetched from upstreams under a budget and an age, least recently pulled first.
+//!
+//! Only blobs are evicted (manifests are small, and keeping them keeps tags resolvable; an evicted layer is
+//! simply fetched again when next pulled). A blob is never evicted while its download is in flight, and its bytes
+//! are never removed while a repository outside the upstreams' namespaces (pushed content) holds it.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::Proxy;
+use crate::oci::Digest;
+use crate::registry::RegistryError;
+
+/// Limits on cached content.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvictionPolicy {
+    pub max_bytes: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+/// What one eviction pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Evicted {
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// Entries examined per query; eviction walks the cache oldest first in pages of this size.
+const PAGE: u64 = 256;
+
+impl Proxy {
+    /// Whether `repo` is a cache repository (`<upstream>/...`).
+    fn is_cache_repo(&self, repo: &str) -> bool {
+        repo.split_once('/').is_some_and(|(first, _)| self.upstreams.iter().any(|u| u.name() == first))
+    }
+
+    /// Evicts until the cache is within the policy. Concurrent calls do not overlap: one pass at a time.
+    pub async fn evict(&self) -> Result<Evicted, RegistryError> {
+        let policy = self.eviction;
+        if policy.max_bytes.is_none() && policy.max_age.is_none() {
+            return Ok(Evicted::default());
+        }
+        let _pass = self.eviction_pass.lock().await;
+        let meta = self.registry.meta();
+        let mut total = meta.cache_bytes().await?;
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let too_old = |last_access: i64| policy.max_age.is_some_and(|age| now_ms - last_access > age.as_millis() as i64);
+        let over = |total: u64| policy.max_bytes.is_some_and(|max| total > max);
+        let mut done = Evicted::default();
+        // Entries skipped in this pass (running flights, pushed content kept) are not offered again.
+        let mut skipped: u64 = 0;
+        loop {
+            let page = meta.cache_oldest(PAGE + skipped).await?;
+            let candidates: Vec<_> = page.into_iter().skip(skipped as usize).collect();
+            if candidates.is_empty() {
+                break;
+            }
+            let mut progressed = false;
+            for (digest, size, last_access) in candidates {
+                if !over(total) && !too_old(last_access) {
+                    return Ok(done);
+                }
+                if self.flights.is_running(&digest).await {
+                    skipped += 1;
+                    continue;
+                }
+                match self.evict_one(&digest).await? {
+                    true => {
+                        done.blobs += 1;
+                        done.bytes += size;
+                        metrics::counter!("breakwater_cache_evictions_total").increment(1);
+                        metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
+                    }
+                    false => {}
+                }
+                total = total.saturating_sub(size);
+                progressed = true;
+            }
+            if !progressed {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops `digest` from the cache. Returns whether its bytes were removed (false when pushed content holds
+    /// them: then only the cache's accounting of it goes).
+    async fn evict_one(&self, digest: &Digest) -> Result<bool, RegistryError> {
+        let meta = self.registry.meta();
+        let repos = meta.blob_repos(digest).await?;
+        let pushed = repos.iter().any(|r| !self.is_cache_repo(r));
+        meta.cache_forget(digest).await?;
+        if pushed {
+            return Ok(false);
+        }
+        for repo in &repos {
+            if let Ok(name) = repo.parse() {
+                meta.unlink_blob(&name, digest).await?;
+            }
+        }
+        self.registry.remove_content(digest).await?;
+        tracing::info!(%digest, "evicted from the cache");
+        Ok(true)
+    }
+}

@@ -1,0 +1,140 @@
+//! `breakwater warm`: pulls artifacts through a running breakwater so that its cache holds them before a
+//! rollout. It is an ordinary registry client: whatever it pulls, the server fetches (once) from upstream.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use crate::oci::{Digest, OCI_INDEX, DOCKER_LIST};
+
+/// A reference as the server names it: `REPO:TAG` or `REPO@DIGEST` (e.g. `docker.io/library/alpine:3.20`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmRef {
+    pub repo: String,
+    pub reference: String,
+}
+
+impl std::str::FromStr for WarmRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (repo, reference) = if let Some((r, d)) = s.split_once('@') {
+            (r, d.to_string())
+        } else {
+            match s.rsplit_once(':') {
+                // A colon before the last slash belongs to a host:port, not to a tag.
+                Some((r, t)) if !t.contains('/') => (r, t.to_string()),
+                _ => (s, "latest".to_string()),
+            }
+        };
+        repo.parse::<crate::oci::RepoName>().map_err(|e| format!("{s}: {e}"))?;
+        reference.parse::<crate::oci::Reference>().map_err(|e| format!("{s}: {e}"))?;
+        Ok(WarmRef { repo: repo.to_string(), reference })
+    }
+}
+
+/// What a warm-up pulled.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct WarmStats {
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: Option<String>,
+    architecture: Option<String>,
+    variant: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Manifest {
+    config: Option<Descriptor>,
+    layers: Option<Vec<Descriptor>>,
+    manifests: Option<Vec<Descriptor>>,
+}
+
+/// Pulls `refs` through the breakwater at `server` (`http://HOST:PORT`). With `platform` (`os/arch[/variant]`),
+/// only that platform of an index is pulled; otherwise all of them.
+pub async fn warm(server: &str, refs: &[WarmRef], platform: Option<&str>) -> anyhow::Result<WarmStats> {
+    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?;
+    let server = server.trim_end_matches('/');
+    let mut stats = WarmStats::default();
+    for r in refs {
+        let mut queue = vec![r.reference.clone()];
+        while let Some(reference) = queue.pop() {
+            let url = format!("{server}/v2/{}/manifests/{reference}", r.repo);
+            let resp = client
+                .get(&url)
+                .header(
+                    reqwest::header::ACCEPT,
+                    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+                     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json",
+                )
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                anyhow::bail!("{}:{reference}: {} {}", r.repo, resp.status(), resp.text().await.unwrap_or_default());
+            }
+            let media_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let body = resp.bytes().await?;
+            stats.manifests += 1;
+            let m: Manifest = serde_json::from_slice(&body)?;
+            if media_type == OCI_INDEX || media_type == DOCKER_LIST || m.manifests.is_some() {
+                for child in m.manifests.unwrap_or_default() {
+                    if platform.is_none_or(|want| matches_platform(child.platform.as_ref(), want)) {
+                        queue.push(child.digest);
+                    }
+                }
+                continue;
+            }
+            let blobs = m.config.into_iter().chain(m.layers.unwrap_or_default());
+            for b in blobs {
+                let digest: Digest = b.digest.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+                let resp = client.get(format!("{server}/v2/{}/blobs/{digest}", r.repo)).send().await?;
+                if !resp.status().is_success() {
+                    anyhow::bail!("{}@{digest}: {}", r.repo, resp.status());
+                }
+                let mut body = resp.bytes_stream();
+                while let Some(chunk) = body.next().await {
+                    stats.bytes += chunk?.len() as u64;
+                }
+                stats.blobs += 1;
+            }
+        }
+    }
+    Ok(stats)
+}
+
+fn matches_platform(p: Option<&Platform>, want: &str) -> bool {
+    let Some(p) = p else { return false };
+    let mut parts = want.split('/');
+    let (os, arch, variant) = (parts.next(), parts.next(), parts.next());
+    p.os.as_deref() == os && p.architecture.as_deref() == arch && (variant.is_none() || p.variant.as_deref() == variant)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_references() {
+        let r: WarmRef = "docker.io/library/alpine:3.20".parse().unwrap();
+        assert_eq!((r.repo.as_str(), r.reference.as_str()), ("docker.io/library/alpine", "3.20"));
+        let r: WarmRef = "up/app".parse().unwrap();
+        assert_eq!(r.reference, "latest");
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let r: WarmRef = format!("up/app@{d}").parse().unwrap();
+        assert_eq!(r.reference, d);
+        assert!("Up/App:1".parse::<WarmRef>().is_err());
+        assert!("up/app@sha256:short".parse::<WarmRef>().is_err());
+    }
+}
