@@ -337,20 +337,18 @@ impl BlobFlight {
         let size = self.size().await?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size });
         let mut rx = self.progress.clone();
-        let file = loop {
-            match File::open(&self.spool).await {
-                Ok(f) => break Some(f),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    // The spool has just been moved into storage (or removed after a failure).
-                    let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
-                    match phase {
-                        Ok(Phase::Done) => break None,
-                        Ok(Phase::Failed(e)) => return Err(e),
-                        _ => return Err(FlightError::Failed("the download task ended unexpectedly".into())),
-                    }
+        let file = match File::open(&self.spool).await {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The spool has just been moved into storage (or removed after a failure).
+                let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
+                match phase {
+                    Ok(Phase::Done) => None,
+                    Ok(Phase::Failed(e)) => return Err(e),
+                    _ => return Err(FlightError::Failed("the download task ended unexpectedly".into())),
                 }
-                Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
             }
+            Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
         };
         let Some(mut file) = file else {
             return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));

@@ -29,10 +29,20 @@ where
 {
     /// Runs `make()` for `key` unless a run is already in flight, and returns its result, plus whether this call
     /// joined a run someone else started.
+    pub async fn run<F, Fut>(&self, key: K, make: F) -> (V, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V> + Send + 'static,
+    {
+        let (result, joined) = self.join(key, make);
+        (result.await, joined)
+    }
+
+    /// Like `run`, but says at once whether the call joined a run in flight, before its result is there.
     ///
     /// The work runs as a spawned task that removes its own entry when done, so it completes (and its result is
     /// stored by whatever `make` does) even if every caller goes away.
-    pub async fn run<F, Fut>(&self, key: K, make: F) -> (V, bool)
+    pub fn join<F, Fut>(&self, key: K, make: F) -> (Shared<BoxFuture<'static, V>>, bool)
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V> + Send + 'static,
@@ -63,7 +73,7 @@ where
                 }
             }
         };
-        (shared.await, joined)
+        (shared, joined)
     }
 }
 

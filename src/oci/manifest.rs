@@ -108,8 +108,7 @@ impl ManifestInfo {
         let subject = raw.subject.as_ref().map(parse_digest).transpose()?;
         let mut blobs = Vec::new();
         let mut children = Vec::new();
-        let artifact_type;
-        match kind {
+        let artifact_type = match kind {
             ManifestKind::Image => {
                 let config = raw.config.as_ref().ok_or("image manifest has no config")?;
                 let layers = raw.layers.as_ref().ok_or("image manifest has no layers")?;
@@ -121,16 +120,16 @@ impl ManifestInfo {
                         blobs.push(d);
                     }
                 }
-                artifact_type = raw.artifact_type.clone().or_else(|| config.media_type.clone());
+                raw.artifact_type.clone().or_else(|| config.media_type.clone())
             }
             ManifestKind::Index => {
                 let manifests = raw.manifests.as_ref().ok_or("index has no manifests")?;
                 for m in manifests {
                     children.push(parse_digest(m)?);
                 }
-                artifact_type = raw.artifact_type.clone();
+                raw.artifact_type.clone()
             }
-        }
+        };
         Ok(ManifestInfo { kind, media_type, artifact_type, subject, annotations: raw.annotations, blobs, children })
     }
 }

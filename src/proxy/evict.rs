@@ -63,14 +63,11 @@ impl Proxy {
                     skipped += 1;
                     continue;
                 }
-                match self.evict_one(&digest).await? {
-                    true => {
-                        done.blobs += 1;
-                        done.bytes += size;
-                        metrics::counter!("breakwater_cache_evictions_total").increment(1);
-                        metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
-                    }
-                    false => {}
+                if self.evict_one(&digest).await? {
+                    done.blobs += 1;
+                    done.bytes += size;
+                    metrics::counter!("breakwater_cache_evictions_total").increment(1);
+                    metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
                 }
                 total = total.saturating_sub(size);
                 progressed = true;

@@ -254,9 +254,7 @@ impl Proxy {
         let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
         let (registry, cached, reference_owned, tag_owned) =
             (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned());
-        let (outcome, joined) = self
-            .manifests
-            .run(key, move || async move {
+        let (outcome, joined) = self.manifests.join(key, move || async move {
                 let Cached { upstream, remote, local } = cached;
                 if let Some(held) = held {
                     let head = upstream.manifest(&remote, &reference_owned, true).await?;
@@ -276,10 +274,9 @@ impl Proxy {
                     .await
                     .map_err(|e| UpstreamError::Invalid(format!("caching the manifest failed: {e}")))?;
                 Ok(m.digest)
-            })
-            .await;
+            });
         count_cache("manifest", if joined { "coalesced" } else { "miss" });
-        match outcome {
+        match outcome.await {
             Ok(d) => Ok(d),
             Err(e) => {
                 if e == UpstreamError::NotFound {

@@ -2,6 +2,10 @@
 //! ports, each with its own temporary data directory, and stops them when the handle is dropped.
 #![allow(dead_code)]
 
+pub mod auth;
+pub mod oci;
+pub mod relay;
+
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
