@@ -148,3 +148,33 @@ pub const DEFAULT_DATA: &str = "./breakwater-data";
 pub fn sqlite_url(data: &Path) -> String {
     format!("sqlite://{}?mode=rwc", data.join("metadata.db").display())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every TOML example in the README is a valid configuration file.
+    #[test]
+    fn readme_examples_parse() {
+        let readme = include_str!("../README.md");
+        let mut blocks = 0;
+        for block in readme.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap_or("");
+            let parsed: FileConfig = toml::from_str(text).unwrap_or_else(|e| panic!("README example does not parse: {e}\n{text}"));
+            for u in parsed.upstream {
+                u.resolve().unwrap();
+            }
+            blocks += 1;
+        }
+        assert!(blocks >= 2, "the README shows its configuration examples");
+    }
+
+    #[test]
+    fn upstream_names_are_one_path_component() {
+        assert!(upstream("docker.io", "https://registry-1.docker.io", 1, 1, false, None).unwrap().library_shorthand);
+        assert!(!upstream("ghcr.io", "https://ghcr.io", 1, 1, false, None).unwrap().library_shorthand);
+        assert!(upstream("a/b", "https://x", 1, 1, false, None).is_err());
+        assert!(upstream("Hub", "https://x", 1, 1, false, None).is_err());
+        assert!(upstream("hub", "ftp://x", 1, 1, false, None).is_err());
+    }
+}

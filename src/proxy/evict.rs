@@ -3,6 +3,11 @@
 //! Only blobs are evicted (manifests are small, and keeping them keeps tags resolvable; an evicted layer is
 //! simply fetched again when next pulled). A blob is never evicted while its download is in flight, and its bytes
 //! are never removed while a repository outside the upstreams' namespaces (pushed content) holds it.
+//!
+//! Known gap: a client pushing the very digest being evicted, between the check for pushed holders and the
+//! removal, would find its blob gone. Closing it needs a per-digest lock shared with uploads (or a grace period
+//! before removal); it is rare enough (the content must be both proxied and pushed, at that instant) to leave
+//! for the garbage collector's design.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
