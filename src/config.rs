@@ -63,6 +63,92 @@ pub struct FileConfig {
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]
     pub cache: FileCache,
+    #[serde(default)]
+    pub replication: Vec<FileReplication>,
+}
+
+/// A `[[replication]]` policy; the same fields as `breakwater replicate`'s flags.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileReplication {
+    /// The policy's name, which is also its job name (checkpoint and failures are kept under it).
+    pub name: String,
+    /// Source registry URL.
+    pub from: String,
+    /// Destination registry URL, or `local` for this breakwater.
+    pub to: String,
+    pub from_username: Option<String>,
+    pub from_password: Option<String>,
+    pub to_username: Option<String>,
+    pub to_password: Option<String>,
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub exclude_tags: Vec<String>,
+    pub latest: Option<usize>,
+    /// `FROM=TO` namespace prefixes.
+    #[serde(default)]
+    pub rewrite: Vec<String>,
+    /// `os/arch[/variant]` to keep from indexes.
+    #[serde(default)]
+    pub platforms: Vec<String>,
+    #[serde(default)]
+    pub referrers: bool,
+    #[serde(default, rename = "override")]
+    pub override_tags: bool,
+    pub concurrency: Option<usize>,
+    pub page_size: Option<u64>,
+    /// Requests per second to each registry, at most.
+    pub rate: Option<f64>,
+    /// Bytes per second read from the source, at most.
+    pub bandwidth: Option<u64>,
+    /// Inside `breakwater serve`: run every this many seconds.
+    pub schedule_secs: Option<u64>,
+}
+
+pub const DEFAULT_REPLICATION_CONCURRENCY: usize = 8;
+/// distribution's largest catalog page.
+pub const DEFAULT_REPLICATION_PAGE: u64 = 1000;
+/// Bound on a replication request's wait, and on silence inside a blob body.
+const REPLICATION_TIMEOUT_SECS: u64 = 60;
+
+impl FileReplication {
+    /// The policy, with `local` standing for `local_url` (this breakwater).
+    pub fn policy(&self, local_url: &str) -> anyhow::Result<crate::replicate::Policy> {
+        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<String>| -> anyhow::Result<UpstreamConfig> {
+            let url = if url == "local" { local_url } else { url };
+            let mut u = upstream(name, url, 0, REPLICATION_TIMEOUT_SECS, false, Some(false))?;
+            u.username = user.clone();
+            u.password = pass.clone();
+            u.requests_per_sec = self.rate;
+            Ok(u)
+        };
+        if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            anyhow::bail!("replication name {:?} must be letters, digits, '-', '_' or '.'", self.name);
+        }
+        Ok(crate::replicate::Policy {
+            job: self.name.clone(),
+            from: endpoint("source", &self.from, &self.from_username, &self.from_password)?,
+            to: endpoint("destination", &self.to, &self.to_username, &self.to_password)?,
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            tags: self.tags.clone(),
+            exclude_tags: self.exclude_tags.clone(),
+            latest: self.latest,
+            rewrite: self.rewrite.clone(),
+            platforms: self.platforms.clone(),
+            referrers: self.referrers,
+            override_tags: self.override_tags,
+            concurrency: self.concurrency.unwrap_or(DEFAULT_REPLICATION_CONCURRENCY).max(1),
+            page_size: self.page_size.unwrap_or(DEFAULT_REPLICATION_PAGE).clamp(1, 10_000),
+            dry_run: false,
+            bandwidth: self.bandwidth,
+        })
+    }
 }
 
 /// An `[[upstream]]` entry.
@@ -115,6 +201,7 @@ pub fn upstream(
         timeout: Duration::from_secs(timeout_secs.max(1)),
         default,
         library_shorthand: library_shorthand.unwrap_or(url.contains("docker.io")),
+        requests_per_sec: None,
     })
 }
 

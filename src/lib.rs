@@ -8,6 +8,7 @@ pub mod meta;
 pub mod oci;
 pub mod proxy;
 pub mod registry;
+pub mod replicate;
 pub mod server;
 pub mod storage;
 pub mod upstream;

@@ -22,6 +22,175 @@ enum Command {
     Serve(ServeArgs),
     /// Pull artifacts through a running breakwater so its cache holds them (e.g. docker.io/library/alpine:3.20).
     Warm(WarmArgs),
+    /// Copy repositories from one registry to another, page by page, resumably.
+    Replicate(Box<ReplicateArgs>),
+}
+
+#[derive(clap::Args)]
+struct ReplicateArgs {
+    /// Run the `[[replication]]` policy of this name from the config file (other policy flags are ignored).
+    #[arg(long)]
+    policy: Option<String>,
+    /// TOML configuration file holding `[[replication]]` policies.
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Source registry URL.
+    #[arg(long, required_unless_present = "policy")]
+    from: Option<String>,
+    /// Destination registry URL, or `local` for the breakwater at --local-url.
+    #[arg(long, required_unless_present = "policy")]
+    to: Option<String>,
+    #[arg(long, env = "BREAKWATER_FROM_USERNAME")]
+    from_username: Option<String>,
+    #[arg(long, env = "BREAKWATER_FROM_PASSWORD", hide_env_values = true)]
+    from_password: Option<String>,
+    #[arg(long, env = "BREAKWATER_TO_USERNAME")]
+    to_username: Option<String>,
+    #[arg(long, env = "BREAKWATER_TO_PASSWORD", hide_env_values = true)]
+    to_password: Option<String>,
+    /// Where `local` is.
+    #[arg(long, default_value = "http://127.0.0.1:5000")]
+    local_url: String,
+    /// Repositories to copy (glob: `*`, `**`, `?`, `{a,b}`; repeatable; default all).
+    #[arg(long)]
+    include: Vec<String>,
+    /// Repositories to leave out (glob; repeatable).
+    #[arg(long)]
+    exclude: Vec<String>,
+    /// Tags to copy (glob, or `regex:RE`; repeatable; default all).
+    #[arg(long)]
+    tags: Vec<String>,
+    /// Tags to leave out (glob or `regex:RE`; repeatable).
+    #[arg(long)]
+    exclude_tags: Vec<String>,
+    /// Only the last N tags of each repository, in tag order (v1.9 before v1.10).
+    #[arg(long)]
+    latest: Option<usize>,
+    /// Destination names: replace the prefix FROM with TO (repeatable; first match wins).
+    #[arg(long, value_name = "FROM=TO")]
+    rewrite: Vec<String>,
+    /// Keep only this platform from indexes (os/arch[/variant]; repeatable). Changes the index digest.
+    #[arg(long)]
+    platform: Vec<String>,
+    /// Also copy the signatures, SBOMs and other artifacts that refer to copied manifests.
+    #[arg(long)]
+    referrers: bool,
+    /// Replace destination tags that point at another digest (default: leave them and report them).
+    #[arg(long = "override")]
+    override_tags: bool,
+    /// Tag listings and artifact copies in flight at once.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Catalog page size asked of the source.
+    #[arg(long)]
+    page_size: Option<u64>,
+    /// Requests per second to each registry, at most.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Bytes per second read from the source, at most.
+    #[arg(long)]
+    bandwidth: Option<u64>,
+    /// Show what would be copied; copy nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Job name under which the checkpoint and failures are kept.
+    #[arg(long, default_value = "default")]
+    job: String,
+    /// Continue the job from its checkpoint.
+    #[arg(long, conflicts_with = "retry_failed")]
+    resume: bool,
+    /// Retry only the items the job recorded as failed.
+    #[arg(long)]
+    retry_failed: bool,
+    /// Data directory whose embedded metadata store keeps job state [default: ./breakwater-data].
+    #[arg(long, env = "BREAKWATER_DATA")]
+    data: Option<PathBuf>,
+    /// Metadata store URL for job state (e.g. the PostgreSQL a breakwater cluster shares).
+    #[arg(long, env = "BREAKWATER_METADATA")]
+    metadata: Option<String>,
+}
+
+impl ReplicateArgs {
+    fn policy(&self) -> anyhow::Result<breakwater::replicate::Policy> {
+        let file_policy = match &self.policy {
+            Some(name) => {
+                let path = self.config.as_ref().context("--policy needs --config FILE")?;
+                let file = FileConfig::load(path)?;
+                let p = file.replication.into_iter().find(|p| &p.name == name);
+                Some(p.with_context(|| format!("no [[replication]] named {name} in {}", path.display()))?)
+            }
+            None => None,
+        };
+        let from_flags = || config::FileReplication {
+            name: self.job.clone(),
+            from: self.from.clone().unwrap_or_default(),
+            to: self.to.clone().unwrap_or_default(),
+            from_username: self.from_username.clone(),
+            from_password: self.from_password.clone(),
+            to_username: self.to_username.clone(),
+            to_password: self.to_password.clone(),
+            include: self.include.clone(),
+            exclude: self.exclude.clone(),
+            tags: self.tags.clone(),
+            exclude_tags: self.exclude_tags.clone(),
+            latest: self.latest,
+            rewrite: self.rewrite.clone(),
+            platforms: self.platform.clone(),
+            referrers: self.referrers,
+            override_tags: self.override_tags,
+            concurrency: self.concurrency,
+            page_size: self.page_size,
+            rate: self.rate,
+            bandwidth: self.bandwidth,
+            schedule_secs: None,
+        };
+        let mut policy = file_policy.unwrap_or_else(from_flags).policy(&self.local_url)?;
+        policy.dry_run = self.dry_run;
+        if let Some(c) = self.concurrency {
+            policy.concurrency = c.max(1);
+        }
+        Ok(policy)
+    }
+}
+
+async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode> {
+    init_logging(LogFormat::Text);
+    let policy = args.policy()?;
+    let data = args.data.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
+    let metadata = match &args.metadata {
+        Some(m) => m.clone(),
+        None => {
+            std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+            config::sqlite_url(&data)
+        }
+    };
+    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+    let mode = match (args.resume, args.retry_failed) {
+        (true, _) => breakwater::replicate::Mode::Resume,
+        (_, true) => breakwater::replicate::Mode::RetryFailed,
+        _ => breakwater::replicate::Mode::Fresh,
+    };
+    let job = policy.job.clone();
+    let progress = std::sync::Arc::new(breakwater::replicate::Progress::default());
+    let reporter = breakwater::replicate::Reporter::start(&job, std::sync::Arc::clone(&progress));
+    let result = breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress))).await;
+    drop(reporter);
+    let record = result?;
+    for f in meta.failures(&job).await? {
+        eprintln!("failed: {}{}{}: {}", f.repo, if f.tag.is_empty() { "" } else { ":" }, f.tag, f.reason);
+    }
+    let conflicts = progress.conflicts.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "{job}: {} pages, {} repositories seen, {} matched; {} artifacts copied, {} skipped ({conflicts} left alone because the destination tag differs), {} failed; {} bytes",
+        record.pages, record.repos_seen, record.repos_matched, record.copied, record.skipped, record.failed, record.bytes
+    );
+    let summary = serde_json::json!({
+        "job": job, "pages": record.pages, "repos_seen": record.repos_seen, "repos_matched": record.repos_matched,
+        "copied": record.copied, "skipped": record.skipped, "failed": record.failed, "bytes": record.bytes,
+        "conflicts": conflicts, "mark": record.mark, "status": record.status,
+    });
+    println!("{summary}");
+    Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
 #[derive(clap::Args)]
@@ -200,9 +369,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
-        Command::Warm(args) => warm(args).await,
+        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Replicate(args) => replicate(*args).await,
     }
 }

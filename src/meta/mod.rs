@@ -31,6 +31,33 @@ pub struct ManifestRecord {
     pub annotations: Option<String>,
 }
 
+/// The saved state of a replication job: its checkpoint and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct JobRecord {
+    pub name: String,
+    /// Low-water mark of the catalog walk: every repository up to and including it is finished.
+    pub mark: Option<String>,
+    /// `running`, `finished` or `failed` (finished with failed items).
+    pub status: String,
+    pub pages: u64,
+    pub repos_seen: u64,
+    pub repos_matched: u64,
+    pub copied: u64,
+    pub skipped: u64,
+    pub failed: u64,
+    pub bytes: u64,
+    pub updated_at: i64,
+}
+
+/// An item a replication job could not copy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobFailure {
+    pub repo: String,
+    /// Empty when the whole repository failed (its tags could not be listed).
+    pub tag: String,
+    pub reason: String,
+}
+
 /// A page of a sorted listing: the items, and whether more follow (to decide on a `Link` header).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page {
@@ -82,6 +109,18 @@ pub trait Meta: Send + Sync + 'static {
     async fn cache_oldest(&self, limit: u64) -> Result<Vec<(Digest, u64, i64)>, MetaError>;
     /// Stops accounting `digest` as cache content.
     async fn cache_forget(&self, digest: &Digest) -> Result<(), MetaError>;
+
+    /// The saved state of replication job `name`.
+    async fn job(&self, name: &str) -> Result<Option<JobRecord>, MetaError>;
+    /// Every replication job's saved state.
+    async fn jobs(&self) -> Result<Vec<JobRecord>, MetaError>;
+    /// Saves a job's checkpoint and counters.
+    async fn save_job(&self, job: &JobRecord) -> Result<(), MetaError>;
+    /// Forgets a job's checkpoint, counters and failures (a fresh run).
+    async fn reset_job(&self, name: &str) -> Result<(), MetaError>;
+    async fn record_failure(&self, job: &str, failure: &JobFailure) -> Result<(), MetaError>;
+    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<(), MetaError>;
+    async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError>;
 
     /// Registers upload session `id` for `repo`.
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError>;

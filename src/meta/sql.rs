@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
-use super::{ManifestRecord, Meta, MetaError, Page};
+use super::{JobFailure, JobRecord, ManifestRecord, Meta, MetaError, Page};
 use crate::oci::{Digest, RepoName, Tag};
 
 /// Which SQL dialect the pool speaks; only the schema differs.
@@ -37,6 +37,11 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS cache_blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, last_access BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS cache_blobs_access ON cache_blobs (last_access)",
+    "CREATE TABLE IF NOT EXISTS replication_jobs (name TEXT PRIMARY KEY, mark {text_key}, status TEXT NOT NULL, \
+     pages BIGINT NOT NULL, repos_seen BIGINT NOT NULL, repos_matched BIGINT NOT NULL, copied BIGINT NOT NULL, \
+     skipped BIGINT NOT NULL, failed BIGINT NOT NULL, bytes BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS replication_failures (job TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL, \
+     reason TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (job, repo, tag))",
 ];
 
 fn now() -> i64 {
@@ -60,6 +65,26 @@ fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
         subject: row.try_get::<Option<String>, _>("subject")?.map(digest_of).transpose()?,
         artifact_type: row.try_get("artifact_type")?,
         annotations: row.try_get("annotations")?,
+    })
+}
+
+const JOB_COLUMNS: &str =
+    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at";
+
+fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
+    let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64);
+    Ok(JobRecord {
+        name: r.try_get(0)?,
+        mark: r.try_get(1)?,
+        status: r.try_get(2)?,
+        pages: n(3)?,
+        repos_seen: n(4)?,
+        repos_matched: n(5)?,
+        copied: n(6)?,
+        skipped: n(7)?,
+        failed: n(8)?,
+        bytes: n(9)?,
+        updated_at: r.try_get(10)?,
     })
 }
 
@@ -332,6 +357,86 @@ impl Meta for SqlMeta {
     async fn cache_forget(&self, digest: &Digest) -> Result<(), MetaError> {
         sqlx::query("DELETE FROM cache_blobs WHERE digest = $1").bind(digest.to_string()).execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn job(&self, name: &str) -> Result<Option<JobRecord>, MetaError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM replication_jobs WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(job_record).transpose()
+    }
+
+    async fn jobs(&self) -> Result<Vec<JobRecord>, MetaError> {
+        let rows = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM replication_jobs ORDER BY name")).fetch_all(&self.pool).await?;
+        rows.iter().map(job_record).collect()
+    }
+
+    async fn save_job(&self, j: &JobRecord) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO replication_jobs (name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, \
+             bytes, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET \
+             mark = excluded.mark, status = excluded.status, pages = excluded.pages, repos_seen = excluded.repos_seen, \
+             repos_matched = excluded.repos_matched, copied = excluded.copied, skipped = excluded.skipped, \
+             failed = excluded.failed, bytes = excluded.bytes, updated_at = excluded.updated_at",
+        )
+        .bind(&j.name)
+        .bind(j.mark.clone())
+        .bind(&j.status)
+        .bind(j.pages as i64)
+        .bind(j.repos_seen as i64)
+        .bind(j.repos_matched as i64)
+        .bind(j.copied as i64)
+        .bind(j.skipped as i64)
+        .bind(j.failed as i64)
+        .bind(j.bytes as i64)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn reset_job(&self, name: &str) -> Result<(), MetaError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM replication_jobs WHERE name = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM replication_failures WHERE job = $1").bind(name).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_failure(&self, job: &str, f: &JobFailure) -> Result<(), MetaError> {
+        sqlx::query(
+            "INSERT INTO replication_failures (job, repo, tag, reason, at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (job, repo, tag) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+        )
+        .bind(job)
+        .bind(&f.repo)
+        .bind(&f.tag)
+        .bind(&f.reason)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM replication_failures WHERE job = $1 AND repo = $2 AND tag = $3")
+            .bind(job)
+            .bind(repo)
+            .bind(tag)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError> {
+        let rows = sqlx::query("SELECT repo, tag, reason FROM replication_failures WHERE job = $1 ORDER BY repo, tag")
+            .bind(job)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(JobFailure { repo: r.try_get(0)?, tag: r.try_get(1)?, reason: r.try_get(2)? }))
+            .collect()
     }
 
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError> {

@@ -85,6 +85,7 @@ fn fetch_error(e: UpstreamError) -> FetchError {
     match e {
         UpstreamError::NotFound => FetchError::NotFound,
         UpstreamError::Unavailable(m) | UpstreamError::Invalid(m) => FetchError::Retryable(m),
+        UpstreamError::Refused(m) => FetchError::Fatal(m),
         e @ (UpstreamError::RateLimited | UpstreamError::Unauthorized(_)) => FetchError::Fatal(e.to_string()),
     }
 }

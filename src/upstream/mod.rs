@@ -6,7 +6,12 @@
 //!
 //! Credentials never reach a log: `Upstream`'s `Debug` omits them and no URL carrying them is ever built.
 
+mod catalog;
 mod challenge;
+mod push;
+
+pub use catalog::Page as ListPage;
+pub use push::Mount;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -38,6 +43,8 @@ pub struct UpstreamConfig {
     pub default: bool,
     /// Docker Hub's shorthand: a one-component name `x` means `library/x`.
     pub library_shorthand: bool,
+    /// Requests per second at most (replication's `--rate`), if limited.
+    pub requests_per_sec: Option<f64>,
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -67,6 +74,9 @@ pub enum UpstreamError {
     Unavailable(String),
     #[error("upstream answered something invalid: {0}")]
     Invalid(String),
+    /// A 4xx other than 401/403/404/429: the request itself was refused (e.g. a manifest the registry rejects).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A manifest as the upstream has it.
@@ -100,6 +110,26 @@ pub struct Upstream {
     basic_preferred: Mutex<bool>,
     /// No request is sent before this instant (`Retry-After` of a 429 or 503).
     not_before: Mutex<Option<Instant>>,
+    /// Spaces requests out to the configured rate, if any.
+    pacer: Option<Pacer>,
+}
+
+/// At most one request per `interval`, across all tasks using the upstream.
+struct Pacer {
+    interval: Duration,
+    next: tokio::sync::Mutex<Instant>,
+}
+
+impl Pacer {
+    async fn wait(&self) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(Instant::now());
+            *next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
 }
 
 impl fmt::Debug for Upstream {
@@ -132,6 +162,7 @@ impl Upstream {
             .build()
             .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
         let base = config.url.trim_end_matches('/').to_string();
+        let rate = config.requests_per_sec;
         Ok(Upstream {
             config,
             base,
@@ -139,6 +170,10 @@ impl Upstream {
             tokens: Mutex::new(HashMap::new()),
             basic_preferred: Mutex::new(false),
             not_before: Mutex::new(None),
+            pacer: rate.filter(|r| *r > 0.0).map(|r| Pacer {
+                interval: Duration::from_secs_f64(1.0 / r),
+                next: tokio::sync::Mutex::new(Instant::now()),
+            }),
         })
     }
 
@@ -225,20 +260,45 @@ impl Upstream {
         }
     }
 
-    /// Sends `method path` for `repo`, answering one auth challenge, and classifies failures.
+    /// Sends `method path` for `repo` with pull rights, answering one auth challenge, and classifies failures.
     async fn send(&self, method: Method, repo: &RepoName, path: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+        self.exchange(method, &format!("repository:{repo}:pull"), path, headers, None).await
+    }
+
+    /// Sends a request needing `scope` (a token scope such as `repository:x:pull,push`). `target` is a path on
+    /// the registry or an absolute URL (an upload `Location`). A 401 is answered once: with a byte body the
+    /// request is replayed; a streamed body cannot be, so callers stream only after a bodiless request (the
+    /// upload's POST) has settled the credentials.
+    pub(crate) async fn exchange(
+        &self,
+        method: Method,
+        scope: &str,
+        target: &str,
+        headers: HeaderMap,
+        mut body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response, UpstreamError> {
         if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
             if Instant::now() < t {
                 return Err(UpstreamError::RateLimited);
             }
         }
-        let scope = format!("repository:{repo}:pull");
-        let url = format!("{}{path}", self.base);
-        let mut auth = self.known_auth(&scope);
+        if let Some(pacer) = &self.pacer {
+            pacer.wait().await;
+        }
+        let url = if target.starts_with("http://") || target.starts_with("https://") {
+            target.to_string()
+        } else {
+            format!("{}{target}", self.base)
+        };
+        let mut auth = self.known_auth(scope);
         for attempt in 0..2 {
+            let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
             let mut req = self.client.request(method.clone(), &url).headers(headers.clone());
             if let Some(a) = &auth {
                 req = req.header(header::AUTHORIZATION, a.clone());
+            }
+            if let Some(b) = body.take() {
+                req = req.body(b);
             }
             let resp = match tokio::time::timeout(self.config.timeout, req.send()).await {
                 Err(_) => {
@@ -257,7 +317,8 @@ impl Upstream {
                 let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match challenge {
                     Some(c) => {
-                        auth = Some(self.authorize(&c, &scope).await?);
+                        auth = Some(self.authorize(&c, scope).await?);
+                        body = replay.map(reqwest::Body::from);
                         continue;
                     }
                     None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
@@ -275,10 +336,20 @@ impl Upstream {
                     Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
                 }
                 StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
-                s => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
+                s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
+                s => {
+                    let text = resp.text().await.unwrap_or_default();
+                    Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
+                }
             };
         }
         Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
+    }
+
+    /// How long requests are held off by a `Retry-After`, if they are.
+    pub fn retry_after_remaining(&self) -> Option<Duration> {
+        let t = (*self.not_before.lock().unwrap_or_else(|p| p.into_inner()))?;
+        t.checked_duration_since(Instant::now())
     }
 
     /// GETs (or HEADs) the manifest `reference` of `repo`. A GET's bytes are verified against the digest the

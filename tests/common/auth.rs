@@ -53,11 +53,7 @@ fn parse_scope(s: &str) -> Option<Scope> {
     Some(Scope {
         kind: kind.to_string(),
         name: name.to_string(),
-        actions: actions
-            .split(',')
-            .filter(|a| !a.is_empty())
-            .map(str::to_string)
-            .collect(),
+        actions: actions.split(',').filter(|a| !a.is_empty()).map(str::to_string).collect(),
     })
 }
 
@@ -91,10 +87,7 @@ impl TokenState {
         }
         let Some(repo) = repo else { return true };
         actions.iter().all(|wanted| {
-            grant
-                .scopes
-                .iter()
-                .any(|s| s.kind == "repository" && s.name == repo && s.actions.iter().any(|a| a == wanted || a == "*"))
+            grant.scopes.iter().any(|s| s.kind == "repository" && s.name == repo && s.actions.iter().any(|a| a == wanted || a == "*"))
         })
     }
 }
@@ -110,10 +103,7 @@ pub struct TokenServer {
 impl TokenServer {
     /// A token server that issues tokens only to HTTP Basic `user:pass`; tokens live for `ttl`.
     pub fn start(user: &str, pass: &str, ttl: Duration) -> TokenServer {
-        Self::start_inner(
-            Some(format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))),
-            ttl,
-        )
+        Self::start_inner(Some(format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))), ttl)
     }
 
     /// A token server that issues tokens to anyone (credentials, if sent, are ignored), like Docker Hub does for
@@ -140,11 +130,7 @@ impl TokenServer {
             let app = Router::new().route("/token", get(token)).with_state(app_state);
             let _ = axum::serve(listener, app).await;
         });
-        TokenServer {
-            addr,
-            state,
-            _background: background,
-        }
+        TokenServer { addr, state, _background: background }
     }
 
     /// The realm to put in a `WWW-Authenticate: Bearer realm="..."` challenge: `http://ADDR/token`.
@@ -183,22 +169,13 @@ impl TokenServer {
     }
 }
 
-async fn token(
-    State(state): State<Arc<TokenState>>,
-    Query(params): Query<Vec<(String, String)>>,
-    headers: HeaderMap,
-) -> Response {
+async fn token(State(state): State<Arc<TokenState>>, Query(params): Query<Vec<(String, String)>>, headers: HeaderMap) -> Response {
     let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let service = params.iter().find(|(k, _)| k == "service").map(|(_, v)| v.clone());
     let scopes: Vec<String> = params
         .iter()
         .filter(|(k, _)| k == "scope")
-        .flat_map(|(_, v)| {
-            v.split(' ')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect::<Vec<_>>()
-        })
+        .flat_map(|(_, v)| v.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect::<Vec<_>>())
         .collect();
     let ok = match &state.expected {
         None => true,
@@ -207,29 +184,18 @@ async fn token(
             p.len() == expected.len() && p[..6].eq_ignore_ascii_case("basic ") && p[6..] == expected[6..]
         }),
     };
-    state.log.lock().unwrap().push(TokenRequest {
-        service,
-        scopes: scopes.clone(),
-        authorization: presented.is_some(),
-        granted: ok,
-    });
+    state.log.lock().unwrap().push(TokenRequest { service, scopes: scopes.clone(), authorization: presented.is_some(), granted: ok });
     if !ok {
         state.denied.fetch_add(1, Ordering::SeqCst);
         return (
             StatusCode::UNAUTHORIZED,
-            [
-                (header::WWW_AUTHENTICATE, "Basic realm=\"token\"".to_string()),
-                (header::CONTENT_TYPE, "application/json".to_string()),
-            ],
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"token\"".to_string()), (header::CONTENT_TYPE, "application/json".to_string())],
             r#"{"details":"incorrect username or password"}"#,
         )
             .into_response();
     }
     let token = format!("tok-{}", uuid::Uuid::new_v4().simple());
-    let grant = Grant {
-        scopes: scopes.iter().filter_map(|s| parse_scope(s)).collect(),
-        expires: Instant::now() + state.ttl,
-    };
+    let grant = Grant { scopes: scopes.iter().filter_map(|s| parse_scope(s)).collect(), expires: Instant::now() + state.ttl };
     state.tokens.lock().unwrap().insert(token.clone(), grant);
     state.issued.fetch_add(1, Ordering::SeqCst);
     let expires_in = state.ttl.as_millis().div_ceil(1000) as u64;
@@ -256,12 +222,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Standard base64 with padding (for Basic credentials).
@@ -273,16 +234,8 @@ pub fn base64(input: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(ALPHABET[(n >> 18) as usize & 63] as char);
         out.push(ALPHABET[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            ALPHABET[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            ALPHABET[n as usize & 63] as char
-        } else {
-            '='
-        });
+        out.push(if chunk.len() > 1 { ALPHABET[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 2 { ALPHABET[n as usize & 63] as char } else { '=' });
     }
     out
 }

@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod containerd;
+pub mod images;
 pub mod oci;
 pub mod relay;
+pub mod synthetic;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -35,14 +38,25 @@ impl Breakwater {
 
     /// Starts on an existing data directory (to test restarts over the same state).
     pub fn start_in(data: tempfile::TempDir, extra: &[&str]) -> Self {
+        Self::spawn(data, extra, "breakwater=debug", Stdio::inherit())
+    }
+
+    /// A registry with extra `serve` flags, `RUST_LOG=rust_log`, and its stderr (the log) written to the file
+    /// `log` instead of the test's output, for tests that read what it logged.
+    pub fn start_logged(extra: &[&str], rust_log: &str, log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create log file");
+        Self::spawn(tempfile::tempdir().expect("tempdir"), extra, rust_log, Stdio::from(file))
+    }
+
+    fn spawn(data: tempfile::TempDir, extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
-            .env("RUST_LOG", "breakwater=debug")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn breakwater");
         let stdout = child.stdout.take().expect("stdout");

@@ -75,8 +75,9 @@ pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
 /// Pushes an OCI image with layers of the given sizes (content from `seed`) to `base/repo:tag`.
 pub async fn push_image(base: &str, repo: &str, tag: &str, layer_sizes: &[usize], seed: u64) -> Image {
-    let config = format!(r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#)
-        .into_bytes();
+    let config =
+        format!(r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#)
+            .into_bytes();
     let config_digest = push_blob(base, repo, &config).await;
     let mut layers = Vec::new();
     let mut layer_digests = Vec::new();

@@ -70,10 +70,7 @@ pub struct Recorded {
 impl Recorded {
     /// A request header by (case-insensitive) name.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -91,11 +88,7 @@ impl Relay {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr").to_string();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .build()
-            .expect("reqwest client");
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).no_proxy().build().expect("reqwest client");
         let (changed, _) = watch::channel(());
         let shared = Arc::new(Shared {
             target: target.to_string(),
@@ -112,18 +105,11 @@ impl Relay {
         let app_shared = shared.clone();
         let background = Background::spawn("relay", 2, move || async move {
             let inner = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-            let listener = RelayListener {
-                inner,
-                shared: app_shared.clone(),
-            };
+            let listener = RelayListener { inner, shared: app_shared.clone() };
             let app = Router::new().fallback(handle).with_state(app_shared);
             let _ = axum::serve(listener, app.into_make_service_with_connect_info::<Conn>()).await;
         });
-        Relay {
-            addr,
-            shared,
-            _background: background,
-        }
+        Relay { addr, shared, _background: background }
     }
 
     /// `http://ADDR{path}`.
@@ -238,44 +224,27 @@ impl Relay {
     /// The next `times` matching responses send exactly `k_bytes` body bytes (after full headers, Content-Length
     /// included) and then the connection is aborted.
     pub fn cut_after(&self, path_contains: &str, k_bytes: u64, times: usize) {
-        let a = Armed {
-            matcher: path_contains.to_string(),
-            at: k_bytes,
-            times,
-        };
+        let a = Armed { matcher: path_contains.to_string(), at: k_bytes, times };
         self.set(|f| f.cut.push(a));
     }
 
     /// The next `times` matching responses send `k_bytes` body bytes and then nothing more, keeping the connection
     /// open (a stalled upstream), until the client gives up or the relay is dropped.
     pub fn stall_after(&self, path_contains: &str, k_bytes: u64, times: usize) {
-        let a = Armed {
-            matcher: path_contains.to_string(),
-            at: k_bytes,
-            times,
-        };
+        let a = Armed { matcher: path_contains.to_string(), at: k_bytes, times };
         self.set(|f| f.stall.push(a));
     }
 
     /// The next `times` matching responses have the byte at body offset `offset` flipped (XOR 0xff).
     pub fn corrupt(&self, path_contains: &str, offset: u64, times: usize) {
-        let a = Armed {
-            matcher: path_contains.to_string(),
-            at: offset,
-            times,
-        };
+        let a = Armed { matcher: path_contains.to_string(), at: offset, times };
         self.set(|f| f.corrupt.push(a));
     }
 
     /// The next `times` matching requests are answered with `status` (and `Retry-After`, if given) and an OCI error
     /// body, without contacting the target. Checked after auth: a request the relay answers 401 does not count.
     pub fn fail(&self, path_contains: &str, status: u16, retry_after: Option<&str>, times: usize) {
-        let a = ArmedFail {
-            matcher: path_contains.to_string(),
-            status,
-            retry_after: retry_after.map(str::to_string),
-            times,
-        };
+        let a = ArmedFail { matcher: path_contains.to_string(), status, retry_after: retry_after.map(str::to_string), times };
         self.set(|f| f.fail.push(a));
     }
 
@@ -295,10 +264,7 @@ impl Relay {
     /// (`pull,push` for methods other than GET/HEAD; no scope for paths without a repository, e.g. `/v2/`). The
     /// `Authorization` header is not forwarded to the target.
     pub fn require_bearer(&self, issuer: &TokenServer) {
-        let auth = AuthMode::Bearer {
-            realm: issuer.realm(),
-            tokens: issuer.state(),
-        };
+        let auth = AuthMode::Bearer { realm: issuer.realm(), tokens: issuer.state() };
         self.set(|f| f.auth = auth);
     }
 
@@ -356,10 +322,7 @@ impl Background {
                 rt.shutdown_timeout(Duration::from_secs(2));
             })
             .expect("spawn thread");
-        Background {
-            shutdown: Some(tx),
-            thread: Some(thread),
-        }
+        Background { shutdown: Some(tx), thread: Some(thread) }
     }
 }
 
@@ -397,10 +360,7 @@ impl Shared {
 
     fn throttle_for(&self, key: &str) -> Option<u64> {
         let f = self.faults.lock().unwrap();
-        f.throttle
-            .as_ref()
-            .filter(|(m, _)| key.contains(m.as_str()))
-            .map(|(_, r)| *r)
+        f.throttle.as_ref().filter(|(m, _)| key.contains(m.as_str())).map(|(_, r)| *r)
     }
 }
 
@@ -471,9 +431,7 @@ enum AuthMode {
 }
 
 fn take_armed(list: &mut Vec<Armed>, key: &str) -> Option<u64> {
-    let i = list
-        .iter()
-        .position(|a| a.times > 0 && key.contains(a.matcher.as_str()))?;
+    let i = list.iter().position(|a| a.times > 0 && key.contains(a.matcher.as_str()))?;
     let at = list[i].at;
     list[i].times -= 1;
     if list[i].times == 0 {
@@ -506,23 +464,11 @@ impl Listener for RelayListener {
                     let _ = stream.set_nodelay(true);
                     let mut epochs = self.shared.kill_epoch.subscribe();
                     let epoch = *epochs.borrow_and_update();
-                    let state = Arc::new(ConnState {
-                        blocked: AtomicBool::new(false),
-                        last_write: AtomicU64::new(self.shared.nanos()),
-                    });
+                    let state = Arc::new(ConnState { blocked: AtomicBool::new(false), last_write: AtomicU64::new(self.shared.nanos()) });
                     let killed = Box::pin(async move {
                         let _ = epochs.wait_for(|e| *e != epoch).await;
                     });
-                    return (
-                        ConnIo {
-                            inner: stream,
-                            state,
-                            shared: self.shared.clone(),
-                            killed,
-                            dead: false,
-                        },
-                        addr,
-                    );
+                    return (ConnIo { inner: stream, state, shared: self.shared.clone(), killed, dead: false }, addr);
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
@@ -599,11 +545,7 @@ impl AsyncWrite for ConnIo {
         this.note_write(r)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check(cx)?;
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
@@ -640,15 +582,7 @@ async fn wait_drained(conn: &ConnState, shared: &Shared) {
 // ---------------------------------------------------------------------------------------------------------------
 // The handler.
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
+const HOP_BY_HOP: &[&str] = &["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"];
 
 fn hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
@@ -658,9 +592,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 fn repo_of(path: &str) -> Option<String> {
     let p = path.split('?').next()?.strip_prefix("/v2/")?;
     let segs: Vec<&str> = p.split('/').collect();
-    (1..segs.len().saturating_sub(1))
-        .find(|&i| matches!(segs[i], "manifests" | "blobs" | "tags"))
-        .map(|i| segs[..i].join("/"))
+    (1..segs.len().saturating_sub(1)).find(|&i| matches!(segs[i], "manifests" | "blobs" | "tags")).map(|i| segs[..i].join("/"))
 }
 
 fn is_blob_get(method: &Method, path: &str) -> bool {
@@ -682,18 +614,12 @@ fn synthetic(shared: &Shared, entry: &Entry, status: u16, headers: Vec<(HeaderNa
     for (k, v) in headers {
         b = b.header(k, v);
     }
-    b.header(header::CONTENT_LENGTH, body.len())
-        .body(Body::from(body))
-        .expect("response")
+    b.header(header::CONTENT_LENGTH, body.len()).body(Body::from(body)).expect("response")
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInfo<Conn>, req: Request) -> Response {
     let method = req.method().clone();
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
     let key = format!("{method} {path}");
     let h = req.headers();
     let entry = Arc::new(Entry {
@@ -701,15 +627,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
         path: path.clone(),
         range: h.get(header::RANGE).and_then(|v| v.to_str().ok()).map(str::to_string),
         authorization: h.contains_key(header::AUTHORIZATION),
-        headers: h
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: h.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect(),
         status: AtomicU16::new(0),
         body: AtomicU64::new(0),
         complete: AtomicBool::new(false),
@@ -720,10 +638,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
     // Latency.
     let delay = {
         let f = shared.faults.lock().unwrap();
-        f.delay
-            .as_ref()
-            .filter(|(m, _)| key.contains(m.as_str()))
-            .map(|(_, d)| *d)
+        f.delay.as_ref().filter(|(m, _)| key.contains(m.as_str())).map(|(_, d)| *d)
     };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
@@ -732,13 +647,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
     // A hung upstream: wait while a matching hang is set.
     let mut changes = shared.changed.subscribe();
     loop {
-        let hung = shared
-            .faults
-            .lock()
-            .unwrap()
-            .hang
-            .as_ref()
-            .is_some_and(|m| key.contains(m.as_str()));
+        let hung = shared.faults.lock().unwrap().hang.as_ref().is_some_and(|m| key.contains(m.as_str()));
         if !hung {
             break;
         }
@@ -749,43 +658,29 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
 
     // Auth in front of the target.
     let auth = shared.faults.lock().unwrap().auth.clone();
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
     let enforced = !matches!(auth, AuthMode::None);
     match &auth {
         AuthMode::None => {}
         AuthMode::Basic(expected) => {
-            let ok = presented.as_deref().is_some_and(|p| {
-                p.split_once(' ')
-                    .is_some_and(|(s, c)| s.eq_ignore_ascii_case("basic") && c.trim() == expected)
-            });
+            let ok = presented
+                .as_deref()
+                .is_some_and(|p| p.split_once(' ').is_some_and(|(s, c)| s.eq_ignore_ascii_case("basic") && c.trim() == expected));
             if !ok {
                 return synthetic(
                     &shared,
                     &entry,
                     401,
-                    vec![
-                        (header::WWW_AUTHENTICATE, "Basic realm=\"relay\"".into()),
-                        (header::CONTENT_TYPE, "application/json".into()),
-                    ],
+                    vec![(header::WWW_AUTHENTICATE, "Basic realm=\"relay\"".into()), (header::CONTENT_TYPE, "application/json".into())],
                     error_json("UNAUTHORIZED", "authentication required"),
                 );
             }
         }
         AuthMode::Bearer { realm, tokens } => {
             let repo = repo_of(&path);
-            let actions: &[&str] = if method == Method::GET || method == Method::HEAD {
-                &["pull"]
-            } else {
-                &["pull", "push"]
-            };
+            let actions: &[&str] = if method == Method::GET || method == Method::HEAD { &["pull"] } else { &["pull", "push"] };
             let ok = presented.as_deref().is_some_and(|p| {
-                p.split_once(' ').is_some_and(|(s, t)| {
-                    s.eq_ignore_ascii_case("bearer") && tokens.check(t.trim(), repo.as_deref(), actions)
-                })
+                p.split_once(' ').is_some_and(|(s, t)| s.eq_ignore_ascii_case("bearer") && tokens.check(t.trim(), repo.as_deref(), actions))
             });
             if !ok {
                 let mut challenge = format!("Bearer realm=\"{realm}\",service=\"relay\"");
@@ -796,10 +691,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
                     &shared,
                     &entry,
                     401,
-                    vec![
-                        (header::WWW_AUTHENTICATE, challenge),
-                        (header::CONTENT_TYPE, "application/json".into()),
-                    ],
+                    vec![(header::WWW_AUTHENTICATE, challenge), (header::CONTENT_TYPE, "application/json".into())],
                     error_json("UNAUTHORIZED", "authentication required"),
                 );
             }
@@ -809,10 +701,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
     // Injected failures.
     let failure = {
         let mut f = shared.faults.lock().unwrap();
-        let i = f
-            .fail
-            .iter()
-            .position(|a| a.times > 0 && key.contains(a.matcher.as_str()));
+        let i = f.fail.iter().position(|a| a.times > 0 && key.contains(a.matcher.as_str()));
         i.map(|i| {
             f.fail[i].times -= 1;
             let out = (f.fail[i].status, f.fail[i].retry_after.clone());
@@ -835,24 +724,14 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
         if let Some(r) = retry_after {
             headers.push((header::RETRY_AFTER, r));
         }
-        let body = if method == Method::HEAD {
-            Bytes::new()
-        } else {
-            error_json(code, "injected by the test relay")
-        };
+        let body = if method == Method::HEAD { Bytes::new() } else { error_json(code, "injected by the test relay") };
         return synthetic(&shared, &entry, status, headers, body);
     }
 
     // Blob GETs redirected to a "CDN".
     let redirect = shared.faults.lock().unwrap().redirect_blobs.clone();
     if let Some(other) = redirect.filter(|_| is_blob_get(&method, &path)) {
-        return synthetic(
-            &shared,
-            &entry,
-            307,
-            vec![(header::LOCATION, format!("http://{other}{path}"))],
-            Bytes::new(),
-        );
+        return synthetic(&shared, &entry, 307, vec![(header::LOCATION, format!("http://{other}{path}"))], Bytes::new());
     }
 
     // Forward.
@@ -864,19 +743,13 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
         }
         headers.append(k.clone(), v.clone());
     }
-    let content_length = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let content_length = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let chunked = parts
         .headers
         .get(header::TRANSFER_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let mut rb = shared
-        .client
-        .request(method.clone(), format!("http://{}{}", shared.target, path))
-        .headers(headers);
+    let mut rb = shared.client.request(method.clone(), format!("http://{}{}", shared.target, path)).headers(headers);
     if content_length == Some(0) {
         rb = rb.body(Bytes::new());
     } else if content_length.is_some() || chunked {
@@ -921,11 +794,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
     let body_faults = status.is_success() && method != Method::HEAD;
     let (cut, stall, corrupt) = if body_faults {
         let mut f = shared.faults.lock().unwrap();
-        (
-            take_armed(&mut f.cut, &key),
-            take_armed(&mut f.stall, &key),
-            take_armed(&mut f.corrupt, &key),
-        )
+        (take_armed(&mut f.cut, &key), take_armed(&mut f.stall, &key), take_armed(&mut f.corrupt, &key))
     } else {
         (None, None, None)
     };
@@ -980,10 +849,7 @@ impl Pump {
                 // Let the k bytes reach the client before the connection is aborted.
                 wait_drained(&self.conn, &self.shared).await;
                 self.entry.aborted.store(true, Ordering::SeqCst);
-                return Some(Err(io::Error::new(
-                    io::ErrorKind::ConnectionAborted,
-                    "relay: injected cut",
-                )));
+                return Some(Err(io::Error::new(io::ErrorKind::ConnectionAborted, "relay: injected cut")));
             }
         }
         if let Some(k) = self.stall {

@@ -1,0 +1,311 @@
+//! Copying one artifact from the source to the destination: index children before the index, blobs before
+//! their manifest, the tag last. The manifest bytes (and so the digests) are unchanged, except that
+//! `--platform` rewrites an index to the platforms kept.
+//!
+//! Every request that changes nothing is avoided: a blob the destination has costs one HEAD, a tag already at the
+//! source's digest costs one HEAD, a blob this run already put in another destination repository is mounted.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::flight::Group;
+use crate::oci::{Digest, ManifestInfo, ManifestKind, RepoName};
+use crate::storage::ByteStream;
+use crate::upstream::{Mount, RemoteManifest, Upstream, UpstreamError};
+
+/// Blobs up to this size go in one PUT; larger ones stream through PATCH, resumable from the destination's
+/// upload offset.
+const MONOLITHIC_MAX: u64 = 32 * 1024 * 1024;
+/// Attempts of one request (or one blob transfer) before the artifact is recorded as failed.
+const ATTEMPTS: u32 = 6;
+/// Destination repositories remembered as mount sources, at most; past that the memory is cleared.
+const MOUNT_MEMORY: usize = 100_000;
+
+/// What copying an artifact came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Copied { bytes: u64 },
+    /// The destination tag already points at the source's digest.
+    UpToDate,
+    /// The destination tag points elsewhere and `--override` is off: left alone.
+    Conflict { existing: Digest },
+}
+
+/// Whether a failed request is worth trying again.
+fn transient(e: &UpstreamError) -> bool {
+    matches!(e, UpstreamError::Unavailable(_) | UpstreamError::RateLimited)
+}
+
+/// Runs `op` until it succeeds, fails for good, or runs out of attempts; waits with exponential backoff and
+/// jitter between attempts, or as long as a registry's `Retry-After` says.
+pub async fn retry<T, F, Fut>(registries: [&Upstream; 2], mut op: F) -> Result<T, UpstreamError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if transient(&e) && attempt + 1 < ATTEMPTS => {
+                let backoff = Duration::from_millis(100u64 << attempt.min(6)).min(Duration::from_secs(5));
+                let jittered = backoff.mul_f64(0.5 + fastrand::f64());
+                let held = registries.iter().filter_map(|r| r.retry_after_remaining()).max().unwrap_or_default();
+                tokio::time::sleep(jittered.max(held)).await;
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Limits the bytes per second read from the source, across all transfers of a run.
+pub struct Bandwidth {
+    bytes_per_sec: f64,
+    next: tokio::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Bandwidth {
+    pub fn new(bytes_per_sec: u64) -> Bandwidth {
+        Bandwidth { bytes_per_sec: bytes_per_sec as f64, next: tokio::sync::Mutex::new(tokio::time::Instant::now()) }
+    }
+
+    async fn spend(&self, n: usize) {
+        let at = {
+            let mut next = self.next.lock().await;
+            let at = (*next).max(tokio::time::Instant::now());
+            *next = at + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
+            at
+        };
+        tokio::time::sleep_until(at).await;
+    }
+}
+
+/// Everything the copies of one run share.
+pub struct Copier {
+    pub src: Arc<Upstream>,
+    pub dst: Arc<Upstream>,
+    /// `os/arch[/variant]` to keep from indexes; empty keeps all (and the index bytes unchanged).
+    pub platforms: Vec<String>,
+    pub referrers: bool,
+    pub override_tags: bool,
+    pub dry_run: bool,
+    pub bandwidth: Option<Arc<Bandwidth>>,
+    /// A destination repository each blob was copied to in this run: the source of a cross-repository mount.
+    mounted: Mutex<HashMap<Digest, RepoName>>,
+    /// One transfer per (destination repository, blob) at a time: tags sharing layers do not upload them twice.
+    transfers: Group<(RepoName, Digest), Result<u64, UpstreamError>>,
+}
+
+impl Copier {
+    pub fn new(src: Arc<Upstream>, dst: Arc<Upstream>) -> Copier {
+        Copier {
+            src,
+            dst,
+            platforms: Vec::new(),
+            referrers: false,
+            override_tags: false,
+            dry_run: false,
+            bandwidth: None,
+            mounted: Mutex::new(HashMap::new()),
+            transfers: Group::default(),
+        }
+    }
+
+    fn both(&self) -> [&Upstream; 2] {
+        [&self.src, &self.dst]
+    }
+
+    /// Copies `src_repo:tag` to `dst_repo:tag`.
+    pub async fn copy_tag(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, tag: &str) -> Result<Outcome, UpstreamError> {
+        let m = retry(self.both(), || self.src.manifest(src_repo, tag, false)).await?;
+        let media_type = m.media_type.clone();
+        let (bytes, digest) = match self.select_platforms(&m)? {
+            Some(reduced) => {
+                let d = Digest::of(m.digest.algorithm(), &reduced);
+                (reduced, d)
+            }
+            None => (m.bytes.clone().unwrap_or_default(), m.digest.clone()),
+        };
+        let existing = retry(self.both(), || self.dst.manifest_digest(dst_repo, tag)).await?;
+        match existing {
+            Some(d) if d == digest => return Ok(Outcome::UpToDate),
+            Some(d) if !self.override_tags => return Ok(Outcome::Conflict { existing: d }),
+            _ => {}
+        }
+        if self.dry_run {
+            return Ok(Outcome::Copied { bytes: 0 });
+        }
+        let mut copied = self.copy_contents(src_repo, dst_repo, &media_type, &bytes).await?;
+        retry(self.both(), || self.dst.put_manifest(dst_repo, tag, &media_type, bytes.clone())).await?;
+        if self.referrers {
+            copied += self.copy_referrers(src_repo, dst_repo, &m.digest).await?;
+        }
+        Ok(Outcome::Copied { bytes: copied })
+    }
+
+    /// With `--platform` and an index: the index reduced to the kept platforms (new bytes, new digest).
+    fn select_platforms(&self, m: &RemoteManifest) -> Result<Option<Bytes>, UpstreamError> {
+        let bytes = m.bytes.clone().unwrap_or_default();
+        let is_index = matches!(m.media_type.as_str(), crate::oci::OCI_INDEX | crate::oci::DOCKER_LIST);
+        if self.platforms.is_empty() || !is_index {
+            return Ok(None);
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid(format!("index: {e}")))?;
+        if let Some(list) = v.get_mut("manifests").and_then(|l| l.as_array_mut()) {
+            list.retain(|d| {
+                let p = &d["platform"];
+                let name = [p["os"].as_str(), p["architecture"].as_str()].iter().flatten().copied().collect::<Vec<_>>().join("/");
+                let with_variant = p["variant"].as_str().map(|var| format!("{name}/{var}"));
+                self.platforms.iter().any(|want| *want == name || Some(want) == with_variant.as_ref())
+            });
+        }
+        let out = serde_json::to_vec(&v).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        Ok(Some(Bytes::from(out)))
+    }
+
+    /// Copies what a manifest refers to: an index's children (each pushed by digest), an image's blobs.
+    async fn copy_contents(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, media_type: &str, bytes: &[u8]) -> Result<u64, UpstreamError> {
+        let info = ManifestInfo::parse(bytes, Some(media_type)).map_err(UpstreamError::Invalid)?;
+        let mut total = 0;
+        match info.kind {
+            ManifestKind::Index => {
+                for child in &info.children {
+                    total += self.copy_manifest_by_digest(src_repo, dst_repo, child).await?;
+                }
+            }
+            ManifestKind::Image => {
+                for blob in &info.blobs {
+                    total += self.copy_blob(src_repo, dst_repo, blob).await?;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Copies a manifest the destination may lack, by digest (index children, referrers).
+    async fn copy_manifest_by_digest(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+        let reference = digest.to_string();
+        if retry(self.both(), || self.dst.manifest_digest(dst_repo, &reference)).await?.is_some() {
+            return Ok(0);
+        }
+        let m = retry(self.both(), || self.src.manifest(src_repo, &reference, false)).await?;
+        let bytes = m.bytes.clone().unwrap_or_default();
+        let total = Box::pin(self.copy_contents(src_repo, dst_repo, &m.media_type, &bytes)).await?;
+        retry(self.both(), || self.dst.put_manifest(dst_repo, &reference, &m.media_type, bytes.clone())).await?;
+        Ok(total)
+    }
+
+    /// Copies the manifests that refer to `subject` (signatures, SBOMs), after the subject itself.
+    async fn copy_referrers(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, subject: &Digest) -> Result<u64, UpstreamError> {
+        let referrers = retry(self.both(), || self.src.referrers(src_repo, subject)).await?;
+        let mut total = 0;
+        for r in referrers {
+            total += self.copy_manifest_by_digest(src_repo, dst_repo, &r).await?;
+        }
+        Ok(total)
+    }
+
+    /// Makes blob `digest` present in `dst_repo`; returns the bytes transferred (0 if skipped or mounted).
+    async fn copy_blob(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+        let key = (dst_repo.clone(), digest.clone());
+        let (this, src_repo, dst_repo, digest) = (Arc::clone(self), src_repo.clone(), dst_repo.clone(), digest.clone());
+        let (result, _) = self
+            .transfers
+            .run(key, move || async move {
+                let r = retry(this.both(), || this.transfer(&src_repo, &dst_repo, &digest)).await;
+                if r.is_ok() {
+                    let mut m = this.mounted.lock().unwrap_or_else(|p| p.into_inner());
+                    if m.len() >= MOUNT_MEMORY {
+                        m.clear();
+                    }
+                    m.insert(digest, dst_repo);
+                }
+                r
+            })
+            .await;
+        result
+    }
+
+    /// One attempt at making a blob present: HEAD, then mount, then upload.
+    async fn transfer(&self, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+        if self.dst.blob_size(dst_repo, digest).await?.is_some() {
+            return Ok(0);
+        }
+        let from = self.mounted.lock().unwrap_or_else(|p| p.into_inner()).get(digest).filter(|r| *r != dst_repo).cloned();
+        let location = match from {
+            Some(from) => match self.dst.mount(dst_repo, digest, &from).await? {
+                Mount::Mounted => return Ok(0),
+                Mount::Session(location) => location,
+            },
+            None => self.dst.start_upload(dst_repo).await?,
+        };
+        let blob = self.src.blob(src_repo, digest, 0).await?;
+        let size = blob.total;
+        match size {
+            Some(size) if size <= MONOLITHIC_MAX => {
+                self.dst.put_blob(dst_repo, &location, digest, size, self.paced(blob.body)).await?;
+                Ok(size)
+            }
+            _ => self.streamed(src_repo, dst_repo, digest, location, blob.body).await,
+        }
+    }
+
+    /// A large blob: streamed PATCHes, resumed from the destination's offset after a failure.
+    async fn streamed(&self, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest, mut location: String, first: ByteStream) -> Result<u64, UpstreamError> {
+        let mut body = Some(first);
+        let mut failures = 0;
+        loop {
+            let stream = match body.take() {
+                Some(b) => b,
+                None => {
+                    let (offset, loc) = self.dst.upload_offset(dst_repo, &location).await?;
+                    location = loc;
+                    let b = self.src.blob(src_repo, digest, offset).await?;
+                    if !b.from_offset && offset > 0 {
+                        return Err(UpstreamError::Unavailable("the source ignored Range; restarting the blob".into()));
+                    }
+                    b.body
+                }
+            };
+            match self.dst.patch_blob(dst_repo, &location, self.paced(stream)).await {
+                Ok(loc) => {
+                    location = loc;
+                    break;
+                }
+                Err(e) if transient(&e) && failures < ATTEMPTS => {
+                    failures += 1;
+                    tracing::info!(%digest, error = %e, "blob transfer broke; resuming from the destination's offset");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let (size, _) = self.dst.upload_offset(dst_repo, &location).await?;
+        self.dst.finish_blob(dst_repo, &location, digest).await?;
+        Ok(size)
+    }
+
+    /// The source stream, throttled to the run's bandwidth limit if there is one.
+    fn paced(&self, body: ByteStream) -> ByteStream {
+        match &self.bandwidth {
+            None => body,
+            Some(bw) => {
+                let bw = Arc::clone(bw);
+                Box::pin(body.then(move |chunk| {
+                    let bw = Arc::clone(&bw);
+                    async move {
+                        if let Ok(c) = &chunk {
+                            bw.spend(c.len()).await;
+                        }
+                        chunk
+                    }
+                }))
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Which repositories and tags a replication policy copies, and under which destination names.
+
+use std::cmp::Ordering;
+
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use regex::Regex;
+
+fn glob(pattern: &str) -> Result<Glob, String> {
+    // `*` and `?` stay within one path component; `**` crosses them.
+    GlobBuilder::new(pattern).literal_separator(true).build().map_err(|e| format!("pattern {pattern:?}: {e}"))
+}
+
+fn glob_set(patterns: &[String]) -> Result<GlobSet, String> {
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        b.add(glob(p)?);
+    }
+    b.build().map_err(|e| e.to_string())
+}
+
+/// Repository include/exclude globs. No include pattern means every repository.
+pub struct RepoFilter {
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+}
+
+impl RepoFilter {
+    pub fn new(include: &[String], exclude: &[String]) -> Result<RepoFilter, String> {
+        let include = if include.is_empty() { None } else { Some(glob_set(include)?) };
+        Ok(RepoFilter { include, exclude: glob_set(exclude)? })
+    }
+
+    pub fn matches(&self, repo: &str) -> bool {
+        self.include.as_ref().is_none_or(|i| i.is_match(repo)) && !self.exclude.is_match(repo)
+    }
+}
+
+/// A tag pattern: a glob, or a regular expression after `regex:` (anchored: it must match the whole tag).
+enum TagPattern {
+    Glob(globset::GlobMatcher),
+    Regex(Regex),
+}
+
+impl TagPattern {
+    fn parse(p: &str) -> Result<TagPattern, String> {
+        match p.strip_prefix("regex:") {
+            Some(re) => Regex::new(&format!("^(?:{re})$")).map(TagPattern::Regex).map_err(|e| format!("tag regex {re:?}: {e}")),
+            None => Ok(TagPattern::Glob(glob(p)?.compile_matcher())),
+        }
+    }
+
+    fn matches(&self, tag: &str) -> bool {
+        match self {
+            TagPattern::Glob(g) => g.is_match(tag),
+            TagPattern::Regex(r) => r.is_match(tag),
+        }
+    }
+}
+
+/// Tag selection: include and exclude patterns, then the latest N by tag order.
+pub struct TagFilter {
+    include: Vec<TagPattern>,
+    exclude: Vec<TagPattern>,
+    latest: Option<usize>,
+}
+
+impl TagFilter {
+    pub fn new(include: &[String], exclude: &[String], latest: Option<usize>) -> Result<TagFilter, String> {
+        let parse = |ps: &[String]| ps.iter().map(|p| TagPattern::parse(p)).collect::<Result<Vec<_>, _>>();
+        Ok(TagFilter { include: parse(include)?, exclude: parse(exclude)?, latest })
+    }
+
+    /// The tags to copy, in tag order.
+    pub fn select(&self, mut tags: Vec<String>) -> Vec<String> {
+        tags.retain(|t| (self.include.is_empty() || self.include.iter().any(|p| p.matches(t))) && !self.exclude.iter().any(|p| p.matches(t)));
+        tags.sort_by(|a, b| natural_cmp(a, b));
+        tags.dedup();
+        if let Some(n) = self.latest {
+            let skip = tags.len().saturating_sub(n);
+            tags.drain(..skip);
+        }
+        tags
+    }
+}
+
+/// Orders tags as people number them: digit runs compare by value, so `v1.10` comes after `v1.9`.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    loop {
+        match (a.first(), b.first()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) if x.is_ascii_digit() && y.is_ascii_digit() => {
+                let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+                let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+                let (na, nb) = (trim_zeros(&a[..da]), trim_zeros(&b[..db]));
+                let ord = na.len().cmp(&nb.len()).then(na.cmp(nb)).then(da.cmp(&db));
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+                a = &a[da..];
+                b = &b[db..];
+            }
+            (Some(x), Some(y)) => {
+                if x != y {
+                    return x.cmp(y);
+                }
+                a = &a[1..];
+                b = &b[1..];
+            }
+        }
+    }
+}
+
+fn trim_zeros(d: &[u8]) -> &[u8] {
+    let i = d.iter().position(|c| *c != b'0').unwrap_or(d.len());
+    &d[i..]
+}
+
+/// Namespace rewrites `FROM=TO`: the first rule whose `FROM` prefixes the name replaces that prefix.
+pub struct Rewrite(Vec<(String, String)>);
+
+impl Rewrite {
+    pub fn new(rules: &[String]) -> Result<Rewrite, String> {
+        rules
+            .iter()
+            .map(|r| r.split_once('=').map(|(f, t)| (f.to_string(), t.to_string())).ok_or_else(|| format!("rewrite {r:?}: expected FROM=TO")))
+            .collect::<Result<_, _>>()
+            .map(Rewrite)
+    }
+
+    pub fn apply(&self, name: &str) -> String {
+        for (from, to) in &self.0 {
+            if let Some(rest) = name.strip_prefix(from.as_str()) {
+                return format!("{to}{rest}");
+            }
+        }
+        name.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn repository_globs() {
+        let f = RepoFilter::new(&s(&["team/*", "lib/**", "r???0", "{a,b}/x"]), &s(&["team/secret"])).unwrap();
+        assert!(f.matches("team/app"));
+        assert!(!f.matches("team/app/deep"), "* stays in one component");
+        assert!(f.matches("lib/x/y/z"));
+        assert!(f.matches("r1230"));
+        assert!(!f.matches("r12300"));
+        assert!(f.matches("a/x") && f.matches("b/x") && !f.matches("c/x"));
+        assert!(!f.matches("team/secret"));
+        assert!(RepoFilter::new(&[], &[]).unwrap().matches("anything/at/all"));
+        assert!(RepoFilter::new(&s(&["a{"]), &[]).is_err());
+    }
+
+    #[test]
+    fn tags_filter_sort_and_latest() {
+        let f = TagFilter::new(&s(&["v*", "regex:[0-9]+\\.[0-9]+"]), &s(&["*-rc*"]), Some(3)).unwrap();
+        let tags = s(&["latest", "v1.9", "v1.10", "v1.2", "v2.0-rc1", "1.5", "1.50", "x1.5"]);
+        assert_eq!(f.select(tags), s(&["v1.2", "v1.9", "v1.10"]));
+        let all = TagFilter::new(&[], &[], None).unwrap();
+        assert_eq!(all.select(s(&["b", "a", "a"])), s(&["a", "b"]));
+        assert!(TagFilter::new(&s(&["regex:("]), &[], None).is_err());
+    }
+
+    #[test]
+    fn natural_order() {
+        assert_eq!(natural_cmp("v1.9", "v1.10"), Ordering::Less);
+        assert_eq!(natural_cmp("v01", "v1"), Ordering::Greater);
+        assert_eq!(natural_cmp("a", "a1"), Ordering::Less);
+    }
+
+    #[test]
+    fn rewrites() {
+        let r = Rewrite::new(&s(&["src/=mirror/", "=all/"])).unwrap();
+        assert_eq!(r.apply("src/app"), "mirror/app");
+        assert_eq!(r.apply("other"), "all/other");
+        assert!(Rewrite::new(&s(&["nope"])).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+//! What a replication run has done so far: counters shared by every stage, shown as a progress line on a
+//! terminal or as periodic log lines, exported as metrics, and saved with the checkpoint.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::meta::JobRecord;
+
+/// Counters of one run. Each field is what its name says; `copied`, `skipped` and `failed` count artifacts (tags).
+#[derive(Default)]
+pub struct Progress {
+    pub pages: AtomicU64,
+    pub repos_seen: AtomicU64,
+    pub repos_matched: AtomicU64,
+    pub copied: AtomicU64,
+    pub skipped: AtomicU64,
+    pub failed: AtomicU64,
+    /// Destination tags left alone because they point elsewhere (without `--override`).
+    pub conflicts: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+/// Metric names of the counters, in `Progress` order.
+const METRICS: [&str; 7] = [
+    "breakwater_replication_pages_total",
+    "breakwater_replication_repos_seen_total",
+    "breakwater_replication_repos_matched_total",
+    "breakwater_replication_artifacts_copied_total",
+    "breakwater_replication_artifacts_skipped_total",
+    "breakwater_replication_artifacts_failed_total",
+    "breakwater_replication_bytes_total",
+];
+
+impl Progress {
+    /// Starts from a saved job's counters (a resumed run keeps counting where the crashed one stopped).
+    pub fn from_record(r: &JobRecord) -> Progress {
+        let p = Progress::default();
+        p.pages.store(r.pages, Ordering::Relaxed);
+        p.repos_seen.store(r.repos_seen, Ordering::Relaxed);
+        p.repos_matched.store(r.repos_matched, Ordering::Relaxed);
+        p.copied.store(r.copied, Ordering::Relaxed);
+        p.skipped.store(r.skipped, Ordering::Relaxed);
+        p.failed.store(r.failed, Ordering::Relaxed);
+        p.bytes.store(r.bytes, Ordering::Relaxed);
+        p
+    }
+
+    fn counter(&self, i: usize) -> &AtomicU64 {
+        [&self.pages, &self.repos_seen, &self.repos_matched, &self.copied, &self.skipped, &self.failed, &self.bytes][i]
+    }
+
+    /// Adds `n` to counter `which` (an index into `METRICS`), and to its metric for job `job`.
+    fn add(&self, job: &str, which: usize, n: u64) {
+        self.counter(which).fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(METRICS[which], "job" => job.to_string()).increment(n);
+    }
+
+    pub fn page(&self, job: &str, seen: u64, matched: u64) {
+        self.add(job, 0, 1);
+        self.add(job, 1, seen);
+        self.add(job, 2, matched);
+    }
+
+    pub fn copied(&self, job: &str, bytes: u64) {
+        self.add(job, 3, 1);
+        self.add(job, 6, bytes);
+    }
+
+    pub fn skipped(&self, job: &str) {
+        self.add(job, 4, 1);
+    }
+
+    pub fn failed(&self, job: &str) {
+        self.add(job, 5, 1);
+    }
+
+    /// The counters as a job record (without mark and status).
+    pub fn record(&self, name: &str) -> JobRecord {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        JobRecord {
+            name: name.to_string(),
+            pages: g(&self.pages),
+            repos_seen: g(&self.repos_seen),
+            repos_matched: g(&self.repos_matched),
+            copied: g(&self.copied),
+            skipped: g(&self.skipped),
+            failed: g(&self.failed),
+            bytes: g(&self.bytes),
+            ..JobRecord::default()
+        }
+    }
+
+    fn line(&self, started: Instant) -> String {
+        let r = self.record("");
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        format!(
+            "pages {} | repositories {} seen, {} matched | artifacts {} copied, {} skipped, {} failed | {:.1} MB ({:.1} MB/s, {:.1} artifacts/s)",
+            r.pages,
+            r.repos_seen,
+            r.repos_matched,
+            r.copied,
+            r.skipped,
+            r.failed,
+            r.bytes as f64 / 1e6,
+            r.bytes as f64 / 1e6 / secs,
+            (r.copied + r.skipped) as f64 / secs
+        )
+    }
+}
+
+/// Shows progress until dropped: a live line on a terminal, a log line every few seconds otherwise.
+pub struct Reporter {
+    task: tokio::task::JoinHandle<()>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Reporter {
+    pub fn start(job: &str, progress: Arc<Progress>) -> Reporter {
+        let started = Instant::now();
+        let job = job.to_string();
+        if std::io::stderr().is_terminal() {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {prefix} {elapsed} {wide_msg}").expect("valid template"));
+            bar.set_prefix(job);
+            let b = bar.clone();
+            let task = tokio::spawn(async move {
+                loop {
+                    b.set_message(progress.line(started));
+                    b.tick();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+            Reporter { task, bar: Some(bar) }
+        } else {
+            let task = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    tracing::info!(job = %job, "{}", progress.line(started));
+                }
+            });
+            Reporter { task, bar: None }
+        }
+    }
+}
+
+impl Drop for Reporter {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

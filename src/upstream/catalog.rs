@@ -1,0 +1,95 @@
+//! Listing a registry: the catalog and tag lists, page by page, following `Link` headers (relative or absolute)
+//! as distribution sends them.
+
+use reqwest::header::{self, HeaderMap};
+use reqwest::Method;
+
+use super::{Upstream, UpstreamError};
+use crate::oci::RepoName;
+
+/// One page of a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub items: Vec<String>,
+    /// The `last` to ask for the next page with, from the `Link` header; `None` on the last page.
+    pub next: Option<String>,
+}
+
+/// The `last` query parameter of a `Link: <...>; rel="next"` header.
+fn next_last(headers: &HeaderMap) -> Option<String> {
+    let link = headers.get(header::LINK)?.to_str().ok()?;
+    let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let query = target.split_once('?')?.1;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "last").then(|| percent_decode(v))
+    })
+}
+
+/// Decodes `%XX` escapes (names and tags are ASCII; a registry may still escape `/` or `:`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Upstream {
+    async fn list(&self, scope: &str, path: &str, field: &str, last: Option<&str>, n: u64) -> Result<Page, UpstreamError> {
+        let mut url = format!("{path}?n={n}");
+        if let Some(last) = last {
+            url.push_str("&last=");
+            url.push_str(last);
+        }
+        let resp = self.exchange(Method::GET, scope, &url, HeaderMap::new(), None).await?;
+        let next = next_last(resp.headers());
+        let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("listing body: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("listing: {e}")))?;
+        let items = v
+            .get(field)
+            .and_then(|x| x.as_array())
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        Ok(Page { items, next })
+    }
+
+    /// A page of the catalog: at most `n` names after `last`.
+    pub async fn catalog_page(&self, last: Option<&str>, n: u64) -> Result<Page, UpstreamError> {
+        self.list("registry:catalog:*", "/v2/_catalog", "repositories", last, n).await
+    }
+
+    /// A page of `repo`'s tags. Registries that ignore `n`/`last` on tags (distribution) return all of them at
+    /// once, without a `Link`.
+    pub async fn tags_page(&self, repo: &RepoName, last: Option<&str>, n: u64) -> Result<Page, UpstreamError> {
+        self.list(&format!("repository:{repo}:pull"), &format!("/v2/{repo}/tags/list"), "tags", last, n).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn link_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(next_last(&h), None);
+        h.insert(header::LINK, HeaderValue::from_static(r#"</v2/_catalog?last=a%2Fb&n=100>; rel="next""#));
+        assert_eq!(next_last(&h).as_deref(), Some("a/b"));
+        h.insert(header::LINK, HeaderValue::from_static(r#"<https://r.example/v2/x/tags/list?n=2&last=v1.0>; rel="next""#));
+        assert_eq!(next_last(&h).as_deref(), Some("v1.0"));
+        h.insert(header::LINK, HeaderValue::from_static(r#"</v2/_catalog?n=2>; rel="next""#));
+        assert_eq!(next_last(&h), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! Writing to a registry: what replication needs of its destination. Blob existence checks, cross-repository
+//! mounts, uploads (monolithic, or streamed with resumption from the registry's upload offset), manifest pushes.
+
+use bytes::Bytes;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+use super::{Upstream, UpstreamError};
+use crate::oci::{Digest, RepoName};
+use crate::storage::ByteStream;
+
+/// What a mount request led to.
+pub enum Mount {
+    Mounted,
+    /// The registry did not mount, and opened an upload session at this location instead.
+    Session(String),
+}
+
+fn push_scope(repo: &RepoName) -> String {
+    format!("repository:{repo}:pull,push")
+}
+
+fn location(resp: &reqwest::Response) -> Result<String, UpstreamError> {
+    resp.headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| UpstreamError::Invalid(format!("{} without Location", resp.status())))
+}
+
+fn with_digest(location: &str, digest: &Digest) -> String {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{sep}digest={digest}")
+}
+
+impl Upstream {
+    /// The size of blob `digest` in `repo`, or `None` if the registry does not have it there.
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, UpstreamError> {
+        match self.exchange(Method::HEAD, &push_scope(repo), &format!("/v2/{repo}/blobs/{digest}"), HeaderMap::new(), None).await {
+            Ok(r) => Ok(Some(r.content_length().unwrap_or(0))),
+            Err(UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The digest `reference` points at in `repo`, or `None`.
+    pub async fn manifest_digest(&self, repo: &RepoName, reference: &str) -> Result<Option<Digest>, UpstreamError> {
+        match self.manifest(repo, reference, true).await {
+            Ok(m) => Ok(Some(m.digest)),
+            Err(UpstreamError::NotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Asks the registry to mount `digest` from `from` into `repo`.
+    pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: &RepoName) -> Result<Mount, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}");
+        let resp = self.exchange(Method::POST, &push_scope(repo), &path, HeaderMap::new(), None).await?;
+        if resp.status() == StatusCode::CREATED {
+            Ok(Mount::Mounted)
+        } else {
+            Ok(Mount::Session(location(&resp)?))
+        }
+    }
+
+    /// Opens an upload session in `repo` and returns its location.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<String, UpstreamError> {
+        let resp = self.exchange(Method::POST, &push_scope(repo), &format!("/v2/{repo}/blobs/uploads/"), HeaderMap::new(), None).await?;
+        location(&resp)
+    }
+
+    /// Uploads a whole blob of `size` bytes into the session at `location` in one PUT.
+    pub async fn put_blob(&self, repo: &RepoName, location: &str, digest: &Digest, size: u64, body: ByteStream) -> Result<(), UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+        let body = reqwest::Body::wrap_stream(body);
+        self.exchange(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, Some(body)).await?;
+        Ok(())
+    }
+
+    /// Streams bytes into the session at `location` (a PATCH without `Content-Range`) and returns the session's
+    /// next location.
+    pub async fn patch_blob(&self, repo: &RepoName, location: &str, body: ByteStream) -> Result<String, UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let resp = self.exchange(Method::PATCH, &push_scope(repo), location, h, Some(reqwest::Body::wrap_stream(body))).await?;
+        location_or(resp, location)
+    }
+
+    /// How many bytes the session at `location` holds (from its `Range: 0-<last>` header), and its location.
+    pub async fn upload_offset(&self, repo: &RepoName, location: &str) -> Result<(u64, String), UpstreamError> {
+        let resp = self.exchange(Method::GET, &push_scope(repo), location, HeaderMap::new(), None).await?;
+        let offset = resp
+            .headers()
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split('-').nth(1))
+            .and_then(|end| end.trim().parse::<u64>().ok())
+            .map_or(0, |end| end + 1);
+        let loc = location_or(resp, location)?;
+        // `0-0` means either nothing or one byte; registries send it for an empty session.
+        Ok((offset, loc))
+    }
+
+    /// Completes the session at `location` as blob `digest`.
+    pub async fn finish_blob(&self, repo: &RepoName, location: &str, digest: &Digest) -> Result<(), UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+        self.exchange(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, Some(reqwest::Body::from(Bytes::new()))).await?;
+        Ok(())
+    }
+
+    /// Pushes a manifest's exact bytes under `reference` (a tag or its digest).
+    pub async fn put_manifest(&self, repo: &RepoName, reference: &str, media_type: &str, bytes: Bytes) -> Result<(), UpstreamError> {
+        let mut h = HeaderMap::new();
+        let ct = HeaderValue::from_str(media_type).map_err(|_| UpstreamError::Invalid(format!("media type {media_type:?}")))?;
+        h.insert(header::CONTENT_TYPE, ct);
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        self.exchange(Method::PUT, &push_scope(repo), &path, h, Some(reqwest::Body::from(bytes))).await?;
+        Ok(())
+    }
+
+    /// Digests of the manifests that refer to `digest` in `repo` (the referrers API); empty if the registry does
+    /// not support it.
+    pub async fn referrers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Digest>, UpstreamError> {
+        let path = format!("/v2/{repo}/referrers/{digest}");
+        let resp = match self.exchange(Method::GET, &format!("repository:{repo}:pull"), &path, HeaderMap::new(), None).await {
+            Ok(r) => r,
+            Err(UpstreamError::NotFound) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("referrers body: {e}")))?;
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("referrers: {e}")))?;
+        Ok(v.get("manifests")
+            .and_then(|m| m.as_array())
+            .map(|a| a.iter().filter_map(|d| d.get("digest")?.as_str()?.parse().ok()).collect())
+            .unwrap_or_default())
+    }
+}
+
+fn location_or(resp: reqwest::Response, fallback: &str) -> Result<String, UpstreamError> {
+    Ok(location(&resp).unwrap_or_else(|_| fallback.to_string()))
+}
