@@ -761,3 +761,35 @@ fn containerd_pulls_through_the_cache_directly_and_as_a_mirror() {
     // The blobs are shared with team/app, already cached: nothing more crossed the uplink.
     assert_eq!(blob_gets(&relay).len(), 0, "{:?}", relay.requests());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_share_one_token_request_and_a_refused_login_is_not_repeated() {
+    let upstream = Distribution::start();
+    let relay = Relay::start(&upstream.addr);
+    let up = format!("http://{}", upstream.addr);
+    for i in 0..8 {
+        push_image(&up, "team/app", &format!("t{i}"), &[1_000], 40 + i).await;
+    }
+    let ts = TokenServer::start("puller", "right-pw", Duration::from_secs(600));
+    relay.require_bearer(&ts);
+    let toml = upstream_toml("up", &relay.url(""), &[("username", json!("puller")), ("password", json!("right-pw"))]);
+    let (bw, _cfg) = start_with_config(&toml, &[]);
+    let mut pulls = Vec::new();
+    for i in 0..8 {
+        let url = format!("{}/v2/up/team/app/manifests/t{i}", bw_url(&bw));
+        pulls.push(tokio::spawn(async move { fetch(&url, None).await.0 }));
+    }
+    for p in pulls {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    assert_eq!(ts.issued(), 1, "one token request for one scope: {:?}", ts.requests());
+
+    // With a wrong password, a burst of pulls makes one refused login, not one per pull.
+    let toml = upstream_toml("bad", &relay.url(""), &[("username", json!("puller")), ("password", json!("wrong"))]);
+    let (bad, _cfg2) = start_with_config(&toml, &[]);
+    for i in 0..5 {
+        let (status, body) = fetch(&format!("{}/v2/bad/team/app/manifests/t{i}", bw_url(&bad)), None).await;
+        assert_oci_error("refused login", status, &body);
+    }
+    assert_eq!(ts.denied(), 1, "the refusal is remembered: {:?}", ts.requests());
+}

@@ -15,7 +15,7 @@ pub use push::Mount;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -105,13 +105,17 @@ pub struct Upstream {
     base: String,
     client: reqwest::Client,
     /// Bearer tokens by scope (`repository:NAME:pull`).
-    tokens: Mutex<HashMap<String, Token>>,
+    tokens: Arc<Mutex<HashMap<String, Token>>>,
     /// Set once the upstream asked for basic auth, so later requests send it up front.
     basic_preferred: Mutex<bool>,
     /// No request is sent before this instant (`Retry-After` of a 429 or 503).
     not_before: Mutex<Option<Instant>>,
     /// Spaces requests out to the configured rate, if any.
     pacer: Option<Pacer>,
+    /// One token request per scope at a time, shared by every request that needs it.
+    token_fetches: crate::flight::Group<String, Result<(String, Duration), UpstreamError>>,
+    /// Until when the token endpoint's refusal of our credentials is taken as the answer.
+    refused_until: Mutex<Option<Instant>>,
 }
 
 /// At most one request per `interval`, across all tasks using the upstream.
@@ -144,6 +148,34 @@ const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, appli
 /// How long an upstream's `Retry-After` may hold us off at most (a broken header must not disable the cache).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
+/// How long a refusal by the token endpoint is remembered before credentials are tried again.
+const AUTH_REFUSAL_MEMORY: Duration = Duration::from_secs(30);
+
+/// Asks a token endpoint for a bearer token; returns it with its lifetime.
+async fn fetch_token(req: reqwest::RequestBuilder, upstream: String) -> Result<(String, Duration), UpstreamError> {
+    let resp = req.send().await.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?;
+    metrics::counter!("breakwater_upstream_requests_total",
+        "upstream" => upstream, "method" => "GET", "status" => resp.status().as_str().to_string())
+    .increment(1);
+    if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
+        return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status())));
+    }
+    if !resp.status().is_success() {
+        return Err(UpstreamError::Unavailable(format!("token endpoint answered {}", resp.status())));
+    }
+    let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("token body: {}", without_url(&e))))?;
+    #[derive(serde::Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
+    let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
+    // The spec's default lifetime is 60 s; the caller renews a little early so a token never expires in flight.
+    Ok((value, Duration::from_secs(t.expires_in.unwrap_or(60).max(10))))
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP-date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
@@ -167,13 +199,15 @@ impl Upstream {
             config,
             base,
             client,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Arc::new(Mutex::new(HashMap::new())),
             basic_preferred: Mutex::new(false),
             not_before: Mutex::new(None),
             pacer: rate.filter(|r| *r > 0.0).map(|r| Pacer {
                 interval: Duration::from_secs_f64(1.0 / r),
                 next: tokio::sync::Mutex::new(Instant::now()),
             }),
+            token_fetches: crate::flight::Group::default(),
+            refused_until: Mutex::new(None),
         })
     }
 
@@ -219,41 +253,50 @@ impl Upstream {
                 self.basic_header().ok_or_else(|| UpstreamError::Unauthorized("upstream wants credentials; none are configured".into()))
             }
             "bearer" => {
-                let realm = c.params.get("realm").ok_or_else(|| UpstreamError::Invalid("bearer challenge without realm".into()))?;
-                let mut req = self.client.get(realm).timeout(self.config.timeout);
-                let mut query: Vec<(&str, &str)> = Vec::new();
+                if let Some(until) = *self.refused_until.lock().unwrap_or_else(|p| p.into_inner()) {
+                    if Instant::now() < until {
+                        return Err(UpstreamError::Unauthorized("the token endpoint refused our credentials moments ago".into()));
+                    }
+                }
+                let realm = c.params.get("realm").ok_or_else(|| UpstreamError::Invalid("bearer challenge without realm".into()))?.clone();
+                let mut query: Vec<(String, String)> = Vec::new();
                 if let Some(service) = c.params.get("service") {
-                    query.push(("service", service));
+                    query.push(("service".into(), service.clone()));
                 }
-                query.push(("scope", c.params.get("scope").map(String::as_str).unwrap_or(scope)));
-                req = req.query(&query);
-                if let Some(basic) = self.basic_header() {
-                    req = req.header(header::AUTHORIZATION, basic);
+                query.push(("scope".into(), c.params.get("scope").cloned().unwrap_or_else(|| scope.to_string())));
+                let req = self.client.get(&realm).timeout(self.config.timeout).query(&query);
+                let req = match self.basic_header() {
+                    Some(basic) => req.header(header::AUTHORIZATION, basic),
+                    None => req,
+                };
+                // A request that was answered 401 just before another one obtained the token finds it here.
+                if let Some(v) = self.cached_token(scope) {
+                    return Ok(v);
                 }
-                let resp = req.send().await.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?;
-                self.count(&Method::GET, resp.status().as_str());
-                if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
-                    return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status())));
-                }
-                if !resp.status().is_success() {
-                    return Err(UpstreamError::Unavailable(format!("token endpoint answered {}", resp.status())));
-                }
-                let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("token body: {}", without_url(&e))))?;
-                #[derive(serde::Deserialize)]
-                struct TokenResponse {
-                    token: Option<String>,
-                    access_token: Option<String>,
-                    expires_in: Option<u64>,
-                }
-                let t: TokenResponse =
-                    serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
-                let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
-                // The spec's default lifetime is 60 s; renew a little early so a token never expires in flight.
-                let lifetime = Duration::from_secs(t.expires_in.unwrap_or(60).max(10));
-                let expires = Instant::now() + lifetime - lifetime / 10;
+                let (upstream, tokens, key) = (self.config.name.clone(), Arc::clone(&self.tokens), scope.to_string());
+                // Concurrent requests for one scope share one token request, which caches the token before it
+                // finishes, so no request can miss both the flight and the cache.
+                let (fetched, _) = self
+                    .token_fetches
+                    .run(scope.to_string(), move || async move {
+                        let (value, lifetime) = fetch_token(req, upstream).await?;
+                        let expires = Instant::now() + lifetime - lifetime / 10;
+                        tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Token { value: value.clone(), expires });
+                        Ok((value, lifetime))
+                    })
+                    .await;
+                let value = match fetched {
+                    Ok((value, _)) => value,
+                    Err(e) => {
+                        if matches!(e, UpstreamError::Unauthorized(_)) {
+                            // Do not knock again at once: a refused login per request is how accounts get locked.
+                            *self.refused_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + AUTH_REFUSAL_MEMORY);
+                        }
+                        return Err(e);
+                    }
+                };
                 let mut v = HeaderValue::from_str(&format!("Bearer {value}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
                 v.set_sensitive(true);
-                self.tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(scope.to_string(), Token { value, expires });
                 Ok(v)
             }
             other => Err(UpstreamError::Unauthorized(format!("unsupported auth scheme {other}"))),
