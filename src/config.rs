@@ -30,6 +30,8 @@ pub struct Config {
     /// Registries this one caches, each under its own name.
     pub upstreams: Vec<UpstreamConfig>,
     pub cache: CacheConfig,
+    /// `[[replication]]` policies, run on their schedules or through the API.
+    pub replication: Vec<FileReplication>,
 }
 
 /// Limits of the pull-through cache.

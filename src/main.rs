@@ -297,7 +297,14 @@ impl ServeArgs {
             anyhow::bail!("only one upstream can be the default");
         }
         let negative_ttl = self.negative_ttl_secs.or(file.cache.negative_ttl_secs).unwrap_or(config::DEFAULT_NEGATIVE_TTL_SECS);
+        let mut names = std::collections::HashSet::new();
+        for r in &file.replication {
+            if !names.insert(r.name.clone()) {
+                anyhow::bail!("replication policy {} is configured twice", r.name);
+            }
+        }
         Ok(Config {
+            replication: file.replication,
             upstreams,
             cache: config::CacheConfig {
                 negative_ttl: std::time::Duration::from_secs(negative_ttl),
@@ -355,11 +362,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
-    let app = breakwater::server::build(&config, Some(metrics)).await?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let mut local = addr;
+    if local.ip().is_unspecified() {
+        local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let app = breakwater::server::build(&config, &format!("http://{local}"), Some(metrics)).await?;
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     let mut out = std::io::stdout();
     writeln!(out, "breakwater listening on http://{addr}")?;

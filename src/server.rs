@@ -14,13 +14,23 @@ use crate::registry::Registry;
 use crate::upstream::Upstream;
 use crate::storage::LocalStore;
 
-/// Opens the stores named by `config` and returns the HTTP application.
-pub async fn build(config: &Config, metrics: Option<metrics_exporter_prometheus::PrometheusHandle>) -> anyhow::Result<Arc<App>> {
+/// Opens the stores named by `config` and returns the HTTP application. `local_url` is where this instance
+/// answers (replication policies reach `local` there).
+pub async fn build(
+    config: &Config,
+    local_url: &str,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
     let store = LocalStore::open(&config.data.join("content"))
         .await
         .with_context(|| format!("opening the content store in {}", config.data.display()))?;
     let meta = crate::meta::open(&config.metadata).await.context("opening the metadata store")?;
+    for p in &config.replication {
+        p.policy(local_url).with_context(|| format!("replication policy {}", p.name))?;
+    }
+    let replication = crate::replicate::Scheduler::new(config.replication.clone(), Arc::clone(&meta), local_url.to_string());
+    replication.spawn_schedules();
     let store: Arc<dyn crate::storage::BlobStore> = Arc::new(store);
     let registry = Arc::new(Registry::new(Arc::clone(&store), meta, config.delete_enabled));
     let flights = BlobFlights::new(store, config.data.join("content").join("spool"))
@@ -44,7 +54,7 @@ pub async fn build(config: &Config, metrics: Option<metrics_exporter_prometheus:
             }
         });
     }
-    Ok(Arc::new(App { registry, proxy, metrics }))
+    Ok(Arc::new(App { registry, proxy, replication, metrics }))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests

@@ -3,6 +3,7 @@
 //! Architecture invariant: this module holds no registry policy. It parses requests, calls `Registry`, and
 //! writes the answers (headers, bodies, error JSON) the spec asks for.
 
+mod api;
 mod error;
 mod range;
 mod route;
@@ -26,6 +27,8 @@ pub struct App {
     pub registry: Arc<Registry>,
     /// Pull-through policy; with no upstreams configured every name is local.
     pub proxy: Arc<crate::proxy::Proxy>,
+    /// Replication policies of the config file: their schedules and API-started runs.
+    pub replication: Arc<crate::replicate::Scheduler>,
     /// Renders `/metrics`; `None` when the process has no Prometheus recorder (library use in tests).
     pub metrics: Option<PrometheusHandle>,
 }
@@ -44,6 +47,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(api::routes())
         .layer(middleware::from_fn(observe))
         .with_state(app)
 }

@@ -13,6 +13,7 @@
 mod copy;
 mod filter;
 mod progress;
+mod scheduler;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 pub use copy::{Copier, Outcome};
 pub use filter::{natural_cmp, RepoFilter, Rewrite, TagFilter};
 pub use progress::{Progress, Reporter};
+pub use scheduler::{JobStatus, Scheduler, StartError};
 
 use crate::meta::{JobFailure, JobRecord, Meta};
 use crate::oci::RepoName;

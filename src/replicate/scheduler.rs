@@ -1,0 +1,130 @@
+//! Replication inside `breakwater serve`: the `[[replication]]` policies of the config file, run on their
+//! schedules or on request through the HTTP API, one run per policy at a time.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{Mode, Progress};
+use crate::config::FileReplication;
+use crate::meta::{JobFailure, JobRecord, Meta};
+
+/// Why a run could not be started.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StartError {
+    #[error("no replication policy named {0}")]
+    Unknown(String),
+    #[error("replication {0} is already running")]
+    Running(String),
+    #[error("replication {0}: {1}")]
+    Invalid(String, String),
+}
+
+/// A job as the API shows it: its saved state, whether it runs now, and its live counters if so.
+#[derive(Debug, serde::Serialize)]
+pub struct JobStatus {
+    pub name: String,
+    pub running: bool,
+    pub schedule_secs: Option<u64>,
+    /// Counters of the run in progress, or of the last run.
+    pub progress: JobRecord,
+    pub failures: Vec<JobFailure>,
+}
+
+pub struct Scheduler {
+    policies: Vec<FileReplication>,
+    meta: Arc<dyn Meta>,
+    /// This breakwater's own URL, for policies whose destination (or source) is `local`.
+    local_url: String,
+    /// The runs in progress, by policy name.
+    running: Mutex<HashMap<String, Arc<Progress>>>,
+}
+
+impl Scheduler {
+    pub fn new(policies: Vec<FileReplication>, meta: Arc<dyn Meta>, local_url: String) -> Arc<Scheduler> {
+        Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()) })
+    }
+
+    /// Starts a run of policy `name` in the background. A job whose last run did not finish resumes.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<(), StartError> {
+        let file = self.policies.iter().find(|p| p.name == name).ok_or_else(|| StartError::Unknown(name.to_string()))?;
+        let policy = file.policy(&self.local_url).map_err(|e| StartError::Invalid(name.to_string(), e.to_string()))?;
+        let mode = match self.meta.job(name).await {
+            Ok(Some(j)) if j.status == "running" => Mode::Resume,
+            _ => Mode::Fresh,
+        };
+        let progress = Arc::new(Progress::default());
+        {
+            let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+            if running.contains_key(name) {
+                return Err(StartError::Running(name.to_string()));
+            }
+            running.insert(name.to_string(), Arc::clone(&progress));
+        }
+        let (this, name) = (Arc::clone(self), name.to_string());
+        tokio::spawn(async move {
+            tracing::info!(job = %name, ?mode, "replication started");
+            match super::run(policy, Arc::clone(&this.meta), mode, Some(progress)).await {
+                Ok(r) => tracing::info!(job = %name, copied = r.copied, skipped = r.skipped, failed = r.failed, status = %r.status, "replication ended"),
+                Err(e) => tracing::error!(job = %name, error = %e, "replication could not run"),
+            }
+            this.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+        });
+        Ok(())
+    }
+
+    /// Runs every policy that has a schedule, every `schedule_secs`, from now on.
+    pub fn spawn_schedules(self: &Arc<Self>) {
+        for p in &self.policies {
+            let Some(secs) = p.schedule_secs.filter(|s| *s > 0) else { continue };
+            let (this, name) = (Arc::clone(self), p.name.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(secs));
+                loop {
+                    tick.tick().await;
+                    match this.start(&name).await {
+                        Ok(()) | Err(StartError::Running(_)) => {}
+                        Err(e) => tracing::error!(error = %e, "scheduled replication"),
+                    }
+                }
+            });
+        }
+    }
+
+    /// The status of every configured policy.
+    pub async fn status(&self) -> Vec<JobStatus> {
+        let mut out = Vec::new();
+        for p in &self.policies {
+            out.push(self.job_status(p).await);
+        }
+        out
+    }
+
+    /// The status of one policy.
+    pub async fn status_of(&self, name: &str) -> Option<JobStatus> {
+        let p = self.policies.iter().find(|p| p.name == name)?;
+        Some(self.job_status(p).await)
+    }
+
+    async fn job_status(&self, p: &FileReplication) -> JobStatus {
+        let live = self.running.lock().unwrap_or_else(|e| e.into_inner()).get(&p.name).cloned();
+        let saved = self.meta.job(&p.name).await.ok().flatten();
+        let progress = match (&live, saved) {
+            (Some(live), saved) => {
+                let mut r = live.record(&p.name);
+                r.mark = saved.as_ref().and_then(|s| s.mark.clone());
+                r.status = "running".into();
+                r
+            }
+            (None, Some(saved)) => saved,
+            (None, None) => JobRecord { name: p.name.clone(), status: "never run".into(), ..JobRecord::default() },
+        };
+        JobStatus {
+            name: p.name.clone(),
+            running: live.is_some(),
+            schedule_secs: p.schedule_secs,
+            progress,
+            failures: self.meta.failures(&p.name).await.unwrap_or_default(),
+        }
+    }
+}
