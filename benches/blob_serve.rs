@@ -1,1 +1,588 @@
-fn main(){}
+//! Serving one large blob to concurrent clients: breakwater vs Debian's `docker-registry` (distribution 2.8).
+//!
+//! Run with `cargo bench --bench blob_serve`. Environment:
+//! - `BENCH_CLIENTS`: comma-separated client counts (default `1,50`);
+//! - `BENCH_BLOB_MB`: blob size in MB of 10^6 bytes (default `200`);
+//! - `BENCH_REPEAT`: how many times each client count is measured (default `5`; every repetition is printed, then medians).
+//!
+//! For each registry: push one pseudo-random blob (POST to open an upload session, then a monolithic
+//! `PUT <location>&digest=...` with the whole body), do one warm-up GET (sha256 checked) so both serve from page
+//! cache, then for each client count N start N concurrent `GET /v2/bench/blob/blobs/<digest>` on fresh
+//! connections, each reading the whole body as a stream. Every client checks status, Content-Length and the byte
+//! count; client 0 of every run also checks the sha256 of what it read (hashed on a separate thread fed through a bounded
+//! channel, so that hashing does not serialize with reading the socket). The server's peak RSS during a run is its
+//! VmHWM after the peak was reset through `/proc/<pid>/clear_refs` before the run (cross-checked by sampling
+//! VmRSS every 20 ms); CPU time comes from `/proc/<pid>/stat`. Wall time runs from starting the N requests to the last
+//! body byte of the slowest client; aggregate throughput is the bytes all clients read divided by that wall time.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+const REPO: &str = "bench/blob";
+const CLK_TCK: f64 = 100.0;
+
+fn main() {
+    let blob_mb: usize = std::env::var("BENCH_BLOB_MB").ok().map(|s| s.trim().parse().expect("BENCH_BLOB_MB")).unwrap_or(200);
+    let clients: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .unwrap_or_else(|_| "1,50".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("BENCH_CLIENTS: comma-separated integers"))
+        .collect();
+    assert!(!clients.is_empty() && clients.iter().all(|&n| n > 0), "BENCH_CLIENTS needs positive counts");
+    let repeat: usize = std::env::var("BENCH_REPEAT").ok().map(|s| s.trim().parse().expect("BENCH_REPEAT")).unwrap_or(5).max(1);
+    let size = blob_mb * 1_000_000;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+
+    let t = Instant::now();
+    let blob = Bytes::from(xorshift_bytes(size, 0x9E37_79B9_7F4A_7C15));
+    let gen_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let digest = format!("sha256:{}", hex(&Sha256::digest(&blob)));
+    let hash_s = t.elapsed().as_secs_f64();
+
+    println!("== blob_serve: one {blob_mb} MB blob to concurrent clients ==");
+    println!("machine : {} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total());
+    println!(
+        "blob    : {size} bytes ({blob_mb} MB, xorshift64 pseudo-random, generated in {gen_s:.2}s), {digest} (hashed in {hash_s:.2}s)"
+    );
+    println!(
+        "clients : {clients:?} concurrent GETs, {repeat} repetitions each, one fresh HTTP/1.1 connection per GET, in the bench process (tokio, {} workers)",
+        nproc()
+    );
+    println!();
+
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failures: Vec<String> = Vec::new();
+
+    // Both registries run for the whole benchmark, and their runs are interleaved (alternating which goes first), so
+    // that a burst of other work on the machine is less likely to hit only one of them.
+    let bw = common::Breakwater::start();
+    let dist = common::Distribution::start();
+    let dist_config = dist.dir.path().join("config.yml");
+    let servers = [
+        Server::new("breakwater", &bw.addr, bw.pid(), &digest),
+        Server::new(
+            "distribution 2.8.2",
+            &dist.addr,
+            find_pid_by_cmdline(&dist_config.display().to_string()).expect("pid of docker-registry"),
+            &digest,
+        ),
+    ];
+    for server in &servers {
+        prepare(&rt, server, &blob, &digest, &mut failures);
+    }
+    for &n in &clients {
+        for rep in 1..=repeat {
+            let order: Vec<&Server> = if rep % 2 == 1 { servers.iter().collect() } else { servers.iter().rev().collect() };
+            for server in order {
+                rows.push(measure(&rt, server, n, rep, size as u64, &digest, &mut failures));
+            }
+        }
+    }
+    drop(bw);
+    drop(dist);
+    rows.sort_by_key(|r| (servers.iter().position(|s| s.name == r.server), r.n, r.rep));
+
+    println!();
+    println!("Results ({blob_mb} MB blob; MB = 10^6 bytes, MiB = 2^20 bytes; times in seconds unless marked ms)");
+    println!();
+    println!("| server | clients | rep | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB (VmHWM) | sampled max RSS MiB | server CPU s | bench-process CPU s | other CPU s | bodies ok |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {}/{} |",
+            r.server,
+            r.n,
+            r.rep,
+            r.wall,
+            r.mbps,
+            r.mbps * 8.0 / 1000.0,
+            r.ttfb_p50 * 1000.0,
+            r.ttfb_p99 * 1000.0,
+            r.done_p50,
+            r.done_p99,
+            r.hwm.map_or("n/a".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            r.sampled_max_kib as f64 / 1024.0,
+            r.server_cpu,
+            r.client_cpu,
+            r.other_cpu,
+            r.ok,
+            r.n
+        );
+    }
+    println!();
+    println!("Medians over the {repeat} repetitions (peak RSS: the largest of the repetitions)");
+    println!();
+    println!(
+        "| server | clients | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB | server CPU s | server CPU s per GB served | other CPU s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for server in &servers {
+        for &n in &clients {
+            let runs: Vec<&Row> = rows.iter().filter(|r| r.server == server.name && r.n == n).collect();
+            let med = |f: &dyn Fn(&Row) -> f64| {
+                let mut v: Vec<f64> = runs.iter().map(|r| f(r)).collect();
+                median(&mut v)
+            };
+            let peak = runs.iter().filter_map(|r| r.hwm).max().unwrap_or(0) as f64 / 1024.0;
+            println!(
+                "| {} | {n} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {peak:.1} | {:.2} | {:.2} | {:.2} |",
+                server.name,
+                med(&|r| r.wall),
+                med(&|r| r.mbps),
+                med(&|r| r.mbps) * 8.0 / 1000.0,
+                med(&|r| r.ttfb_p50 * 1000.0),
+                med(&|r| r.ttfb_p99 * 1000.0),
+                med(&|r| r.done_p50),
+                med(&|r| r.done_p99),
+                med(&|r| r.server_cpu),
+                med(&|r| r.server_cpu / (r.n as f64 * size as f64 / 1e9)),
+                med(&|r| r.other_cpu),
+            );
+        }
+    }
+    println!();
+    println!("p99 uses the nearest-rank method: with 50 clients it is the slowest client; with 1 client p50 = p99 = that client.");
+    println!(
+        "CPU columns are user+system seconds during the run: the server process, this bench process (all clients), and the rest of \
+         the machine (from /proc/stat; well above 0 means something else competed for the {} CPUs).",
+        nproc()
+    );
+    if failures.is_empty() {
+        println!("all bodies complete; sha256 verified by client 0 of every run and by every warm-up GET");
+    } else {
+        println!("FAILURES ({}):", failures.len());
+        for f in &failures {
+            println!("  {f}");
+        }
+        std::process::exit(1);
+    }
+}
+
+struct Row {
+    server: &'static str,
+    n: usize,
+    rep: usize,
+    wall: f64,
+    mbps: f64,
+    ttfb_p50: f64,
+    ttfb_p99: f64,
+    done_p50: f64,
+    done_p99: f64,
+    hwm: Option<u64>,
+    sampled_max_kib: u64,
+    server_cpu: f64,
+    client_cpu: f64,
+    other_cpu: f64,
+    ok: usize,
+}
+
+struct Server {
+    name: &'static str,
+    base: String,
+    pid: u32,
+    url: String,
+}
+
+impl Server {
+    fn new(name: &'static str, addr: &str, pid: u32, digest: &str) -> Self {
+        let base = format!("http://{addr}");
+        let url = format!("{base}/v2/{REPO}/blobs/{digest}");
+        Server { name, base, pid, url }
+    }
+}
+
+/// Pushes the blob and does the warm-up GET (which also checks the sha256 of what the server returns).
+fn prepare(rt: &tokio::runtime::Runtime, server: &Server, blob: &Bytes, digest: &str, failures: &mut Vec<String>) {
+    let Server { name, base, pid, url } = server;
+    let (name, pid, size) = (*name, *pid, blob.len() as u64);
+    println!("-- {name} at {base} (pid {pid})");
+
+    let t = Instant::now();
+    rt.block_on(push(base, blob.clone(), digest)).unwrap_or_else(|e| panic!("{name}: push failed: {e}"));
+    let up = t.elapsed().as_secs_f64();
+    println!(
+        "   push (POST + monolithic PUT): {up:.2}s, {:.0} MB/s; server VmHWM after push {} MiB",
+        size as f64 / 1e6 / up,
+        vm_kib(pid, "VmHWM").map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+    );
+
+    let t = Instant::now();
+    let warm = rt.block_on(run_clients(url, 1, size, digest));
+    let w = &warm[0];
+    match &w.error {
+        None => println!("   warm-up GET: {:.2}s, sha256 ok", t.elapsed().as_secs_f64()),
+        Some(e) => {
+            println!("   warm-up GET FAILED: {e}");
+            failures.push(format!("{name} warm-up: {e}"));
+        }
+    }
+}
+
+/// One measured run: N concurrent clients each GET the whole blob.
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    server: &Server,
+    n: usize,
+    rep: usize,
+    size: u64,
+    digest: &str,
+    failures: &mut Vec<String>,
+) -> Row {
+    let Server { name, pid, url, .. } = server;
+    let (name, pid) = (*name, *pid);
+    let hwm_reset = reset_hwm(pid);
+    let cpu0 = cpu_seconds(pid);
+    let self0 = cpu_seconds(std::process::id());
+    let busy0 = machine_busy_seconds();
+    let procs0 = all_process_cpu();
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(Ordering::Relaxed) {
+                max = max.max(vm_kib(pid, "VmRSS").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            max.max(vm_kib(pid, "VmRSS").unwrap_or(0))
+        })
+    };
+
+    let results = rt.block_on(run_clients(&url, n, size, digest));
+    // Wall time: from the moment the N requests are started until the last body byte of the slowest client
+    // (the sha256 check that follows is not counted).
+    let wall = results.iter().map(|r| r.done).fold(0.0, f64::max);
+
+    stop.store(true, Ordering::Relaxed);
+    let sampled_max_kib = sampler.join().unwrap();
+    let hwm = if hwm_reset { vm_kib(pid, "VmHWM") } else { None };
+    let server_cpu = cpu_seconds(pid) - cpu0;
+    let client_cpu = cpu_seconds(std::process::id()) - self0;
+    // CPU time that neither the server nor the bench process used: other work on the machine disturbing the run.
+    let other_cpu = (machine_busy_seconds() - busy0 - server_cpu - client_cpu).max(0.0);
+    let others = top_other_processes(&procs0, &all_process_cpu(), &[pid, std::process::id()]);
+
+    let mut ok = 0;
+    for (i, r) in results.iter().enumerate() {
+        match &r.error {
+            None => ok += 1,
+            Some(e) => failures.push(format!("{name} N={n} rep {rep} client {i}: {e} (read {} of {size} bytes)", r.bytes)),
+        }
+    }
+    let total: u64 = results.iter().map(|r| r.bytes).sum();
+    let mut ttfb: Vec<f64> = results.iter().filter_map(|r| r.ttfb).collect();
+    let mut done: Vec<f64> = results.iter().map(|r| r.done).collect();
+    let row = Row {
+        server: name,
+        n,
+        rep,
+        wall,
+        mbps: total as f64 / 1e6 / wall,
+        ttfb_p50: pct(&mut ttfb, 50.0),
+        ttfb_p99: pct(&mut ttfb, 99.0),
+        done_p50: pct(&mut done, 50.0),
+        done_p99: pct(&mut done, 99.0),
+        hwm,
+        sampled_max_kib,
+        server_cpu,
+        client_cpu,
+        other_cpu,
+        ok,
+    };
+    println!(
+        "   {name:<18} N={n:>3} rep {rep}: wall {:.2}s, {:.0} MB/s ({:.2} Gbit/s), TTFB p50/p99 {:.1}/{:.1} ms, \
+         done p50/p99 {:.2}/{:.2}s, peak RSS {} MiB, server CPU {:.2}s, other CPU {:.2}s, {ok}/{n} ok",
+        row.wall,
+        row.mbps,
+        row.mbps * 8.0 / 1000.0,
+        row.ttfb_p50 * 1000.0,
+        row.ttfb_p99 * 1000.0,
+        row.done_p50,
+        row.done_p99,
+        hwm.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        server_cpu,
+        other_cpu,
+    );
+    if !others.is_empty() {
+        println!("           other processes busy during the run: {others}");
+    }
+    row
+}
+
+async fn push(base: &str, blob: Bytes, digest: &str) -> Result<(), String> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().map_err(|e| e.to_string())?;
+    let resp = client.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await.map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 202 {
+        return Err(format!("POST uploads: status {}", resp.status()));
+    }
+    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or("POST uploads: no Location")?.to_string();
+    let mut put = if location.starts_with("http://") || location.starts_with("https://") { location } else { format!("{base}{location}") };
+    put.push(if put.contains('?') { '&' } else { '?' });
+    put.push_str("digest=");
+    put.push_str(digest);
+    let len = blob.len();
+    let resp = client
+        .put(put)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(blob)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 201 {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(format!("PUT upload: status {status}: {text}"));
+    }
+    let resp = client.head(format!("{base}/v2/{REPO}/blobs/{digest}")).send().await.map_err(|e| e.to_string())?;
+    let cl = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<usize>().ok());
+    if resp.status().as_u16() != 200 || cl != Some(len) {
+        return Err(format!("HEAD after push: status {}, content-length {cl:?}", resp.status()));
+    }
+    Ok(())
+}
+
+struct ClientResult {
+    /// Seconds from the run's start to the first body byte.
+    ttfb: Option<f64>,
+    /// Seconds from the run's start to the end of the body (or to the failure).
+    done: f64,
+    bytes: u64,
+    error: Option<String>,
+}
+
+/// N concurrent GETs of the blob, each on its own connection (a fresh client per run, so none reuses a warm one).
+async fn run_clients(url: &str, n: usize, size: u64, digest: &str) -> Vec<ClientResult> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(n).timeout(Duration::from_secs(150)).build().expect("client");
+    let t0 = Instant::now();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.to_string();
+            let digest = digest.to_string();
+            tokio::spawn(async move { one_client(client, url, size, if i == 0 { Some(digest) } else { None }, t0).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| ClientResult {
+            ttfb: None,
+            done: t0.elapsed().as_secs_f64(),
+            bytes: 0,
+            error: Some(format!("task: {e}")),
+        }));
+    }
+    out
+}
+
+async fn one_client(client: reqwest::Client, url: String, size: u64, check: Option<String>, t0: Instant) -> ClientResult {
+    let mut r = ClientResult { ttfb: None, done: 0.0, bytes: 0, error: None };
+    // Hashing runs on its own thread, fed the (refcounted, uncopied) chunks through a bounded channel.
+    let (tx, hasher) = match check.as_ref() {
+        Some(_) => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+            let h = tokio::task::spawn_blocking(move || {
+                let mut h = Sha256::new();
+                while let Some(c) = rx.blocking_recv() {
+                    h.update(&c);
+                }
+                hex(&h.finalize())
+            });
+            (Some(tx), Some(h))
+        }
+        None => (None, None),
+    };
+    let outcome: Result<(), String> = async {
+        let mut resp = client.get(&url).send().await.map_err(|e| format!("request: {e}"))?;
+        if resp.status().as_u16() != 200 {
+            return Err(format!("status {}", resp.status()));
+        }
+        let cl = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+        if cl != Some(size) {
+            return Err(format!("content-length {cl:?}, expected {size}"));
+        }
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
+            if r.ttfb.is_none() && !chunk.is_empty() {
+                r.ttfb = Some(t0.elapsed().as_secs_f64());
+            }
+            r.bytes += chunk.len() as u64;
+            if let Some(tx) = tx.as_ref() {
+                tx.send(chunk).await.map_err(|_| "hasher thread died".to_string())?;
+            }
+        }
+        if r.bytes != size {
+            return Err(format!("body {} bytes, expected {size}", r.bytes));
+        }
+        Ok(())
+    }
+    .await;
+    r.done = t0.elapsed().as_secs_f64();
+    drop(tx);
+    // The digest is checked after the body's last byte, outside the measured time.
+    let hashed = match hasher {
+        Some(h) => Some(h.await.expect("hasher task")),
+        None => None,
+    };
+    r.error = outcome.err();
+    if let (None, Some(got), Some(want)) = (&r.error, hashed, check.as_ref()) {
+        if format!("sha256:{got}") != *want {
+            r.error = Some(format!("body sha256 sha256:{got}, expected {want}"));
+        }
+    }
+    r
+}
+
+fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    let mut x = seed;
+    let mut chunks = v.chunks_exact_mut(8);
+    for c in &mut chunks {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes());
+    }
+    for b in chunks.into_remainder() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    v
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Nearest-rank percentile.
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+fn vm_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS (`echo 5 > /proc/PID/clear_refs`).
+fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// utime + stime of the process (all threads), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(14) + ticks(15)) as f64 / CLK_TCK
+}
+
+/// The pid of the process whose command line contains `needle` (used for docker-registry, whose config path is
+/// unique to its temporary directory).
+fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Busy CPU seconds of the whole machine since boot (all CPUs; user, nice, system, irq, softirq, steal).
+fn machine_busy_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(line) = s.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return f64::NAN };
+    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // Fields: user nice system idle iowait irq softirq steal ...
+    let busy = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<u64>();
+    busy as f64 / CLK_TCK
+}
+
+/// CPU seconds (utime + stime) of every process now, by pid, with its name.
+fn all_process_cpu() -> std::collections::HashMap<u32, (String, f64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let name = stat.split_once('(').and_then(|(_, r)| r.rsplit_once(')')).map_or("?".to_string(), |(n, _)| n.to_string());
+        out.insert(pid, (name, cpu_seconds(pid)));
+    }
+    out
+}
+
+/// The processes other than `skip` that used at least 0.05 s of CPU between two snapshots, busiest first.
+fn top_other_processes(
+    before: &std::collections::HashMap<u32, (String, f64)>,
+    after: &std::collections::HashMap<u32, (String, f64)>,
+    skip: &[u32],
+) -> String {
+    let mut used: Vec<(String, u32, f64)> = after
+        .iter()
+        .filter(|(pid, _)| !skip.contains(pid))
+        .map(|(pid, (name, cpu))| (name.clone(), *pid, cpu - before.get(pid).map_or(0.0, |b| b.1)))
+        .filter(|(_, _, d)| *d >= 0.05)
+        .collect();
+    used.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap());
+    used.iter().take(5).map(|(n, p, d)| format!("{n}[{p}] {d:.2}s")).collect::<Vec<_>>().join(", ")
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
+        .map_or("? RAM".into(), |m| format!("{m} RAM"))
+}

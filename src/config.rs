@@ -253,6 +253,9 @@ mod tests {
             for u in parsed.upstream {
                 u.resolve().unwrap();
             }
+            for r in parsed.replication {
+                r.policy("http://127.0.0.1:5000").unwrap();
+            }
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");
