@@ -77,6 +77,9 @@ pub struct FileReplication {
     pub name: String,
     /// Source registry URL.
     pub from: String,
+    /// `registry` (the catalog API, default) or `harbor` (Harbor's project and repository API).
+    #[serde(default)]
+    pub from_kind: crate::replicate::SourceKind,
     /// Destination registry URL, or `local` for this breakwater.
     pub to: String,
     pub from_username: Option<String>,
@@ -135,6 +138,7 @@ impl FileReplication {
         Ok(crate::replicate::Policy {
             job: self.name.clone(),
             from: endpoint("source", &self.from, &self.from_username, &self.from_password)?,
+            from_kind: self.from_kind,
             to: endpoint("destination", &self.to, &self.to_username, &self.to_password)?,
             include: self.include.clone(),
             exclude: self.exclude.clone(),

@@ -40,6 +40,9 @@ struct ReplicateArgs {
     /// Destination registry URL, or `local` for the breakwater at --local-url.
     #[arg(long, required_unless_present = "policy")]
     to: Option<String>,
+    /// How the source lists its repositories: the catalog API, or Harbor's project/repository API.
+    #[arg(long, value_enum, default_value = "registry")]
+    from_kind: breakwater::replicate::SourceKind,
     #[arg(long, env = "BREAKWATER_FROM_USERNAME")]
     from_username: Option<String>,
     #[arg(long, env = "BREAKWATER_FROM_PASSWORD", hide_env_values = true)]
@@ -124,6 +127,7 @@ impl ReplicateArgs {
         let from_flags = || config::FileReplication {
             name: self.job.clone(),
             from: self.from.clone().unwrap_or_default(),
+            from_kind: self.from_kind,
             to: self.to.clone().unwrap_or_default(),
             from_username: self.from_username.clone(),
             from_password: self.from_password.clone(),

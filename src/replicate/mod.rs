@@ -12,6 +12,7 @@
 
 mod copy;
 mod filter;
+mod listing;
 mod progress;
 mod scheduler;
 
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 
 pub use copy::{Copier, Outcome};
 pub use filter::{natural_cmp, RepoFilter, Rewrite, TagFilter};
+pub use listing::SourceKind;
 pub use progress::{Progress, Reporter};
 pub use scheduler::{JobStatus, Scheduler, StartError};
 
@@ -36,6 +38,8 @@ pub struct Policy {
     /// The job name: the checkpoint and failures are kept under it.
     pub job: String,
     pub from: UpstreamConfig,
+    /// How the source's repositories are listed.
+    pub from_kind: SourceKind,
     pub to: UpstreamConfig,
     pub include: Vec<String>,
     pub exclude: Vec<String>,
@@ -319,22 +323,22 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
     };
 
     // Stage 1: the catalog walk (here, so that its back-pressure is the channel to the listers).
-    let mut last = start;
+    let mut lister = listing::Lister::new(run.policy.from_kind, start);
     let mut index = 0u64;
     let mut walk_error = None;
     loop {
-        let src = &run.copier.src;
-        let page = match copy::retry([src, src], || src.catalog_page(last.as_deref(), run.policy.page_size)).await {
-            Ok(p) => p,
+        let items = match lister.next_page(&run.copier.src, run.policy.page_size).await {
+            Ok(Some(items)) => items,
+            Ok(None) => break,
             Err(e) => {
                 walk_error = Some(e);
                 break;
             }
         };
-        let matched: Vec<RepoName> = page.items.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
-        run.progress.page(&run.policy.job, page.items.len() as u64, matched.len() as u64);
+        let matched: Vec<RepoName> = items.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
+        run.progress.page(&run.policy.job, items.len() as u64, matched.len() as u64);
         let state = Arc::new(PageState { index, pending: AtomicUsize::new(matched.len() + 1), done: done_tx.clone() });
-        let _ = page_tx.send((index, page.items.last().cloned()));
+        let _ = page_tx.send((index, items.last().cloned()));
         for name in matched {
             let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1) });
             if repo_tx.send(repo).await.is_err() {
@@ -344,10 +348,6 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
         // The page's own token: released once all its repositories were handed on.
         state.repo_finished();
         index += 1;
-        match page.next {
-            Some(next) if !page.items.is_empty() && Some(&next) != last.as_ref() => last = Some(next),
-            _ => break,
-        }
     }
     drop(repo_tx);
     drop(page_tx);

@@ -8,9 +8,11 @@
 
 mod catalog;
 mod challenge;
+mod harbor;
 mod push;
 
 pub use catalog::Page as ListPage;
+pub use harbor::HARBOR_PAGE;
 pub use push::Mount;
 
 use std::collections::HashMap;

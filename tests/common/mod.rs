@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod containerd;
+pub mod harbor;
 pub mod images;
 pub mod oci;
 pub mod relay;
