@@ -6,6 +6,7 @@ pub mod flight;
 pub mod http;
 pub mod meta;
 pub mod oci;
+pub mod pace;
 pub mod proxy;
 pub mod registry;
 pub mod replicate;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 use crate::flight::Group;
+use crate::pace::Pacer;
 use crate::oci::{Digest, ManifestInfo, ManifestKind, RepoName};
 use crate::storage::ByteStream;
 use crate::upstream::{Mount, RemoteManifest, Upstream, UpstreamError};
@@ -64,28 +65,6 @@ where
     }
 }
 
-/// Limits the bytes per second read from the source, across all transfers of a run.
-pub struct Bandwidth {
-    bytes_per_sec: f64,
-    next: tokio::sync::Mutex<tokio::time::Instant>,
-}
-
-impl Bandwidth {
-    pub fn new(bytes_per_sec: u64) -> Bandwidth {
-        Bandwidth { bytes_per_sec: bytes_per_sec as f64, next: tokio::sync::Mutex::new(tokio::time::Instant::now()) }
-    }
-
-    async fn spend(&self, n: usize) {
-        let at = {
-            let mut next = self.next.lock().await;
-            let at = (*next).max(tokio::time::Instant::now());
-            *next = at + Duration::from_secs_f64(n as f64 / self.bytes_per_sec);
-            at
-        };
-        tokio::time::sleep_until(at).await;
-    }
-}
-
 /// Everything the copies of one run share.
 pub struct Copier {
     pub src: Arc<Upstream>,
@@ -95,7 +74,8 @@ pub struct Copier {
     pub referrers: bool,
     pub override_tags: bool,
     pub dry_run: bool,
-    pub bandwidth: Option<Arc<Bandwidth>>,
+    /// Limits the bytes per second read from the source, across all transfers of the run.
+    pub bandwidth: Option<Arc<Pacer>>,
     /// A destination repository each blob was copied to in this run: the source of a cross-repository mount.
     mounted: Mutex<HashMap<Digest, RepoName>>,
     /// One transfer per (destination repository, blob) at a time: tags sharing layers do not upload them twice.
@@ -300,7 +280,7 @@ impl Copier {
                     let bw = Arc::clone(&bw);
                     async move {
                         if let Ok(c) = &chunk {
-                            bw.spend(c.len()).await;
+                            bw.spend(c.len() as f64).await;
                         }
                         chunk
                     }

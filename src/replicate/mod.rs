@@ -200,7 +200,7 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
     copier.referrers = policy.referrers;
     copier.override_tags = policy.override_tags;
     copier.dry_run = policy.dry_run;
-    copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(copy::Bandwidth::new(b)));
+    copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
 
     let saved = meta.job(&policy.job).await?;
     let (start_mark, progress) = match mode {

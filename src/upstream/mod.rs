@@ -113,30 +113,13 @@ pub struct Upstream {
     /// No request is sent before this instant (`Retry-After` of a 429 or 503).
     not_before: Mutex<Option<Instant>>,
     /// Spaces requests out to the configured rate, if any.
-    pacer: Option<Pacer>,
+    pacer: Option<crate::pace::Pacer>,
     /// One token request per scope at a time, shared by every request that needs it.
     token_fetches: crate::flight::Group<String, Result<(String, Duration), UpstreamError>>,
     /// Until when the token endpoint's refusal of our credentials is taken as the answer.
     refused_until: Mutex<Option<Instant>>,
 }
 
-/// At most one request per `interval`, across all tasks using the upstream.
-struct Pacer {
-    interval: Duration,
-    next: tokio::sync::Mutex<Instant>,
-}
-
-impl Pacer {
-    async fn wait(&self) {
-        let at = {
-            let mut next = self.next.lock().await;
-            let at = (*next).max(Instant::now());
-            *next = at + self.interval;
-            at
-        };
-        tokio::time::sleep_until(at.into()).await;
-    }
-}
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -204,10 +187,7 @@ impl Upstream {
             tokens: Arc::new(Mutex::new(HashMap::new())),
             basic_preferred: Mutex::new(false),
             not_before: Mutex::new(None),
-            pacer: rate.filter(|r| *r > 0.0).map(|r| Pacer {
-                interval: Duration::from_secs_f64(1.0 / r),
-                next: tokio::sync::Mutex::new(Instant::now()),
-            }),
+            pacer: rate.filter(|r| *r > 0.0).map(crate::pace::Pacer::per_second),
             token_fetches: crate::flight::Group::default(),
             refused_until: Mutex::new(None),
         })
@@ -328,7 +308,7 @@ impl Upstream {
             }
         }
         if let Some(pacer) = &self.pacer {
-            pacer.wait().await;
+            pacer.spend(1.0).await;
         }
         let url = if target.starts_with("http://") || target.starts_with("https://") {
             target.to_string()
