@@ -150,7 +150,8 @@ impl FileReplication {
             referrers: self.referrers,
             override_tags: self.override_tags,
             concurrency: self.concurrency.unwrap_or(DEFAULT_REPLICATION_CONCURRENCY).max(1),
-            page_size: self.page_size.unwrap_or(DEFAULT_REPLICATION_PAGE).clamp(1, 10_000),
+            // distribution refuses n > 1000 (400 PAGINATION_NUMBER_INVALID); registries may answer fewer anyway.
+            page_size: self.page_size.unwrap_or(DEFAULT_REPLICATION_PAGE).clamp(1, DEFAULT_REPLICATION_PAGE),
             dry_run: false,
             bandwidth: self.bandwidth,
         })

@@ -37,6 +37,10 @@ pub struct JobRecord {
     pub name: String,
     /// Low-water mark of the catalog walk: every repository up to and including it is finished.
     pub mark: Option<String>,
+    /// The walk's position: the last name of the last page whose matched repositories were all handed on.
+    pub position: Option<String>,
+    /// Repositories handed on but not finished at the last save (a resumed run re-queues them).
+    pub pending: Vec<String>,
     /// `running`, `finished` or `failed` (finished with failed items).
     pub status: String,
     pub pages: u64,

@@ -37,7 +37,8 @@ const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS cache_blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, last_access BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS cache_blobs_access ON cache_blobs (last_access)",
-    "CREATE TABLE IF NOT EXISTS replication_jobs (name TEXT PRIMARY KEY, mark {text_key}, status TEXT NOT NULL, \
+    "CREATE TABLE IF NOT EXISTS replication_jobs (name TEXT PRIMARY KEY, mark {text_key}, position {text_key}, \
+     pending TEXT NOT NULL, status TEXT NOT NULL, \
      pages BIGINT NOT NULL, repos_seen BIGINT NOT NULL, repos_matched BIGINT NOT NULL, copied BIGINT NOT NULL, \
      skipped BIGINT NOT NULL, failed BIGINT NOT NULL, bytes BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS replication_failures (job TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL, \
@@ -69,7 +70,7 @@ fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
 }
 
 const JOB_COLUMNS: &str =
-    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at";
+    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at, position, pending";
 
 fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
     let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64);
@@ -85,6 +86,8 @@ fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
         failed: n(8)?,
         bytes: n(9)?,
         updated_at: r.try_get(10)?,
+        position: r.try_get(11)?,
+        pending: serde_json::from_str(&r.try_get::<String, _>(12)?).map_err(|e| MetaError::Corrupt(format!("pending: {e}")))?,
     })
 }
 
@@ -375,7 +378,8 @@ impl Meta for SqlMeta {
     async fn save_job(&self, j: &JobRecord) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO replication_jobs (name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, \
-             bytes, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (name) DO UPDATE SET \
+             bytes, updated_at, position, pending) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position, pending = excluded.pending, \
              mark = excluded.mark, status = excluded.status, pages = excluded.pages, repos_seen = excluded.repos_seen, \
              repos_matched = excluded.repos_matched, copied = excluded.copied, skipped = excluded.skipped, \
              failed = excluded.failed, bytes = excluded.bytes, updated_at = excluded.updated_at",
@@ -391,6 +395,8 @@ impl Meta for SqlMeta {
         .bind(j.failed as i64)
         .bind(j.bytes as i64)
         .bind(now())
+        .bind(j.position.clone())
+        .bind(serde_json::to_string(&j.pending).map_err(|e| MetaError::Corrupt(e.to_string()))?)
         .execute(&self.pool)
         .await?;
         Ok(())

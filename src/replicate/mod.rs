@@ -5,10 +5,12 @@
 //! catalog pages ──> filter ──> tag listing (N tasks) ──> artifact copies (N workers) ──> checkpoint
 //!        bounded channels between the stages: a slow destination slows the walk; memory stays flat
 //! ```
-//! Architecture invariant: the checkpoint is a low-water mark. Pages finish out of order; the mark only moves
-//! over a prefix of pages whose every repository is finished (copied, up to date, or recorded as failed). A
-//! resumed run restarts the walk after the mark, so at most the pages in flight at the crash are listed again,
-//! and their finished artifacts cost one HEAD each (copies are idempotent).
+//! Architecture invariant: the checkpoint never claims unfinished work. It holds the walk's position (the last
+//! name of the last page whose repositories were all handed on) and the repositories handed on but not yet
+//! finished; every matched repository up to the position is either finished or among those. A resumed run
+//! re-queues the unfinished ones and continues the walk after the position, so no catalog page is listed twice
+//! and finished artifacts are not redone (a repository that finished after the last save costs one HEAD per
+//! tag: copies are idempotent). The low-water mark (every repository up to it finished) is kept too, for people.
 
 mod copy;
 mod filter;
@@ -16,9 +18,9 @@ mod listing;
 mod progress;
 mod scheduler;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
@@ -93,6 +95,18 @@ struct PageState {
     /// Repositories of this page not yet finished.
     pending: AtomicUsize,
     done: mpsc::UnboundedSender<u64>,
+    cursor: Arc<Mutex<Cursor>>,
+}
+
+/// Where the run is: what the checkpoint saves.
+#[derive(Default)]
+struct Cursor {
+    /// Low-water mark: every repository up to it is finished.
+    mark: Option<String>,
+    /// The last name of the last catalog page whose matched repositories were all handed on.
+    position: Option<String>,
+    /// Repositories handed on and not finished yet.
+    outstanding: BTreeSet<String>,
 }
 
 impl PageState {
@@ -106,6 +120,7 @@ impl PageState {
 impl RepoWork {
     fn item_finished(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.page.cursor.lock().unwrap_or_else(|p| p.into_inner()).outstanding.remove(self.name.as_str());
             self.page.repo_finished();
         }
     }
@@ -124,6 +139,9 @@ struct Run {
     copier: Arc<Copier>,
     tags: TagFilter,
     rewrite: Rewrite,
+    cursor: Arc<Mutex<Cursor>>,
+    /// Serialises checkpoint writes, so a slower write of an older state never lands after a newer one.
+    save_lock: tokio::sync::Mutex<()>,
 }
 
 impl Run {
@@ -142,7 +160,13 @@ impl Run {
         let mut all = Vec::new();
         let mut last: Option<String> = None;
         loop {
-            let page = copy::retry([src, src], || src.tags_page(repo, last.as_deref(), 1000)).await?;
+            let page = match copy::retry([src, src], || src.tags_page(repo, last.as_deref(), 1000)).await {
+                Ok(p) => p,
+                // distribution lists repositories whose every tag was deleted (or that were pushed by digest
+                // only) and answers their tag list with NAME_UNKNOWN: nothing to copy, not a failure.
+                Err(UpstreamError::NotFound) if last.is_none() => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            };
             all.extend(page.items);
             match page.next {
                 Some(n) if Some(&n) != last.as_ref() => last = Some(n),
@@ -178,13 +202,34 @@ impl Run {
         true
     }
 
-    async fn save(&self, mark: Option<String>, status: &str) {
+    /// Saves the checkpoint and counters; returns what was saved.
+    async fn save(&self, status: &str) -> JobRecord {
+        let _one_at_a_time = self.save_lock.lock().await;
         let mut r = self.progress.record(&self.policy.job);
-        r.mark = mark;
+        {
+            let c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            r.mark = c.mark.clone();
+            r.position = c.position.clone();
+            r.pending = c.outstanding.iter().cloned().collect();
+        }
         r.status = status.to_string();
         if let Err(e) = self.meta.save_job(&r).await {
             tracing::error!(error = %e, "saving the replication checkpoint failed");
         }
+        r
+    }
+
+    /// Forgets the job's catalog failures (the walk is about to list those pages again) and uncounts them.
+    async fn clear_catalog_failures(&self) -> Result<bool, ReplicateError> {
+        let mut any = false;
+        for f in self.meta.failures(&self.policy.job).await? {
+            if f.repo == CATALOG {
+                self.meta.clear_failure(&self.policy.job, &f.repo, &f.tag).await?;
+                let _ = self.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+                any = true;
+            }
+        }
+        Ok(any)
     }
 }
 
@@ -203,37 +248,62 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
     copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
 
     let saved = meta.job(&policy.job).await?;
-    let (start_mark, progress) = match mode {
+    let progress = progress.unwrap_or_default();
+    let start = match mode {
         Mode::Fresh => {
             meta.reset_job(&policy.job).await?;
-            (None, progress.unwrap_or_default())
+            Cursor::default()
         }
         Mode::Resume | Mode::RetryFailed => {
-            let counters = saved.as_ref().map(Progress::from_record).unwrap_or_default();
-            let p = match progress {
-                Some(p) => {
-                    // The caller's progress starts from the saved counters too.
-                    let r = counters.record("");
-                    for (a, v) in [(&p.pages, r.pages), (&p.repos_seen, r.repos_seen), (&p.repos_matched, r.repos_matched),
-                        (&p.copied, r.copied), (&p.skipped, r.skipped), (&p.failed, r.failed), (&p.bytes, r.bytes)] {
-                        a.store(v, Ordering::Relaxed);
-                    }
-                    p
-                }
-                None => Arc::new(counters),
-            };
-            (saved.as_ref().and_then(|s| s.mark.clone()), p)
+            // The run goes on counting from the job's totals.
+            if let Some(s) = &saved {
+                progress.restore(s);
+            }
+            saved
+                .map(|s| Cursor { mark: s.mark, position: s.position, outstanding: s.pending.into_iter().collect() })
+                .unwrap_or_default()
         }
     };
-    let run = Arc::new(Run { policy, meta, progress, copier: Arc::new(copier), tags, rewrite });
-    if mode == Mode::RetryFailed {
-        return retry_failed(run, saved).await;
+    let run = Arc::new(Run {
+        policy,
+        meta,
+        progress,
+        copier: Arc::new(copier),
+        tags,
+        rewrite,
+        cursor: Arc::new(Mutex::new(start)),
+        save_lock: tokio::sync::Mutex::new(()),
+    });
+    match mode {
+        Mode::Fresh => walk(run, repos).await,
+        Mode::Resume => {
+            run.clear_catalog_failures().await?;
+            walk(run, repos).await
+        }
+        Mode::RetryFailed => {
+            retry_items(&run).await?;
+            // A walk that stopped at a catalog page the source would not give is taken up again from there.
+            if run.clear_catalog_failures().await? {
+                walk(run, repos).await
+            } else {
+                Ok(finish(&run).await)
+            }
+        }
     }
-    walk(run, repos, start_mark).await
 }
 
-/// The streaming pipeline over the catalog, from `start` (exclusive).
-async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Result<JobRecord, ReplicateError> {
+/// The name failures of the catalog walk are recorded under.
+const CATALOG: &str = "<catalog>";
+
+/// Saves the final state: `finished`, or `failed` if anything is recorded as failed.
+async fn finish(run: &Run) -> JobRecord {
+    let failed = run.progress.failed.load(Ordering::Relaxed) > 0;
+    run.save(if failed { "failed" } else { "finished" }).await
+}
+
+/// The streaming pipeline over the catalog, from the run's cursor: its outstanding repositories first, then the
+/// catalog after its position.
+async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateError> {
     let concurrency = run.policy.concurrency.max(1);
     let (repo_tx, repo_rx) = mpsc::channel::<Arc<RepoWork>>(concurrency * 2);
     let (art_tx, art_rx) = mpsc::channel::<Artifact>(concurrency * 4);
@@ -280,15 +350,13 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
         }));
     }
 
-    // Stage 4: the checkpoint. Moves the mark over the finished prefix of pages.
+    // Stage 4: the checkpoint. Moves the low-water mark over the finished prefix of pages.
     let checkpoint = {
         let run = Arc::clone(&run);
-        let start = start.clone();
         tokio::spawn(async move {
             let mut names: BTreeMap<u64, Option<String>> = BTreeMap::new();
-            let mut finished = std::collections::BTreeSet::new();
+            let mut finished = BTreeSet::new();
             let mut next = 0u64;
-            let mut mark = start;
             let (mut pages_open, mut done_open) = (true, true);
             while pages_open || done_open || !names.is_empty() {
                 tokio::select! {
@@ -306,39 +374,67 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
                 while finished.contains(&next) && names.contains_key(&next) {
                     finished.remove(&next);
                     if let Some(Some(last)) = names.remove(&next) {
-                        mark = Some(last);
+                        run.cursor.lock().unwrap_or_else(|p| p.into_inner()).mark = Some(last);
                     }
                     next += 1;
                     moved = true;
                 }
                 if moved {
-                    run.save(mark.clone(), "running").await;
+                    run.save("running").await;
                 }
                 if !pages_open && !done_open {
                     break;
                 }
             }
-            mark
         })
     };
 
-    // Stage 1: the catalog walk (here, so that its back-pressure is the channel to the listers).
-    let mut lister = listing::Lister::new(run.policy.from_kind, start);
+    // Stage 1: the catalog walk (here, so that its back-pressure is the channel to the listers). A resumed run
+    // first hands on the repositories its predecessor left unfinished, as page 0.
+    let (position, leftover) = {
+        let c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        (c.position.clone().or_else(|| c.mark.clone()), c.outstanding.iter().cloned().collect::<Vec<_>>())
+    };
+    let mut lister = listing::Lister::new(run.policy.from_kind, position);
     let mut index = 0u64;
     let mut walk_error = None;
+    let mut first = Some(leftover).filter(|l| !l.is_empty());
     loop {
-        let items = match lister.next_page(&run.copier.src, run.policy.page_size).await {
-            Ok(Some(items)) => items,
-            Ok(None) => break,
-            Err(e) => {
-                walk_error = Some(e);
-                break;
-            }
+        let (items, resumed) = match first.take() {
+            Some(leftover) => (leftover, true),
+            None => match lister.next_page(&run.copier.src, run.policy.page_size).await {
+                Ok(Some(items)) => (items, false),
+                Ok(None) => break,
+                Err(e) => {
+                    walk_error = Some(e);
+                    break;
+                }
+            },
         };
-        let matched: Vec<RepoName> = items.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
-        run.progress.page(&run.policy.job, items.len() as u64, matched.len() as u64);
-        let state = Arc::new(PageState { index, pending: AtomicUsize::new(matched.len() + 1), done: done_tx.clone() });
-        let _ = page_tx.send((index, items.last().cloned()));
+        let matched: Vec<RepoName> = if resumed {
+            items.iter().filter_map(|n| n.parse().ok()).collect()
+        } else {
+            let m: Vec<RepoName> = items.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
+            run.progress.page(&run.policy.job, items.len() as u64, m.len() as u64);
+            m
+        };
+        let state = Arc::new(PageState {
+            index,
+            pending: AtomicUsize::new(matched.len() + 1),
+            done: done_tx.clone(),
+            cursor: Arc::clone(&run.cursor),
+        });
+        // The re-queued page moves no mark: its names are before the position, not after it.
+        let _ = page_tx.send((index, if resumed { None } else { items.last().cloned() }));
+        {
+            let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            c.outstanding.extend(matched.iter().map(|m| m.to_string()));
+            if !resumed {
+                if let Some(last) = items.last() {
+                    c.position = Some(last.clone());
+                }
+            }
+        }
         for name in matched {
             let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1) });
             if repo_tx.send(repo).await.is_err() {
@@ -347,6 +443,8 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
         }
         // The page's own token: released once all its repositories were handed on.
         state.repo_finished();
+        // Saved before the next page is asked for: a crash from here on never lists this page again.
+        run.save("running").await;
         index += 1;
     }
     drop(repo_tx);
@@ -355,33 +453,23 @@ async fn walk(run: Arc<Run>, filter: RepoFilter, start: Option<String>) -> Resul
     for h in listers.into_iter().chain(workers) {
         let _ = h.await;
     }
-    let mark = checkpoint.await.unwrap_or(None);
+    let _ = checkpoint.await;
     if let Some(e) = &walk_error {
-        // The walk stops at a catalog page the source will not give; the mark stays before it, so a resumed run
-        // picks it up again.
-        let at = mark.clone().unwrap_or_default();
-        run.fail("<catalog>", &at, format!("listing the catalog after {at:?}: {e}")).await;
+        // The walk stops at a catalog page the source will not give; the position stays before it, so a resumed
+        // run (or --retry-failed) picks it up again.
+        let at = run.cursor.lock().unwrap_or_else(|p| p.into_inner()).position.clone().unwrap_or_default();
+        run.fail(CATALOG, &at, format!("listing the catalog after {at:?}: {e}")).await;
     }
-    let failed = run.progress.failed.load(Ordering::Relaxed) > 0;
-    let status = if walk_error.is_some() || failed { "failed" } else { "finished" };
-    run.save(mark.clone(), status).await;
-    let mut r = run.progress.record(&run.policy.job);
-    r.mark = mark;
-    r.status = status.to_string();
-    Ok(r)
+    Ok(finish(&run).await)
 }
 
-/// Retries only the items a job recorded as failed; each one that now succeeds is cleared.
-async fn retry_failed(run: Arc<Run>, saved: Option<JobRecord>) -> Result<JobRecord, ReplicateError> {
+/// Retries the items (repositories and tags) a job recorded as failed; each one that now succeeds is cleared.
+/// Failures are counted anew: what fails again is recorded again.
+async fn retry_items(run: &Run) -> Result<(), ReplicateError> {
     let failures = run.meta.failures(&run.policy.job).await?;
-    // Failures are counted anew: what fails again is recorded again.
-    run.progress.failed.store(0, Ordering::Relaxed);
-    for f in failures {
-        if f.repo == "<catalog>" {
-            // A catalog failure is retried by resuming the walk; leave it for --resume.
-            run.progress.failed.fetch_add(1, Ordering::Relaxed);
-            continue;
-        }
+    let items: Vec<_> = failures.into_iter().filter(|f| f.repo != CATALOG).collect();
+    let _ = run.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(items.len() as u64)));
+    for f in items {
         let Ok(repo) = f.repo.parse::<RepoName>() else { continue };
         run.meta.clear_failure(&run.policy.job, &f.repo, &f.tag).await?;
         let tags = if f.tag.is_empty() {
@@ -399,11 +487,5 @@ async fn retry_failed(run: Arc<Run>, saved: Option<JobRecord>) -> Result<JobReco
             run.copy(&repo, &tag).await;
         }
     }
-    let mark = saved.and_then(|s| s.mark);
-    let status = if run.progress.failed.load(Ordering::Relaxed) > 0 { "failed" } else { "finished" };
-    run.save(mark.clone(), status).await;
-    let mut r = run.progress.record(&run.policy.job);
-    r.mark = mark;
-    r.status = status.to_string();
-    Ok(r)
+    Ok(())
 }

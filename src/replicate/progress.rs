@@ -34,17 +34,15 @@ const METRICS: [&str; 7] = [
 ];
 
 impl Progress {
-    /// Starts from a saved job's counters (a resumed run keeps counting where the crashed one stopped).
-    pub fn from_record(r: &JobRecord) -> Progress {
-        let p = Progress::default();
-        p.pages.store(r.pages, Ordering::Relaxed);
-        p.repos_seen.store(r.repos_seen, Ordering::Relaxed);
-        p.repos_matched.store(r.repos_matched, Ordering::Relaxed);
-        p.copied.store(r.copied, Ordering::Relaxed);
-        p.skipped.store(r.skipped, Ordering::Relaxed);
-        p.failed.store(r.failed, Ordering::Relaxed);
-        p.bytes.store(r.bytes, Ordering::Relaxed);
-        p
+    /// Takes over a saved job's counters (a resumed run keeps counting where the crashed one stopped).
+    pub fn restore(&self, r: &JobRecord) {
+        self.pages.store(r.pages, Ordering::Relaxed);
+        self.repos_seen.store(r.repos_seen, Ordering::Relaxed);
+        self.repos_matched.store(r.repos_matched, Ordering::Relaxed);
+        self.copied.store(r.copied, Ordering::Relaxed);
+        self.skipped.store(r.skipped, Ordering::Relaxed);
+        self.failed.store(r.failed, Ordering::Relaxed);
+        self.bytes.store(r.bytes, Ordering::Relaxed);
     }
 
     fn counter(&self, i: usize) -> &AtomicU64 {
