@@ -258,7 +258,7 @@ fn measure(
         })
     };
 
-    let results = rt.block_on(run_clients(&url, n, size, digest));
+    let results = rt.block_on(run_clients(url, n, size, digest));
     // Wall time: from the moment the N requests are started until the last body byte of the slowest client
     // (the sha256 check that follows is not counted).
     let wall = results.iter().map(|r| r.done).fold(0.0, f64::max);
