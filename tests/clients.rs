@@ -6,64 +6,22 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
-use sha2::{Digest as _, Sha256};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+use common::images::{
+    blob_path, host_arch, oci_ref, output, read_json, require, run, sha256, skopeo, skopeo_copy, skopeo_raw, umoci,
+    MultiArch, OCI_INDEX, OCI_MANIFEST, REF_NAME,
+};
+
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Tools and processes
 // ---------------------------------------------------------------------------------------------------------------
-
-/// Panics (never skips) when a tool the tests need is not installed.
-fn require(tool: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(
-        found,
-        "`{tool}` is not installed: run scripts/test.sh (it installs docker-registry, skopeo, umoci and podman)"
-    );
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut s = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        s.push(' ');
-        s.push_str(&arg.to_string_lossy());
-    }
-    s
-}
-
-/// Runs a command to completion and returns its output, whatever its exit status.
-fn output(cmd: &mut Command) -> Output {
-    let line = describe(cmd);
-    eprintln!("+ {line}");
-    cmd.stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("could not run `{line}`: {e}"))
-}
-
-/// Runs a command, panics with its output unless it succeeds, returns its stdout.
-fn run(cmd: &mut Command) -> String {
-    let line = describe(cmd);
-    let out = output(cmd);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "`{line}` failed ({})\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
-    stdout
-}
 
 /// A private scratch directory for one test; removed on drop.
 fn scratch() -> tempfile::TempDir {
@@ -73,32 +31,6 @@ fn scratch() -> tempfile::TempDir {
         .expect("tempdir")
 }
 
-/// `skopeo` with no dependency on the machine's policy.json and with its temporary files in `tmp`.
-/// The command timeout only guards against a hung server; no test measures time.
-fn skopeo(tmp: &Path) -> Command {
-    require("skopeo");
-    let mut cmd = Command::new("skopeo");
-    cmd.arg("--insecure-policy")
-        .args(["--command-timeout", "300s"])
-        .arg("--tmpdir")
-        .arg(tmp);
-    cmd
-}
-
-fn umoci() -> Command {
-    require("umoci");
-    Command::new("umoci")
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
-}
-
-/// `oci:DIR:TAG`
-fn oci_ref(layout: &Path, tag: &str) -> String {
-    format!("oci:{}:{tag}", layout.display())
-}
-
 /// `docker://ADDR/REPO:TAG` (or `@DIGEST` when `reference` is a digest).
 fn docker_ref(addr: &str, repo: &str, reference: &str) -> String {
     if reference.contains(':') {
@@ -106,17 +38,6 @@ fn docker_ref(addr: &str, repo: &str, reference: &str) -> String {
     } else {
         format!("docker://{addr}/{repo}:{reference}")
     }
-}
-
-/// The manifest bytes exactly as the registry serves them, via `skopeo inspect --raw`.
-fn skopeo_raw(tmp: &Path, image: &str) -> Vec<u8> {
-    let out = output(skopeo(tmp).args(["inspect", "--raw", "--tls-verify=false", image]));
-    assert!(
-        out.status.success(),
-        "skopeo inspect --raw {image} failed\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
 }
 
 /// The `Digest` that `skopeo inspect` reports for an image (resolved through the registry).
@@ -129,23 +50,9 @@ fn skopeo_inspect_digest(tmp: &Path, image: &str) -> String {
         .to_string()
 }
 
-/// `skopeo copy` with TLS verification off on both sides (only docker:// references use it).
-fn skopeo_copy(tmp: &Path, extra: &[&str], src: &str, dest: &str) {
-    run(skopeo(tmp)
-        .arg("copy")
-        .args(["--src-tls-verify=false", "--dest-tls-verify=false"])
-        .args(extra)
-        .args([src, dest]));
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // OCI layouts built with umoci
 // ---------------------------------------------------------------------------------------------------------------
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_json::from_slice(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
-}
 
 /// The descriptor that a layout's index.json holds for `tag`.
 fn layout_descriptor(layout: &Path, tag: &str) -> Value {
@@ -170,11 +77,6 @@ fn layout_digest(layout: &Path, tag: &str) -> String {
         .as_str()
         .expect("digest")
         .to_string()
-}
-
-fn blob_path(layout: &Path, digest: &str) -> PathBuf {
-    let (algo, hex) = digest.split_once(':').expect("algo:hex digest");
-    layout.join("blobs").join(algo).join(hex)
 }
 
 /// Reads a blob from a layout and checks that its bytes match its name.
@@ -292,27 +194,6 @@ fn build_index(layout: &Path, index_tag: &str, children: &[(&str, &str)]) -> Str
     std::fs::write(&index_json, serde_json::to_vec(&top).unwrap()).expect("write index.json");
     assert_eq!(layout_digest(layout, index_tag), digest);
     digest
-}
-
-/// The GOARCH name of this machine, the platform podman selects from an index.
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "powerpc64" => "ppc64le",
-        "s390x" => "s390x",
-        "riscv64" => "riscv64",
-        other => panic!("no GOARCH mapping for {other}"),
-    }
-}
-
-/// A layout `dir/src` with `v1` (amd64), `v1-arm64` (arm64) and `multi`, an OCI index over both.
-struct MultiArch {
-    layout: PathBuf,
-    amd64: String,
-    arm64: String,
-    index: String,
 }
 
 fn build_multiarch(dir: &Path) -> MultiArch {
