@@ -454,6 +454,14 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         let _ = h.await;
     }
     let _ = checkpoint.await;
+    if walk_error.is_none() {
+        // Every stage has drained: everything up to the position is finished, including repositories re-queued
+        // from a previous run (which move no page mark of their own).
+        let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        if c.position.is_some() {
+            c.mark = c.position.clone();
+        }
+    }
     if let Some(e) = &walk_error {
         // The walk stops at a catalog page the source will not give; the position stays before it, so a resumed
         // run (or --retry-failed) picks it up again.
