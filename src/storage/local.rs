@@ -12,9 +12,11 @@ use tokio_util::io::ReaderStream;
 use super::{BlobStore, ByteRange, ByteStream, StorageError};
 use crate::oci::Digest;
 
-/// Read buffer for streaming blobs out: large enough to keep syscalls rare, small enough that thousands of
-/// concurrent downloads stay cheap.
-const READ_CHUNK: usize = 256 * 1024;
+/// Read buffer of one download: each client streaming a blob holds one, so it is what memory grows by per client
+/// (the cold-herd benchmark measured 146 MiB at 200 warm clients with 256 KiB; 64 KiB keeps syscalls rare enough).
+const READ_CHUNK: usize = 64 * 1024;
+/// Buffer of the writes and hashing that store a blob: few at a time, so larger for fewer syscalls.
+const WRITE_CHUNK: usize = 256 * 1024;
 
 pub struct LocalStore {
     root: PathBuf,
@@ -66,7 +68,7 @@ async fn drain_into(
     mut body: ByteStream,
     mut hasher: Option<&mut crate::oci::Hasher>,
 ) -> Result<(u64, File), (StorageError, u64)> {
-    let mut out = BufWriter::with_capacity(READ_CHUNK, file);
+    let mut out = BufWriter::with_capacity(WRITE_CHUNK, file);
     let mut written = 0u64;
     let mut failure = None;
     while let Some(chunk) = body.next().await {
@@ -154,7 +156,7 @@ impl BlobStore for LocalStore {
         if self.install(path, digest).await.is_err() {
             // A spool on another filesystem cannot be renamed in: copy it through the verifying path instead.
             let file = File::open(path).await?;
-            let body: ByteStream = Box::pin(ReaderStream::with_capacity(file, READ_CHUNK));
+            let body: ByteStream = Box::pin(ReaderStream::with_capacity(file, WRITE_CHUNK));
             self.put(digest, body).await?;
             let _ = fs::remove_file(path).await;
         }
@@ -202,7 +204,7 @@ impl BlobStore for LocalStore {
         // The upload may have arrived over many requests, possibly across restarts, so its digest is computed here
         // from the bytes on disk rather than from state kept in memory.
         let mut hasher = expected.algorithm().hasher();
-        let mut buf = vec![0u8; READ_CHUNK];
+        let mut buf = vec![0u8; WRITE_CHUNK];
         let mut size = 0u64;
         loop {
             let n = file.read(&mut buf).await?;

@@ -1,0 +1,765 @@
+//! A cold herd through the pull-through cache (issue 3): N concurrent clients ask a proxy for one large blob it does
+//! not have yet; breakwater against Debian's `docker-registry` (distribution 2.8) in proxy mode.
+//!
+//! Run with `cargo bench --bench cold_herd`. Environment:
+//! - `BENCH_CLIENTS`: comma-separated client counts (default `1,50,200`);
+//! - `BENCH_BLOB_MB`: blob size in MB of 10^6 bytes (default `200`);
+//! - `BENCH_THROTTLE`: upstream pace in bytes per second per connection (default `100000000`; `0` = unthrottled);
+//! - `BENCH_CASE_TIMEOUT_SECS`: cap on one case, from the first request to the last body byte (default `300`);
+//! - `BENCH_PROXIES`: which proxies to measure (default `breakwater,distribution`);
+//! - `BENCH_WARM`: `1` (default) re-runs the largest N once more on the same, now warm, proxy, to show what serving
+//!   the blob to N clients costs on this machine without any upstream in the way; `0` skips it.
+//!
+//! Set-up: one real upstream (`docker-registry`) holds one pseudo-random blob (generated at run time, pushed
+//! directly to it), reached only through the test relay (`tests/common/relay.rs`), which paces every response body
+//! to `BENCH_THROTTLE` per connection and records every request and every body byte it relays.
+//!
+//! Each case is one proxy and one N, on a cold cache: a fresh breakwater (fresh data directory,
+//! `--upstream up=http://RELAY`, clients GET `/v2/up/bench/herd/blobs/<digest>`) or a fresh distribution proxy
+//! instance (fresh storage, `proxy: remoteurl: http://RELAY`, clients GET `/v2/bench/herd/blobs/<digest>`), the relay's
+//! log reset just before the clients start. The N clients start together, each on its own HTTP/1.1 connection,
+//! and stream the body to its end without keeping it (status, Content-Length and byte count checked for every
+//! client; client 0 also hashes what it read, on a separate thread, and checks the sha256). After the last client
+//! finishes, the bench waits for the proxy's upstream requests to end (distribution keeps filling its store in the
+//! background) before reading the relay's counters and the proxy's peak RSS (VmHWM in /proc/PID/status; the
+//! process is new for every case, so VmHWM covers exactly its start-up and the case).
+//!
+//! Printed per case: upstream blob GETs and HEADs (and any other upstream request), bytes read from upstream, when
+//! the upstream had sent 1x the blob's bytes (for breakwater: when its one download ended), time until all N finish, time to first body byte p50/p99, peak RSS, CPU seconds, and the issue's targets:
+//! breakwater makes 1 upstream GET and reads the blob once at every N; all N done within 1.2x the single-client
+//! cold time; p99 TTFB within 100 ms of the single client's; peak RSS under 64 MB at N=200.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+use common::relay::Relay;
+
+const REPO: &str = "bench/herd";
+const CLK_TCK: f64 = 100.0;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proxy {
+    Breakwater,
+    Distribution,
+}
+
+impl Proxy {
+    fn name(self) -> &'static str {
+        match self {
+            Proxy::Breakwater => "breakwater",
+            Proxy::Distribution => "distribution 2.8.2",
+        }
+    }
+}
+
+/// A running proxy of either kind; held only to be killed on drop.
+#[allow(dead_code)]
+enum Running {
+    Breakwater(common::Breakwater),
+    Distribution(common::Distribution),
+}
+
+struct Row {
+    proxy: Proxy,
+    size: u64,
+    n: usize,
+    warm: bool,
+    /// From the start of the N requests to the last body byte of the slowest client; `None` if not all finished.
+    wall: Option<f64>,
+    finished: usize,
+    ok: usize,
+    ttfb_p50: f64,
+    ttfb_p99: f64,
+    blob_gets: usize,
+    ranged_gets: usize,
+    blob_heads: usize,
+    other_requests: Vec<String>,
+    /// Body bytes of the upstream's blob GET responses.
+    upstream_bytes: u64,
+    /// Body bytes of every upstream response.
+    upstream_all_bytes: u64,
+    aborted_upstream: usize,
+    settle: f64,
+    settled: bool,
+    hwm_kib: Option<u64>,
+    proxy_cpu: f64,
+    bench_cpu: f64,
+    upstream_cpu: f64,
+    other_cpu: f64,
+    load: String,
+    errors: Vec<String>,
+    /// Seconds from the start of the N requests until the upstream had sent 1x the blob's bytes.
+    upstream_1x: Option<f64>,
+}
+
+fn main() {
+    let blob_mb: usize = env_parse("BENCH_BLOB_MB", 200);
+    let throttle: u64 = env_parse("BENCH_THROTTLE", 100_000_000);
+    let case_timeout = Duration::from_secs(env_parse("BENCH_CASE_TIMEOUT_SECS", 300));
+    let warm_rerun = env_parse::<u32>("BENCH_WARM", 1) != 0;
+    let clients: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .unwrap_or_else(|_| "1,50,200".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().expect("BENCH_CLIENTS: comma-separated integers"))
+        .collect();
+    assert!(!clients.is_empty() && clients.iter().all(|&n| n > 0), "BENCH_CLIENTS needs positive counts");
+    let n_max = *clients.iter().max().unwrap();
+    let proxies: Vec<Proxy> = std::env::var("BENCH_PROXIES")
+        .unwrap_or_else(|_| "breakwater,distribution".into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| match s.trim() {
+            "breakwater" => Proxy::Breakwater,
+            "distribution" => Proxy::Distribution,
+            other => panic!("BENCH_PROXIES: unknown proxy {other:?} (breakwater, distribution)"),
+        })
+        .collect();
+    let size = (blob_mb * 1_000_000) as u64;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+
+    println!("== cold_herd: N concurrent cold pulls of one {blob_mb} MB blob through a pull-through cache ==");
+    println!("machine : {} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total());
+    println!("load    : {} at start", loadavg());
+    println!("source  : {}", source_state());
+    println!(
+        "upstream: docker-registry behind the test relay, {} per connection",
+        if throttle == 0 { "unthrottled".to_string() } else { format!("throttled to {:.0} MB/s", throttle as f64 / 1e6) }
+    );
+    println!(
+        "clients : {clients:?} concurrent GETs, one fresh HTTP/1.1 connection each, in the bench process (tokio, {} workers); \
+         every body streamed and length-checked, client 0's sha256 checked; cap {} s per case",
+        nproc(),
+        case_timeout.as_secs()
+    );
+
+    // The upstream and its content.
+    let upstream = common::Distribution::start();
+    let upstream_base = format!("http://{}", upstream.addr);
+    let upstream_pid = find_pid_by_cmdline(&upstream.dir.path().join("config.yml").display().to_string());
+    let t = Instant::now();
+    let blob = Bytes::from(common::oci::pseudo_random(size as usize, 0xC01D));
+    let digest = format!("sha256:{}", hex(&Sha256::digest(&blob)));
+    println!("blob    : {size} bytes, {digest} (generated and hashed in {:.2}s)", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    rt.block_on(push(&upstream_base, blob, &digest)).unwrap_or_else(|e| panic!("push to the upstream: {e}"));
+    println!("push    : {:.2}s directly to the upstream (not through the relay)", t.elapsed().as_secs_f64());
+
+    let relay = Relay::start(&upstream.addr);
+    relay.throttle(throttle);
+
+    // The floor: one client reading the blob straight from the upstream through the throttled relay.
+    relay.reset();
+    let direct_url = relay.url(&format!("/v2/{REPO}/blobs/{digest}"));
+    let direct = rt.block_on(run_clients(&direct_url, 1, size, &digest, case_timeout));
+    match &direct[0].error {
+        None => println!(
+            "direct  : one client straight from the upstream through the relay (no proxy): {:.2}s, TTFB {:.1} ms, sha256 ok",
+            direct[0].done,
+            direct[0].ttfb.unwrap_or(f64::NAN) * 1000.0
+        ),
+        Some(e) => println!("direct  : one client straight from the upstream FAILED: {e}"),
+    }
+    println!();
+
+    let mut rows: Vec<Row> = Vec::new();
+    for &proxy in &proxies {
+        for &n in &clients {
+            let warm = warm_rerun && n == n_max;
+            let (cold, warm_row) = run_case(&rt, proxy, n, warm, &relay, upstream_pid, &digest, size, case_timeout);
+            print_case(&cold);
+            rows.push(cold);
+            if let Some(w) = warm_row {
+                print_case(&w);
+                rows.push(w);
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "Results ({blob_mb} MB blob, upstream {}; MB = 10^6 bytes, MiB = 2^20 bytes)",
+        if throttle == 0 { "unthrottled".to_string() } else { format!("{:.0} MB/s per connection", throttle as f64 / 1e6) }
+    );
+    println!();
+    println!("| proxy | N | cache | upstream blob GETs | upstream blob HEADs | other upstream requests | blob bytes from upstream (x blob) | upstream sent 1x blob by s | all N done s | TTFB p50 ms | TTFB p99 ms | proxy peak RSS MiB | proxy CPU s | bench CPU s | upstream CPU s | other CPU s | load 1/5/15 | bodies ok |");
+    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {}{} | {} | {} | {:.2} GB ({:.2}x){} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
+            r.proxy.name(),
+            r.n,
+            if r.warm { "warm (re-run)" } else { "cold" },
+            r.blob_gets,
+            if r.ranged_gets > 0 { format!(" ({} ranged)", r.ranged_gets) } else { String::new() },
+            r.blob_heads,
+            if r.other_requests.is_empty() { "none".to_string() } else { r.other_requests.join(", ") },
+            r.upstream_bytes as f64 / 1e9,
+            r.upstream_bytes as f64 / size as f64,
+            if r.settled { "" } else { " (still flowing)" },
+            r.upstream_1x.map_or("-".to_string(), |t| format!("{t:.2}")),
+            r.wall.map_or(format!("did not finish in {} s ({}/{} done)", case_timeout.as_secs(), r.finished, r.n), |w| format!("{w:.2}")),
+            r.ttfb_p50 * 1000.0,
+            r.ttfb_p99 * 1000.0,
+            r.hwm_kib.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            r.proxy_cpu,
+            r.bench_cpu,
+            r.upstream_cpu,
+            r.other_cpu,
+            r.load,
+            r.ok,
+            r.n
+        );
+    }
+    println!();
+    println!(
+        "TTFB: from the start of the N requests to a client's first body byte; p99 is nearest-rank (with N <= 100 it is the \
+         slowest client). \"bench CPU\" is this process: the N clients and the relay. \"other CPU\" is the rest of the machine."
+    );
+    if direct[0].error.is_none() {
+        println!("Direct single-client read from the upstream through the relay, no proxy: {:.2}s.", direct[0].done);
+    }
+
+    // The issue's targets.
+    println!();
+    println!("Targets (issue 3):");
+    for &proxy in &proxies {
+        let cold: Vec<&Row> = rows.iter().filter(|r| r.proxy == proxy && !r.warm).collect();
+        let single = cold.iter().find(|r| r.n == 1);
+        println!("  {}:", proxy.name());
+        for r in &cold {
+            let one_get = r.blob_gets == 1;
+            let once = r.upstream_bytes == size;
+            println!(
+                "    N={:>3}: upstream blob GETs {} (target 1: {}), bytes from upstream {:.2}x the blob (target 1x: {})",
+                r.n,
+                r.blob_gets,
+                verdict(one_get),
+                r.upstream_bytes as f64 / size as f64,
+                verdict(once)
+            );
+            if let (Some(s), true) = (single, r.n > 1) {
+                match (r.wall, s.wall) {
+                    (Some(w), Some(w1)) => println!(
+                        "           all {} done in {:.2}s = {:.2}x the single client's {:.2}s (target <= 1.2x: {})",
+                        r.n,
+                        w,
+                        w / w1,
+                        w1,
+                        verdict(w / w1 <= 1.2)
+                    ),
+                    _ => println!("           all {} done: did not finish in {} s (target <= 1.2x: missed)", r.n, case_timeout.as_secs()),
+                }
+                let d = (r.ttfb_p99 - s.ttfb_p99) * 1000.0;
+                println!(
+                    "           TTFB p99 {:.1} ms vs single client {:.1} ms: {:+.1} ms (target <= +100 ms: {})",
+                    r.ttfb_p99 * 1000.0,
+                    s.ttfb_p99 * 1000.0,
+                    d,
+                    verdict(d <= 100.0)
+                );
+            }
+            if r.n == 200 || (r.n == n_max && n_max != 200) {
+                if let Some(k) = r.hwm_kib {
+                    println!(
+                        "           peak RSS {:.1} MiB ({:.1} MB) at N={} (target < 64 MB{}: {})",
+                        k as f64 / 1024.0,
+                        k as f64 * 1024.0 / 1e6,
+                        r.n,
+                        if r.n == 200 { "" } else { ", which is set for N=200" },
+                        verdict((k as f64 * 1024.0) < 64e6)
+                    );
+                }
+            }
+        }
+    }
+
+    let errors: Vec<String> = rows.iter().flat_map(|r| r.errors.iter().cloned()).collect();
+    println!();
+    if errors.is_empty() {
+        println!("all bodies complete and of the right length; sha256 verified for client 0 of every case");
+    } else {
+        println!("FAILURES ({}):", errors.len());
+        for e in errors.iter().take(40) {
+            println!("  {e}");
+        }
+        if errors.len() > 40 {
+            println!("  ... and {} more", errors.len() - 40);
+        }
+    }
+    println!("load    : {} at end", loadavg());
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_case(
+    rt: &tokio::runtime::Runtime,
+    proxy: Proxy,
+    n: usize,
+    warm_rerun: bool,
+    relay: &Relay,
+    upstream_pid: Option<u32>,
+    digest: &str,
+    size: u64,
+    timeout: Duration,
+) -> (Row, Option<Row>) {
+    let relay_url = format!("http://{}", relay.addr);
+    relay.reset();
+    let (running, pid, url) = match proxy {
+        Proxy::Breakwater => {
+            let spec = format!("up=http://{}", relay.addr);
+            let bw = common::Breakwater::start_with(&["--upstream", spec.as_str()]);
+            let pid = bw.pid();
+            let url = bw.url(&format!("/v2/up/{REPO}/blobs/{digest}"));
+            (Running::Breakwater(bw), pid, url)
+        }
+        Proxy::Distribution => {
+            let d = common::Distribution::start_proxy(Some(&relay_url));
+            let config = d.dir.path().join("config.yml").display().to_string();
+            let pid = find_pid_by_cmdline(&config).expect("pid of the docker-registry proxy");
+            let url = d.url(&format!("/v2/{REPO}/blobs/{digest}"));
+            (Running::Distribution(d), pid, url)
+        }
+    };
+    let before_start = relay.requests();
+    if !before_start.is_empty() {
+        let list: Vec<String> = before_start.iter().map(|r| format!("{} {} -> {}", r.method, r.path, r.status)).collect();
+        println!("   ({} made {} upstream requests while starting, not counted: {})", proxy.name(), list.len(), list.join(", "));
+    }
+    let cold = measure(rt, proxy, n, false, relay, pid, upstream_pid, &url, digest, size, timeout);
+    let warm = warm_rerun.then(|| measure(rt, proxy, n, true, relay, pid, upstream_pid, &url, digest, size, timeout));
+    drop(running);
+    (cold, warm)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    proxy: Proxy,
+    n: usize,
+    warm: bool,
+    relay: &Relay,
+    pid: u32,
+    upstream_pid: Option<u32>,
+    url: &str,
+    digest: &str,
+    size: u64,
+    timeout: Duration,
+) -> Row {
+    let load = loadavg();
+    if warm {
+        // The cold case's VmHWM has been read: start the warm run's peak from the current RSS.
+        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+    }
+    relay.reset();
+    let cpu0 = cpu_seconds(pid);
+    let self0 = cpu_seconds(std::process::id());
+    let up0 = upstream_pid.map_or(0.0, cpu_seconds);
+    let busy0 = machine_busy_seconds();
+
+    // A watcher notes when the upstream has sent as many body bytes as the blob has: for breakwater, the moment its
+    // one upstream download ended.
+    let watching = AtomicBool::new(true);
+    let sampler_t0 = Instant::now();
+    std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            while watching.load(Ordering::Relaxed) {
+                if relay.body_bytes() >= size {
+                    return Some(sampler_t0.elapsed().as_secs_f64());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            None
+        });
+        let results = rt.block_on(run_clients(url, n, size, digest, timeout));
+        let finished = results.iter().filter(|r| !r.timed_out).count();
+        let ok = results.iter().filter(|r| r.error.is_none()).count();
+        let wall = (finished == n).then(|| results.iter().map(|r| r.done).fold(0.0, f64::max));
+
+        // Let the proxy's upstream requests end (distribution fills its store in the background; breakwater's flight
+        // ends with the body). Every request the relay saw is answered and its body ended or was abandoned.
+        let t = Instant::now();
+        let settle_limit = Duration::from_secs(if finished == n { 120 } else { 10 });
+        let mut settled = false;
+        while t.elapsed() < settle_limit {
+            let reqs = relay.requests();
+            if reqs.iter().all(|r| r.status != 0 && (r.complete || r.aborted)) {
+                settled = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let settle = t.elapsed().as_secs_f64();
+        // One more beat, so a request that a finished one triggers is seen too.
+        std::thread::sleep(Duration::from_millis(200));
+        watching.store(false, Ordering::Relaxed);
+        let upstream_1x = watcher.join().expect("watcher");
+
+        let hwm_kib = vm_kib(pid, "VmHWM");
+        let proxy_cpu = cpu_seconds(pid) - cpu0;
+        let bench_cpu = cpu_seconds(std::process::id()) - self0;
+        let upstream_cpu = upstream_pid.map_or(f64::NAN, |p| cpu_seconds(p) - up0);
+        let other_cpu = (machine_busy_seconds() - busy0 - proxy_cpu - bench_cpu - if upstream_cpu.is_nan() { 0.0 } else { upstream_cpu }).max(0.0);
+
+        let reqs = relay.requests();
+        let is_blob = |p: &str| p.contains("/blobs/sha256:");
+        let blob_gets = reqs.iter().filter(|r| r.method == "GET" && is_blob(&r.path)).count();
+        let ranged_gets = reqs.iter().filter(|r| r.method == "GET" && is_blob(&r.path) && r.range.is_some()).count();
+        let blob_heads = reqs.iter().filter(|r| r.method == "HEAD" && is_blob(&r.path)).count();
+        let aborted_upstream = reqs.iter().filter(|r| r.aborted && r.method == "GET" && is_blob(&r.path)).count();
+        let mut other: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+        for r in reqs.iter().filter(|r| !((r.method == "GET" || r.method == "HEAD") && is_blob(&r.path))) {
+            *other.entry(format!("{} {} -> {}", r.method, r.path.split('?').next().unwrap_or(""), r.status)).or_default() += 1;
+        }
+        let other_requests = other.into_iter().map(|(k, v)| format!("{v}x {k}")).collect();
+        let mut statuses: std::collections::BTreeMap<u16, usize> = std::collections::BTreeMap::new();
+        for r in reqs.iter().filter(|r| is_blob(&r.path)) {
+            *statuses.entry(r.status).or_default() += 1;
+        }
+
+        let mut errors = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            if let Some(e) = &r.error {
+                errors.push(format!(
+                    "{} N={n}{} client {i}: {e} (read {} of {size} bytes after {:.2}s)",
+                    proxy.name(),
+                    if warm { " warm" } else { "" },
+                    r.bytes,
+                    r.done
+                ));
+            }
+        }
+        if statuses.keys().any(|&s| !(200..300).contains(&s)) {
+            errors.push(format!("{} N={n}: upstream blob responses by status: {statuses:?}", proxy.name()));
+        }
+        let mut ttfb: Vec<f64> = results.iter().filter_map(|r| r.ttfb).collect();
+        Row {
+            proxy,
+            size,
+            n,
+            warm,
+            wall,
+            finished,
+            ok,
+            ttfb_p50: pct(&mut ttfb, 50.0),
+            ttfb_p99: pct(&mut ttfb, 99.0),
+            blob_gets,
+            ranged_gets,
+            blob_heads,
+            other_requests,
+            upstream_bytes: reqs.iter().filter(|r| r.method == "GET" && is_blob(&r.path)).map(|r| r.body_bytes).sum(),
+            upstream_all_bytes: relay.body_bytes(),
+            aborted_upstream,
+            settle,
+            settled,
+            hwm_kib,
+            proxy_cpu,
+            bench_cpu,
+            upstream_cpu,
+            other_cpu,
+            load,
+            errors,
+            upstream_1x,
+        }
+    })
+}
+
+fn print_case(r: &Row) {
+    println!(
+        "-- {} N={}{}: {}, TTFB p50/p99 {:.1}/{:.1} ms; upstream: {} blob GETs{}, {} blob HEADs, other {}, {} blob bytes read ({}; {:.2}x the blob; {} bytes in all responses; {} blob GETs aborted){}; \
+         peak RSS {} MiB; CPU proxy {:.2}s, bench {:.2}s, upstream {:.2}s, other {:.2}s; load {}; {}/{} ok",
+        r.proxy.name(),
+        r.n,
+        if r.warm { " (warm re-run)" } else { " cold" },
+        r.wall.map_or(format!("did not finish ({}/{} done)", r.finished, r.n), |w| format!("all done in {w:.2}s")),
+        r.ttfb_p50 * 1000.0,
+        r.ttfb_p99 * 1000.0,
+        r.blob_gets,
+        if r.ranged_gets > 0 { format!(" ({} ranged)", r.ranged_gets) } else { String::new() },
+        r.blob_heads,
+        if r.other_requests.is_empty() { "none".to_string() } else { r.other_requests.join(", ") },
+        r.upstream_bytes,
+        r.upstream_1x.map_or("never 1x the blob".to_string(), |t| format!("1x the blob sent by {t:.2}s")),
+        r.upstream_bytes as f64 / r.size as f64,
+        r.upstream_all_bytes,
+        r.aborted_upstream,
+        if r.settled { format!(", upstream quiet {:.2}s after the last client", r.settle) } else { format!(", upstream still busy {:.0}s after the clients", r.settle) },
+        r.hwm_kib.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        r.proxy_cpu,
+        r.bench_cpu,
+        r.upstream_cpu,
+        r.other_cpu,
+        r.load,
+        r.ok,
+        r.n
+    );
+    for e in r.errors.iter().take(5) {
+        println!("   error: {e}");
+    }
+    if r.errors.len() > 5 {
+        println!("   ... {} more errors", r.errors.len() - 5);
+    }
+}
+
+async fn push(base: &str, blob: Bytes, digest: &str) -> Result<(), String> {
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(300)).build().map_err(|e| e.to_string())?;
+    let resp = client.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await.map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 202 {
+        return Err(format!("POST uploads: status {}", resp.status()));
+    }
+    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or("POST uploads: no Location")?.to_string();
+    let mut put = if location.starts_with("http://") || location.starts_with("https://") { location } else { format!("{base}{location}") };
+    put.push(if put.contains('?') { '&' } else { '?' });
+    put.push_str("digest=");
+    put.push_str(digest);
+    let len = blob.len();
+    let resp = client
+        .put(put)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(blob)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 201 {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(format!("PUT upload: status {status}: {text}"));
+    }
+    Ok(())
+}
+
+struct ClientResult {
+    /// Seconds from the start of the N requests to the first body byte.
+    ttfb: Option<f64>,
+    /// Seconds from the start of the N requests to the end of the body (or to the failure).
+    done: f64,
+    bytes: u64,
+    timed_out: bool,
+    error: Option<String>,
+}
+
+/// N concurrent GETs of the blob, each on its own connection, all cut at `timeout` after the start.
+async fn run_clients(url: &str, n: usize, size: u64, digest: &str, timeout: Duration) -> Vec<ClientResult> {
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(n).build().expect("client");
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let client = client.clone();
+            let url = url.to_string();
+            let digest = digest.to_string();
+            tokio::spawn(async move { one_client(client, url, size, (i == 0).then_some(digest), t0, deadline).await })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| ClientResult {
+            ttfb: None,
+            done: t0.elapsed().as_secs_f64(),
+            bytes: 0,
+            timed_out: false,
+            error: Some(format!("task: {e}")),
+        }));
+    }
+    out
+}
+
+async fn one_client(
+    client: reqwest::Client,
+    url: String,
+    size: u64,
+    check: Option<String>,
+    t0: Instant,
+    deadline: tokio::time::Instant,
+) -> ClientResult {
+    let mut r = ClientResult { ttfb: None, done: 0.0, bytes: 0, timed_out: false, error: None };
+    // Hashing runs on its own thread, fed the (refcounted, uncopied) chunks through a bounded channel.
+    let (tx, hasher) = match check.as_ref() {
+        Some(_) => {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+            let h = tokio::task::spawn_blocking(move || {
+                let mut h = Sha256::new();
+                while let Some(c) = rx.blocking_recv() {
+                    h.update(&c);
+                }
+                hex(&h.finalize())
+            });
+            (Some(tx), Some(h))
+        }
+        None => (None, None),
+    };
+    let work = async {
+        let mut resp = client.get(&url).send().await.map_err(|e| format!("request: {e}"))?;
+        if resp.status().as_u16() != 200 {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!("status {status}: {}", text.chars().take(200).collect::<String>()));
+        }
+        let cl = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
+        if cl.is_some_and(|cl| cl != size) {
+            return Err(format!("content-length {cl:?}, expected {size}"));
+        }
+        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
+            if r.ttfb.is_none() && !chunk.is_empty() {
+                r.ttfb = Some(t0.elapsed().as_secs_f64());
+            }
+            r.bytes += chunk.len() as u64;
+            if let Some(tx) = tx.as_ref() {
+                tx.send(chunk).await.map_err(|_| "hasher thread died".to_string())?;
+            }
+        }
+        if r.bytes != size {
+            return Err(format!("body {} bytes, expected {size}", r.bytes));
+        }
+        if cl.is_none() {
+            return Err("no content-length (body length was right)".into());
+        }
+        Ok::<(), String>(())
+    };
+    let outcome = match tokio::time::timeout_at(deadline, work).await {
+        Ok(o) => o,
+        Err(_) => {
+            r.timed_out = true;
+            Err("did not finish before the case's time cap".to_string())
+        }
+    };
+    r.done = t0.elapsed().as_secs_f64();
+    drop(tx);
+    // The digest is checked after the body's last byte, outside the measured time.
+    let hashed = match hasher {
+        Some(h) => Some(h.await.expect("hasher task")),
+        None => None,
+    };
+    r.error = outcome.err();
+    if let (None, Some(got), Some(want)) = (&r.error, hashed, check.as_ref()) {
+        if format!("sha256:{got}") != *want {
+            r.error = Some(format!("body sha256 sha256:{got}, expected {want}"));
+        }
+    }
+    r
+}
+
+fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(s) if !s.trim().is_empty() => s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")),
+        _ => default,
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Nearest-rank percentile.
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+fn vm_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// utime + stime of the process (all threads), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
+    // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(14) + ticks(15)) as f64 / CLK_TCK
+}
+
+/// Busy CPU seconds of the whole machine since boot (all CPUs; user, nice, system, irq, softirq, steal).
+fn machine_busy_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(line) = s.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return f64::NAN };
+    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let busy = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<u64>();
+    busy as f64 / CLK_TCK
+}
+
+/// The pid of the process whose command line contains `needle` (docker-registry's config path is unique to its
+/// temporary directory).
+fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The commit the binary was built from, and whether `src/` differs from it (the bench runs the working tree).
+fn source_state() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown commit".into());
+    match git(&["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]) {
+        Some(s) if s.is_empty() => format!("commit {head}, src/ clean"),
+        Some(s) => format!("commit {head} plus uncommitted changes: {}", s.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
+        None => format!("commit {head}"),
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
+        .map_or("? RAM".into(), |m| format!("{m} RAM"))
+}
