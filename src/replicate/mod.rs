@@ -176,14 +176,14 @@ impl Run {
         Ok(self.tags.select(all))
     }
 
-    /// Copies one tag and accounts for it.
-    async fn copy(&self, repo: &RepoName, tag: &str) -> bool {
+    /// Copies one tag and accounts for it (a failure is recorded, not returned: the run goes on).
+    async fn copy(&self, repo: &RepoName, tag: &str) {
         let dst_name = self.rewrite.apply(repo.as_str());
         let dst: RepoName = match dst_name.parse() {
             Ok(d) => d,
             Err(e) => {
                 self.fail(repo.as_str(), tag, format!("rewritten name {dst_name:?} is invalid: {e}")).await;
-                return false;
+                return;
             }
         };
         match self.copier.copy_tag(repo, &dst, tag).await {
@@ -194,12 +194,8 @@ impl Run {
                 self.progress.conflicts.fetch_add(1, Ordering::Relaxed);
                 self.progress.skipped(&self.policy.job);
             }
-            Err(e) => {
-                self.fail(repo.as_str(), tag, e.to_string()).await;
-                return false;
-            }
+            Err(e) => self.fail(repo.as_str(), tag, e.to_string()).await,
         }
-        true
     }
 
     /// Saves the checkpoint and counters; returns what was saved.
