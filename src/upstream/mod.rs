@@ -227,7 +227,9 @@ impl Upstream {
     }
 
     /// Answers a 401's challenge: returns the Authorization to retry with.
-    async fn authorize(&self, challenge: &str, scope: &str) -> Result<HeaderValue, UpstreamError> {
+    /// `refused` is the Authorization the upstream just answered 401 to, if any: a token it no longer accepts
+    /// (revoked, or expired early) is dropped from the cache rather than offered again.
+    async fn authorize(&self, challenge: &str, scope: &str, refused: Option<&HeaderValue>) -> Result<HeaderValue, UpstreamError> {
         let c = challenge::parse(challenge).ok_or_else(|| UpstreamError::Invalid(format!("unparsable challenge {challenge:?}")))?;
         match c.scheme.as_str() {
             "basic" => {
@@ -251,7 +253,13 @@ impl Upstream {
                     Some(basic) => req.header(header::AUTHORIZATION, basic),
                     None => req,
                 };
-                // A request that was answered 401 just before another one obtained the token finds it here.
+                if let Some(refused) = refused {
+                    let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+                    if tokens.get(scope).is_some_and(|t| refused.as_bytes() == format!("Bearer {}", t.value).as_bytes()) {
+                        tokens.remove(scope);
+                    }
+                }
+                // A request that was answered 401 just before another one obtained a token finds it here.
                 if let Some(v) = self.cached_token(scope) {
                     return Ok(v);
                 }
@@ -342,7 +350,7 @@ impl Upstream {
                 let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match challenge {
                     Some(c) => {
-                        auth = Some(self.authorize(&c, scope).await?);
+                        auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
                         body = replay.map(reqwest::Body::from);
                         continue;
                     }
