@@ -32,7 +32,13 @@ pub struct Config {
     pub cache: CacheConfig,
     /// `[[replication]]` policies, run on their schedules or through the API.
     pub replication: Vec<FileReplication>,
+    /// Upload sessions older than this are discarded (a client that went away mid-upload never comes back).
+    pub upload_ttl: Duration,
 }
+
+/// How long an abandoned upload session is kept, by default (distribution purges after a week; a day is plenty
+/// for a client to finish or resume).
+pub const DEFAULT_UPLOAD_TTL_SECS: u64 = 24 * 3600;
 
 /// Limits of the pull-through cache.
 #[derive(Debug, Clone)]
@@ -61,6 +67,7 @@ pub struct FileConfig {
     pub metadata: Option<String>,
     pub log_format: Option<LogFormat>,
     pub delete_enabled: Option<bool>,
+    pub upload_ttl_secs: Option<u64>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]

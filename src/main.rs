@@ -242,6 +242,9 @@ struct ServeArgs {
     /// Refuse every DELETE (405 UNSUPPORTED).
     #[arg(long, env = "BREAKWATER_NO_DELETE")]
     no_delete: bool,
+    /// Discard upload sessions older than this [default: 86400].
+    #[arg(long, env = "BREAKWATER_UPLOAD_TTL_SECS")]
+    upload_ttl_secs: Option<u64>,
     /// Cache an upstream registry: NAME=URL (repeatable). Clients pull HOST/NAME/REPO:TAG.
     #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
     upstreams: Vec<String>,
@@ -307,7 +310,9 @@ impl ServeArgs {
                 anyhow::bail!("replication policy {} is configured twice", r.name);
             }
         }
+        let upload_ttl = self.upload_ttl_secs.or(file.upload_ttl_secs).unwrap_or(config::DEFAULT_UPLOAD_TTL_SECS);
         Ok(Config {
+            upload_ttl: std::time::Duration::from_secs(upload_ttl),
             replication: file.replication,
             upstreams,
             cache: config::CacheConfig {

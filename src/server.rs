@@ -33,6 +33,22 @@ pub async fn build(
     replication.spawn_schedules();
     let store: Arc<dyn crate::storage::BlobStore> = Arc::new(store);
     let registry = Arc::new(Registry::new(Arc::clone(&store), meta, config.delete_enabled));
+    {
+        // Abandoned upload sessions are discarded, checked as often as a tenth of their lifetime (at most hourly).
+        let (registry, ttl) = (Arc::clone(&registry), config.upload_ttl);
+        let every = (ttl / 10).clamp(std::time::Duration::from_secs(1), std::time::Duration::from_secs(3600));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                match registry.purge_uploads(ttl).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "discarded abandoned upload sessions"),
+                    Err(e) => tracing::warn!(error = %e, "purging upload sessions failed"),
+                }
+            }
+        });
+    }
     let flights = BlobFlights::new(store, config.data.join("content").join("spool"))
         .await
         .context("preparing the cache's spool directory")?;

@@ -255,3 +255,26 @@ async fn postgres_metadata_end_to_end() {
     pg.close().await;
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)")).execute(&admin).await.unwrap();
 }
+
+#[tokio::test]
+async fn abandoned_upload_sessions_are_discarded() {
+    let bw = Breakwater::start_with(&["--upload-ttl-secs", "1"]);
+    let client = reqwest::Client::new();
+    let r = client.post(bw.url("/v2/slow/client/blobs/uploads/")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let location = bw.url(r.headers()["location"].to_str().unwrap());
+    let r = client.patch(&location).body(vec![7u8; 1000]).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // The client never comes back: within a few sweeps the session and its bytes are gone.
+    let mut status = 0;
+    for _ in 0..300 {
+        status = client.get(&location).send().await.unwrap().status().as_u16();
+        if status == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 404, "the abandoned session was discarded");
+    let left: Vec<_> = std::fs::read_dir(bw.data.path().join("content/uploads")).unwrap().collect();
+    assert!(left.is_empty(), "its bytes were removed too");
+}

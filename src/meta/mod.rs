@@ -131,6 +131,8 @@ pub trait Meta: Send + Sync + 'static {
     /// The repository upload `id` belongs to, if it exists.
     async fn upload_repo(&self, id: &str) -> Result<Option<String>, MetaError>;
     async fn delete_upload(&self, id: &str) -> Result<(), MetaError>;
+    /// Upload sessions created before `before` (Unix seconds), at most `limit`.
+    async fn stale_uploads(&self, before: i64, limit: u64) -> Result<Vec<String>, MetaError>;
 }
 
 /// Opens the metadata store named by `url`: `sqlite://PATH` or `postgres://...`.

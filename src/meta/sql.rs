@@ -460,6 +460,15 @@ impl Meta for SqlMeta {
         Ok(row.map(|r| r.try_get::<String, _>(0)).transpose()?)
     }
 
+    async fn stale_uploads(&self, before: i64, limit: u64) -> Result<Vec<String>, MetaError> {
+        let rows = sqlx::query("SELECT id FROM uploads WHERE created_at < $1 ORDER BY created_at LIMIT $2")
+            .bind(before)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+
     async fn delete_upload(&self, id: &str) -> Result<(), MetaError> {
         sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())

@@ -171,6 +171,28 @@ impl Registry {
         }
     }
 
+    /// Discards upload sessions older than `max_age` (clients that went away mid-upload and never came back);
+    /// returns how many.
+    pub async fn purge_uploads(&self, max_age: std::time::Duration) -> Result<u64> {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let before = now.saturating_sub(max_age.as_secs()) as i64;
+        let mut purged = 0;
+        loop {
+            let stale = self.meta.stale_uploads(before, 1000).await?;
+            if stale.is_empty() {
+                return Ok(purged);
+            }
+            for id in stale {
+                match self.store.upload_abort(&id).await {
+                    Ok(()) | Err(StorageError::NotFound) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.meta.delete_upload(&id).await?;
+                purged += 1;
+            }
+        }
+    }
+
     // ---- manifests ---------------------------------------------------------------------------------------
 
     /// Validates and stores a manifest pushed to `repo` under `reference`.
