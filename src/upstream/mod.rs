@@ -318,12 +318,12 @@ impl Upstream {
         if let Some(pacer) = &self.pacer {
             pacer.spend(1.0).await;
         }
-        let url = if target.starts_with("http://") || target.starts_with("https://") {
-            target.to_string()
-        } else {
-            format!("{}{target}", self.base)
-        };
-        let mut auth = self.known_auth(scope);
+        let absolute = target.starts_with("http://") || target.starts_with("https://");
+        let url = if absolute { target.to_string() } else { format!("{}{target}", self.base) };
+        // An upload `Location` may point at another host (a storage service); our credentials stay with the
+        // registry they belong to.
+        let foreign = absolute && origin(target) != origin(&self.base);
+        let mut auth = if foreign { None } else { self.known_auth(scope) };
         for attempt in 0..2 {
             let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
             let mut req = self.client.request(method.clone(), &url).headers(headers.clone());
@@ -346,7 +346,7 @@ impl Upstream {
             };
             let status = resp.status();
             self.count(&method, status.as_str());
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+            if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
                 let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match challenge {
                     Some(c) => {
@@ -475,6 +475,13 @@ impl Upstream {
     }
 }
 
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let end = url[after_scheme..].find('/').map_or(url.len(), |i| after_scheme + i);
+    &url[..end]
+}
+
 /// Reads a response body of at most `limit` bytes.
 async fn read_limited(resp: reqwest::Response, limit: usize, idle: Duration) -> Result<Bytes, UpstreamError> {
     let mut out = Vec::new();
@@ -532,6 +539,13 @@ fn base64(input: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins() {
+        assert_eq!(origin("http://a:5000/v2/x?y=z"), "http://a:5000");
+        assert_eq!(origin("https://a"), "https://a");
+        assert_ne!(origin("http://a:5000/u"), origin("http://a:5001/u"));
+    }
 
     #[test]
     fn base64_matches_rfc4648() {
