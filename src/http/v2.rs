@@ -64,13 +64,13 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
         (Route::Manifest { name, reference }, "GET" | "HEAD") => {
-            let reference = manifest_ref(reference)?;
-            let (repo, stale) = match app.proxy.target(name, ns)? {
-                Target::Local(repo) => (repo, false),
-                Target::Cached(c) => resolve_cached(app, &c, &reference).await?,
-                Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &reference).await {
-                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &reference).await?,
-                    _ => (repo, false),
+            let requested = manifest_ref(reference)?;
+            let (repo, reference, stale) = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => (repo, requested, false),
+                Target::Cached(c) => resolve_cached(app, &c, &requested).await?,
+                Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &requested).await {
+                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested).await?,
+                    _ => (repo, requested, false),
                 },
             };
             let (record, body) = if m == "HEAD" {
@@ -208,11 +208,11 @@ fn writable(app: &App, name: &str) -> Result<RepoName> {
     Ok(repo)
 }
 
-/// Resolves a manifest through the cache; returns the local repository that now holds it, and whether it is
-/// served stale.
-async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<(RepoName, bool)> {
+/// Resolves a manifest through the cache; returns the local repository that now holds it, its digest there, and
+/// whether it is served stale.
+async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<(RepoName, Reference, bool)> {
     let resolved = app.proxy.manifest(c, reference).await?;
-    Ok((c.local.clone(), resolved.stale))
+    Ok((c.local.clone(), Reference::Digest(resolved.digest), resolved.stale))
 }
 
 /// Where a blob's bytes come from.
