@@ -330,8 +330,12 @@ impl Proxy {
     /// After a flight: links the blob into the cache repository and, for the request that started the flight,
     /// accounts it as cache content and evicts if the cache is now over budget.
     async fn adopt(&self, local: &RepoName, digest: &Digest, size: u64, started: bool) {
-        if let Err(e) = self.registry.link_blob(local, digest, size).await {
-            tracing::warn!(error = %e, "linking a cached blob failed");
+        // Every waiter of a herd gets here; one durable write per repository is enough (a read is cheaper).
+        let linked = !started && self.registry.blob_size(local, digest).await.is_ok();
+        if !linked {
+            if let Err(e) = self.registry.link_blob(local, digest, size).await {
+                tracing::warn!(error = %e, "linking a cached blob failed");
+            }
         }
         if started {
             if let Err(e) = self.registry.meta().cache_record(digest, size).await {
