@@ -17,6 +17,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,17 +27,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
+use support::{
+    check_digest, cpu_seconds, find_pid_by_cmdline, hex, machine, machine_busy_seconds, mib_or_na, nproc, pct, read_body,
+    reset_hwm, spawn_hasher, vm_kib,
+};
+
 const REPO: &str = "bench/blob";
-const CLK_TCK: f64 = 100.0;
 
 fn main() {
     let blob_mb: usize = std::env::var("BENCH_BLOB_MB").ok().map(|s| s.trim().parse().expect("BENCH_BLOB_MB")).unwrap_or(200);
-    let clients: Vec<usize> = std::env::var("BENCH_CLIENTS")
-        .unwrap_or_else(|_| "1,50".into())
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().expect("BENCH_CLIENTS: comma-separated integers"))
-        .collect();
+    let clients: Vec<usize> = support::env_list("BENCH_CLIENTS", "1,50");
     assert!(!clients.is_empty() && clients.iter().all(|&n| n > 0), "BENCH_CLIENTS needs positive counts");
     let repeat: usize = std::env::var("BENCH_REPEAT").ok().map(|s| s.trim().parse().expect("BENCH_REPEAT")).unwrap_or(5).max(1);
     let size = blob_mb * 1_000_000;
@@ -50,7 +51,7 @@ fn main() {
     let hash_s = t.elapsed().as_secs_f64();
 
     println!("== blob_serve: one {blob_mb} MB blob to concurrent clients ==");
-    println!("machine : {} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total());
+    println!("machine : {}", machine());
     println!(
         "blob    : {size} bytes ({blob_mb} MB, xorshift64 pseudo-random, generated in {gen_s:.2}s), {digest} (hashed in {hash_s:.2}s)"
     );
@@ -110,7 +111,7 @@ fn main() {
             r.ttfb_p99 * 1000.0,
             r.done_p50,
             r.done_p99,
-            r.hwm.map_or("n/a".to_string(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            mib_or_na(r.hwm),
             r.sampled_max_kib as f64 / 1024.0,
             r.server_cpu,
             r.client_cpu,
@@ -213,7 +214,7 @@ fn prepare(rt: &tokio::runtime::Runtime, server: &Server, blob: &Bytes, digest: 
     println!(
         "   push (POST + monolithic PUT): {up:.2}s, {:.0} MB/s; server VmHWM after push {} MiB",
         size as f64 / 1e6 / up,
-        vm_kib(pid, "VmHWM").map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+        mib_or_na(vm_kib(pid, "VmHWM"))
     );
 
     let t = Instant::now();
@@ -309,7 +310,7 @@ fn measure(
         row.ttfb_p99 * 1000.0,
         row.done_p50,
         row.done_p99,
-        hwm.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        mib_or_na(hwm),
         server_cpu,
         other_cpu,
     );
@@ -319,31 +320,11 @@ fn measure(
     row
 }
 
+/// Pushes the blob in one piece, then checks with a HEAD that the server has it, at its full length.
 async fn push(base: &str, blob: Bytes, digest: &str) -> Result<(), String> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(300)).build().map_err(|e| e.to_string())?;
-    let resp = client.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await.map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 202 {
-        return Err(format!("POST uploads: status {}", resp.status()));
-    }
-    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or("POST uploads: no Location")?.to_string();
-    let mut put = if location.starts_with("http://") || location.starts_with("https://") { location } else { format!("{base}{location}") };
-    put.push(if put.contains('?') { '&' } else { '?' });
-    put.push_str("digest=");
-    put.push_str(digest);
     let len = blob.len();
-    let resp = client
-        .put(put)
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len)
-        .body(blob)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 201 {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        return Err(format!("PUT upload: status {status}: {text}"));
-    }
+    support::push_monolithic(&client, base, REPO, blob, digest).await?;
     let resp = client.head(format!("{base}/v2/{REPO}/blobs/{digest}")).send().await.map_err(|e| e.to_string())?;
     let cl = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<usize>().ok());
     if resp.status().as_u16() != 200 || cl != Some(len) {
@@ -373,35 +354,19 @@ async fn run_clients(url: &str, n: usize, size: u64, digest: &str) -> Vec<Client
             tokio::spawn(async move { one_client(client, url, size, if i == 0 { Some(digest) } else { None }, t0).await })
         })
         .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| ClientResult {
-            ttfb: None,
-            done: t0.elapsed().as_secs_f64(),
-            bytes: 0,
-            error: Some(format!("task: {e}")),
-        }));
-    }
-    out
+    support::join_clients(tasks, |e| ClientResult {
+        ttfb: None,
+        done: t0.elapsed().as_secs_f64(),
+        bytes: 0,
+        error: Some(e),
+    })
+    .await
 }
 
 async fn one_client(client: reqwest::Client, url: String, size: u64, check: Option<String>, t0: Instant) -> ClientResult {
     let mut r = ClientResult { ttfb: None, done: 0.0, bytes: 0, error: None };
     // Hashing runs on its own thread, fed the (refcounted, uncopied) chunks through a bounded channel.
-    let (tx, hasher) = match check.as_ref() {
-        Some(_) => {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-            let h = tokio::task::spawn_blocking(move || {
-                let mut h = Sha256::new();
-                while let Some(c) = rx.blocking_recv() {
-                    h.update(&c);
-                }
-                hex(&h.finalize())
-            });
-            (Some(tx), Some(h))
-        }
-        None => (None, None),
-    };
+    let (tx, hasher) = check.as_ref().map(|_| spawn_hasher()).unzip();
     let outcome: Result<(), String> = async {
         let mut resp = client.get(&url).send().await.map_err(|e| format!("request: {e}"))?;
         if resp.status().as_u16() != 200 {
@@ -411,34 +376,14 @@ async fn one_client(client: reqwest::Client, url: String, size: u64, check: Opti
         if cl != Some(size) {
             return Err(format!("content-length {cl:?}, expected {size}"));
         }
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
-            if r.ttfb.is_none() && !chunk.is_empty() {
-                r.ttfb = Some(t0.elapsed().as_secs_f64());
-            }
-            r.bytes += chunk.len() as u64;
-            if let Some(tx) = tx.as_ref() {
-                tx.send(chunk).await.map_err(|_| "hasher thread died".to_string())?;
-            }
-        }
-        if r.bytes != size {
-            return Err(format!("body {} bytes, expected {size}", r.bytes));
-        }
-        Ok(())
+        read_body(&mut resp, size, t0, &mut r.ttfb, &mut r.bytes, tx.as_ref()).await
     }
     .await;
     r.done = t0.elapsed().as_secs_f64();
     drop(tx);
-    // The digest is checked after the body's last byte, outside the measured time.
-    let hashed = match hasher {
-        Some(h) => Some(h.await.expect("hasher task")),
-        None => None,
-    };
     r.error = outcome.err();
-    if let (None, Some(got), Some(want)) = (&r.error, hashed, check.as_ref()) {
-        if format!("sha256:{got}") != *want {
-            r.error = Some(format!("body sha256 sha256:{got}, expected {want}"));
-        }
-    }
+    // The digest is checked after the body's last byte, outside the measured time.
+    check_digest(hasher, check.as_ref(), &mut r.error).await;
     r
 }
 
@@ -461,10 +406,6 @@ fn xorshift_bytes(len: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -476,64 +417,6 @@ fn median(v: &mut [f64]) -> f64 {
     } else {
         (v[m - 1] + v[m]) / 2.0
     }
-}
-
-/// Nearest-rank percentile.
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1]
-}
-
-fn vm_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-}
-
-/// Resets the process's peak RSS (VmHWM) to its current RSS (`echo 5 > /proc/PID/clear_refs`).
-fn reset_hwm(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// utime + stime of the process (all threads), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
-    // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
-    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(14) + ticks(15)) as f64 / CLK_TCK
-}
-
-/// The pid of the process whose command line contains `needle` (used for docker-registry, whose config path is
-/// unique to its temporary directory).
-fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
-    let me = std::process::id();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-/// Busy CPU seconds of the whole machine since boot (all CPUs; user, nice, system, irq, softirq, steal).
-fn machine_busy_seconds() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
-    let Some(line) = s.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return f64::NAN };
-    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    // Fields: user nice system idle iowait irq softirq steal ...
-    let busy = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<u64>();
-    busy as f64 / CLK_TCK
 }
 
 /// CPU seconds (utime + stime) of every process now, by pid, with its name.
@@ -563,26 +446,4 @@ fn top_other_processes(
         .collect();
     used.sort_by(|a, b| b.2.partial_cmp(&a.2).unwrap());
     used.iter().take(5).map(|(n, p, d)| format!("{n}[{p}] {d:.2}s")).collect::<Vec<_>>().join(", ")
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
-        .map_or("? RAM".into(), |m| format!("{m} RAM"))
 }

@@ -31,6 +31,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -39,9 +41,12 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use common::relay::Relay;
+use support::{
+    check_digest, cpu_seconds, env_parse, find_pid_by_cmdline, hex, loadavg, machine, machine_busy_seconds, mib_or_na, nproc,
+    pct, read_body, reset_hwm, source_state, spawn_hasher, vm_kib,
+};
 
 const REPO: &str = "bench/herd";
-const CLK_TCK: f64 = 100.0;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Proxy {
@@ -103,12 +108,7 @@ fn main() {
     let throttle: u64 = env_parse("BENCH_THROTTLE", 100_000_000);
     let case_timeout = Duration::from_secs(env_parse("BENCH_CASE_TIMEOUT_SECS", 300));
     let warm_rerun = env_parse::<u32>("BENCH_WARM", 1) != 0;
-    let clients: Vec<usize> = std::env::var("BENCH_CLIENTS")
-        .unwrap_or_else(|_| "1,50,200".into())
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().expect("BENCH_CLIENTS: comma-separated integers"))
-        .collect();
+    let clients: Vec<usize> = support::env_list("BENCH_CLIENTS", "1,50,200");
     assert!(!clients.is_empty() && clients.iter().all(|&n| n > 0), "BENCH_CLIENTS needs positive counts");
     let n_max = *clients.iter().max().unwrap();
     let proxies: Vec<Proxy> = std::env::var("BENCH_PROXIES")
@@ -126,7 +126,7 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
 
     println!("== cold_herd: N concurrent cold pulls of one {blob_mb} MB blob through a pull-through cache ==");
-    println!("machine : {} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total());
+    println!("machine : {}", machine());
     println!("load    : {} at start", loadavg());
     println!("source  : {}", source_state());
     println!(
@@ -208,7 +208,7 @@ fn main() {
             r.wall.map_or(format!("did not finish in {} s ({}/{} done)", case_timeout.as_secs(), r.finished, r.n), |w| format!("{w:.2}")),
             r.ttfb_p50 * 1000.0,
             r.ttfb_p99 * 1000.0,
-            r.hwm_kib.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            mib_or_na(r.hwm_kib),
             r.proxy_cpu,
             r.bench_cpu,
             r.upstream_cpu,
@@ -363,7 +363,7 @@ fn measure(
     let load = loadavg();
     if warm {
         // The cold case's VmHWM has been read: start the warm run's peak from the current RSS.
-        let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+        let _ = reset_hwm(pid);
     }
     relay.reset();
     let cpu0 = cpu_seconds(pid);
@@ -498,7 +498,7 @@ fn print_case(r: &Row) {
         r.upstream_all_bytes,
         r.aborted_upstream,
         if r.settled { format!(", upstream quiet {:.2}s after the last client", r.settle) } else { format!(", upstream still busy {:.0}s after the clients", r.settle) },
-        r.hwm_kib.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        mib_or_na(r.hwm_kib),
         r.proxy_cpu,
         r.bench_cpu,
         r.upstream_cpu,
@@ -515,32 +515,10 @@ fn print_case(r: &Row) {
     }
 }
 
+/// Pushes the blob in one piece straight to the upstream.
 async fn push(base: &str, blob: Bytes, digest: &str) -> Result<(), String> {
     let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(300)).build().map_err(|e| e.to_string())?;
-    let resp = client.post(format!("{base}/v2/{REPO}/blobs/uploads/")).send().await.map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 202 {
-        return Err(format!("POST uploads: status {}", resp.status()));
-    }
-    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or("POST uploads: no Location")?.to_string();
-    let mut put = if location.starts_with("http://") || location.starts_with("https://") { location } else { format!("{base}{location}") };
-    put.push(if put.contains('?') { '&' } else { '?' });
-    put.push_str("digest=");
-    put.push_str(digest);
-    let len = blob.len();
-    let resp = client
-        .put(put)
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len)
-        .body(blob)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 201 {
-        let status = resp.status();
-        let text = resp.text().await.unwrap_or_default();
-        return Err(format!("PUT upload: status {status}: {text}"));
-    }
-    Ok(())
+    support::push_monolithic(&client, base, REPO, blob, digest).await
 }
 
 struct ClientResult {
@@ -566,17 +544,14 @@ async fn run_clients(url: &str, n: usize, size: u64, digest: &str, timeout: Dura
             tokio::spawn(async move { one_client(client, url, size, (i == 0).then_some(digest), t0, deadline).await })
         })
         .collect();
-    let mut out = Vec::with_capacity(n);
-    for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| ClientResult {
-            ttfb: None,
-            done: t0.elapsed().as_secs_f64(),
-            bytes: 0,
-            timed_out: false,
-            error: Some(format!("task: {e}")),
-        }));
-    }
-    out
+    support::join_clients(tasks, |e| ClientResult {
+        ttfb: None,
+        done: t0.elapsed().as_secs_f64(),
+        bytes: 0,
+        timed_out: false,
+        error: Some(e),
+    })
+    .await
 }
 
 async fn one_client(
@@ -589,20 +564,7 @@ async fn one_client(
 ) -> ClientResult {
     let mut r = ClientResult { ttfb: None, done: 0.0, bytes: 0, timed_out: false, error: None };
     // Hashing runs on its own thread, fed the (refcounted, uncopied) chunks through a bounded channel.
-    let (tx, hasher) = match check.as_ref() {
-        Some(_) => {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
-            let h = tokio::task::spawn_blocking(move || {
-                let mut h = Sha256::new();
-                while let Some(c) = rx.blocking_recv() {
-                    h.update(&c);
-                }
-                hex(&h.finalize())
-            });
-            (Some(tx), Some(h))
-        }
-        None => (None, None),
-    };
+    let (tx, hasher) = check.as_ref().map(|_| spawn_hasher()).unzip();
     let work = async {
         let mut resp = client.get(&url).send().await.map_err(|e| format!("request: {e}"))?;
         if resp.status().as_u16() != 200 {
@@ -614,18 +576,7 @@ async fn one_client(
         if cl.is_some_and(|cl| cl != size) {
             return Err(format!("content-length {cl:?}, expected {size}"));
         }
-        while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
-            if r.ttfb.is_none() && !chunk.is_empty() {
-                r.ttfb = Some(t0.elapsed().as_secs_f64());
-            }
-            r.bytes += chunk.len() as u64;
-            if let Some(tx) = tx.as_ref() {
-                tx.send(chunk).await.map_err(|_| "hasher thread died".to_string())?;
-            }
-        }
-        if r.bytes != size {
-            return Err(format!("body {} bytes, expected {size}", r.bytes));
-        }
+        read_body(&mut resp, size, t0, &mut r.ttfb, &mut r.bytes, tx.as_ref()).await?;
         if cl.is_none() {
             return Err("no content-length (body length was right)".into());
         }
@@ -640,126 +591,8 @@ async fn one_client(
     };
     r.done = t0.elapsed().as_secs_f64();
     drop(tx);
-    // The digest is checked after the body's last byte, outside the measured time.
-    let hashed = match hasher {
-        Some(h) => Some(h.await.expect("hasher task")),
-        None => None,
-    };
     r.error = outcome.err();
-    if let (None, Some(got), Some(want)) = (&r.error, hashed, check.as_ref()) {
-        if format!("sha256:{got}") != *want {
-            r.error = Some(format!("body sha256 sha256:{got}, expected {want}"));
-        }
-    }
+    // The digest is checked after the body's last byte, outside the measured time.
+    check_digest(hasher, check.as_ref(), &mut r.error).await;
     r
-}
-
-fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(s) if !s.trim().is_empty() => s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")),
-        _ => default,
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Nearest-rank percentile.
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
-    v[rank.min(v.len()) - 1]
-}
-
-fn vm_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-}
-
-/// utime + stime of the process (all threads), in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return f64::NAN };
-    // Fields after the ")" that closes comm: state is field 3, utime 14, stime 15.
-    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(14) + ticks(15)) as f64 / CLK_TCK
-}
-
-/// Busy CPU seconds of the whole machine since boot (all CPUs; user, nice, system, irq, softirq, steal).
-fn machine_busy_seconds() -> f64 {
-    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
-    let Some(line) = s.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return f64::NAN };
-    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    let busy = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<u64>();
-    busy as f64 / CLK_TCK
-}
-
-/// The pid of the process whose command line contains `needle` (docker-registry's config path is unique to its
-/// temporary directory).
-fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
-    let me = std::process::id();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-/// The commit the binary was built from, and whether `src/` differs from it (the bench runs the working tree).
-fn source_state() -> String {
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown commit".into());
-    match git(&["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]) {
-        Some(s) if s.is_empty() => format!("commit {head}, src/ clean"),
-        Some(s) => format!("commit {head} plus uncommitted changes: {}", s.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
-        None => format!("commit {head}"),
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
-        .map_or("? RAM".into(), |m| format!("{m} RAM"))
 }

@@ -43,6 +43,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/mod.rs"]
+mod support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
@@ -57,24 +59,18 @@ use serde_json::Value;
 use common::oci::{pseudo_random, sha256, OCI_MANIFEST};
 use common::relay::Relay;
 use common::synthetic::{Options, Synthetic};
-
-const CLK_TCK: f64 = 100.0;
+use support::{cpu_seconds, env_parse, find_pid_by_cmdline, loadavg, machine, source_state, stat_fields, vm_kib, CLK_TCK};
 
 fn main() {
     let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "a,b".into());
     let million: u64 = env_parse("BENCH_MILLION", 1_000_000);
     let bulk: usize = env_parse("BENCH_BULK", 2000);
     let skopeo_n: usize = env_parse::<usize>("BENCH_SKOPEO_N", 200).min(bulk);
-    let ceilings: Vec<usize> = std::env::var("BENCH_CEILING")
-        .unwrap_or_else(|_| "8,16".into())
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().expect("BENCH_CEILING: comma-separated integers"))
-        .collect();
+    let ceilings: Vec<usize> = support::env_list("BENCH_CEILING", "8,16");
     let started = Instant::now();
 
     println!("== replication: breakwater replicate, streaming a 1M-repository catalog and copying 2,000 real repositories ==");
-    println!("machine : {} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total());
+    println!("machine : {}", machine());
     println!("load    : {} at start", loadavg());
     println!("source  : {}", source_state());
     println!("binary  : {}", env!("CARGO_BIN_EXE_breakwater"));
@@ -981,102 +977,16 @@ fn mib(kib: Option<u64>) -> String {
     kib.map_or("-".into(), |k| format!("{:.1} MB", k as f64 * 1024.0 / 1e6))
 }
 
-fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(s) if !s.trim().is_empty() => s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")),
-        _ => default,
-    }
-}
-
-fn vm_kib(pid: u32, field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-}
-
-fn stat_fields(path: &str) -> Vec<u64> {
-    let Ok(s) = std::fs::read_to_string(path) else { return Vec::new() };
-    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
-    // Field 3 (state) is the first after ")"; numeric fields parse, the state letter becomes 0.
-    rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect()
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let f = stat_fields(&format!("/proc/{pid}/stat"));
-    let t = |i: usize| f.get(i - 3).copied().unwrap_or(0);
-    (t(14) + t(15)) as f64 / CLK_TCK
-}
-
 /// utime + stime of this process's waited-for children, in seconds.
 fn children_cpu() -> f64 {
-    let f = stat_fields("/proc/self/stat");
+    let f = stat_fields("/proc/self/stat").unwrap_or_default();
     let t = |i: usize| f.get(i - 3).copied().unwrap_or(0);
     (t(16) + t(17)) as f64 / CLK_TCK
 }
 
 /// utime + stime of this process, in seconds.
 fn self_cpu() -> f64 {
-    let f = stat_fields("/proc/self/stat");
+    let f = stat_fields("/proc/self/stat").unwrap_or_default();
     let t = |i: usize| f.get(i - 3).copied().unwrap_or(0);
     (t(14) + t(15)) as f64 / CLK_TCK
-}
-
-fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
-    let me = std::process::id();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
-        if pid == me {
-            continue;
-        }
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if cmd.contains(needle) {
-            return Some(pid);
-        }
-    }
-    None
-}
-
-fn source_state() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown commit".into());
-    match git(&["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]) {
-        Some(s) if s.is_empty() => format!("commit {head}, src/ clean"),
-        Some(s) => format!("commit {head} plus uncommitted changes: {}", s.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
-        None => format!("commit {head}"),
-    }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_else(|_| "?".into())
-}
-
-fn nproc() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
-        .unwrap_or_else(|| "unknown CPU".into())
-}
-
-fn kernel() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
-        .map_or("? RAM".into(), |m| format!("{m} RAM"))
 }

@@ -1,0 +1,277 @@
+//! Helpers shared by the benchmark programs (`benches/*.rs`), one copy each: describing the machine and the source
+//! tree, reading a process's memory and CPU time from /proc, percentiles, environment knobs, and the pieces of a
+//! streaming blob client. Included with `#[path = "support/mod.rs"] mod support;`; Cargo does not build this
+//! directory as a bench of its own (it only discovers top-level files in `benches/`, and Cargo.toml lists the
+//! benches explicitly).
+//!
+//! Each bench uses a different subset, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+
+/// Clock ticks per second of the times in `/proc/*/stat` and `/proc/stat` (USER_HZ, 100 on Linux).
+pub const CLK_TCK: f64 = 100.0;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Describing the run: every bench prints the machine, and the long ones the load and the source tree, so that a
+// result can be judged (and compared) later.
+
+/// `N logical CPUs, MODEL, kernel X, MEM RAM`, the `machine :` line every bench prints first.
+pub fn machine() -> String {
+    format!("{} logical CPUs, {}, kernel {}, {}", nproc(), cpu_model(), kernel(), mem_total())
+}
+
+pub fn nproc() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|r| r.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+pub fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map_or("?".into(), |s| s.trim().to_string())
+}
+
+pub fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("MemTotal:").map(|r| r.trim().to_string())))
+        .map_or("? RAM".into(), |m| format!("{m} RAM"))
+}
+
+/// The 1, 5 and 15 minute load averages, space-separated: other work on the machine disturbs a run.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// The commit the binary was built from, and whether `src/` differs from it (the bench runs the working tree).
+pub fn source_state() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown commit".into());
+    match git(&["status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"]) {
+        Some(s) if s.is_empty() => format!("commit {head}, src/ clean"),
+        Some(s) => format!("commit {head} plus uncommitted changes: {}", s.lines().map(str::trim).collect::<Vec<_>>().join("; ")),
+        None => format!("commit {head}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Environment knobs.
+
+/// The variable `name` parsed as a `T`; `default` when unset or blank; panics on anything unparsable, so that a
+/// typo does not silently measure the default.
+pub fn env_parse<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(s) if !s.trim().is_empty() => s.trim().parse().unwrap_or_else(|_| panic!("{name}: cannot parse {s:?}")),
+        _ => default,
+    }
+}
+
+/// The variable `name` as a comma-separated list of integers (`default` when unset; empty items skipped); panics
+/// on anything else.
+pub fn env_list(name: &str, default: &str) -> Vec<usize> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| s.trim().parse().unwrap_or_else(|e| panic!("{name}: comma-separated integers: {e:?}")))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Processes: memory and CPU time from /proc, so that the registries under test are measured from outside, the
+// same way whatever they are written in.
+
+/// A `kB` field of `/proc/PID/status` (`VmHWM`, `VmRSS`, ...), in KiB; `None` if the process or the field is gone.
+pub fn vm_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// A peak RSS in KiB as MiB with one decimal, `n/a` when it could not be read.
+pub fn mib_or_na(kib: Option<u64>) -> String {
+    kib.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+/// Resets the process's peak RSS (VmHWM) to its current RSS (`echo 5 > /proc/PID/clear_refs`), so that the next
+/// VmHWM read covers only what follows.
+pub fn reset_hwm(pid: u32) -> bool {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
+}
+
+/// The numeric fields of a `/proc/.../stat` file from field 3 (state, the first after the `)` that closes comm,
+/// which may itself hold spaces) on; fields that do not parse as numbers (the state letter) become 0. `None` if the
+/// file cannot be read.
+pub fn stat_fields(path: &str) -> Option<Vec<u64>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let rest = &s[s.rfind(')').map_or(0, |i| i + 1)..];
+    Some(rest.split_whitespace().map(|x| x.parse().unwrap_or(0)).collect())
+}
+
+/// utime + stime of the process (all threads), in seconds; NaN if the process is gone.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Some(f) = stat_fields(&format!("/proc/{pid}/stat")) else { return f64::NAN };
+    // Field 3 is f[0]: utime is field 14, stime 15.
+    let ticks = |i: usize| f.get(i - 3).copied().unwrap_or(0);
+    (ticks(14) + ticks(15)) as f64 / CLK_TCK
+}
+
+/// Busy CPU seconds of the whole machine since boot (all CPUs; user, nice, system, irq, softirq, steal): what the
+/// processes a bench measures did not use of it is other work disturbing the run.
+pub fn machine_busy_seconds() -> f64 {
+    let Ok(s) = std::fs::read_to_string("/proc/stat") else { return f64::NAN };
+    let Some(line) = s.lines().next().and_then(|l| l.strip_prefix("cpu ")) else { return f64::NAN };
+    let f: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // Fields: user nice system idle iowait irq softirq steal ...
+    let busy = [0usize, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum::<u64>();
+    busy as f64 / CLK_TCK
+}
+
+/// The pid of the process (other than this one) whose command line contains `needle` (used for docker-registry,
+/// whose config path is unique to its temporary directory, since `common::Distribution` does not expose the pid).
+pub fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        if cmd.contains(needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Statistics.
+
+/// Nearest-rank percentile (sorts `v`); NaN for no values. With up to 100 values p99 is the largest.
+pub fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Blobs: pushing one, and the parts of a client that streams one and checks it.
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Pushes `blob` to `base`'s repository `repo` in one piece: POST to open an upload session, then a monolithic
+/// `PUT <location>&digest=...` with the whole body (a relative Location is resolved against `base`).
+pub async fn push_monolithic(client: &reqwest::Client, base: &str, repo: &str, blob: Bytes, digest: &str) -> Result<(), String> {
+    let resp = client.post(format!("{base}/v2/{repo}/blobs/uploads/")).send().await.map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 202 {
+        return Err(format!("POST uploads: status {}", resp.status()));
+    }
+    let location = resp.headers().get("location").and_then(|v| v.to_str().ok()).ok_or("POST uploads: no Location")?.to_string();
+    let mut put = if location.starts_with("http://") || location.starts_with("https://") { location } else { format!("{base}{location}") };
+    put.push(if put.contains('?') { '&' } else { '?' });
+    put.push_str("digest=");
+    put.push_str(digest);
+    let len = blob.len();
+    let resp = client
+        .put(put)
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len)
+        .body(blob)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 201 {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(format!("PUT upload: status {status}: {text}"));
+    }
+    Ok(())
+}
+
+/// Awaits the clients' tasks in order; one that panicked or was cancelled becomes `failed("task: <why>")`, called
+/// when it is found, so that the failure's time can be taken then.
+pub async fn join_clients<T>(tasks: Vec<tokio::task::JoinHandle<T>>, failed: impl Fn(String) -> T) -> Vec<T> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| failed(format!("task: {e}"))));
+    }
+    out
+}
+
+/// A sha256 of a body computed on its own (blocking) thread, fed the refcounted, uncopied chunks through a bounded
+/// channel, so that hashing does not serialize with reading the socket. Drop the sender after the last chunk, then
+/// await the handle for the hex digest.
+pub fn spawn_hasher() -> (tokio::sync::mpsc::Sender<Bytes>, tokio::task::JoinHandle<String>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(256);
+    let h = tokio::task::spawn_blocking(move || {
+        let mut h = Sha256::new();
+        while let Some(c) = rx.blocking_recv() {
+            h.update(&c);
+        }
+        hex(&h.finalize())
+    });
+    (tx, h)
+}
+
+/// Reads `resp`'s body to its end without keeping it: notes the seconds from `t0` to the first body byte in
+/// `ttfb`, counts the bytes in `bytes`, hands every chunk to `tx` (a hasher) if given, and checks that the body had
+/// `size` bytes.
+pub async fn read_body(
+    resp: &mut reqwest::Response,
+    size: u64,
+    t0: Instant,
+    ttfb: &mut Option<f64>,
+    bytes: &mut u64,
+    tx: Option<&tokio::sync::mpsc::Sender<Bytes>>,
+) -> Result<(), String> {
+    while let Some(chunk) = resp.chunk().await.map_err(|e| format!("body: {e}"))? {
+        if ttfb.is_none() && !chunk.is_empty() {
+            *ttfb = Some(t0.elapsed().as_secs_f64());
+        }
+        *bytes += chunk.len() as u64;
+        if let Some(tx) = tx {
+            tx.send(chunk).await.map_err(|_| "hasher thread died".to_string())?;
+        }
+    }
+    if *bytes != size {
+        return Err(format!("body {} bytes, expected {size}", *bytes));
+    }
+    Ok(())
+}
+
+/// Waits for the hasher, if any, and, when the client has no error yet, makes a digest other than `want`
+/// (`sha256:<hex>`) its error. Called after the body's last byte, outside the measured time.
+pub async fn check_digest(hasher: Option<tokio::task::JoinHandle<String>>, want: Option<&String>, error: &mut Option<String>) {
+    let hashed = match hasher {
+        Some(h) => Some(h.await.expect("hasher task")),
+        None => None,
+    };
+    if let (None, Some(got), Some(want)) = (&*error, hashed, want) {
+        if format!("sha256:{got}") != *want {
+            *error = Some(format!("body sha256 sha256:{got}, expected {want}"));
+        }
+    }
+}
