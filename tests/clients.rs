@@ -11,8 +11,9 @@ use std::process::{Command, Stdio};
 
 use serde_json::{json, Value};
 
+use common::oci::pseudo_random;
 use common::images::{
-    blob_path, host_arch, oci_ref, output, read_json, require, run, sha256, skopeo, skopeo_copy, skopeo_raw, umoci,
+    blob_path, build_image, host_arch, oci_ref, output, read_json, require, run, sha256, skopeo, skopeo_copy, skopeo_raw,
     MultiArch, OCI_INDEX, OCI_MANIFEST, REF_NAME,
 };
 
@@ -91,76 +92,6 @@ fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
         path.display()
     );
     bytes
-}
-
-/// `len` bytes that gzip cannot shrink (xorshift), so that a layer is really that large on the wire.
-fn incompressible(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// Builds a one-layer image `layout:tag` for `linux/arch` whose layer holds `files`, with umoci alone (no network).
-/// The layer is produced by `umoci repack`, so it is a complete tar that any client can extract.
-/// Returns the manifest digest recorded in index.json.
-fn build_image(layout: &Path, tag: &str, arch: &str, files: &[(&str, &str)]) -> String {
-    let files: Vec<(&str, &[u8])> = files.iter().map(|(n, c)| (*n, c.as_bytes())).collect();
-    build_image_bytes(layout, tag, arch, &files)
-}
-
-fn build_image_bytes(layout: &Path, tag: &str, arch: &str, files: &[(&str, &[u8])]) -> String {
-    let image = format!("{}:{tag}", layout.display());
-    if !layout.join("index.json").exists() {
-        run(umoci().args(["init", "--layout"]).arg(layout));
-    }
-    run(umoci().args(["new", "--image", &image]));
-    let bundle = layout.with_file_name(format!(
-        "{}-bundle-{tag}",
-        layout.file_name().expect("layout name").to_string_lossy()
-    ));
-    run(umoci()
-        .args(["unpack", "--rootless", "--image", &image])
-        .arg(&bundle));
-    for (name, content) in files {
-        let path = bundle.join("rootfs").join(name);
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir in rootfs");
-        std::fs::write(&path, content).expect("write file in rootfs");
-    }
-    run(umoci().args(["repack", "--image", &image]).arg(&bundle));
-    run(umoci().args([
-        "config",
-        "--image",
-        &image,
-        "--os",
-        "linux",
-        "--architecture",
-        arch,
-    ]));
-    std::fs::remove_dir_all(&bundle).expect("remove bundle");
-
-    let digest = layout_digest(layout, tag);
-    let manifest: Value =
-        serde_json::from_slice(&layout_blob(layout, &digest)).expect("manifest JSON");
-    assert_eq!(
-        manifest["layers"].as_array().map(|l| l.len()),
-        Some(1),
-        "umoci built one layer: {manifest}"
-    );
-    let config: Value = serde_json::from_slice(&layout_blob(
-        layout,
-        manifest["config"]["digest"].as_str().unwrap(),
-    ))
-    .unwrap();
-    assert_eq!(config["architecture"], arch);
-    assert_eq!(config["os"], "linux");
-    digest
 }
 
 /// Writes an OCI image index over the given `(tag, arch)` images of `layout` and tags it `index_tag`.
@@ -387,14 +318,14 @@ fn skopeo_oci_image_round_trip() {
     let tmp = dir.path();
     let layout = dir.path().join("src");
     // A layer of several MiB, so that uploads and downloads span many reads and writes.
-    let big = incompressible(6 << 20, 0x5eed);
-    let digest = build_image_bytes(
+    let big = pseudo_random(6 << 20, 0x5eed);
+    let digest = build_image(
         &layout,
         "v1",
         host_arch(),
         &[
-            ("hello.txt", b"hello from breakwater\n"),
-            ("var/big.bin", &big),
+            ("hello.txt", &b"hello from breakwater\n"[..]),
+            ("var/big.bin", &big[..]),
         ],
     );
     let manifest_bytes = layout_blob(&layout, &digest);

@@ -156,7 +156,7 @@ pub fn layout_image_blobs(layout: &Path, digest: &str) -> Vec<String> {
 /// Builds a one-layer image `layout:tag` for `linux/arch` whose layer holds `files`, with umoci alone (no network).
 /// The layer is produced by `umoci repack`, so it is a complete tar that any client can extract.
 /// Returns the manifest digest recorded in index.json.
-pub fn build_image(layout: &Path, tag: &str, arch: &str, files: &[(&str, &str)]) -> String {
+pub fn build_image<C: AsRef<[u8]>>(layout: &Path, tag: &str, arch: &str, files: &[(&str, C)]) -> String {
     let image = format!("{}:{tag}", layout.display());
     if !layout.join("index.json").exists() {
         run(umoci().args(["init", "--layout"]).arg(layout));
@@ -170,12 +170,19 @@ pub fn build_image(layout: &Path, tag: &str, arch: &str, files: &[(&str, &str)])
     for (name, content) in files {
         let path = bundle.join("rootfs").join(name);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir in rootfs");
-        std::fs::write(&path, content).expect("write file in rootfs");
+        std::fs::write(&path, content.as_ref()).expect("write file in rootfs");
     }
     run(umoci().args(["repack", "--image", &image]).arg(&bundle));
     run(umoci().args(["config", "--image", &image, "--os", "linux", "--architecture", arch]));
     std::fs::remove_dir_all(&bundle).expect("remove bundle");
-    layout_digest(layout, tag)
+    let digest = layout_digest(layout, tag);
+    let manifest: Value = serde_json::from_slice(&layout_blob(layout, &digest)).expect("manifest JSON");
+    assert_eq!(manifest["layers"].as_array().map(|l| l.len()), Some(1), "umoci built one layer: {manifest}");
+    let config_digest = manifest["config"]["digest"].as_str().expect("config digest");
+    let config: Value = serde_json::from_slice(&layout_blob(layout, config_digest)).expect("config JSON");
+    assert_eq!(config["architecture"], arch);
+    assert_eq!(config["os"], "linux");
+    digest
 }
 
 /// Writes an OCI image index over the given `(tag, arch)` images of `layout` and tags it `index_tag`.
