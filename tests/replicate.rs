@@ -553,10 +553,11 @@ async fn million_repositories_stream_through_a_bounded_pipeline() {
         }
     }
     eprintln!("max walk lead: {max_lead} pages ({worst}); first half {first_half}, second half {second_half}");
+    // The bound comes from the pipeline's capacity (about 8 repositories in flight per unit of concurrency, and one
+    // matched repository per page here), not from timing: however the stages are scheduled, the walk cannot get
+    // further ahead. How far ahead it actually runs (printed above) depends on scheduling, so it is not asserted.
     let bound = MAX_LEAD_PAGES_PER_WORKER * MILLION_CONCURRENCY;
     assert!(max_lead <= bound, "the walk ran {max_lead} pages ahead of the copies (bound {bound}): {worst}");
-    // Bounded, not merely slow to grow: the lead in the second half of the catalog is no larger than in the first.
-    assert!(second_half <= first_half + MILLION_CONCURRENCY, "the walk's lead grows: {first_half} then {second_half}");
 
     // The destination: exactly the 1000 matched repositories, identical digests.
     let d = Api::new(&dst.addr);
