@@ -9,12 +9,12 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use common::oci::pseudo_random;
 use common::images::{
-    blob_path, build_image, host_arch, oci_ref, output, read_json, require, run, sha256, skopeo, skopeo_copy, skopeo_raw,
-    MultiArch, OCI_INDEX, OCI_MANIFEST, REF_NAME,
+    build_image, build_multiarch, host_arch, layout_blob, layout_descriptor, oci_ref, output, require, run, scratch,
+    sha256, skopeo, skopeo_copy, skopeo_raw, MultiArch, OCI_INDEX, OCI_MANIFEST,
 };
 
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -23,14 +23,6 @@ const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+
 // ---------------------------------------------------------------------------------------------------------------
 // Tools and processes
 // ---------------------------------------------------------------------------------------------------------------
-
-/// A private scratch directory for one test; removed on drop.
-fn scratch() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("bw-clients-")
-        .tempdir()
-        .expect("tempdir")
-}
 
 /// `docker://ADDR/REPO:TAG` (or `@DIGEST` when `reference` is a digest).
 fn docker_ref(addr: &str, repo: &str, reference: &str) -> String {
@@ -54,102 +46,6 @@ fn skopeo_inspect_digest(tmp: &Path, image: &str) -> String {
 // ---------------------------------------------------------------------------------------------------------------
 // OCI layouts built with umoci
 // ---------------------------------------------------------------------------------------------------------------
-
-/// The descriptor that a layout's index.json holds for `tag`.
-fn layout_descriptor(layout: &Path, tag: &str) -> Value {
-    let index = read_json(&layout.join("index.json"));
-    let found: Vec<&Value> = index["manifests"]
-        .as_array()
-        .expect("index.json manifests")
-        .iter()
-        .filter(|d| d["annotations"][REF_NAME] == tag)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "exactly one entry for tag {tag} in {}/index.json: {index}",
-        layout.display()
-    );
-    found[0].clone()
-}
-
-fn layout_digest(layout: &Path, tag: &str) -> String {
-    layout_descriptor(layout, tag)["digest"]
-        .as_str()
-        .expect("digest")
-        .to_string()
-}
-
-/// Reads a blob from a layout and checks that its bytes match its name.
-fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
-    let path = blob_path(layout, digest);
-    let bytes = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("blob {digest} missing in {}: {e}", layout.display()));
-    assert_eq!(
-        sha256(&bytes),
-        digest,
-        "blob {} does not hash to its name",
-        path.display()
-    );
-    bytes
-}
-
-/// Writes an OCI image index over the given `(tag, arch)` images of `layout` and tags it `index_tag`.
-/// Returns the index digest.
-fn build_index(layout: &Path, index_tag: &str, children: &[(&str, &str)]) -> String {
-    let manifests: Vec<Value> = children
-        .iter()
-        .map(|(tag, arch)| {
-            let d = layout_descriptor(layout, tag);
-            json!({
-                "mediaType": d["mediaType"],
-                "digest": d["digest"],
-                "size": d["size"],
-                "platform": { "architecture": arch, "os": "linux" },
-            })
-        })
-        .collect();
-    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests });
-    let bytes = serde_json::to_vec(&index).unwrap();
-    let digest = sha256(&bytes);
-    std::fs::write(blob_path(layout, &digest), &bytes).expect("write index blob");
-
-    let index_json = layout.join("index.json");
-    let mut top = read_json(&index_json);
-    top["manifests"].as_array_mut().unwrap().push(json!({
-        "mediaType": OCI_INDEX,
-        "digest": digest,
-        "size": bytes.len(),
-        "annotations": { REF_NAME: index_tag },
-    }));
-    std::fs::write(&index_json, serde_json::to_vec(&top).unwrap()).expect("write index.json");
-    assert_eq!(layout_digest(layout, index_tag), digest);
-    digest
-}
-
-fn build_multiarch(dir: &Path) -> MultiArch {
-    let layout = dir.join("src");
-    let amd64 = build_image(
-        &layout,
-        "v1",
-        "amd64",
-        &[("etc/breakwater-test", "amd64\n")],
-    );
-    let arm64 = build_image(
-        &layout,
-        "v1-arm64",
-        "arm64",
-        &[("etc/breakwater-test", "arm64\n")],
-    );
-    assert_ne!(amd64, arm64);
-    let index = build_index(&layout, "multi", &[("v1", "amd64"), ("v1-arm64", "arm64")]);
-    MultiArch {
-        layout,
-        amd64,
-        arm64,
-        index,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // Plain HTTP against the registries
@@ -410,7 +306,7 @@ fn skopeo_oci_image_round_trip() {
 fn skopeo_multiarch_index_round_trip() {
     let dir = scratch();
     let tmp = dir.path();
-    let src = build_multiarch(dir.path());
+    let src = build_multiarch_in(dir.path());
     let index_bytes = layout_blob(&src.layout, &src.index);
 
     let bw = common::Breakwater::start();
@@ -532,7 +428,7 @@ fn skopeo_docker_schema2_round_trip() {
 fn skopeo_between_distribution_and_breakwater() {
     let dir = scratch();
     let tmp = dir.path();
-    let src = build_multiarch(dir.path());
+    let src = build_multiarch_in(dir.path());
     let index_bytes = layout_blob(&src.layout, &src.index);
     let single = layout_blob(&src.layout, &src.amd64);
 
@@ -778,7 +674,7 @@ fn podman_pulls_from_breakwater() {
         host_arch(),
         &[("etc/motd", "pulled by podman\n")],
     );
-    let src = build_multiarch(dir.path());
+    let src = build_multiarch_in(dir.path());
 
     let bw = common::Breakwater::start();
     skopeo_copy(
@@ -859,4 +755,9 @@ fn podman_pulls_from_breakwater() {
     let inspect = run(podman.cmd().args(["image", "inspect", &pinned]));
     let v: Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v[0]["Digest"], single.as_str(), "{inspect}");
+}
+
+/// The multi-platform test image, built in `dir/src`.
+fn build_multiarch_in(dir: &Path) -> MultiArch {
+    build_multiarch(&dir.join("src"))
 }

@@ -213,6 +213,7 @@ pub fn build_index(layout: &Path, index_tag: &str, children: &[(&str, &str)]) ->
         "annotations": { REF_NAME: index_tag },
     }));
     std::fs::write(&index_json, serde_json::to_vec(&top).unwrap()).expect("write index.json");
+    assert_eq!(layout_digest(layout, index_tag), digest);
     digest
 }
 
