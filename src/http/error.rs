@@ -14,7 +14,10 @@ fn status(e: &RegistryError) -> StatusCode {
         | RegistryError::ManifestUnknown
         | RegistryError::NameUnknown
         | RegistryError::Storage(S::NotFound) => StatusCode::NOT_FOUND,
-        RegistryError::UploadOutOfOrder { .. } | RegistryError::RangeInvalid(_) => StatusCode::RANGE_NOT_SATISFIABLE,
+        RegistryError::UploadOutOfOrder { .. }
+        | RegistryError::UploadBusy
+        | RegistryError::RangeInvalid(_)
+        | RegistryError::Storage(S::Busy) => StatusCode::RANGE_NOT_SATISFIABLE,
         RegistryError::ManifestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         RegistryError::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
         RegistryError::Denied(_) => StatusCode::FORBIDDEN,

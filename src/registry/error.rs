@@ -14,6 +14,9 @@ pub enum RegistryError {
     BlobUploadInvalid(String),
     #[error("chunk does not continue the upload at offset {offset}, or its length does not match its Content-Range")]
     UploadOutOfOrder { offset: u64 },
+    /// Another request is working on the upload session (one request at a time per session).
+    #[error("another request on this upload session is in progress; retry when it is over")]
+    UploadBusy,
     #[error("{0}")]
     DigestInvalid(String),
     #[error("manifest references {0}, which is unknown to this repository")]
@@ -53,7 +56,7 @@ impl RegistryError {
             RegistryError::BlobUnknown => "BLOB_UNKNOWN",
             RegistryError::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
             RegistryError::BlobUploadInvalid(_) => "BLOB_UPLOAD_INVALID",
-            RegistryError::UploadOutOfOrder { .. } => "BLOB_UPLOAD_INVALID",
+            RegistryError::UploadOutOfOrder { .. } | RegistryError::UploadBusy => "BLOB_UPLOAD_INVALID",
             RegistryError::DigestInvalid(_) => "DIGEST_INVALID",
             RegistryError::ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
             RegistryError::ManifestInvalid(_) => "MANIFEST_INVALID",
@@ -69,7 +72,7 @@ impl RegistryError {
             RegistryError::UpstreamUnavailable(_) => "UNAVAILABLE",
             RegistryError::TooManyRequests => "TOOMANYREQUESTS",
             RegistryError::Storage(StorageError::DigestMismatch { .. }) => "DIGEST_INVALID",
-            RegistryError::Storage(StorageError::Body(_)) => "BLOB_UPLOAD_INVALID",
+            RegistryError::Storage(StorageError::Body(_) | StorageError::Busy) => "BLOB_UPLOAD_INVALID",
             RegistryError::Storage(StorageError::NotFound) => "BLOB_UNKNOWN",
             RegistryError::Storage(StorageError::Io(_)) | RegistryError::Meta(_) => "UNKNOWN",
         }
@@ -78,7 +81,10 @@ impl RegistryError {
 
 impl From<StorageError> for RegistryError {
     fn from(e: StorageError) -> Self {
-        RegistryError::Storage(e)
+        match e {
+            StorageError::Busy => RegistryError::UploadBusy,
+            e => RegistryError::Storage(e),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub use error::RegistryError;
 
 use crate::meta::{ManifestRecord, Meta, Page};
 use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
-use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
+use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim};
 
 /// Outcome of a manifest push, for the response headers.
 #[derive(Debug)]
@@ -108,11 +108,15 @@ impl Registry {
         Ok(())
     }
 
-    /// Opens an upload session in `repo` and returns its id.
+    /// Opens an upload session in `repo` and returns its id. The row comes first: a file without a row would
+    /// never be purged (purging goes by the rows), while a row without a file is answered as unknown and purged.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String> {
         let id = uuid::Uuid::new_v4().to_string();
-        self.store.upload_start(&id).await?;
         self.meta.create_upload(&id, repo).await?;
+        if let Err(e) = self.store.upload_start(&id).await {
+            let _ = self.meta.delete_upload(&id).await;
+            return Err(e.into());
+        }
         Ok(id)
     }
 
@@ -123,6 +127,19 @@ impl Registry {
             _ => return Err(RegistryError::BlobUploadUnknown),
         }
         self.store.upload_size(id).await?.ok_or(RegistryError::BlobUploadUnknown)
+    }
+
+    /// Claims upload `id` of `repo` for the current request: one request at a time per session, so chunks cannot
+    /// interleave, an offset checked stays true until the append, and a commit is alone with the bytes it
+    /// verifies. A busy session is refused at once (`UploadBusy`) rather than waited for: the request holding it
+    /// may be a client's slow PATCH that takes minutes.
+    async fn claim_upload(&self, repo: &RepoName, id: &str) -> Result<(UploadClaim, u64)> {
+        let claim = self.store.upload_claim(id).map_err(|e| match e {
+            StorageError::NotFound => RegistryError::BlobUploadUnknown,
+            e => e.into(),
+        })?;
+        let offset = self.upload_offset(repo, id).await?;
+        Ok((claim, offset))
     }
 
     /// Appends a chunk. With `range` (from `Content-Range`, inclusive), the chunk must begin exactly where the
@@ -136,25 +153,26 @@ impl Registry {
         declared_len: Option<u64>,
         body: ByteStream,
     ) -> Result<u64> {
-        let offset = self.upload_offset(repo, id).await?;
+        let (claim, offset) = self.claim_upload(repo, id).await?;
         if let Some((start, end)) = range {
-            let length_differs = declared_len.is_some_and(|len| len != end - start + 1);
-            if start != offset || length_differs {
+            // Client input: an end before the start, or at u64::MAX, has no length; refused, never wrapped.
+            let len = end.checked_sub(start).and_then(|l| l.checked_add(1));
+            let fits = len.is_some_and(|len| declared_len.is_none_or(|d| d == len));
+            if start != offset || !fits {
                 return Err(RegistryError::UploadOutOfOrder { offset });
             }
         }
-        // Two clients appending to one session at once would interleave chunks; the digest check at commit then
-        // refuses the result, so nothing corrupt can become visible.
-        Ok(self.store.upload_append(id, body).await?)
+        let (size, _claim) = self.store.upload_append(claim, body).await?;
+        Ok(size)
     }
 
     /// Completes upload `id` with an optional last chunk; the blob becomes visible only if it matches `digest`.
     pub async fn finish_upload(&self, repo: &RepoName, id: &str, digest: &Digest, last: Option<ByteStream>) -> Result<()> {
-        self.upload_offset(repo, id).await?;
+        let (mut claim, _) = self.claim_upload(repo, id).await?;
         if let Some(body) = last {
-            self.store.upload_append(id, body).await?;
+            claim = self.store.upload_append(claim, body).await?.1;
         }
-        let committed = self.store.upload_commit(id, digest).await;
+        let committed = self.store.upload_commit(claim, digest).await;
         // Whatever the outcome, the session is over: a mismatched upload is discarded by the store.
         self.meta.delete_upload(id).await?;
         let size = committed?;
@@ -163,32 +181,43 @@ impl Registry {
     }
 
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
-        self.upload_offset(repo, id).await?;
+        let (claim, _) = self.claim_upload(repo, id).await?;
         self.meta.delete_upload(id).await?;
-        match self.store.upload_abort(id).await {
+        match self.store.upload_abort(claim).await {
             Ok(()) | Err(StorageError::NotFound) => Ok(()),
             Err(e) => Err(e.into()),
         }
     }
 
     /// Discards upload sessions older than `max_age` (clients that went away mid-upload and never came back);
-    /// returns how many.
+    /// returns how many. A session a request is working on right now is left for a later round.
     pub async fn purge_uploads(&self, max_age: std::time::Duration) -> Result<u64> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let before = now.saturating_sub(max_age.as_secs()) as i64;
         let mut purged = 0;
         loop {
             let stale = self.meta.stale_uploads(before, 1000).await?;
-            if stale.is_empty() {
-                return Ok(purged);
-            }
+            let mut progressed = false;
             for id in stale {
-                match self.store.upload_abort(&id).await {
-                    Ok(()) | Err(StorageError::NotFound) => {}
+                let claim = match self.store.upload_claim(&id) {
+                    Ok(c) => Some(c),
+                    Err(StorageError::Busy) => continue,
+                    // An id the store cannot even name has no file: only its row is left to remove.
+                    Err(StorageError::NotFound) => None,
                     Err(e) => return Err(e.into()),
+                };
+                if let Some(claim) = claim {
+                    match self.store.upload_abort(claim).await {
+                        Ok(()) | Err(StorageError::NotFound) => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 self.meta.delete_upload(&id).await?;
                 purged += 1;
+                progressed = true;
+            }
+            if !progressed {
+                return Ok(purged);
             }
         }
     }

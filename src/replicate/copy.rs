@@ -244,7 +244,7 @@ impl Copier {
             let stream = match body.take() {
                 Some(b) => b,
                 None => {
-                    let (offset, loc) = self.dst.upload_offset(dst_repo, &location).await?;
+                    let (offset, loc) = self.dst.resume_upload(dst_repo, &location).await?;
                     location = loc;
                     let b = self.src.blob(src_repo, digest, offset).await?;
                     if !b.from_offset && offset > 0 {

@@ -1,15 +1,20 @@
 //! The local-filesystem blob store: `blobs/<alg>/<hh>/<hex>`, partial uploads in `uploads/`, whole-blob writes
-//! staged in `tmp/`. All three live on the same filesystem, so committing is an atomic `rename`.
+//! staged in `tmp/`. All three live on the same filesystem, so committing is a link, never a copy.
+//!
+//! A verified file enters `blobs/` from `tmp/` by `hard_link`, which fails rather than replace an existing
+//! blob: a blob stored once is never replaced (the newcomer, with the same digest, is discarded). An upload is
+//! first renamed from `uploads/` into `tmp/` (under its session's claim, so nothing writes to it), so no path of
+//! `uploads/` ever names a committed blob's inode, even after a crash between the steps.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
-use tokio::fs::{self, File, OpenOptions};
+use tokio::fs::{self, File};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 use tokio_util::io::ReaderStream;
 
-use super::{BlobStore, ByteRange, ByteStream, StorageError};
+use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim, UploadSessions};
 use crate::oci::Digest;
 
 /// Read buffer of one download: each client streaming a blob holds one, so it is what memory grows by per client
@@ -20,6 +25,8 @@ const WRITE_CHUNK: usize = 256 * 1024;
 
 pub struct LocalStore {
     root: PathBuf,
+    /// Which upload sessions a request is working on (one request at a time per session).
+    sessions: UploadSessions,
 }
 
 impl LocalStore {
@@ -34,7 +41,7 @@ impl LocalStore {
         while let Some(e) = entries.next_entry().await? {
             let _ = fs::remove_file(e.path()).await;
         }
-        Ok(LocalStore { root: root.to_path_buf() })
+        Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default() })
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -50,19 +57,51 @@ impl LocalStore {
         Ok(self.root.join("uploads").join(id))
     }
 
-    /// Moves a verified, fsynced file into place under its digest and makes the rename durable.
-    async fn install(&self, from: &Path, digest: &Digest) -> Result<(), StorageError> {
+    /// A fresh name in `tmp/`, removed when the returned guard is dropped.
+    fn staging(&self) -> Staged {
+        Staged(self.root.join("tmp").join(uuid::Uuid::new_v4().to_string()))
+    }
+
+    /// Moves `from` (which no handle writes to any more) into `tmp/`, for `install`. The rename runs in place
+    /// rather than on the blocking pool: a cancelled caller must not leave a rename to land after its guard has
+    /// removed the staging name (it is one metadata operation).
+    fn stage(&self, from: &Path) -> io::Result<Staged> {
+        let staged = self.staging();
+        std::fs::rename(from, &staged.0)?;
+        Ok(staged)
+    }
+
+    /// Links a verified, fsynced staging file under its digest and makes the link durable; the staging name is
+    /// removed either way. If the digest is stored already, the stored file stays and the staged one is dropped.
+    async fn install(&self, staged: Staged, digest: &Digest) -> Result<(), StorageError> {
         let to = self.blob_path(digest);
         let dir = to.parent().expect("blob path has a parent");
         fs::create_dir_all(dir).await?;
-        fs::rename(from, &to).await?;
+        match fs::hard_link(&staged.0, &to).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
+        drop(staged);
         File::open(dir).await?.sync_all().await?;
         Ok(())
     }
 }
 
+/// A file in `tmp/` that is removed when this is dropped: a write that is abandoned (an error, or a request
+/// cancelled because its client went away) leaves nothing behind, and an installed file keeps only its name
+/// under `blobs/`.
+struct Staged(PathBuf);
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // One unlink; not worth a trip to the blocking pool. Absent already (renamed or never created) is fine.
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Copies `body` to the end of `file`, feeding `hasher` if given. Returns the number of bytes written, or the
-/// body's error after flushing what arrived (a partial upload keeps its received prefix).
+/// body's error after flushing what arrived.
 async fn drain_into(
     file: File,
     mut body: ByteStream,
@@ -97,6 +136,46 @@ async fn drain_into(
     }
 }
 
+/// The append handle of an upload, bound to its session's claim. It only ever writes synchronously, on a
+/// blocking thread that owns it for the duration of the write: a write is never left in flight by a dropped
+/// future, and the claim (dropped after the file, by field order) is released only when none can land.
+struct Appender {
+    file: std::fs::File,
+    claim: UploadClaim,
+}
+
+impl Appender {
+    /// Writes `buf` on a blocking thread and hands both back. If the caller's future is dropped meanwhile, the
+    /// thread finishes the write and then drops the appender (and with it the claim).
+    async fn write(mut self, mut buf: Vec<u8>) -> Result<(Appender, Vec<u8>), StorageError> {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = self.file.write_all(&buf);
+            buf.clear();
+            (self, buf, r)
+        })
+        .await;
+        match joined {
+            Ok((a, buf, Ok(()))) => Ok((a, buf)),
+            Ok((_, _, Err(e))) => Err(e.into()),
+            Err(e) => Err(StorageError::Io(io::Error::other(format!("append thread failed: {e}")))),
+        }
+    }
+
+    /// The file's size, read on a blocking thread like the writes.
+    async fn size(self) -> Result<(u64, Appender), StorageError> {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = self.file.metadata().map(|m| m.len());
+            (self, r)
+        })
+        .await;
+        match joined {
+            Ok((a, Ok(len))) => Ok((len, a)),
+            Ok((_, Err(e))) => Err(e.into()),
+            Err(e) => Err(StorageError::Io(io::Error::other(format!("append thread failed: {e}")))),
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl BlobStore for LocalStore {
     async fn size(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
@@ -123,28 +202,20 @@ impl BlobStore for LocalStore {
     }
 
     async fn put(&self, expected: &Digest, body: ByteStream) -> Result<u64, StorageError> {
-        let tmp = self.root.join("tmp").join(uuid::Uuid::new_v4().to_string());
-        let file = File::create(&tmp).await?;
+        // Created in place (not on the blocking pool, where a cancelled caller's create could land after the
+        // guard's removal): whatever happens to this future from here on, the guard removes the staging file.
+        let staged = self.staging();
+        let file = File::from_std(std::fs::File::create(&staged.0)?);
         let mut hasher = expected.algorithm().hasher();
-        let result = drain_into(file, body, Some(&mut hasher)).await;
-        let (size, file) = match result {
-            Ok(ok) => ok,
-            Err((e, _)) => {
-                let _ = fs::remove_file(&tmp).await;
-                return Err(e);
-            }
-        };
+        let (size, file) = drain_into(file, body, Some(&mut hasher)).await.map_err(|(e, _)| e)?;
         let actual = hasher.finish();
         if &actual != expected {
-            let _ = fs::remove_file(&tmp).await;
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
+        // Waits for the buffered writes too, so none is in flight when the file is linked under its digest.
         file.sync_all().await?;
         drop(file);
-        if let Err(e) = self.install(&tmp, expected).await {
-            let _ = fs::remove_file(&tmp).await;
-            return Err(e);
-        }
+        self.install(staged, expected).await?;
         Ok(size)
     }
 
@@ -153,12 +224,15 @@ impl BlobStore for LocalStore {
         file.sync_all().await?;
         let size = file.metadata().await?.len();
         drop(file);
-        if self.install(path, digest).await.is_err() {
-            // A spool on another filesystem cannot be renamed in: copy it through the verifying path instead.
-            let file = File::open(path).await?;
-            let body: ByteStream = Box::pin(ReaderStream::with_capacity(file, WRITE_CHUNK));
-            self.put(digest, body).await?;
-            let _ = fs::remove_file(path).await;
+        match self.stage(path) {
+            Ok(staged) => self.install(staged, digest).await?,
+            Err(_) => {
+                // A spool on another filesystem cannot be renamed in: copy it through the verifying path instead.
+                let file = File::open(path).await?;
+                let body: ByteStream = Box::pin(ReaderStream::with_capacity(file, WRITE_CHUNK));
+                self.put(digest, body).await?;
+                let _ = fs::remove_file(path).await;
+            }
         }
         Ok(size)
     }
@@ -183,19 +257,48 @@ impl BlobStore for LocalStore {
         }
     }
 
-    async fn upload_append(&self, id: &str, body: ByteStream) -> Result<u64, StorageError> {
-        let path = self.upload_path(id)?;
-        let file = match OpenOptions::new().append(true).open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
-            Err(e) => return Err(e.into()),
-        };
-        drain_into(file, body, None).await.map_err(|(e, _)| e)?;
-        Ok(fs::metadata(&path).await?.len())
+    fn upload_claim(&self, id: &str) -> Result<UploadClaim, StorageError> {
+        self.upload_path(id)?;
+        self.sessions.claim(id)
     }
 
-    async fn upload_commit(&self, id: &str, expected: &Digest) -> Result<u64, StorageError> {
-        let path = self.upload_path(id)?;
+    async fn upload_append(&self, claim: UploadClaim, mut body: ByteStream) -> Result<(u64, UploadClaim), StorageError> {
+        let path = self.upload_path(claim.id())?;
+        let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().append(true).open(path)).await;
+        let file = match opened {
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(StorageError::Io(io::Error::other(format!("open thread failed: {e}")))),
+        };
+        let mut appender = Appender { file, claim };
+        let mut buf = Vec::with_capacity(WRITE_CHUNK);
+        let mut failure = None;
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(bytes) => {
+                    buf.extend_from_slice(&bytes);
+                    if buf.len() >= WRITE_CHUNK {
+                        (appender, buf) = appender.write(buf).await?;
+                    }
+                }
+                Err(e) => {
+                    failure = Some(StorageError::Body(e));
+                    break;
+                }
+            }
+        }
+        // What arrived is kept, also when the body broke: the client may ask for the offset and resume.
+        let (appender, _) = appender.write(buf).await?;
+        let (size, appender) = appender.size().await?;
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((size, appender.claim)),
+        }
+    }
+
+    async fn upload_commit(&self, claim: UploadClaim, expected: &Digest) -> Result<u64, StorageError> {
+        let path = self.upload_path(claim.id())?;
         let mut file = match File::open(&path).await {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
@@ -221,12 +324,15 @@ impl BlobStore for LocalStore {
         }
         file.sync_all().await?;
         drop(file);
-        self.install(&path, expected).await?;
+        // Out of `uploads/` before it gets a name under `blobs/`, and still under the claim: no request can open
+        // it for appending any more.
+        let staged = self.stage(&path)?;
+        self.install(staged, expected).await?;
         Ok(size)
     }
 
-    async fn upload_abort(&self, id: &str) -> Result<(), StorageError> {
-        match fs::remove_file(self.upload_path(id)?).await {
+    async fn upload_abort(&self, claim: UploadClaim) -> Result<(), StorageError> {
+        match fs::remove_file(self.upload_path(claim.id())?).await {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound),
             Err(e) => Err(e.into()),
             Ok(()) => Ok(()),
@@ -293,17 +399,122 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).await.unwrap();
         store.upload_start("u1").await.unwrap();
-        assert_eq!(store.upload_append("u1", stream(vec![Ok(Bytes::from("abc"))])).await.unwrap(), 3);
-        assert_eq!(store.upload_append("u1", stream(vec![Ok(Bytes::from("def"))])).await.unwrap(), 6);
+        let claim = store.upload_claim("u1").unwrap();
+        let (n, claim) = store.upload_append(claim, stream(vec![Ok(Bytes::from("abc"))])).await.unwrap();
+        assert_eq!(n, 3);
+        let (n, claim) = store.upload_append(claim, stream(vec![Ok(Bytes::from("def"))])).await.unwrap();
+        assert_eq!(n, 6);
         let wrong = Digest::of(Algorithm::Sha512, b"abc");
-        assert!(store.upload_commit("u1", &wrong).await.is_err());
+        assert!(store.upload_commit(claim, &wrong).await.is_err());
         assert_eq!(store.upload_size("u1").await.unwrap(), None, "a failed commit discards the upload");
 
         store.upload_start("u2").await.unwrap();
-        store.upload_append("u2", stream(vec![Ok(Bytes::from("abcdef"))])).await.unwrap();
+        let claim = store.upload_claim("u2").unwrap();
+        let (_, claim) = store.upload_append(claim, stream(vec![Ok(Bytes::from("abcdef"))])).await.unwrap();
         let d = Digest::of(Algorithm::Sha512, b"abcdef");
-        assert_eq!(store.upload_commit("u2", &d).await.unwrap(), 6);
+        assert_eq!(store.upload_commit(claim, &d).await.unwrap(), 6);
         assert_eq!(collect(store.read(&d, None).await.unwrap()).await, b"abcdef");
         assert!(matches!(store.upload_size("../x").await, Err(StorageError::NotFound)));
+        assert!(matches!(store.upload_claim("../x"), Err(StorageError::NotFound)));
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn one_claim_at_a_time_per_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        store.upload_start("s").await.unwrap();
+        let claim = store.upload_claim("s").unwrap();
+        assert!(matches!(store.upload_claim("s"), Err(StorageError::Busy)));
+        store.upload_start("other").await.unwrap();
+        drop(store.upload_claim("other").unwrap());
+        drop(claim);
+        drop(store.upload_claim("s").unwrap());
+    }
+
+    /// An append whose future is dropped in the middle of the body (the client went away) keeps its claim until
+    /// its last write has landed: the next claim, and so a commit, sees a session nothing writes to any more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_append_releases_its_claim_only_when_no_write_can_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(LocalStore::open(dir.path()).await.unwrap());
+        for round in 0..50u64 {
+            let id = format!("c{round}");
+            store.upload_start(&id).await.unwrap();
+            let claim = store.upload_claim(&id).unwrap();
+            // Large chunks, so that a write is often in flight on the blocking pool when the future is dropped.
+            let chunk = Bytes::from(vec![round as u8; 3 * WRITE_CHUNK]);
+            let endless: ByteStream = Box::pin(futures_util::stream::repeat_with(move || Ok(chunk.clone())));
+            let (s, i) = (std::sync::Arc::clone(&store), id.clone());
+            let append = tokio::spawn(async move { s.upload_append(claim, endless).await.map(|(n, _)| n) });
+            tokio::time::sleep(std::time::Duration::from_micros(200 * (round % 10))).await;
+            append.abort();
+            let _ = append.await;
+            // Waits for the claim: it comes free only once the append's thread is done with the file.
+            let claim = loop {
+                match store.upload_claim(&i) {
+                    Ok(c) => break c,
+                    Err(StorageError::Busy) => tokio::task::yield_now().await,
+                    Err(e) => panic!("{e}"),
+                }
+            };
+            let size = store.upload_size(&i).await.unwrap().unwrap();
+            let content = std::fs::read(dir.path().join("uploads").join(&i)).unwrap();
+            let d = Digest::of(Algorithm::Sha256, &content);
+            assert_eq!(store.upload_commit(claim, &d).await.unwrap(), size);
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            assert_eq!(store.size(&d).await.unwrap(), Some(size), "round {round}: the blob changed after its commit");
+            assert_eq!(Digest::of(Algorithm::Sha256, &collect(store.read(&d, None).await.unwrap()).await), d);
+        }
+    }
+
+    /// A blob stored once is never replaced: a commit, a put or an adoption of a digest that is stored already
+    /// discards the newcomer and leaves the stored file (the same inode) in place.
+    #[tokio::test]
+    async fn storing_a_stored_digest_again_keeps_the_stored_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        let d = Digest::of(Algorithm::Sha256, b"stored once");
+        store.put(&d, stream(vec![Ok(Bytes::from("stored once"))])).await.unwrap();
+        let path = store.blob_path(&d);
+        // Held open so its inode number cannot be reused by a newcomer.
+        let original = std::fs::File::open(&path).unwrap();
+        let ino = original.metadata().unwrap().ino();
+
+        store.put(&d, stream(vec![Ok(Bytes::from("stored once"))])).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "put replaced the stored file");
+
+        store.upload_start("again").await.unwrap();
+        let claim = store.upload_claim("again").unwrap();
+        let (_, claim) = store.upload_append(claim, stream(vec![Ok(Bytes::from("stored once"))])).await.unwrap();
+        assert_eq!(store.upload_commit(claim, &d).await.unwrap(), 11);
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "a commit replaced the stored file");
+        assert_eq!(store.upload_size("again").await.unwrap(), None, "the discarded upload is gone");
+
+        let spool = dir.path().join("spool-file");
+        std::fs::write(&spool, b"stored once").unwrap();
+        assert_eq!(store.adopt_file(&d, &spool).await.unwrap(), 11);
+        assert_eq!(std::fs::metadata(&path).unwrap().ino(), ino, "an adoption replaced the stored file");
+        assert!(!spool.exists(), "the adopted file is consumed");
+
+        assert_eq!(std::fs::metadata(&path).unwrap().nlink(), 1, "only blobs/ names the stored file");
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(collect(store.read(&d, None).await.unwrap()).await, b"stored once");
+    }
+
+    /// A put whose future is dropped mid-body (the client went away) leaves no staging file behind.
+    #[tokio::test]
+    async fn a_cancelled_put_leaves_no_staging_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        let d = Digest::of(Algorithm::Sha256, b"never arrives");
+        let first: ByteStream = Box::pin(futures_util::stream::once(async { Ok(Bytes::from("never ")) }));
+        let body: ByteStream = Box::pin(first.chain(futures_util::stream::pending()));
+        let put = store.put(&d, body);
+        // The body never ends: the put is still running when the timeout drops it.
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(100), put).await.is_err());
+        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(store.size(&d).await.unwrap(), None);
     }
 }

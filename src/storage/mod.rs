@@ -2,13 +2,16 @@
 //! hold it (which repositories do is `meta`'s business).
 //!
 //! Architecture invariant: a blob becomes readable under its digest only after its bytes were hashed, found
-//! equal to the digest, and made durable. Readers never see a partial blob.
+//! equal to the digest, and made durable. Readers never see a partial blob. A stored blob is never replaced
+//! (storing its digest again discards the newcomer) nor written to (see `UploadClaim`).
 
 mod local;
 
+use std::collections::HashSet;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -29,6 +32,9 @@ pub enum StorageError {
     /// The incoming stream failed (typically the client went away); nothing was committed.
     #[error("reading the request body failed: {0}")]
     Body(io::Error),
+    /// Another request holds the upload session (see `UploadClaim`).
+    #[error("another request on this upload session is in progress")]
+    Busy,
     #[error("storage I/O error: {0}")]
     Io(#[from] io::Error),
 }
@@ -38,6 +44,47 @@ pub enum StorageError {
 pub struct ByteRange {
     pub start: u64,
     pub end: u64,
+}
+
+/// The upload sessions some request is working on. Each backend keeps one and grants claims from it.
+#[derive(Default)]
+pub struct UploadSessions {
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl UploadSessions {
+    /// Claims session `id`, or `Busy` if a claim on it is alive.
+    pub fn claim(&self, id: &str) -> Result<UploadClaim, StorageError> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        if !busy.insert(id.to_string()) {
+            return Err(StorageError::Busy);
+        }
+        Ok(UploadClaim { id: id.to_string(), busy: Arc::clone(&self.busy) })
+    }
+}
+
+/// Exclusive use of one upload session, for one request: it is what serialises the requests on a session (two
+/// PATCHes would interleave their bytes, and a commit must not see an append half done). Appending, committing
+/// and aborting take it by value. A backend keeps the claim alive for as long as any write of it can still land,
+/// including after the future that asked for the write was dropped (a client that went away): so once a claim
+/// is released, nothing writes into the session any more, and a commit holding the next claim is alone with it.
+#[derive(Debug)]
+pub struct UploadClaim {
+    id: String,
+    /// The set this claim is registered in; the id leaves it when the claim is dropped.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl UploadClaim {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for UploadClaim {
+    fn drop(&mut self) {
+        self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
 }
 
 /// Where blob bytes live. One implementation per backend (local disk now, S3-compatible later); the registry
@@ -53,11 +100,14 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Streams a committed blob, or the window `range` of it (which the caller has checked against the size).
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError>;
 
-    /// Stores a whole blob from a stream; it becomes visible only if its digest is `expected`.
+    /// Stores a whole blob from a stream; it becomes visible only if its digest is `expected`. If the store
+    /// holds `expected` already, the stored file stays and what was received is discarded (content is stored
+    /// once, and a verified blob is never replaced).
     async fn put(&self, expected: &Digest, body: ByteStream) -> Result<u64, StorageError>;
 
     /// Stores the local file `path` as blob `digest`. The caller has already computed the file's digest while
-    /// writing it (a cache fill hashes as it downloads) and guarantees it equals `digest`; the file is consumed.
+    /// writing it (a cache fill hashes as it downloads) and guarantees it equals `digest`; the file is consumed
+    /// (discarded if `digest` is stored already). No handle may still write to it.
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> Result<u64, StorageError>;
 
     /// Removes a committed blob. Removing an absent blob is not an error.
@@ -66,17 +116,21 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Creates the empty partial upload `id`.
     async fn upload_start(&self, id: &str) -> Result<(), StorageError>;
 
-    /// Bytes received so far for upload `id`; `None` if it does not exist.
+    /// Bytes received so far for upload `id`; `None` if it does not exist. While a request appends, this grows.
     async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError>;
 
-    /// Appends a stream to upload `id` and returns its new size. If the stream fails midway, what arrived is
-    /// kept (so the client can ask for the offset and resume) and the error is returned.
-    async fn upload_append(&self, id: &str, body: ByteStream) -> Result<u64, StorageError>;
+    /// Claims upload `id` for one request (`Busy` if another request holds it).
+    fn upload_claim(&self, id: &str) -> Result<UploadClaim, StorageError>;
 
-    /// Verifies upload `id` against `expected` and makes it the blob `expected`. On a mismatch the upload is
-    /// discarded and nothing becomes visible.
-    async fn upload_commit(&self, id: &str, expected: &Digest) -> Result<u64, StorageError>;
+    /// Appends a stream to the claimed upload and returns its new size, with the claim. If the stream fails
+    /// midway, what arrived is kept (so the client can ask for the offset and resume) and the error is returned.
+    /// Dropping the future stops the append; the claim is released only once no write of it can land any more.
+    async fn upload_append(&self, claim: UploadClaim, body: ByteStream) -> Result<(u64, UploadClaim), StorageError>;
 
-    /// Discards upload `id`.
-    async fn upload_abort(&self, id: &str) -> Result<(), StorageError>;
+    /// Verifies the claimed upload against `expected` and makes it the blob `expected` (or, if that is stored
+    /// already, discards it). On a mismatch the upload is discarded and nothing becomes visible.
+    async fn upload_commit(&self, claim: UploadClaim, expected: &Digest) -> Result<u64, StorageError>;
+
+    /// Discards the claimed upload.
+    async fn upload_abort(&self, claim: UploadClaim) -> Result<(), StorageError>;
 }

@@ -37,7 +37,14 @@ impl Upstream {
     /// The size of blob `digest` in `repo`, or `None` if the registry does not have it there.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<Option<u64>, UpstreamError> {
         match self.exchange(Method::HEAD, &push_scope(repo), &format!("/v2/{repo}/blobs/{digest}"), HeaderMap::new(), None).await {
-            Ok(r) => Ok(Some(r.content_length().unwrap_or(0))),
+            // The header itself: reqwest's `content_length()` is the size of the (empty) body of a HEAD.
+            Ok(r) => Ok(Some(
+                r.headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            )),
             Err(UpstreamError::NotFound) => Ok(None),
             Err(e) => Err(e),
         }
@@ -89,18 +96,37 @@ impl Upstream {
     }
 
     /// How many bytes the session at `location` holds (from its `Range: 0-<last>` header), and its location.
+    /// `0-0` (and no `Range` at all) reads as 0: registries send `0-0` for an empty session, but distribution
+    /// and breakwater send it for a one-byte session too, so 0 is all that is certain. To resume an upload, use
+    /// [`Upstream::resume_upload`], which copes with that.
     pub async fn upload_offset(&self, repo: &RepoName, location: &str) -> Result<(u64, String), UpstreamError> {
         let resp = self.exchange(Method::GET, &push_scope(repo), location, HeaderMap::new(), None).await?;
-        let offset = resp
+        let last = resp
             .headers()
             .get(header::RANGE)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split('-').nth(1))
-            .and_then(|end| end.trim().parse::<u64>().ok())
-            .map_or(0, |end| end + 1);
+            .and_then(|end| end.trim().parse::<u64>().ok());
+        let offset = match last {
+            None | Some(0) => 0,
+            Some(end) => end.checked_add(1).ok_or_else(|| UpstreamError::Invalid(format!("upload Range ends at {end}")))?,
+        };
         let loc = location_or(resp, location)?;
-        // `0-0` means either nothing or one byte; registries send it for an empty session.
         Ok((offset, loc))
+    }
+
+    /// Where to resume the upload at `location` after a broken PATCH: its offset and location. A session
+    /// reporting `0-0` may hold nothing or one byte, which no registry distinguishes (distribution 2.8 ignores
+    /// a PATCH's `Content-Range`, so sending byte 0 again cannot be refused as out of order either); such a
+    /// session is abandoned for a fresh one, so resuming at 0 is right whatever it held.
+    pub async fn resume_upload(&self, repo: &RepoName, location: &str) -> Result<(u64, String), UpstreamError> {
+        let (offset, location) = self.upload_offset(repo, location).await?;
+        if offset > 0 {
+            return Ok((offset, location));
+        }
+        // Best effort: an abandoned session is the destination's to purge if the DELETE fails.
+        let _ = self.exchange(Method::DELETE, &push_scope(repo), &location, HeaderMap::new(), None).await;
+        Ok((0, self.start_upload(repo).await?))
     }
 
     /// Completes the session at `location` as blob `digest`.
