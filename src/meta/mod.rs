@@ -5,6 +5,7 @@
 //! sharing one state) through sqlx's `Any` driver: the SQL is the same for both apart from the schema's column
 //! collation, so there is one body of queries to keep right rather than two.
 
+mod schema;
 mod sql;
 
 pub use sql::SqlMeta;
@@ -15,6 +16,8 @@ use crate::oci::{Digest, RepoName, Tag};
 pub enum MetaError {
     #[error("metadata store error: {0}")]
     Db(#[from] sqlx::Error),
+    #[error("metadata schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("metadata store holds an invalid value: {0}")]
     Corrupt(String),
 }
@@ -50,6 +53,9 @@ pub struct JobRecord {
     pub skipped: u64,
     pub failed: u64,
     pub bytes: u64,
+    /// Runs that retried this pass's failures after its walk had ended (0 once a walk runs): a scheduled run
+    /// retries a failed pass once, then starts a new pass, so an item that keeps failing cannot stop a schedule.
+    pub retries: u64,
     pub updated_at: i64,
 }
 

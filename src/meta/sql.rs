@@ -6,44 +6,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
+use super::schema::Dialect;
 use super::{JobFailure, JobRecord, ManifestRecord, Meta, MetaError, Page};
 use crate::oci::{Digest, RepoName, Tag};
-
-/// Which SQL dialect the pool speaks; only the schema differs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dialect {
-    Sqlite,
-    Postgres,
-}
 
 pub struct SqlMeta {
     pool: AnyPool,
 }
-
-/// The schema. `{text_key}` is the type of names and tags: they must sort byte-wise (as distribution does and
-/// as `last=` pagination assumes), which PostgreSQL only does under the "C" collation.
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS repositories (name {text_key} PRIMARY KEY, created_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS blob_links (repo {text_key} NOT NULL, digest TEXT NOT NULL, size BIGINT NOT NULL, \
-     created_at BIGINT NOT NULL, PRIMARY KEY (repo, digest))",
-    "CREATE INDEX IF NOT EXISTS blob_links_digest ON blob_links (digest)",
-    "CREATE TABLE IF NOT EXISTS manifests (repo {text_key} NOT NULL, digest TEXT NOT NULL, media_type TEXT NOT NULL, \
-     size BIGINT NOT NULL, subject TEXT, artifact_type TEXT, annotations TEXT, created_at BIGINT NOT NULL, \
-     PRIMARY KEY (repo, digest))",
-    "CREATE INDEX IF NOT EXISTS manifests_digest ON manifests (digest)",
-    "CREATE INDEX IF NOT EXISTS manifests_subject ON manifests (repo, subject)",
-    "CREATE TABLE IF NOT EXISTS tags (repo {text_key} NOT NULL, tag {text_key} NOT NULL, digest TEXT NOT NULL, \
-     updated_at BIGINT NOT NULL, PRIMARY KEY (repo, tag))",
-    "CREATE TABLE IF NOT EXISTS uploads (id TEXT PRIMARY KEY, repo TEXT NOT NULL, created_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS cache_blobs (digest TEXT PRIMARY KEY, size BIGINT NOT NULL, last_access BIGINT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS cache_blobs_access ON cache_blobs (last_access)",
-    "CREATE TABLE IF NOT EXISTS replication_jobs (name TEXT PRIMARY KEY, mark {text_key}, position {text_key}, \
-     pending TEXT NOT NULL, status TEXT NOT NULL, \
-     pages BIGINT NOT NULL, repos_seen BIGINT NOT NULL, repos_matched BIGINT NOT NULL, copied BIGINT NOT NULL, \
-     skipped BIGINT NOT NULL, failed BIGINT NOT NULL, bytes BIGINT NOT NULL, updated_at BIGINT NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS replication_failures (job TEXT NOT NULL, repo TEXT NOT NULL, tag TEXT NOT NULL, \
-     reason TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (job, repo, tag))",
-];
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
@@ -70,7 +39,7 @@ fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
 }
 
 const JOB_COLUMNS: &str =
-    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at, position, pending";
+    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at, position, pending, retries";
 
 fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
     let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64);
@@ -88,6 +57,7 @@ fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
         updated_at: r.try_get(10)?,
         position: r.try_get(11)?,
         pending: serde_json::from_str(&r.try_get::<String, _>(12)?).map_err(|e| MetaError::Corrupt(format!("pending: {e}")))?,
+        retries: n(13)?,
     })
 }
 
@@ -121,13 +91,7 @@ impl SqlMeta {
             });
         }
         let pool = options.connect(url).await?;
-        let text_key = match dialect {
-            Dialect::Sqlite => "TEXT",
-            Dialect::Postgres => "TEXT COLLATE \"C\"",
-        };
-        for stmt in SCHEMA {
-            sqlx::query(&stmt.replace("{text_key}", text_key)).execute(&pool).await?;
-        }
+        super::schema::migrate(&pool, dialect).await?;
         Ok(SqlMeta { pool })
     }
 
@@ -378,8 +342,10 @@ impl Meta for SqlMeta {
     async fn save_job(&self, j: &JobRecord) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO replication_jobs (name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, \
-             bytes, updated_at, position, pending) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+             bytes, updated_at, position, pending, retries) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (name) DO UPDATE SET position = excluded.position, pending = excluded.pending, \
+             retries = excluded.retries, \
              mark = excluded.mark, status = excluded.status, pages = excluded.pages, repos_seen = excluded.repos_seen, \
              repos_matched = excluded.repos_matched, copied = excluded.copied, skipped = excluded.skipped, \
              failed = excluded.failed, bytes = excluded.bytes, updated_at = excluded.updated_at",
@@ -397,6 +363,7 @@ impl Meta for SqlMeta {
         .bind(now())
         .bind(j.position.clone())
         .bind(serde_json::to_string(&j.pending).map_err(|e| MetaError::Corrupt(e.to_string()))?)
+        .bind(j.retries as i64)
         .execute(&self.pool)
         .await?;
         Ok(())
