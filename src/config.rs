@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::secret::Secret;
 use crate::upstream::UpstreamConfig;
 
 /// How log lines are written to stderr.
@@ -23,8 +24,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Root of the content store, and of the SQLite database when no metadata URL is given.
     pub data: PathBuf,
-    /// `sqlite://...` or `postgres://...`.
-    pub metadata: String,
+    /// `sqlite://...` or `postgres://...` (a PostgreSQL URL may hold a password).
+    pub metadata: Secret,
     pub log_format: LogFormat,
     pub delete_enabled: bool,
     /// Registries this one caches, each under its own name.
@@ -64,7 +65,7 @@ pub const DEFAULT_NEGATIVE_TTL_SECS: u64 = 30;
 pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub data: Option<PathBuf>,
-    pub metadata: Option<String>,
+    pub metadata: Option<Secret>,
     pub log_format: Option<LogFormat>,
     pub delete_enabled: Option<bool>,
     pub upload_ttl_secs: Option<u64>,
@@ -90,9 +91,9 @@ pub struct FileReplication {
     /// Destination registry URL, or `local` for this breakwater.
     pub to: String,
     pub from_username: Option<String>,
-    pub from_password: Option<String>,
+    pub from_password: Option<Secret>,
     pub to_username: Option<String>,
-    pub to_password: Option<String>,
+    pub to_password: Option<Secret>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
@@ -131,7 +132,7 @@ const REPLICATION_TIMEOUT_SECS: u64 = 60;
 impl FileReplication {
     /// The policy, with `local` standing for `local_url` (this breakwater).
     pub fn policy(&self, local_url: &str) -> anyhow::Result<crate::replicate::Policy> {
-        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<String>| -> anyhow::Result<UpstreamConfig> {
+        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<Secret>| -> anyhow::Result<UpstreamConfig> {
             let url = if url == "local" { local_url } else { url };
             let mut u = upstream(name, url, 0, REPLICATION_TIMEOUT_SECS, false, Some(false))?;
             u.username = user.clone();
@@ -172,7 +173,7 @@ pub struct FileUpstream {
     pub name: String,
     pub url: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<Secret>,
     pub tag_ttl_secs: Option<u64>,
     pub timeout_secs: Option<u64>,
     #[serde(default)]
@@ -271,6 +272,60 @@ mod tests {
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");
+    }
+
+    /// No password reaches the `{:?}` of any configuration struct (they are logged and shown in panics), while
+    /// the code that needs one still gets it.
+    #[test]
+    fn debug_output_holds_no_password() {
+        let text = r#"
+metadata = "postgres://bw:pg-secret-1@db.example/bw"
+[[upstream]]
+name = "hub"
+url = "https://registry-1.docker.io"
+username = "puller"
+password = "up-secret-2"
+[[replication]]
+name = "mirror"
+from = "https://src.example"
+to = "local"
+from_username = "reader"
+from_password = "from-secret-3"
+to_username = "writer"
+to_password = "to-secret-4"
+"#;
+        let file: FileConfig = toml::from_str(text).unwrap();
+        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4"];
+        let check = |what: &str, debug: String| {
+            assert!(debug.contains("***"), "{what}: the redaction shows: {debug}");
+            for s in secrets {
+                assert!(!debug.contains(s), "{what}'s Debug shows a password ({s}): {debug}");
+            }
+        };
+        check("FileConfig", format!("{file:?}"));
+        check("FileUpstream", format!("{:?}", file.upstream[0]));
+        check("FileReplication", format!("{:?}", file.replication[0]));
+        let policy = file.replication[0].policy("http://127.0.0.1:5000").unwrap();
+        check("Policy", format!("{policy:?}"));
+        check("Policy (alternate form)", format!("{policy:#?}"));
+        let config = Config {
+            listen: DEFAULT_LISTEN.parse().unwrap(),
+            data: PathBuf::from(DEFAULT_DATA),
+            metadata: file.metadata.clone().unwrap(),
+            log_format: LogFormat::Text,
+            delete_enabled: false,
+            upstreams: file.upstream.into_iter().map(|u| u.resolve().unwrap()).collect(),
+            cache: CacheConfig::default(),
+            replication: file.replication.clone(),
+            upload_ttl: Duration::from_secs(DEFAULT_UPLOAD_TTL_SECS),
+        };
+        check("Config", format!("{config:?}"));
+        check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
+        // The values are all still there for the code that uses them.
+        assert_eq!(policy.from.password.as_deref(), Some("from-secret-3"));
+        assert_eq!(policy.to.password.as_deref(), Some("to-secret-4"));
+        assert_eq!(config.upstreams[0].password.as_deref(), Some("up-secret-2"));
+        assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod pace;
 pub mod proxy;
 pub mod registry;
 pub mod replicate;
+pub mod secret;
 pub mod server;
 pub mod storage;
 pub mod upstream;

@@ -130,9 +130,9 @@ impl ReplicateArgs {
             from_kind: self.from_kind,
             to: self.to.clone().unwrap_or_default(),
             from_username: self.from_username.clone(),
-            from_password: self.from_password.clone(),
+            from_password: self.from_password.clone().map(Into::into),
             to_username: self.to_username.clone(),
-            to_password: self.to_password.clone(),
+            to_password: self.to_password.clone().map(Into::into),
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             tags: self.tags.clone(),
@@ -275,7 +275,7 @@ impl ServeArgs {
             None => FileConfig::default(),
         };
         let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
-        let metadata = self.metadata.or(file.metadata).unwrap_or_else(|| config::sqlite_url(&data));
+        let metadata = self.metadata.map(Into::into).or(file.metadata).unwrap_or_else(|| config::sqlite_url(&data).into());
         let mut upstreams = Vec::new();
         for u in file.upstream {
             upstreams.push(u.resolve()?);

@@ -29,14 +29,14 @@ use crate::oci::{Algorithm, Digest, RepoName, DOCKER_LIST, DOCKER_MANIFEST, MAX_
 use crate::storage::ByteStream;
 
 /// Settings of one upstream registry.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// The name clients use as the first path component (`HOST/NAME/repo`) and as containerd's `ns=`.
     pub name: String,
     /// Base URL, e.g. `https://registry-1.docker.io`.
     pub url: String,
     pub username: Option<String>,
-    pub password: Option<String>,
+    pub password: Option<crate::secret::Secret>,
     /// How long a tag fetched from upstream is trusted before it is revalidated.
     pub tag_ttl: Duration,
     /// Bound on waiting for an upstream answer (and on silence in the middle of a body).
@@ -47,20 +47,6 @@ pub struct UpstreamConfig {
     pub library_shorthand: bool,
     /// Requests per second at most (replication's `--rate`), if limited.
     pub requests_per_sec: Option<f64>,
-}
-
-impl fmt::Debug for UpstreamConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("UpstreamConfig")
-            .field("name", &self.name)
-            .field("url", &self.url)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("tag_ttl", &self.tag_ttl)
-            .field("timeout", &self.timeout)
-            .field("default", &self.default)
-            .finish()
-    }
 }
 
 /// Why an upstream request did not give what was asked.
