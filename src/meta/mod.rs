@@ -129,8 +129,11 @@ pub trait Meta: Send + Sync + 'static {
     /// Forgets a job's checkpoint, counters and failures (a fresh run).
     async fn reset_job(&self, name: &str) -> Result<(), MetaError>;
     async fn record_failure(&self, job: &str, failure: &JobFailure) -> Result<(), MetaError>;
-    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<(), MetaError>;
+    /// Forgets a failure (its item was copied since); false if none was recorded.
+    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<bool, MetaError>;
     async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError>;
+    /// How many failures job `job` has recorded.
+    async fn count_failures(&self, job: &str) -> Result<u64, MetaError>;
 
     /// Registers upload session `id` for `repo`.
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError>;

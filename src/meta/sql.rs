@@ -392,14 +392,19 @@ impl Meta for SqlMeta {
         Ok(())
     }
 
-    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<(), MetaError> {
-        sqlx::query("DELETE FROM replication_failures WHERE job = $1 AND repo = $2 AND tag = $3")
+    async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<bool, MetaError> {
+        let done = sqlx::query("DELETE FROM replication_failures WHERE job = $1 AND repo = $2 AND tag = $3")
             .bind(job)
             .bind(repo)
             .bind(tag)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn count_failures(&self, job: &str) -> Result<u64, MetaError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM replication_failures WHERE job = $1").bind(job).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
     async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError> {

@@ -19,7 +19,7 @@ mod progress;
 mod scheduler;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -88,6 +88,10 @@ struct RepoWork {
     page: Arc<PageState>,
     /// Tags still to copy, plus one for the listing itself while it runs.
     pending: AtomicUsize,
+    /// Re-queued from a previous run's checkpoint: some of its items may have recorded failures, which a success
+    /// now clears. (Other repositories cannot have any: a new pass forgets failures, a resumed one has not
+    /// reached them.)
+    requeued: bool,
 }
 
 struct PageState {
@@ -142,6 +146,9 @@ struct Run {
     cursor: Arc<Mutex<Cursor>>,
     /// Serialises checkpoint writes, so a slower write of an older state never lands after a newer one.
     save_lock: tokio::sync::Mutex<()>,
+    /// Saved with the checkpoint: the job's runs that retried failures after the pass's walk ended (0 once
+    /// this run walks).
+    retries: AtomicU64,
 }
 
 impl Run {
@@ -176,14 +183,26 @@ impl Run {
         Ok(self.tags.select(all))
     }
 
-    /// Copies one tag and accounts for it (a failure is recorded, not returned: the run goes on).
-    async fn copy(&self, repo: &RepoName, tag: &str) {
+    /// Forgets the failure recorded for an item that has now succeeded, and uncounts it.
+    async fn forget_failure(&self, repo: &str, tag: &str) {
+        match self.meta.clear_failure(&self.policy.job, repo, tag).await {
+            Ok(true) => {
+                let _ = self.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "clearing a replication failure failed"),
+        }
+    }
+
+    /// Copies one tag and accounts for it (a failure is recorded, not returned: the run goes on). True if it
+    /// did not fail.
+    async fn copy(&self, repo: &RepoName, tag: &str) -> bool {
         let dst_name = self.rewrite.apply(repo.as_str());
         let dst: RepoName = match dst_name.parse() {
             Ok(d) => d,
             Err(e) => {
                 self.fail(repo.as_str(), tag, format!("rewritten name {dst_name:?} is invalid: {e}")).await;
-                return;
+                return false;
             }
         };
         match self.copier.copy_tag(repo, &dst, tag).await {
@@ -194,8 +213,12 @@ impl Run {
                 self.progress.conflicts.fetch_add(1, Ordering::Relaxed);
                 self.progress.skipped(&self.policy.job);
             }
-            Err(e) => self.fail(repo.as_str(), tag, e.to_string()).await,
+            Err(e) => {
+                self.fail(repo.as_str(), tag, e.to_string()).await;
+                return false;
+            }
         }
+        true
     }
 
     /// Saves the checkpoint and counters; returns what was saved.
@@ -209,6 +232,7 @@ impl Run {
             r.pending = c.outstanding.iter().cloned().collect();
         }
         r.status = status.to_string();
+        r.retries = self.retries.load(Ordering::Relaxed);
         if let Err(e) = self.meta.save_job(&r).await {
             tracing::error!(error = %e, "saving the replication checkpoint failed");
         }
@@ -244,6 +268,11 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
     copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
 
     let saved = meta.job(&policy.job).await?;
+    // A retry of failures counts; any walk (below) starts the count again.
+    let retries = match (mode, &saved) {
+        (Mode::RetryFailed, Some(s)) => s.retries.saturating_add(1),
+        _ => 0,
+    };
     let progress = progress.unwrap_or_default();
     let start = match mode {
         Mode::Fresh => {
@@ -269,6 +298,7 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
         rewrite,
         cursor: Arc::new(Mutex::new(start)),
         save_lock: tokio::sync::Mutex::new(()),
+        retries: AtomicU64::new(retries),
     });
     match mode {
         Mode::Fresh => walk(run, repos).await,
@@ -280,6 +310,7 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
             retry_items(&run).await?;
             // A walk that stopped at a catalog page the source would not give is taken up again from there.
             if run.clear_catalog_failures().await? {
+                run.retries.store(0, Ordering::Relaxed);
                 walk(run, repos).await
             } else {
                 Ok(finish(&run).await)
@@ -291,8 +322,13 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
 /// The name failures of the catalog walk are recorded under.
 const CATALOG: &str = "<catalog>";
 
-/// Saves the final state: `finished`, or `failed` if anything is recorded as failed.
+/// Saves the final state: `finished`, or `failed` if anything is recorded as failed. The records decide, not
+/// the run's counter: they include what earlier runs of the job left and is not copied since.
 async fn finish(run: &Run) -> JobRecord {
+    match run.meta.count_failures(&run.policy.job).await {
+        Ok(n) => run.progress.failed.store(n, Ordering::Relaxed),
+        Err(e) => tracing::error!(error = %e, "counting the replication failures failed; the run's count stands"),
+    }
     let failed = run.progress.failed.load(Ordering::Relaxed) > 0;
     run.save(if failed { "failed" } else { "finished" }).await
 }
@@ -317,6 +353,9 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                 let Some(repo) = repo_rx.lock().await.recv().await else { break };
                 match run.list_tags(&repo.name).await {
                     Ok(tags) => {
+                        if repo.requeued {
+                            run.forget_failure(repo.name.as_str(), "").await;
+                        }
                         repo.pending.fetch_add(tags.len(), Ordering::AcqRel);
                         for tag in tags {
                             if art_tx.send(Artifact { repo: Arc::clone(&repo), tag }).await.is_err() {
@@ -340,7 +379,9 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         workers.push(tokio::spawn(async move {
             loop {
                 let Some(a) = art_rx.lock().await.recv().await else { break };
-                run.copy(&a.repo.name, &a.tag).await;
+                if run.copy(&a.repo.name, &a.tag).await && a.repo.requeued {
+                    run.forget_failure(a.repo.name.as_str(), &a.tag).await;
+                }
                 a.repo.item_finished();
             }
         }));
@@ -432,7 +473,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
             }
         }
         for name in matched {
-            let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1) });
+            let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1), requeued: resumed });
             if repo_tx.send(repo).await.is_err() {
                 break;
             }

@@ -31,6 +31,20 @@ pub struct JobStatus {
     pub failures: Vec<JobFailure>,
 }
 
+/// How a run goes on from the job its predecessor left (README, "Replicate a registry"):
+/// - interrupted (still `running`: a crash, a kill, a shutdown): resume from the checkpoint;
+/// - `failed`: retry the failed items, and continue the walk if it stopped at a catalog page; but only once
+///   after a walk: if that retry fails too, a new pass starts, so an item that keeps failing cannot stop the
+///   schedule from copying what is new (the new pass tries it again anyway);
+/// - `finished`: a new pass over the whole source.
+fn next_mode(job: &JobRecord) -> Mode {
+    match job.status.as_str() {
+        "running" => Mode::Resume,
+        "failed" if job.retries == 0 => Mode::RetryFailed,
+        _ => Mode::Fresh,
+    }
+}
+
 pub struct Scheduler {
     policies: Vec<FileReplication>,
     meta: Arc<dyn Meta>,
@@ -45,12 +59,12 @@ impl Scheduler {
         Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()) })
     }
 
-    /// Starts a run of policy `name` in the background. A job whose last run did not finish resumes.
+    /// Starts a run of policy `name` in the background, continuing what the job's last run left (`next_mode`).
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<(), StartError> {
         let file = self.policies.iter().find(|p| p.name == name).ok_or_else(|| StartError::Unknown(name.to_string()))?;
         let policy = file.policy(&self.local_url).map_err(|e| StartError::Invalid(name.to_string(), e.to_string()))?;
         let mode = match self.meta.job(name).await {
-            Ok(Some(j)) if j.status == "running" => Mode::Resume,
+            Ok(Some(j)) => next_mode(&j),
             _ => Mode::Fresh,
         };
         let progress = Arc::new(Progress::default());
