@@ -35,6 +35,8 @@ pub struct Config {
     pub replication: Vec<FileReplication>,
     /// Upload sessions older than this are discarded (a client that went away mid-upload never comes back).
     pub upload_ttl: Duration,
+    /// Bounds on client connections: head and idle timeouts, how many are served at once.
+    pub connections: crate::connection::Limits,
 }
 
 /// How long an abandoned upload session is kept, by default (distribution purges after a week; a day is plenty
@@ -69,6 +71,9 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub delete_enabled: Option<bool>,
     pub upload_ttl_secs: Option<u64>,
+    pub header_timeout_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub max_connections: Option<u32>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -241,6 +246,27 @@ impl FileConfig {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
     }
+}
+
+/// The connection bounds from their settings, defaults filled in; zero is refused (it would close every
+/// connection at once, or serve none).
+pub fn connection_limits(
+    header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
+    max_connections: Option<u32>,
+) -> anyhow::Result<crate::connection::Limits> {
+    use crate::connection as c;
+    let header = header_timeout_secs.unwrap_or(c::DEFAULT_HEADER_TIMEOUT_SECS);
+    let idle = idle_timeout_secs.unwrap_or(c::DEFAULT_IDLE_TIMEOUT_SECS);
+    let max = max_connections.unwrap_or(c::DEFAULT_MAX_CONNECTIONS);
+    if header == 0 || idle == 0 || max == 0 {
+        anyhow::bail!("header_timeout_secs, idle_timeout_secs and max_connections must be at least 1");
+    }
+    Ok(c::Limits {
+        header_timeout: Duration::from_secs(header),
+        idle_timeout: Duration::from_secs(idle),
+        max_connections: max,
+    })
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";

@@ -2,6 +2,7 @@
 //! replication engine. See ARCHITECTURE.md for the map of this crate.
 
 pub mod config;
+pub mod connection;
 pub mod flight;
 pub mod http;
 pub mod meta;

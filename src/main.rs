@@ -266,6 +266,16 @@ struct ServeArgs {
     /// Cached blobs not pulled for this long are evicted.
     #[arg(long, env = "BREAKWATER_CACHE_MAX_AGE_SECS")]
     cache_max_age_secs: Option<u64>,
+    /// A request head must arrive whole within this many seconds [default: 30].
+    #[arg(long, env = "BREAKWATER_HEADER_TIMEOUT_SECS")]
+    header_timeout_secs: Option<u64>,
+    /// Close kept-alive connections idle this long, and fail bodies that make no progress for this long
+    /// [default: 60].
+    #[arg(long, env = "BREAKWATER_IDLE_TIMEOUT_SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Connections served at once; more wait unaccepted until one closes [default: 8192].
+    #[arg(long, env = "BREAKWATER_MAX_CONNECTIONS")]
+    max_connections: Option<u32>,
 }
 
 impl ServeArgs {
@@ -311,7 +321,13 @@ impl ServeArgs {
             }
         }
         let upload_ttl = self.upload_ttl_secs.or(file.upload_ttl_secs).unwrap_or(config::DEFAULT_UPLOAD_TTL_SECS);
+        let connections = config::connection_limits(
+            self.header_timeout_secs.or(file.header_timeout_secs),
+            self.idle_timeout_secs.or(file.idle_timeout_secs),
+            self.max_connections.or(file.max_connections),
+        )?;
         Ok(Config {
+            connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
             replication: file.replication,
             upstreams,
@@ -385,7 +401,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(out, "breakwater listening on http://{addr}")?;
     out.flush()?;
     tracing::info!(%addr, data = %config.data.display(), "serving");
-    breakwater::server::serve(listener, app, shutdown_signal()).await
+    breakwater::server::serve(listener, app, config.connections, shutdown_signal()).await
 }
 
 #[tokio::main]

@@ -73,9 +73,14 @@ pub async fn build(
     Ok(Arc::new(App { registry, proxy, replication, metrics }))
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight requests
-/// finish.
-pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    axum::serve(listener, http::router(app)).with_graceful_shutdown(shutdown).await?;
+/// Serves `app` on `listener` within `limits` until `shutdown` resolves, then stops accepting and lets
+/// in-flight requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    limits: crate::connection::Limits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    crate::connection::serve(listener, http::router(app), limits, shutdown).await;
     Ok(())
 }
