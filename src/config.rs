@@ -131,7 +131,8 @@ pub struct FileReplication {
 pub const DEFAULT_REPLICATION_CONCURRENCY: usize = 8;
 /// distribution's largest catalog page.
 pub const DEFAULT_REPLICATION_PAGE: u64 = 1000;
-/// Bound on a replication request's wait, and on silence inside a blob body.
+/// Bound on a replication request's wait for an answer, and on silence inside a body (downloads, and uploads
+/// the destination stops taking); a transfer that keeps moving may take as long as it needs.
 const REPLICATION_TIMEOUT_SECS: u64 = 60;
 
 impl FileReplication {
@@ -145,6 +146,9 @@ impl FileReplication {
             u.requests_per_sec = self.rate;
             Ok(u)
         };
+        if let Some(rate) = self.rate.filter(|r| r.is_nan() || *r <= 0.0) {
+            anyhow::bail!("replication {}: rate {rate} must be a positive number of requests per second", self.name);
+        }
         if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             anyhow::bail!("replication name {:?} must be letters, digits, '-', '_' or '.'", self.name);
         }
@@ -352,6 +356,26 @@ to_password = "to-secret-4"
         assert_eq!(policy.to.password.as_deref(), Some("to-secret-4"));
         assert_eq!(config.upstreams[0].password.as_deref(), Some("up-secret-2"));
         assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
+    }
+
+    #[test]
+    fn replication_rates_must_be_positive() {
+        let policy = |rate| FileReplication { name: "r".into(), from: "http://a".into(), to: "http://b".into(), rate, ..Default::default() };
+        for bad in [0.0, -1.0, f64::NAN] {
+            assert!(policy(Some(bad)).policy("http://l").is_err(), "{bad}");
+        }
+        // A tiny rate is allowed (the pacer caps what one request may wait).
+        assert_eq!(policy(Some(1e-300)).policy("http://l").unwrap().from.requests_per_sec, Some(1e-300));
+    }
+
+    #[test]
+    fn connection_limits_default_and_refuse_zero() {
+        assert_eq!(connection_limits(None, None, None).unwrap(), crate::connection::Limits::default());
+        let l = connection_limits(Some(2), Some(3), Some(4)).unwrap();
+        assert_eq!((l.header_timeout, l.idle_timeout, l.max_connections), (Duration::from_secs(2), Duration::from_secs(3), 4));
+        assert!(connection_limits(Some(0), None, None).is_err());
+        assert!(connection_limits(None, Some(0), None).is_err());
+        assert!(connection_limits(None, None, Some(0)).is_err());
     }
 
     #[test]

@@ -341,23 +341,10 @@ fn upstream(url: &str, timeout_secs: u64) -> Arc<breakwater::upstream::Upstream>
     Arc::new(breakwater::upstream::Upstream::new(config).unwrap())
 }
 
-/// Pushes `blob` to a distribution registry.
-async fn push_to(registry: &Distribution, repo: &str, blob: &[u8]) -> String {
-    let digest = sha256(blob);
-    let r = reqwest::Client::new()
-        .post(registry.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-        .body(blob.to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 201);
-    digest
-}
-
 #[tokio::test]
 async fn a_stalled_catalog_body_fails_the_listing() {
     let registry = Distribution::start();
-    push_to(&registry, "listed/app", b"x").await;
+    common::oci::push_image(&registry.url(""), "listed/app", "v1", &[1000], 1).await;
     let relay = Relay::start(&registry.addr);
     relay.stall_after("/v2/_catalog", 5, 1);
     let up = upstream(&relay.url(""), 2);
@@ -372,7 +359,7 @@ async fn a_stalled_catalog_body_fails_the_listing() {
 async fn a_stalled_blob_body_ends_the_stream_with_an_error() {
     let registry = Distribution::start();
     let blob: Vec<u8> = (0..200_000u32).map(|i| (i % 199) as u8).collect();
-    let digest = push_to(&registry, "blobs/app", &blob).await;
+    let digest = common::oci::push_blob(&registry.url(""), "blobs/app", &blob).await;
     let relay = Relay::start(&registry.addr);
     relay.stall_after("/blobs/sha256:", 50_000, 1);
     let up = upstream(&relay.url(""), 2);

@@ -7,6 +7,10 @@ use reqwest::Method;
 use super::{Upstream, UpstreamError};
 use crate::oci::RepoName;
 
+/// The largest listing page read: a page of 1000 names of up to 255 bytes each, with room to spare. A bigger
+/// body is refused rather than held.
+const MAX_LISTING_BODY: usize = 16 << 20;
+
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -54,7 +58,7 @@ impl Upstream {
         }
         let resp = self.exchange(Method::GET, scope, &url, HeaderMap::new(), None).await?;
         let next = next_last(resp.headers());
-        let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("listing body: {e}")))?;
+        let body = super::read_limited(resp, MAX_LISTING_BODY, self.config.timeout).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("listing: {e}")))?;
         let items = v
             .get(field)

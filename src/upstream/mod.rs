@@ -122,9 +122,32 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How long a refusal by the token endpoint is remembered before credentials are tried again.
 const AUTH_REFUSAL_MEMORY: Duration = Duration::from_secs(30);
 
-/// Asks a token endpoint for a bearer token; returns it with its lifetime.
-async fn fetch_token(req: reqwest::RequestBuilder, upstream: String) -> Result<(String, Duration), UpstreamError> {
-    let resp = req.send().await.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?;
+/// The largest token response read (JWTs are a few KiB; a body beyond this is not a token answer).
+const MAX_TOKEN_BODY: usize = 1 << 20;
+
+/// The longest a token is trusted, whatever `expires_in` says (a huge value must neither overflow an `Instant`
+/// nor pin a token that the endpoint may have revoked long since).
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// A token's lifetime from its `expires_in`: the spec's default of 60 s when absent, at least 10 s, at most
+/// `MAX_TOKEN_LIFETIME`.
+fn token_lifetime(expires_in: Option<u64>) -> Duration {
+    Duration::from_secs(expires_in.unwrap_or(60).max(10)).min(MAX_TOKEN_LIFETIME)
+}
+
+/// When a token fetched at `now` with `lifetime` is renewed: a tenth early, so that it never expires in flight.
+fn renew_at(now: Instant, lifetime: Duration) -> Instant {
+    let early = lifetime.saturating_sub(lifetime / 10);
+    now.checked_add(early).unwrap_or(now)
+}
+
+/// Asks a token endpoint for a bearer token; returns it with its lifetime. `timeout` bounds the wait for the
+/// answer and each silence in its body.
+async fn fetch_token(req: reqwest::RequestBuilder, upstream: String, timeout: Duration) -> Result<(String, Duration), UpstreamError> {
+    let resp = match tokio::time::timeout(timeout, req.send()).await {
+        Err(_) => return Err(UpstreamError::Unavailable(format!("token request: no answer within {timeout:?}"))),
+        Ok(r) => r.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?,
+    };
     metrics::counter!("breakwater_upstream_requests_total",
         "upstream" => upstream, "method" => "GET", "status" => resp.status().as_str().to_string())
     .increment(1);
@@ -134,7 +157,10 @@ async fn fetch_token(req: reqwest::RequestBuilder, upstream: String) -> Result<(
     if !resp.status().is_success() {
         return Err(UpstreamError::Unavailable(format!("token endpoint answered {}", resp.status())));
     }
-    let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("token body: {}", without_url(&e))))?;
+    let body = read_limited(resp, MAX_TOKEN_BODY, timeout).await.map_err(|e| match e {
+        UpstreamError::Unavailable(m) => UpstreamError::Unavailable(format!("token body: {m}")),
+        other => other,
+    })?;
     #[derive(serde::Deserialize)]
     struct TokenResponse {
         token: Option<String>,
@@ -143,8 +169,7 @@ async fn fetch_token(req: reqwest::RequestBuilder, upstream: String) -> Result<(
     }
     let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("token response: {e}")))?;
     let value = t.token.or(t.access_token).ok_or_else(|| UpstreamError::Invalid("token response without token".into()))?;
-    // The spec's default lifetime is 60 s; the caller renews a little early so a token never expires in flight.
-    Ok((value, Duration::from_secs(t.expires_in.unwrap_or(60).max(10))))
+    Ok((value, token_lifetime(t.expires_in)))
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP-date.
@@ -234,7 +259,7 @@ impl Upstream {
                     query.push(("service".into(), service.clone()));
                 }
                 query.push(("scope".into(), c.params.get("scope").cloned().unwrap_or_else(|| scope.to_string())));
-                let req = self.client.get(&realm).timeout(self.config.timeout).query(&query);
+                let req = self.client.get(&realm).query(&query);
                 let req = match self.basic_header() {
                     Some(basic) => req.header(header::AUTHORIZATION, basic),
                     None => req,
@@ -250,13 +275,14 @@ impl Upstream {
                     return Ok(v);
                 }
                 let (upstream, tokens, key) = (self.config.name.clone(), Arc::clone(&self.tokens), scope.to_string());
+                let timeout = self.config.timeout;
                 // Concurrent requests for one scope share one token request, which caches the token before it
                 // finishes, so no request can miss both the flight and the cache.
                 let (fetched, _) = self
                     .token_fetches
                     .run(scope.to_string(), move || async move {
-                        let (value, lifetime) = fetch_token(req, upstream).await?;
-                        let expires = Instant::now() + lifetime - lifetime / 10;
+                        let (value, lifetime) = fetch_token(req, upstream, timeout).await?;
+                        let expires = renew_at(Instant::now(), lifetime);
                         tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Token { value: value.clone(), expires });
                         Ok((value, lifetime))
                     })
@@ -294,7 +320,35 @@ impl Upstream {
         scope: &str,
         target: &str,
         headers: HeaderMap,
+        body: Option<reqwest::Body>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        self.exchange_watched(method, scope, target, headers, body, None).await
+    }
+
+    /// [`Upstream::exchange`] with a streamed body (an upload). The request may take as long as the body
+    /// keeps moving: it fails when the registry stops taking bytes for the timeout, or does not answer within
+    /// the timeout once it has them all.
+    pub(crate) async fn exchange_stream(
+        &self,
+        method: Method,
+        scope: &str,
+        target: &str,
+        headers: HeaderMap,
+        body: ByteStream,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let watch = Arc::new(UploadWatch::new());
+        let body = reqwest::Body::wrap_stream(Watched { inner: body, watch: Arc::clone(&watch) });
+        self.exchange_watched(method, scope, target, headers, Some(body), Some(watch)).await
+    }
+
+    async fn exchange_watched(
+        &self,
+        method: Method,
+        scope: &str,
+        target: &str,
+        headers: HeaderMap,
         mut body: Option<reqwest::Body>,
+        watch: Option<Arc<UploadWatch>>,
     ) -> Result<reqwest::Response, UpstreamError> {
         if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
             if Instant::now() < t {
@@ -319,10 +373,18 @@ impl Upstream {
             if let Some(b) = body.take() {
                 req = req.body(b);
             }
-            let resp = match tokio::time::timeout(self.config.timeout, req.send()).await {
-                Err(_) => {
+            let timeout = self.config.timeout;
+            let answer = match &watch {
+                None => tokio::time::timeout(timeout, req.send()).await.map_err(|_| format!("no answer within {timeout:?}")),
+                Some(w) => tokio::select! {
+                    r = req.send() => Ok(r),
+                    stalled = w.stalled(timeout) => Err(stalled),
+                },
+            };
+            let resp = match answer {
+                Err(why) => {
                     self.count(&method, "timeout");
-                    return Err(UpstreamError::Unavailable(format!("no answer within {:?}", self.config.timeout)));
+                    return Err(UpstreamError::Unavailable(why));
                 }
                 Ok(Err(e)) => {
                     self.count(&method, "error");
@@ -357,7 +419,8 @@ impl Upstream {
                 StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
                 s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
                 s => {
-                    let text = resp.text().await.unwrap_or_default();
+                    let text = read_limited(resp, 64 * 1024, timeout).await.unwrap_or_default();
+                    let text = String::from_utf8_lossy(&text);
                     Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
                 }
             };
@@ -431,11 +494,13 @@ impl Upstream {
         let resp = self.send(Method::GET, repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let total = if partial {
-            resp.headers()
-                .get(header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|t| t.parse::<u64>().ok())
+            let value = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let range = content_range(value).ok_or_else(|| UpstreamError::Invalid(format!("Content-Range {value:?}")))?;
+            // Bytes from anywhere but the offset asked for would be spliced in at the wrong place.
+            if range.start != offset || resp.content_length().is_some_and(|l| Some(l) != range.len()) {
+                return Err(UpstreamError::Invalid(format!("Content-Range {value:?} does not answer bytes={offset}-")));
+            }
+            range.total
         } else {
             resp.content_length()
         };
@@ -458,6 +523,99 @@ impl Upstream {
             }
         });
         Ok(RemoteBlob { total, from_offset: partial, body: Box::pin(body) })
+    }
+}
+
+/// A `Content-Range: bytes START-END/TOTAL` (TOTAL may be `*`), checked to be a range within the total.
+#[derive(Debug, PartialEq, Eq)]
+struct ContentRange {
+    start: u64,
+    /// Inclusive.
+    end: u64,
+    total: Option<u64>,
+}
+
+impl ContentRange {
+    /// How many bytes the range holds; `None` if that does not fit a u64 (`0-18446744073709551615`).
+    fn len(&self) -> Option<u64> {
+        (self.end - self.start).checked_add(1)
+    }
+}
+
+fn content_range(value: &str) -> Option<ContentRange> {
+    let (range, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (start, end) = range.split_once('-')?;
+    let (start, end) = (start.trim().parse::<u64>().ok()?, end.trim().parse::<u64>().ok()?);
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    if start > end || total.is_some_and(|t| end >= t) {
+        return None;
+    }
+    Some(ContentRange { start, end, total })
+}
+
+/// How far a streamed request body has got: waiting on its source (whose own timeouts bound it), handed to the
+/// connection and waiting for it to take the next chunk, or all sent and waiting for the answer.
+struct UploadWatch {
+    stage: Mutex<(UploadStage, Instant)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UploadStage {
+    Source,
+    Writer,
+    Sent,
+}
+
+impl UploadWatch {
+    /// Starts as waiting on the connection: it must begin taking the body within the timeout.
+    fn new() -> UploadWatch {
+        UploadWatch { stage: Mutex::new((UploadStage::Writer, Instant::now())) }
+    }
+
+    fn set(&self, stage: UploadStage) {
+        *self.stage.lock().unwrap_or_else(|p| p.into_inner()) = (stage, Instant::now());
+    }
+
+    /// Resolves, with the reason, once the connection has taken nothing for `timeout`, or the answer has not come
+    /// within `timeout` of the last byte.
+    async fn stalled(&self, timeout: Duration) -> String {
+        loop {
+            let (stage, since) = *self.stage.lock().unwrap_or_else(|p| p.into_inner());
+            let at = since.checked_add(timeout).unwrap_or_else(|| since + Duration::from_secs(365 * 24 * 3600));
+            if stage != UploadStage::Source && Instant::now() >= at {
+                return match stage {
+                    UploadStage::Sent => format!("no answer within {timeout:?} of the upload's end"),
+                    _ => format!("the registry took no upload bytes for {timeout:?}"),
+                };
+            }
+            // Waiting on the source: look again later (the stage changes without waking us).
+            let next = if stage == UploadStage::Source { Instant::now() + timeout.min(Duration::from_secs(1)) } else { at };
+            tokio::time::sleep_until(next.into()).await;
+        }
+    }
+}
+
+/// An upload body that reports its progress to an `UploadWatch`.
+struct Watched {
+    inner: ByteStream,
+    watch: Arc<UploadWatch>,
+}
+
+impl futures_util::Stream for Watched {
+    type Item = std::io::Result<Bytes>;
+
+    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let r = self.inner.as_mut().poll_next(cx);
+        match &r {
+            Poll::Pending => self.watch.set(UploadStage::Source),
+            Poll::Ready(Some(_)) => self.watch.set(UploadStage::Writer),
+            Poll::Ready(None) => self.watch.set(UploadStage::Sent),
+        }
+        r
     }
 }
 
@@ -540,6 +698,36 @@ mod tests {
         assert_eq!(base64("fo"), "Zm8=");
         assert_eq!(base64("foo"), "Zm9v");
         assert_eq!(base64("user:pa:ss"), "dXNlcjpwYTpzcw==");
+    }
+
+    #[test]
+    fn content_ranges_are_checked_without_overflow() {
+        let max = u64::MAX;
+        assert_eq!(content_range("bytes 5-9/10"), Some(ContentRange { start: 5, end: 9, total: Some(10) }));
+        assert_eq!(content_range("bytes 5-9/*").map(|r| r.total), Some(None));
+        assert_eq!(content_range(&format!("bytes 0-{}/{max}", max - 1)).and_then(|r| r.len()), Some(max));
+        // The whole u64 range has a length that does not fit a u64: no panic, no wrap to 0.
+        assert_eq!(content_range(&format!("bytes 0-{max}/*")).map(|r| r.len()), Some(None));
+        assert_eq!(content_range(&format!("bytes {max}-{max}/*")).and_then(|r| r.len()), Some(1));
+        assert_eq!(content_range(&format!("bytes 0-{max}/{max}")), None, "end beyond the total");
+        assert_eq!(content_range("bytes 0-18446744073709551616/*"), None, "beyond u64");
+        assert_eq!(content_range("bytes 9-5/10"), None);
+        assert_eq!(content_range("bytes 5-/10"), None);
+        assert_eq!(content_range("items 0-1/2"), None);
+        assert_eq!(content_range("bytes 0-1"), None);
+    }
+
+    #[test]
+    fn token_lifetimes_from_any_expires_in() {
+        assert_eq!(token_lifetime(None), Duration::from_secs(60));
+        assert_eq!(token_lifetime(Some(0)), Duration::from_secs(10));
+        assert_eq!(token_lifetime(Some(300)), Duration::from_secs(300));
+        assert_eq!(token_lifetime(Some(u64::MAX)), MAX_TOKEN_LIFETIME);
+        let now = Instant::now();
+        let at = renew_at(now, token_lifetime(Some(u64::MAX)));
+        assert!(at > now && at < now + MAX_TOKEN_LIFETIME);
+        // Even an unclamped lifetime saturates instead of panicking.
+        assert_eq!(renew_at(now, Duration::MAX), now);
     }
 
     #[test]

@@ -81,8 +81,7 @@ impl Upstream {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
-        let body = reqwest::Body::wrap_stream(body);
-        self.exchange(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, Some(body)).await?;
+        self.exchange_stream(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, body).await?;
         Ok(())
     }
 
@@ -91,7 +90,7 @@ impl Upstream {
     pub async fn patch_blob(&self, repo: &RepoName, location: &str, body: ByteStream) -> Result<String, UpstreamError> {
         let mut h = HeaderMap::new();
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let resp = self.exchange(Method::PATCH, &push_scope(repo), location, h, Some(reqwest::Body::wrap_stream(body))).await?;
+        let resp = self.exchange_stream(Method::PATCH, &push_scope(repo), location, h, body).await?;
         location_or(resp, location)
     }
 
@@ -156,7 +155,7 @@ impl Upstream {
             Err(UpstreamError::NotFound) => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        let body = resp.bytes().await.map_err(|e| UpstreamError::Unavailable(format!("referrers body: {e}")))?;
+        let body = super::read_limited(resp, crate::oci::MAX_MANIFEST_BYTES, self.config.timeout).await?;
         let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("referrers: {e}")))?;
         Ok(v.get("manifests")
             .and_then(|m| m.as_array())
