@@ -337,7 +337,7 @@ impl Upstream {
         body: ByteStream,
     ) -> Result<reqwest::Response, UpstreamError> {
         let watch = Arc::new(UploadWatch::new());
-        let body = reqwest::Body::wrap_stream(Watched { inner: body, watch: Arc::clone(&watch) });
+        let body = reqwest::Body::wrap_stream(WatchedBody { inner: body, watch: Arc::clone(&watch) });
         self.exchange_watched(method, scope, target, headers, Some(body), Some(watch)).await
     }
 
@@ -348,7 +348,7 @@ impl Upstream {
         target: &str,
         headers: HeaderMap,
         mut body: Option<reqwest::Body>,
-        watch: Option<Arc<UploadWatch>>,
+        mut watch: Option<Arc<UploadWatch>>,
     ) -> Result<reqwest::Response, UpstreamError> {
         if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
             if Instant::now() < t {
@@ -400,6 +400,8 @@ impl Upstream {
                     Some(c) => {
                         auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
                         body = replay.map(reqwest::Body::from);
+                        // A streamed body is not replayed, so nothing is left to watch: the plain timeout applies.
+                        watch = None;
                         continue;
                     }
                     None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
@@ -599,12 +601,12 @@ impl UploadWatch {
 }
 
 /// An upload body that reports its progress to an `UploadWatch`.
-struct Watched {
+struct WatchedBody {
     inner: ByteStream,
     watch: Arc<UploadWatch>,
 }
 
-impl futures_util::Stream for Watched {
+impl futures_util::Stream for WatchedBody {
     type Item = std::io::Result<Bytes>;
 
     fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
