@@ -348,6 +348,7 @@ to_password = "to-secret-4"
             cache: CacheConfig::default(),
             replication: file.replication.clone(),
             upload_ttl: Duration::from_secs(DEFAULT_UPLOAD_TTL_SECS),
+            connections: crate::connection::Limits::default(),
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
