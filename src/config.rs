@@ -35,7 +35,12 @@ pub struct Config {
     pub replication: Vec<FileReplication>,
     /// Upload sessions older than this are discarded (a client that went away mid-upload never comes back).
     pub upload_ttl: Duration,
+    /// How often the reconciliation sweep (`fsck::spawn_sweep`) runs after the one at start-up.
+    pub sweep_interval: Duration,
 }
+
+/// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
+pub const DEFAULT_SWEEP_INTERVAL_SECS: u64 = 3600;
 
 /// How long an abandoned upload session is kept, by default (distribution purges after a week; a day is plenty
 /// for a client to finish or resume).
@@ -69,6 +74,7 @@ pub struct FileConfig {
     pub log_format: Option<LogFormat>,
     pub delete_enabled: Option<bool>,
     pub upload_ttl_secs: Option<u64>,
+    pub sweep_interval_secs: Option<u64>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod flight;
+pub mod fsck;
 pub mod http;
 pub mod meta;
 pub mod oci;
