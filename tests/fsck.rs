@@ -303,6 +303,10 @@ async fn files_younger_than_the_grace_period_are_work_in_progress() {
     assert!(!young_blob.exists() && young.iter().all(|f| !f.exists()));
     assert_eq!(fsck(&["--data", &d]).code, 0);
 
+    // Not a store: fsck cannot run (1), which is not "problems found".
+    let nowhere = fsck(&["--data", &data_arg(&data.join("nowhere"))]);
+    assert_eq!(nowhere.code, 1);
+
     // Many problems of one kind: a bounded number of lines, and a count of the rest.
     for i in 0..130 {
         write_old(&store.join("tmp").join(format!("leftover-{i}")), b"x");
@@ -419,7 +423,18 @@ async fn the_sweep_never_touches_the_spool_of_a_running_flight() {
     let relay = common::relay::Relay::start(&upstream.addr);
     let image = push_image(&format!("http://{}", upstream.addr), "lib/app", "latest", &[50_000], 21).await;
     let spec = format!("up=http://{}", relay.addr);
-    let bw = Breakwater::start_with(&["--upstream", &spec, "--upstream-timeout-secs", "300", "--sweep-interval-secs", "1"]);
+    // The sweep's period from the config file this time (the other sweep test gives the flag).
+    let config_dir = scratch();
+    let config = config_dir.path().join("breakwater.toml");
+    std::fs::write(&config, "sweep_interval_secs = 1\n").unwrap();
+    let bw = Breakwater::start_with(&[
+        "--upstream",
+        &spec,
+        "--upstream-timeout-secs",
+        "300",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(get(&bw.url("/v2/up/lib/app/manifests/latest")).await.unwrap().0, 200);
 
     // The upstream holds the blob's answer back: the flight waits, its spool created and silent.
@@ -447,4 +462,26 @@ async fn the_sweep_never_touches_the_spool_of_a_running_flight() {
     relay.hang(false);
     let (s, body) = pull.await.unwrap().unwrap();
     assert_eq!((s, sha256(&body)), (200, layer), "the flight finishes and serves the blob whole");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_checks_and_repairs_a_store_whose_metadata_is_in_postgres() {
+    let db = common::pg::PgDatabase::create().await;
+    let bw = Breakwater::start_with(&["--metadata", &db.url]);
+    let base = format!("http://{}", bw.addr);
+    let image = push_image(&base, "team/pg", "v1", &[1500, 2500], 31).await;
+    push_image(&base, "team/pg2", "v1", &[1000], 32).await;
+    let data = bw.data.path().to_path_buf();
+    std::fs::remove_file(blob_file(&data, &image.layer_digests[1])).unwrap();
+    let d = data_arg(&data);
+    let check = fsck(&["--data", &d, "--metadata", &db.url]);
+    assert_eq!(check.code, 3);
+    assert!(check.has("dangling-link", &format!("team/pg@{}", image.layer_digests[1])));
+    assert!(check.has("incomplete-manifest", &format!("team/pg@{}", image.digest)));
+    assert_eq!(fsck(&["--data", &d, "--metadata", &db.url, "--repair"]).code, 2);
+    assert_eq!(fsck(&["--data", &d, "--metadata", &db.url]).code, 0);
+    assert_eq!(get(&bw.url("/v2/team/pg2/manifests/v1")).await.unwrap().0, 200, "the intact image is untouched");
+    push_image(&base, "team/pg", "v1", &[1500, 2500], 31).await;
+    let (s, body) = get(&bw.url(&format!("/v2/team/pg/blobs/{}", image.layer_digests[1]))).await.unwrap();
+    assert_eq!((s, sha256(&body)), (200, image.layer_digests[1].clone()));
 }

@@ -3,12 +3,12 @@
 //! Pages are asked for in small sizes so that every walk crosses page boundaries, and rows are removed between
 //! pages, as a repair does, to show that no row is skipped or repeated.
 
+mod common;
+
 use std::sync::Arc;
 
 use breakwater::meta::{ManifestRecord, Meta};
 use breakwater::oci::{Algorithm, Digest, RepoName, Tag};
-
-const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn repo(s: &str) -> RepoName {
     s.parse().unwrap()
@@ -26,38 +26,6 @@ fn record(content: &str) -> ManifestRecord {
         subject: None,
         artifact_type: None,
         annotations: None,
-    }
-}
-
-/// A fresh PostgreSQL database, dropped when the guard goes.
-struct PgDatabase {
-    name: String,
-}
-
-impl PgDatabase {
-    async fn create() -> (PgDatabase, String) {
-        sqlx::any::install_default_drivers();
-        let name = format!("bw_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::AnyPool::connect(PG_ADMIN_URL).await.expect("PostgreSQL on 127.0.0.1:5432");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.unwrap();
-        admin.close().await;
-        (PgDatabase { name: name.clone() }, format!("postgres://postgres@127.0.0.1:5432/{name}"))
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            rt.block_on(async {
-                if let Ok(admin) = sqlx::AnyPool::connect(PG_ADMIN_URL).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&admin).await;
-                }
-            });
-        })
-        .join()
-        .unwrap();
     }
 }
 
@@ -203,7 +171,7 @@ async fn sqlite_enumerates_in_pages() {
 
 #[tokio::test]
 async fn postgres_enumerates_in_pages() {
-    let (_db, url) = PgDatabase::create().await;
-    let meta = breakwater::meta::open(&url).await.unwrap();
+    let db = common::pg::PgDatabase::create().await;
+    let meta = breakwater::meta::open(&db.url).await.unwrap();
     exercise(meta).await;
 }
