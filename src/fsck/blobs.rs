@@ -91,6 +91,7 @@ pub async fn walk(run: &mut Run<'_>, pass: Pass) -> Result<(), FsckError> {
                     .await?;
             }
             Outcome::Corrupt { digest, path, actual } => {
+                run.report.checked.blobs += 1;
                 let what = format!("{digest}: its bytes hash to {actual}");
                 run.problem(Kind::CorruptBlob, what, || quarantine(opts, meta, digest.clone(), path)).await?;
             }
