@@ -37,6 +37,8 @@ pub struct Config {
     pub upload_ttl: Duration,
     /// How often the reconciliation sweep (`fsck::spawn_sweep`) runs after the one at start-up.
     pub sweep_interval: Duration,
+    /// How long the sweep leaves a file or upload session alone before it counts as abandoned.
+    pub sweep_grace: Duration,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -75,6 +77,7 @@ pub struct FileConfig {
     pub delete_enabled: Option<bool>,
     pub upload_ttl_secs: Option<u64>,
     pub sweep_interval_secs: Option<u64>,
+    pub sweep_grace_secs: Option<u64>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]

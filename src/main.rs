@@ -251,6 +251,9 @@ struct ServeArgs {
     /// Seconds between reconciliation sweeps (the first runs at start-up) [default: 3600].
     #[arg(long, env = "BREAKWATER_SWEEP_INTERVAL_SECS")]
     sweep_interval_secs: Option<u64>,
+    /// Files and upload sessions left alone this long are abandoned, for the sweep [default: 600].
+    #[arg(long, env = "BREAKWATER_SWEEP_GRACE_SECS")]
+    sweep_grace_secs: Option<u64>,
     /// Cache an upstream registry: NAME=URL (repeatable). Clients pull HOST/NAME/REPO:TAG.
     #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
     upstreams: Vec<String>,
@@ -321,6 +324,10 @@ impl ServeArgs {
         Ok(Config {
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
             sweep_interval: std::time::Duration::from_secs(sweep_interval),
+            sweep_grace: self
+                .sweep_grace_secs
+                .or(file.sweep_grace_secs)
+                .map_or(breakwater::fsck::DEFAULT_GRACE, std::time::Duration::from_secs),
             replication: file.replication,
             upstreams,
             cache: config::CacheConfig {

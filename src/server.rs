@@ -63,6 +63,7 @@ pub async fn build(
             flights: Arc::clone(&flights),
             cache_namespaces: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             lock: store_lock,
+            grace: config.sweep_grace,
         },
         config.sweep_interval,
     );

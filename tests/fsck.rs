@@ -56,7 +56,8 @@ fn blob_file(data: &Path, digest: &str) -> PathBuf {
     content(data).join("blobs").join("sha256").join(&hex[..2]).join(hex)
 }
 
-/// Makes a file look abandoned: last modified two hours ago (well past the default grace period).
+/// Makes a file's contents look two hours old (its mtime; the kernel sets its ctime to now, which fsck also reads,
+/// so tests that need abandoned files run with a short or no grace period).
 fn age(path: &Path) {
     let f = std::fs::File::options().write(true).open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
     f.set_modified(SystemTime::now() - Duration::from_secs(7200)).expect("set mtime");
@@ -212,7 +213,7 @@ async fn every_kind_of_damage_is_reported_then_repaired_and_the_content_can_be_p
     .await;
 
     let d = data_arg(data);
-    let check = fsck(&["--data", &d]);
+    let check = fsck(&["--data", &d, "--grace-secs", "0"]);
     assert_eq!(check.code, 3, "damage found and not repaired");
     assert!(check.has("corrupt-blob", &a.layer_digests[0]));
     assert!(check.has("dangling-link", &format!("team/b@{}", b.layer_digests[0])));
@@ -230,7 +231,7 @@ async fn every_kind_of_damage_is_reported_then_repaired_and_the_content_can_be_p
     // A check changes nothing.
     assert!(corrupt.exists() && orphan.exists() && tmp_file.exists() && spool_file.exists() && upload_file.exists());
 
-    let repair = fsck(&["--data", &d, "--repair"]);
+    let repair = fsck(&["--data", &d, "--grace-secs", "0", "--repair"]);
     assert_eq!(repair.code, 2, "everything found was repaired");
     let quarantined = store.join("quarantine").join("sha256").join(a.layer_digests[0].strip_prefix("sha256:").unwrap());
     assert_eq!(std::fs::read(&quarantined).unwrap(), bytes, "the corrupt bytes are kept aside");
@@ -244,7 +245,7 @@ async fn every_kind_of_damage_is_reported_then_repaired_and_the_content_can_be_p
     assert_eq!(count(data, "SELECT COUNT(*) FROM cache_blobs").await, 0);
     assert_eq!(count(data, "SELECT COUNT(*) FROM tags WHERE tag = 'ghost'").await, 0);
 
-    let again = fsck(&["--data", &d]);
+    let again = fsck(&["--data", &d, "--grace-secs", "0"]);
     assert_eq!(again.code, 0, "a repaired store is clean");
 
     // The registry now says exactly what is missing, and takes it again.
@@ -287,20 +288,26 @@ async fn files_younger_than_the_grace_period_are_work_in_progress() {
     for f in &young {
         std::fs::write(f, b"in progress").unwrap();
     }
+    // A commit moves an upload whose last write is long past into tmp/ to link it: recently moved, it is in use.
+    let moving = store.join("uploads").join("f3a1c0de-0000-4000-8000-000000000004");
+    write_old(&moving, b"an upload idle for hours, being committed");
+    let committing = store.join("tmp").join("f3a1c0de-0000-4000-8000-000000000004");
+    std::fs::rename(&moving, &committing).unwrap();
     let d = data_arg(data);
     let run = fsck(&["--data", &d, "--repair"]);
     assert_eq!(run.code, 0, "nothing younger than the grace period is a leftover");
+    assert!(committing.exists(), "a file just renamed is in use, whatever its mtime");
     assert!(young_blob.exists() && young.iter().all(|f| f.exists()));
 
     // With no grace at all they are leftovers.
     let none = fsck(&["--data", &d, "--grace-secs", "0"]);
     assert_eq!(none.code, 3);
     assert_eq!(none.lines("orphan-blob").len(), 1);
-    assert_eq!(none.lines("leftover-tmp").len(), 1);
+    assert_eq!(none.lines("leftover-tmp").len(), 2);
     assert_eq!(none.lines("leftover-spool").len(), 1);
     assert_eq!(none.lines("orphan-upload-file").len(), 1);
     assert_eq!(fsck(&["--data", &d, "--grace-secs", "0", "--repair"]).code, 2);
-    assert!(!young_blob.exists() && young.iter().all(|f| !f.exists()));
+    assert!(!young_blob.exists() && young.iter().all(|f| !f.exists()) && !committing.exists());
     assert_eq!(fsck(&["--data", &d]).code, 0);
 
     // Not a store: fsck cannot run (1), which is not "problems found".
@@ -311,7 +318,7 @@ async fn files_younger_than_the_grace_period_are_work_in_progress() {
     for i in 0..130 {
         write_old(&store.join("tmp").join(format!("leftover-{i}")), b"x");
     }
-    let many = fsck(&["--data", &d]);
+    let many = fsck(&["--data", &d, "--grace-secs", "0"]);
     assert_eq!(many.code, 3);
     assert_eq!(many.lines("leftover-tmp").len(), 100);
     assert!(many.stdout.lines().any(|l| l == "... 30 more leftover-tmp problems not listed"), "{}", many.stdout);
@@ -335,7 +342,7 @@ async fn fsck_repairs_while_serve_runs_and_keeps_unreferenced_bytes_until_it_sto
     write_old(&tmp_file, b"stale");
 
     let d = data_arg(&data);
-    let online = fsck(&["--data", &d, "--repair"]);
+    let online = fsck(&["--data", &d, "--grace-secs", "0", "--repair"]);
     assert_eq!(online.code, 3, "the unreferenced blob is left while serving");
     assert!(online.lines("corrupt-blob").iter().any(|l| l.contains(&a.layer_digests[1]) && l.contains("-> moved to")));
     assert!(online.has("orphan-blob", "not repaired: a server is running"));
@@ -348,14 +355,14 @@ async fn fsck_repairs_while_serve_runs_and_keeps_unreferenced_bytes_until_it_sto
     push_image(&base, "team/a", "latest", &[2000, 3000], 7).await;
     let (s, body) = get(&layer_url).await.unwrap();
     assert_eq!((s, sha256(&body)), (200, a.layer_digests[1].clone()));
-    let rest = fsck(&["--data", &d]);
+    let rest = fsck(&["--data", &d, "--grace-secs", "0"]);
     assert_eq!(rest.code, 3);
     assert_eq!(rest.stdout.lines().filter(|l| !l.starts_with("checked ")).count(), 2, "only the orphan and the summary");
     assert!(rest.has("orphan-blob", &sha256(&orphan_bytes)));
 
     // Stopped, the repair takes the unreferenced bytes too; and while a repair holds the store, no server starts.
     let data_dir = bw.stop();
-    let offline = fsck(&["--data", &data_arg(data_dir.path()), "--repair"]);
+    let offline = fsck(&["--data", &data_arg(data_dir.path()), "--grace-secs", "0", "--repair"]);
     assert_eq!(offline.code, 2);
     assert!(!orphan.exists());
     assert_eq!(fsck(&["--data", &data_arg(data_dir.path())]).code, 0);
@@ -395,7 +402,7 @@ async fn serve_sweeps_leftovers_at_start_up_and_periodically_but_keeps_unreferen
     let orphan = blob_file(&data, &sha256(&orphan_bytes));
     write_old(&orphan, &orphan_bytes);
 
-    let bw = Breakwater::start_in(data_dir, &["--sweep-interval-secs", "1"]);
+    let bw = Breakwater::start_in(data_dir, &["--sweep-interval-secs", "1", "--sweep-grace-secs", "2"]);
     eventually("the start-up sweep removes the upload file without a session", || async { !stray_upload.exists() }).await;
     let q = format!("SELECT COUNT(*) FROM uploads WHERE id = '{lost}'");
     eventually("the session without a file goes", || async { count(&data, &q).await == 0 }).await;
@@ -426,7 +433,7 @@ async fn the_sweep_never_touches_the_spool_of_a_running_flight() {
     // The sweep's period from the config file this time (the other sweep test gives the flag).
     let config_dir = scratch();
     let config = config_dir.path().join("breakwater.toml");
-    std::fs::write(&config, "sweep_interval_secs = 1\n").unwrap();
+    std::fs::write(&config, "sweep_interval_secs = 1\nsweep_grace_secs = 2\n").unwrap();
     let bw = Breakwater::start_with(&[
         "--upstream",
         &spec,
@@ -452,7 +459,7 @@ async fn the_sweep_never_touches_the_spool_of_a_running_flight() {
     })
     .await;
     let spool = spool.unwrap();
-    age(&spool);
+    // Untouched for the sweep's grace period, it looks abandoned by its age alone.
     // A stale staging file, removed by a sweep, marks that a whole sweep ran after the spool looked abandoned.
     let marker = content(bw.data.path()).join("tmp").join("77777777-0000-4000-8000-000000000000");
     write_old(&marker, b"marker");

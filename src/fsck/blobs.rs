@@ -7,7 +7,6 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
@@ -34,7 +33,8 @@ struct Entry {
     path: PathBuf,
     /// The digest its path names, or `None` for a file where no blob belongs.
     digest: Option<Digest>,
-    modified: SystemTime,
+    /// Its metadata as listed (for its age).
+    meta: Option<std::fs::Metadata>,
 }
 
 /// What checking one file found.
@@ -132,7 +132,7 @@ async fn check(opts: &Options, meta: &dyn Meta, pass: Pass, e: Entry) -> Result<
         }
         Pass::References => {
             // Young files may belong to a write that has stored the bytes and is about to link them.
-            if !opts.abandoned(e.modified) || meta.bytes_referenced(&digest).await? {
+            if !e.meta.as_ref().is_some_and(|m| opts.abandoned(m)) || meta.bytes_referenced(&digest).await? {
                 return Ok(Outcome::Fine { bytes: 0 });
             }
             Ok(Outcome::Orphan { digest, path: e.path })
@@ -247,8 +247,7 @@ fn list(blobs: &Path, tx: &mpsc::Sender<Listed>) {
                 }
                 let name = file.file_name().to_string_lossy().into_owned();
                 let digest = format!("{alg}:{name}").parse::<Digest>().ok().filter(|d| d.hex().get(..2) == Some(hh.as_str()));
-                let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                if !send(Ok(Entry { path, digest, modified })) {
+                if !send(Ok(Entry { path, digest, meta: Some(meta) })) {
                     return;
                 }
             }
@@ -257,8 +256,8 @@ fn list(blobs: &Path, tx: &mpsc::Sender<Listed>) {
 }
 
 fn send_stray(send: &impl Fn(Listed) -> bool, path: PathBuf) -> bool {
-    let modified = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH);
-    send(Ok(Entry { path, digest: None, modified }))
+    let meta = std::fs::metadata(&path).ok();
+    send(Ok(Entry { path, digest: None, meta }))
 }
 
 /// A stray file's path below the store root as one file name, for the quarantine.

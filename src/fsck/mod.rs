@@ -217,14 +217,32 @@ impl Options {
         repo.split_once('/').is_some_and(|(first, _)| self.cache_namespaces.iter().any(|n| n == first))
     }
 
-    /// Whether a file last modified at `modified` is older than the grace period (a time in the future is not).
-    fn abandoned(&self, modified: SystemTime) -> bool {
-        SystemTime::now().duration_since(modified).is_ok_and(|age| age >= self.grace)
+    /// Whether a file has been left alone for the grace period (a time in the future has not).
+    fn abandoned(&self, md: &std::fs::Metadata) -> bool {
+        SystemTime::now().duration_since(last_activity(md)).is_ok_and(|age| age >= self.grace)
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
         blob_path(&self.root, d)
     }
+}
+
+/// When a file was last touched: written (mtime), or renamed or linked (ctime). Both count, because a store moves
+/// files that it stopped writing long ago: a commit renames an upload that was idle for hours into `tmp/` and
+/// links it under `blobs/`, and while it does, the file is in use though its mtime is old.
+fn last_activity(md: &std::fs::Metadata) -> SystemTime {
+    let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let changed = u64::try_from(md.ctime())
+            .ok()
+            .and_then(|secs| SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, md.ctime_nsec().clamp(0, 999_999_999) as u32)))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        modified.max(changed)
+    }
+    #[cfg(not(unix))]
+    modified
 }
 
 /// Where `LocalStore` keeps the bytes of `d`.

@@ -293,7 +293,7 @@ impl OldFiles {
         let Some(entries) = &mut self.entries else { return Ok(None) };
         while let Some(entry) = entries.next_entry().await.map_err(|e| FsckError::Io { path: self.dir.clone(), source: e })? {
             let Ok(md) = entry.metadata().await else { continue };
-            if md.is_file() && opts.abandoned(md.modified().unwrap_or(SystemTime::UNIX_EPOCH)) {
+            if md.is_file() && opts.abandoned(&md) {
                 return Ok(Some((entry.file_name().to_string_lossy().into_owned(), entry.path())));
             }
         }

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{check, Action, Kind, Options, Plan, Problem, Repair, StoreLock, DEFAULT_GRACE};
+use super::{check, Action, Kind, Options, Plan, Problem, Repair, StoreLock};
 use crate::flight::BlobFlights;
 use crate::meta::Meta;
 
@@ -30,17 +30,19 @@ pub struct SweepContext {
     pub cache_namespaces: Vec<String>,
     /// The server's lock on the store, held as long as the sweep task (the server's lifetime).
     pub lock: StoreLock,
+    /// How long a file or upload session must be left alone to count as abandoned.
+    pub grace: Duration,
 }
 
 /// Runs a sweep now and then every `every`, for the server's lifetime.
 pub fn spawn_sweep(ctx: SweepContext, every: Duration) {
     tokio::spawn(async move {
-        let SweepContext { root, meta, flights, cache_namespaces, lock } = ctx;
+        let SweepContext { root, meta, flights, cache_namespaces, lock, grace } = ctx;
         let _lock = lock;
         let opts = Options {
             root,
             cache_namespaces,
-            grace: DEFAULT_GRACE,
+            grace,
             // In the background: a couple of lookups at a time leave the server its cores.
             concurrency: 2,
             plan: Plan { hash_blobs: false, records: false, repair: Repair::Leftovers, remove_unreferenced_bytes: false },
