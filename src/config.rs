@@ -37,7 +37,14 @@ pub struct Config {
     pub upload_ttl: Duration,
     /// Bounds on client connections: head and idle timeouts, how many are served at once.
     pub connections: crate::connection::Limits,
+    /// How often the reconciliation sweep (`fsck::spawn_sweep`) runs after the one at start-up.
+    pub sweep_interval: Duration,
+    /// How long the sweep leaves a file or upload session alone before it counts as abandoned.
+    pub sweep_grace: Duration,
 }
+
+/// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
+pub const DEFAULT_SWEEP_INTERVAL_SECS: u64 = 3600;
 
 /// How long an abandoned upload session is kept, by default (distribution purges after a week; a day is plenty
 /// for a client to finish or resume).
@@ -74,6 +81,8 @@ pub struct FileConfig {
     pub header_timeout_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub max_connections: Option<u32>,
+    pub sweep_interval_secs: Option<u64>,
+    pub sweep_grace_secs: Option<u64>,
     #[serde(default)]
     pub upstream: Vec<FileUpstream>,
     #[serde(default)]
@@ -349,6 +358,8 @@ to_password = "to-secret-4"
             replication: file.replication.clone(),
             upload_ttl: Duration::from_secs(DEFAULT_UPLOAD_TTL_SECS),
             connections: crate::connection::Limits::default(),
+            sweep_interval: Duration::from_secs(DEFAULT_SWEEP_INTERVAL_SECS),
+            sweep_grace: crate::fsck::DEFAULT_GRACE,
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use breakwater::config::{self, Config, FileConfig, LogFormat};
+use breakwater::secret::Secret;
 
 #[derive(Parser)]
 #[command(name = "breakwater", version, about = "A container registry, pull-through cache and replicator")]
@@ -24,6 +25,8 @@ enum Command {
     Warm(WarmArgs),
     /// Copy repositories from one registry to another, page by page, resumably.
     Replicate(Box<ReplicateArgs>),
+    /// Check a store (bytes against digests, records against bytes, leftovers); --repair fixes what it finds.
+    Fsck(FsckArgs),
 }
 
 #[derive(clap::Args)]
@@ -245,6 +248,12 @@ struct ServeArgs {
     /// Discard upload sessions older than this [default: 86400].
     #[arg(long, env = "BREAKWATER_UPLOAD_TTL_SECS")]
     upload_ttl_secs: Option<u64>,
+    /// Seconds between reconciliation sweeps (the first runs at start-up) [default: 3600].
+    #[arg(long, env = "BREAKWATER_SWEEP_INTERVAL_SECS")]
+    sweep_interval_secs: Option<u64>,
+    /// Files and upload sessions left alone this long are abandoned, for the sweep [default: 600].
+    #[arg(long, env = "BREAKWATER_SWEEP_GRACE_SECS")]
+    sweep_grace_secs: Option<u64>,
     /// Cache an upstream registry: NAME=URL (repeatable). Clients pull HOST/NAME/REPO:TAG.
     #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
     upstreams: Vec<String>,
@@ -284,8 +293,7 @@ impl ServeArgs {
             Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
-        let data = self.data.or(file.data).unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
-        let metadata = self.metadata.map(Into::into).or(file.metadata).unwrap_or_else(|| config::sqlite_url(&data).into());
+        let (data, metadata) = store_location(self.data.or(file.data), self.metadata.map(Into::into).or(file.metadata));
         let mut upstreams = Vec::new();
         for u in file.upstream {
             upstreams.push(u.resolve()?);
@@ -326,9 +334,16 @@ impl ServeArgs {
             self.idle_timeout_secs.or(file.idle_timeout_secs),
             self.max_connections.or(file.max_connections),
         )?;
+        let sweep_interval =
+            self.sweep_interval_secs.or(file.sweep_interval_secs).unwrap_or(config::DEFAULT_SWEEP_INTERVAL_SECS);
         Ok(Config {
             connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
+            sweep_interval: std::time::Duration::from_secs(sweep_interval),
+            sweep_grace: self
+                .sweep_grace_secs
+                .or(file.sweep_grace_secs)
+                .map_or(breakwater::fsck::DEFAULT_GRACE, std::time::Duration::from_secs),
             replication: file.replication,
             upstreams,
             cache: config::CacheConfig {
@@ -345,6 +360,114 @@ impl ServeArgs {
             delete_enabled: !self.no_delete && file.delete_enabled.unwrap_or(true),
         })
     }
+}
+
+/// The data directory and metadata URL of a store, given by flags or the config file, or the defaults: the same
+/// for every command that opens a store.
+fn store_location(data: Option<PathBuf>, metadata: Option<Secret>) -> (PathBuf, Secret) {
+    let data = data.unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
+    let metadata = metadata.unwrap_or_else(|| config::sqlite_url(&data).into());
+    (data, metadata)
+}
+
+#[derive(clap::Args)]
+struct FsckArgs {
+    /// The server's TOML configuration file (its data directory, metadata store and upstreams).
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory of the store [default: ./breakwater-data].
+    #[arg(long, env = "BREAKWATER_DATA")]
+    data: Option<PathBuf>,
+    /// Metadata store URL [default: SQLite in the data directory].
+    #[arg(long, env = "BREAKWATER_METADATA")]
+    metadata: Option<String>,
+    /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are caches, whose manifests
+    /// may lack blobs not pulled yet.
+    #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<String>,
+    /// Fix what is found: quarantine corrupt blobs, remove records that point at nothing and leftovers.
+    #[arg(long)]
+    repair: bool,
+    /// Files and upload sessions younger than this many seconds are work in progress, not leftovers.
+    #[arg(long, default_value_t = breakwater::fsck::DEFAULT_GRACE.as_secs())]
+    grace_secs: u64,
+}
+
+/// Problem lines printed per kind; beyond that they are counted (a huge damaged store must not flood the terminal).
+const FSCK_LINES_PER_KIND: u64 = 100;
+
+async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
+    use breakwater::fsck::{self, Kind, Options, Plan, Repair, StoreLock};
+    use std::io::IsTerminal;
+    init_logging(LogFormat::Text);
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let mut cache_namespaces: Vec<String> = file.upstream.iter().map(|u| u.name.clone()).collect();
+    cache_namespaces.extend(args.upstreams.iter().map(|u| u.split_once('=').map_or(u.as_str(), |(name, _)| name).to_string()));
+    let (data, metadata) = store_location(args.data.or(file.data), args.metadata.map(Into::into).or(file.metadata));
+    let root = data.join("content");
+    anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no content/blobs)", data.display());
+    // Offline (no server holds the store), a repair may remove unreferenced bytes; the lock also keeps a server
+    // from starting until the repair is done.
+    let lock = if args.repair { StoreLock::exclusive(&root)? } else { None };
+    let server_running = args.repair && lock.is_none();
+    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+    let progress = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} files, {elapsed}").expect("valid template"));
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let opts = Options {
+        root,
+        cache_namespaces,
+        grace: std::time::Duration::from_secs(args.grace_secs),
+        concurrency: Options::default_concurrency(),
+        plan: Plan {
+            hash_blobs: true,
+            records: true,
+            repair: if args.repair { Repair::Everything } else { Repair::Nothing },
+            remove_unreferenced_bytes: lock.is_some(),
+        },
+        flights: None,
+        progress: progress.clone(),
+    };
+    let mut printed: std::collections::BTreeMap<Kind, u64> = Default::default();
+    let mut print = |p: &fsck::Problem| {
+        let n = printed.entry(p.kind).or_default();
+        *n += 1;
+        if *n <= FSCK_LINES_PER_KIND {
+            progress.suspend(|| println!("{p}"));
+        }
+    };
+    let report = fsck::check(&opts, meta.as_ref(), &mut print).await?;
+    progress.finish_and_clear();
+    drop(lock);
+    let c = &report.checked;
+    println!(
+        "checked {} blobs ({} bytes), {} links, {} manifests, {} tags, {} cache records, {} upload sessions",
+        c.blobs, c.blob_bytes, c.links, c.manifests, c.tags, c.cache_records, c.uploads
+    );
+    for (kind, count) in &report.counts {
+        if count.found > FSCK_LINES_PER_KIND {
+            println!("... {} more {kind} problems not listed", count.found - FSCK_LINES_PER_KIND);
+        }
+    }
+    if report.found() == 0 {
+        println!("clean");
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    let kinds: Vec<String> = report.counts.iter().map(|(k, c)| format!("{k} {} ({} repaired)", c.found, c.repaired)).collect();
+    println!("{} problems: {}", report.found(), kinds.join(", "));
+    if server_running && report.counts.contains_key(&Kind::OrphanBlob) {
+        println!("a server is running on this store: unreferenced blobs are removed only with it stopped");
+    }
+    // 2: everything found was repaired; 3: problems remain (not asked to repair, or not repairable).
+    Ok(std::process::ExitCode::from(if report.repaired() == report.found() { 2 } else { 3 }))
 }
 
 fn init_logging(format: LogFormat) {
@@ -410,5 +533,6 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
+        Command::Fsck(args) => fsck(args).await,
     }
 }

@@ -22,6 +22,10 @@ pub async fn build(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 ) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    // Held for the server's lifetime (by the sweep task): an offline `fsck --repair` cannot start meanwhile.
+    let content = config.data.join("content");
+    std::fs::create_dir_all(&content).with_context(|| format!("creating {}", content.display()))?;
+    let store_lock = crate::fsck::StoreLock::shared(&content)?;
     let store = LocalStore::open(&config.data.join("content"))
         .await
         .with_context(|| format!("opening the content store in {}", config.data.display()))?;
@@ -32,7 +36,7 @@ pub async fn build(
     let replication = crate::replicate::Scheduler::new(config.replication.clone(), Arc::clone(&meta), local_url.to_string());
     replication.spawn_schedules();
     let store: Arc<dyn crate::storage::BlobStore> = Arc::new(store);
-    let registry = Arc::new(Registry::new(Arc::clone(&store), meta, config.delete_enabled));
+    let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::clone(&meta), config.delete_enabled));
     {
         // Abandoned upload sessions are discarded, checked as often as a tenth of their lifetime (at most hourly).
         let (registry, ttl) = (Arc::clone(&registry), config.upload_ttl);
@@ -52,6 +56,17 @@ pub async fn build(
     let flights = BlobFlights::new(store, config.data.join("content").join("spool"))
         .await
         .context("preparing the cache's spool directory")?;
+    crate::fsck::spawn_sweep(
+        crate::fsck::SweepContext {
+            root: content,
+            meta,
+            flights: Arc::clone(&flights),
+            cache_namespaces: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+            lock: store_lock,
+            grace: config.sweep_grace,
+        },
+        config.sweep_interval,
+    );
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
         upstreams.push(Upstream::new(u.clone()).with_context(|| format!("upstream {}", u.name))?);

@@ -142,6 +142,56 @@ pub trait Meta: Send + Sync + 'static {
     async fn delete_upload(&self, id: &str) -> Result<(), MetaError>;
     /// Upload sessions created before `before` (Unix seconds), at most `limit`.
     async fn stale_uploads(&self, before: i64, limit: u64) -> Result<Vec<String>, MetaError>;
+
+    // ---- enumeration, for `fsck` and the reconciliation sweep ---------------------------------------------
+    // Every table that points at bytes or files is walked in pages by its key, so memory stays bounded however
+    // large the store: each method returns the rows after `after` in key order, at most `limit`.
+
+    /// Blob links after (repository, digest) `after`.
+    async fn links_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<LinkRow>, MetaError>;
+    /// Manifest records after (repository, digest) `after`.
+    async fn manifests_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<ManifestRow>, MetaError>;
+    /// Tags after (repository, tag) `after`.
+    async fn tags_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<TagRow>, MetaError>;
+    /// Cache records after digest `after`: (digest, size).
+    async fn cache_page(&self, after: Option<&str>, limit: u64) -> Result<Vec<(Digest, u64)>, MetaError>;
+    /// Upload sessions after id `after`.
+    async fn uploads_page(&self, after: Option<&str>, limit: u64) -> Result<Vec<UploadRow>, MetaError>;
+    /// Whether anything refers to the bytes of `digest`: a blob link, a manifest record or a cache record.
+    async fn bytes_referenced(&self, digest: &Digest) -> Result<bool, MetaError>;
+    /// Every repository that holds a manifest record of `digest`.
+    async fn manifest_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError>;
+}
+
+/// A row of `blob_links`: `repo` holds blob `digest` (of `size` bytes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkRow {
+    pub repo: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// A manifest record with the repository it is in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestRow {
+    pub repo: String,
+    pub record: ManifestRecord,
+}
+
+/// A tag: `repo:tag` points at manifest `digest`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagRow {
+    pub repo: String,
+    pub tag: String,
+    pub digest: Digest,
+}
+
+/// An upload session; `created_at` (Unix seconds) tells a session just opened from one left behind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UploadRow {
+    pub id: String,
+    pub repo: String,
+    pub created_at: i64,
 }
 
 /// Opens the metadata store named by `url`: `sqlite://PATH` or `postgres://...`.

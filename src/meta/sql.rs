@@ -7,7 +7,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
-use super::{JobFailure, JobRecord, ManifestRecord, Meta, MetaError, Page};
+use super::{JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, TagRow, UploadRow};
 use crate::oci::{Digest, RepoName, Tag};
 
 pub struct SqlMeta {
@@ -444,5 +444,93 @@ impl Meta for SqlMeta {
     async fn delete_upload(&self, id: &str) -> Result<(), MetaError> {
         sqlx::query("DELETE FROM uploads WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
+    }
+
+    // ---- enumeration, for `fsck` and the reconciliation sweep ---------------------------------------------
+    // Keys compare as row values, `(a, b) > ($1, $2)`, which both dialects support and which orders exactly as
+    // the `ORDER BY` (same columns, same collations), so no row is skipped or repeated between pages.
+
+    async fn links_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<LinkRow>, MetaError> {
+        let (repo, digest) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT repo, digest, size FROM blob_links WHERE (repo, digest) > ($1, $2) ORDER BY repo, digest LIMIT $3",
+        )
+        .bind(repo)
+        .bind(digest)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok(LinkRow { repo: r.try_get(0)?, digest: digest_of(r.try_get(1)?)?, size: r.try_get::<i64, _>(2)? as u64 }))
+            .collect()
+    }
+
+    async fn manifests_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<ManifestRow>, MetaError> {
+        let (repo, digest) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT repo, digest, media_type, size, subject, artifact_type, annotations FROM manifests \
+             WHERE (repo, digest) > ($1, $2) ORDER BY repo, digest LIMIT $3",
+        )
+        .bind(repo)
+        .bind(digest)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok(ManifestRow { repo: r.try_get("repo")?, record: record(r)? })).collect()
+    }
+
+    async fn tags_page(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<TagRow>, MetaError> {
+        let (repo, tag) = after.unwrap_or(("", ""));
+        let rows = sqlx::query("SELECT repo, tag, digest FROM tags WHERE (repo, tag) > ($1, $2) ORDER BY repo, tag LIMIT $3")
+            .bind(repo)
+            .bind(tag)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(TagRow { repo: r.try_get(0)?, tag: r.try_get(1)?, digest: digest_of(r.try_get(2)?)? }))
+            .collect()
+    }
+
+    async fn cache_page(&self, after: Option<&str>, limit: u64) -> Result<Vec<(Digest, u64)>, MetaError> {
+        let rows = sqlx::query("SELECT digest, size FROM cache_blobs WHERE digest > $1 ORDER BY digest LIMIT $2")
+            .bind(after.unwrap_or(""))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((digest_of(r.try_get(0)?)?, r.try_get::<i64, _>(1)? as u64))).collect()
+    }
+
+    async fn uploads_page(&self, after: Option<&str>, limit: u64) -> Result<Vec<UploadRow>, MetaError> {
+        let rows = sqlx::query("SELECT id, repo, created_at FROM uploads WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(after.unwrap_or(""))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(UploadRow { id: r.try_get(0)?, repo: r.try_get(1)?, created_at: r.try_get(2)? }))
+            .collect()
+    }
+
+    async fn bytes_referenced(&self, digest: &Digest) -> Result<bool, MetaError> {
+        // Three index lookups (blob_links_digest, manifests_digest, the cache's key); the first hit is enough.
+        let row = sqlx::query(
+            "SELECT 1 FROM blob_links WHERE digest = $1 UNION ALL SELECT 1 FROM manifests WHERE digest = $2 \
+             UNION ALL SELECT 1 FROM cache_blobs WHERE digest = $3 LIMIT 1",
+        )
+        .bind(digest.to_string())
+        .bind(digest.to_string())
+        .bind(digest.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
+    async fn manifest_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError> {
+        let rows = sqlx::query("SELECT repo FROM manifests WHERE digest = $1 ORDER BY repo")
+            .bind(digest.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
     }
 }

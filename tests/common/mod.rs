@@ -7,6 +7,7 @@ pub mod containerd;
 pub mod harbor;
 pub mod images;
 pub mod oci;
+pub mod pg;
 pub mod relay;
 pub mod synthetic;
 

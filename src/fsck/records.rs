@@ -1,0 +1,302 @@
+//! The metadata side: records that point at nothing (links, manifest records, tags, cache records, upload
+//! sessions), manifests that lack what they reference, and the files of `uploads/`, `tmp/` and `spool/` that
+//! nothing owns. Tables are walked in pages by key (`Meta::*_page`), which stays correct while rows are removed.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::AsyncReadExt;
+
+use super::{exists, remove, Action, FsckError, Kind, Options, Run, PAGE};
+use crate::meta::Meta;
+use crate::oci::{Digest, ManifestInfo, RepoName, Tag, MAX_MANIFEST_BYTES};
+
+/// Passes over the manifests at most: removing a manifest can make an index that lists it incomplete, which the
+/// next pass removes in turn (nesting deeper than this is not something clients make).
+const MANIFEST_PASSES: usize = 8;
+
+fn repo_name(s: &str) -> Option<RepoName> {
+    s.parse().ok()
+}
+
+fn bad_name(repo: &str) -> Action {
+    Action::Left(format!("{repo:?} is not a valid repository name"))
+}
+
+pub async fn links(run: &mut Run<'_>) -> Result<(), FsckError> {
+    let (opts, meta) = (run.opts, run.meta);
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = meta.links_page(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), PAGE).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = Some((last.repo.clone(), last.digest.to_string()));
+        for link in page {
+            run.report.checked.links += 1;
+            if exists(&opts.blob_path(&link.digest)).await? {
+                continue;
+            }
+            let what = format!("{}@{}: the repository links a blob whose bytes are missing", link.repo, link.digest);
+            run.problem(Kind::DanglingLink, what, || async move {
+                let Some(name) = repo_name(&link.repo) else { return Ok(bad_name(&link.repo)) };
+                meta.unlink_blob(&name, &link.digest).await?;
+                Ok(Action::Repaired("unlinked (a client pushes it again, the cache fetches it again)".into()))
+            })
+            .await?;
+        }
+    }
+}
+
+pub async fn manifests(run: &mut Run<'_>) -> Result<(), FsckError> {
+    for pass in 0..MANIFEST_PASSES {
+        let removed = manifest_pass(run, pass == 0).await?;
+        if removed == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One walk over the manifest records; returns how many it removed.
+async fn manifest_pass(run: &mut Run<'_>, first: bool) -> Result<u64, FsckError> {
+    let (opts, meta) = (run.opts, run.meta);
+    let mut removed = 0;
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = meta.manifests_page(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), PAGE).await?;
+        let Some(last) = page.last() else { return Ok(removed) };
+        after = Some((last.repo.clone(), last.record.digest.to_string()));
+        for row in page {
+            if first {
+                run.report.checked.manifests += 1;
+            }
+            let (repo, digest) = (row.repo, row.record.digest);
+            let (kind, what) = match read_manifest(opts.blob_path(&digest)).await? {
+                None => (Kind::DanglingManifest, format!("{repo}@{digest}: the manifest's bytes are missing")),
+                Some(bytes) => match ManifestInfo::parse(&bytes, Some(&row.record.media_type)) {
+                    Err(e) => {
+                        let what = format!("{repo}@{digest}: {e}");
+                        run.problem(Kind::UnreadableManifest, what, || async {
+                            Ok(Action::Left("its bytes match its digest; this version cannot read them".into()))
+                        })
+                        .await?;
+                        continue;
+                    }
+                    // A cache fetches a manifest's blobs and child manifests when they are first pulled.
+                    Ok(_) if opts.is_cache_repo(&repo) => continue,
+                    Ok(info) => match missing(opts, meta, &repo, &info).await? {
+                        None => continue,
+                        Some(lacking) => (Kind::IncompleteManifest, format!("{repo}@{digest}: {lacking}")),
+                    },
+                },
+            };
+            let fixed = std::sync::atomic::AtomicBool::new(false);
+            run.problem(kind, what, || async {
+                let Some(name) = repo_name(&repo) else { return Ok(bad_name(&repo)) };
+                meta.delete_manifest(&name, &digest).await?;
+                fixed.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(Action::Repaired("removed the record and its tags (push the image again to restore it)".into()))
+            })
+            .await?;
+            removed += u64::from(fixed.into_inner());
+        }
+    }
+}
+
+/// The manifest's bytes, or `None` if they are not in the content store. Read with a bound: a manifest is at most
+/// `MAX_MANIFEST_BYTES`, whatever the file holds.
+async fn read_manifest(path: PathBuf) -> Result<Option<Vec<u8>>, FsckError> {
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(FsckError::Io { path, source: e }),
+    };
+    let mut bytes = Vec::new();
+    file.take(MAX_MANIFEST_BYTES as u64 + 1).read_to_end(&mut bytes).await.map_err(|e| FsckError::Io { path, source: e })?;
+    Ok(Some(bytes))
+}
+
+/// What a manifest of a pushed repository references but the repository does not hold (the rule a push must
+/// pass: blobs linked with their bytes present, child manifests recorded), described; `None` if nothing.
+async fn missing(opts: &Options, meta: &dyn Meta, repo: &str, info: &ManifestInfo) -> Result<Option<String>, FsckError> {
+    let Some(name) = repo_name(repo) else { return Ok(None) };
+    let mut lacking: Vec<&Digest> = Vec::new();
+    for blob in &info.blobs {
+        if !meta.blob_linked(&name, blob).await? || !exists(&opts.blob_path(blob)).await? {
+            lacking.push(blob);
+        }
+    }
+    for child in &info.children {
+        if meta.manifest(&name, child).await?.is_none() {
+            lacking.push(child);
+        }
+    }
+    Ok(match lacking.as_slice() {
+        [] => None,
+        [one] => Some(format!("lacks {one}")),
+        [first, rest @ ..] => Some(format!("lacks {first} and {} more", rest.len())),
+    })
+}
+
+pub async fn tags(run: &mut Run<'_>) -> Result<(), FsckError> {
+    let meta = run.meta;
+    let mut after: Option<(String, String)> = None;
+    loop {
+        let page = meta.tags_page(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), PAGE).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = Some((last.repo.clone(), last.tag.clone()));
+        for t in page {
+            run.report.checked.tags += 1;
+            let Some(name) = repo_name(&t.repo) else { continue };
+            if meta.manifest(&name, &t.digest).await?.is_some() {
+                continue;
+            }
+            let what = format!("{}:{} -> {}: the repository holds no such manifest", t.repo, t.tag, t.digest);
+            run.problem(Kind::DanglingTag, what, || async move {
+                let Ok(tag) = t.tag.parse::<Tag>() else { return Ok(Action::Left(format!("{:?} is not a valid tag", t.tag))) };
+                meta.delete_tag(&name, &tag).await?;
+                Ok(Action::Repaired("removed the tag".into()))
+            })
+            .await?;
+        }
+    }
+}
+
+pub async fn cache(run: &mut Run<'_>) -> Result<(), FsckError> {
+    let (opts, meta) = (run.opts, run.meta);
+    let mut after: Option<String> = None;
+    loop {
+        let page = meta.cache_page(after.as_deref(), PAGE).await?;
+        let Some((last, _)) = page.last() else { return Ok(()) };
+        after = Some(last.to_string());
+        for (digest, size) in page {
+            run.report.checked.cache_records += 1;
+            if exists(&opts.blob_path(&digest)).await? {
+                continue;
+            }
+            let what = format!("{digest} ({size} bytes): a cache record whose bytes are gone");
+            run.problem(Kind::DanglingCache, what, || async move {
+                meta.cache_forget(&digest).await?;
+                Ok(Action::Repaired("forgot it (the cache's size no longer counts it)".into()))
+            })
+            .await?;
+        }
+    }
+}
+
+/// Upload ids are UUIDs the registry made; anything else cannot name a file of `uploads/` (as in `LocalStore`).
+fn upload_path(opts: &Options, id: &str) -> Option<PathBuf> {
+    let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    valid.then(|| opts.root.join("uploads").join(id))
+}
+
+/// Upload sessions whose file is gone, opened before the grace period.
+pub async fn uploads(run: &mut Run<'_>) -> Result<(), FsckError> {
+    let meta = run.meta;
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
+    let before = now.saturating_sub(run.opts.grace.as_secs()) as i64;
+    let mut after: Option<String> = None;
+    loop {
+        let page = meta.uploads_page(after.as_deref(), PAGE).await?;
+        let Some(last) = page.last() else { return Ok(()) };
+        after = Some(last.id.clone());
+        for u in page {
+            run.report.checked.uploads += 1;
+            let has_file = match upload_path(run.opts, &u.id) {
+                Some(path) => exists(&path).await?,
+                None => false,
+            };
+            if has_file || u.created_at > before {
+                continue;
+            }
+            let what = format!("{} (repository {}): an upload session whose file is gone", u.id, u.repo);
+            run.problem(Kind::OrphanUploadRow, what, || async move {
+                meta.delete_upload(&u.id).await?;
+                Ok(Action::Repaired("removed the session (its client gets BLOB_UPLOAD_UNKNOWN and starts again)".into()))
+            })
+            .await?;
+        }
+    }
+}
+
+/// Files of `uploads/` without a session.
+pub async fn upload_files(run: &mut Run<'_>) -> Result<(), FsckError> {
+    let meta = run.meta;
+    let mut files = OldFiles::open(run.opts, "uploads").await?;
+    while let Some((name, path)) = files.next(run.opts).await? {
+        if meta.upload_repo(&name).await?.is_some() {
+            continue;
+        }
+        let what = format!("{}: an upload file without a session", path.display());
+        run.problem(Kind::OrphanUploadFile, what, || async move {
+            remove(&path).await?;
+            Ok(Action::Repaired("removed".into()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Files of `tmp/` (staging of whole-blob writes) or `spool/` (cache fills) that nothing is writing any more.
+pub async fn leftovers(run: &mut Run<'_>, dir: &str, kind: Kind) -> Result<(), FsckError> {
+    let flights = run.opts.flights.clone();
+    let doing = if kind == Kind::LeftoverTmp { "write" } else { "cache fill" };
+    let mut files = OldFiles::open(run.opts, dir).await?;
+    while let Some((name, path)) = files.next(run.opts).await? {
+        // A spool is named `<hex>-<uuid>` after the blob it downloads; a running flight's spool is never touched,
+        // however long its upstream takes.
+        if let (Some(flights), Some(digest)) = (&flights, spool_digest(&name)) {
+            if flights.is_running(&digest).await {
+                continue;
+            }
+        }
+        let what = format!("{}: left by an interrupted {doing}", path.display());
+        run.problem(kind, what, || async move {
+            remove(&path).await?;
+            Ok(Action::Repaired("removed".into()))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The digest a spool file's name starts with (`<hex>-<uuid>`), for either algorithm.
+fn spool_digest(name: &str) -> Option<Digest> {
+    let hex = name.split('-').next()?;
+    let alg = match hex.len() {
+        64 => "sha256",
+        128 => "sha512",
+        _ => return None,
+    };
+    format!("{alg}:{hex}").parse().ok()
+}
+
+/// The files of one directory of the store last modified before the grace period, read as a stream (never
+/// listed whole).
+struct OldFiles {
+    dir: PathBuf,
+    entries: Option<tokio::fs::ReadDir>,
+}
+
+impl OldFiles {
+    async fn open(opts: &Options, dir: &str) -> Result<OldFiles, FsckError> {
+        let dir = opts.root.join(dir);
+        let entries = match tokio::fs::read_dir(&dir).await {
+            Ok(it) => Some(it),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(FsckError::Io { path: dir, source: e }),
+        };
+        Ok(OldFiles { dir, entries })
+    }
+
+    /// The next old file: (name, path).
+    async fn next(&mut self, opts: &Options) -> Result<Option<(String, PathBuf)>, FsckError> {
+        let Some(entries) = &mut self.entries else { return Ok(None) };
+        while let Some(entry) = entries.next_entry().await.map_err(|e| FsckError::Io { path: self.dir.clone(), source: e })? {
+            let Ok(md) = entry.metadata().await else { continue };
+            if md.is_file() && opts.abandoned(&md) {
+                return Ok(Some((entry.file_name().to_string_lossy().into_owned(), entry.path())));
+            }
+        }
+        Ok(None)
+    }
+}
