@@ -56,11 +56,18 @@ pub struct CacheConfig {
     /// How long an upstream's "not found" is remembered.
     pub negative_ttl: Duration,
     pub eviction: crate::proxy::EvictionPolicy,
+    /// Entries at most in each in-memory map of the cache (tag validations, not-found answers, recent accesses,
+    /// each upstream's tokens).
+    pub memory_entries: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { negative_ttl: Duration::from_secs(DEFAULT_NEGATIVE_TTL_SECS), eviction: Default::default() }
+        CacheConfig {
+            negative_ttl: Duration::from_secs(DEFAULT_NEGATIVE_TTL_SECS),
+            eviction: Default::default(),
+            memory_entries: crate::bounded::DEFAULT_ENTRIES,
+        }
     }
 }
 
@@ -207,6 +214,7 @@ pub struct FileCache {
     pub negative_ttl_secs: Option<u64>,
     pub max_bytes: Option<u64>,
     pub max_age_secs: Option<u64>,
+    pub memory_entries: Option<u64>,
 }
 
 /// Builds and checks one upstream's settings.
@@ -235,6 +243,7 @@ pub fn upstream(
         default,
         library_shorthand: library_shorthand.unwrap_or(url.contains("docker.io")),
         requests_per_sec: None,
+        token_entries: crate::bounded::DEFAULT_ENTRIES,
     })
 }
 

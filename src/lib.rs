@@ -1,6 +1,7 @@
 //! breakwater: an OCI Distribution registry that will also be a coalescing pull-through cache and a resumable
 //! replication engine. See ARCHITECTURE.md for the map of this crate.
 
+pub mod bounded;
 pub mod config;
 pub mod connection;
 pub mod flight;

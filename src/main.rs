@@ -183,8 +183,16 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
     let result = breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress))).await;
     drop(reporter);
     let record = result?;
-    for f in meta.failures(&job).await? {
-        eprintln!("failed: {}{}{}: {}", f.repo, if f.tag.is_empty() { "" } else { ":" }, f.tag, f.reason);
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let page = meta.failures(&job, last.as_ref().map(|(r, t)| (r.as_str(), t.as_str())), 1000).await?;
+        for f in &page.items {
+            eprintln!("failed: {}{}{}: {}", f.repo, if f.tag.is_empty() { "" } else { ":" }, f.tag, f.reason);
+        }
+        match page.items.last() {
+            Some(f) if page.more => last = Some((f.repo.clone(), f.tag.clone())),
+            _ => break,
+        }
     }
     let conflicts = progress.conflicts.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
@@ -195,6 +203,7 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
         "job": job, "pages": record.pages, "repos_seen": record.repos_seen, "repos_matched": record.repos_matched,
         "copied": record.copied, "skipped": record.skipped, "failed": record.failed, "bytes": record.bytes,
         "conflicts": conflicts, "mark": record.mark, "status": record.status,
+        "tags_held_max": progress.tags_held_max.load(std::sync::atomic::Ordering::Relaxed),
     });
     println!("{summary}");
     Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
@@ -285,6 +294,10 @@ struct ServeArgs {
     /// Connections served at once; more wait unaccepted until one closes [default: 8192].
     #[arg(long, env = "BREAKWATER_MAX_CONNECTIONS")]
     max_connections: Option<u32>,
+    /// Entries at most in each in-memory map: tag validations, not-found answers, recent accesses, each
+    /// upstream's tokens [default: 100000].
+    #[arg(long, env = "BREAKWATER_CACHE_MEMORY_ENTRIES")]
+    cache_memory_entries: Option<u64>,
 }
 
 impl ServeArgs {
@@ -352,6 +365,11 @@ impl ServeArgs {
                     max_bytes: self.cache_max_bytes.or(file.cache.max_bytes),
                     max_age: self.cache_max_age_secs.or(file.cache.max_age_secs).map(std::time::Duration::from_secs),
                 },
+                memory_entries: self
+                    .cache_memory_entries
+                    .or(file.cache.memory_entries)
+                    .unwrap_or(breakwater::bounded::DEFAULT_ENTRIES)
+                    .max(1),
             },
             listen: self.listen.or(file.listen).unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default")),
             data,

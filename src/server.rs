@@ -69,9 +69,19 @@ pub async fn build(
     );
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
-        upstreams.push(Upstream::new(u.clone()).with_context(|| format!("upstream {}", u.name))?);
+        let name = u.name.clone();
+        let mut u = u.clone();
+        u.token_entries = config.cache.memory_entries;
+        upstreams.push(Upstream::new(u).with_context(|| format!("upstream {name}"))?);
     }
-    let proxy = Arc::new(Proxy::new(Arc::clone(&registry), upstreams, flights, config.cache.negative_ttl, config.cache.eviction));
+    let proxy = Arc::new(Proxy::new(
+        Arc::clone(&registry),
+        upstreams,
+        flights,
+        config.cache.negative_ttl,
+        config.cache.eviction,
+        config.cache.memory_entries,
+    ));
     if config.cache.eviction.max_age.is_some() {
         // Age limits expire content even when nothing new is fetched; budget overruns are handled after each fill.
         let proxy = Arc::clone(&proxy);

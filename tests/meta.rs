@@ -118,13 +118,19 @@ async fn exercise(meta: Arc<dyn Meta>) {
     let sbom = record("sbom", Some("m1"), Some("application/vnd.example.sbom"));
     meta.put_manifest(&a, &sig, None).await.unwrap();
     meta.put_manifest(&a, &sbom, None).await.unwrap();
-    let mut all = meta.referrers(&a, &m1.digest, None).await.unwrap();
-    all.sort_by(|x, y| x.digest.cmp(&y.digest));
+    let all = meta.referrers(&a, &m1.digest, None, None, 100).await.unwrap();
     let mut want = vec![sig.clone(), sbom.clone()];
-    want.sort_by(|x, y| x.digest.cmp(&y.digest));
-    assert_eq!(all, want);
-    assert_eq!(meta.referrers(&a, &m1.digest, Some("application/vnd.example.sig")).await.unwrap(), vec![sig]);
-    assert!(meta.referrers(&b, &m1.digest, None).await.unwrap().is_empty());
+    want.sort_by(|x, y| x.digest.to_string().cmp(&y.digest.to_string()));
+    assert_eq!(all, Page { items: want.clone(), more: false }, "in digest order");
+    // Paged in digest order after `last`.
+    let first = meta.referrers(&a, &m1.digest, None, None, 1).await.unwrap();
+    assert_eq!(first, Page { items: vec![want[0].clone()], more: true });
+    let after = want[0].digest.to_string();
+    let second = meta.referrers(&a, &m1.digest, None, Some(&after), 1).await.unwrap();
+    assert_eq!(second, Page { items: vec![want[1].clone()], more: false });
+    let sigs = meta.referrers(&a, &m1.digest, Some("application/vnd.example.sig"), None, 100).await.unwrap();
+    assert_eq!(sigs.items, vec![sig]);
+    assert!(meta.referrers(&b, &m1.digest, None, None, 100).await.unwrap().items.is_empty());
 
     // Catalog paging.
     for r in ["z", "team/a-b", "team/a_b", "0"] {

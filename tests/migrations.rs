@@ -181,7 +181,7 @@ async fn check_rows(meta: Arc<dyn Meta>) {
         annotations: Some(r#"{"k":"v"}"#.into()),
     };
     assert_eq!(meta.manifest(&app, &digest("m1")).await.unwrap(), Some(m1.clone()));
-    let refs = meta.referrers(&app, &digest("m1"), None).await.unwrap();
+    let refs = meta.referrers(&app, &digest("m1"), None, None, 100).await.unwrap().items;
     assert_eq!(refs.iter().map(|r| r.digest.clone()).collect::<Vec<_>>(), [digest("sig")]);
     assert_eq!(meta.resolve_tag(&app, &"v1".parse::<Tag>().unwrap()).await.unwrap(), Some(digest("m1")));
     // Still byte order (the "C" collation on PostgreSQL survived).
@@ -207,7 +207,7 @@ async fn check_rows(meta: Arc<dyn Meta>) {
         updated_at: 99,
     };
     assert_eq!(job, want);
-    assert_eq!(meta.failures("mirror").await.unwrap(), [JobFailure { repo: "r5".into(), tag: "v1".into(), reason: "boom".into() }]);
+    assert_eq!(meta.failures("mirror", None, 100).await.unwrap().items, [JobFailure { repo: "r5".into(), tag: "v1".into(), reason: "boom".into() }]);
 
     // And the upgraded database takes writes, the new column included.
     meta.save_job(&JobRecord { retries: 2, status: "failed".into(), ..want }).await.unwrap();

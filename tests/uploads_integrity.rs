@@ -381,6 +381,7 @@ fn upstream(url: &str) -> breakwater::upstream::Upstream {
         default: false,
         library_shorthand: false,
         requests_per_sec: None,
+        token_entries: breakwater::bounded::DEFAULT_ENTRIES,
     })
     .unwrap()
 }

@@ -1,24 +1,33 @@
 //! breakwater's own API (not the distribution API): replication runs and their progress.
 //!
-//! - `GET /api/replication`: every configured policy with its saved state, live counters and failures.
+//! - `GET /api/replication`: every configured policy with its saved state, live counters, failure count and
+//!   first failures (`failures_next` is the path of the next page of failures, when there are more).
 //! - `GET /api/replication/{name}`: one of them.
+//! - `GET /api/replication/{name}/failures?n=N&last=REPO:TAG`: a page of a policy's failures in (repository,
+//!   tag) order after `last` (default and largest `n`: 100 and 1000), with `next` and a `Link` to the next page.
 //! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::App;
-use crate::replicate::StartError;
+use crate::meta::JobFailure;
+use crate::replicate::{JobStatus, StartError, FAILURES_SHOWN};
+
+/// Largest page of failures served.
+const MAX_FAILURES_PAGE: u64 = 1000;
 
 pub fn routes() -> Router<Arc<App>> {
     Router::new()
         .route("/api/replication", get(list))
         .route("/api/replication/{name}", get(one))
+        .route("/api/replication/{name}/failures", get(failures))
         .route("/api/replication/{name}/run", post(start))
 }
 
@@ -26,15 +35,54 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+/// The path of the page of `name`'s failures after `last`, `n` at a time.
+fn failures_path(name: &str, n: u64, last: &JobFailure) -> String {
+    format!("/api/replication/{name}/failures?n={n}&last={}", super::v2::query_escape(&format!("{}:{}", last.repo, last.tag)))
+}
+
+/// A job's status as JSON, with the path of its next page of failures when more follow.
+fn status_json(s: JobStatus) -> serde_json::Value {
+    let next = s.failures.last().filter(|_| s.more_failures).map(|f| failures_path(&s.name, FAILURES_SHOWN, f));
+    let mut v = serde_json::to_value(s).unwrap_or_default();
+    v["failures_next"] = next.into();
+    v
+}
+
 async fn list(State(app): State<Arc<App>>) -> Response {
-    Json(serde_json::json!({ "jobs": app.replication.status().await })).into_response()
+    let jobs: Vec<_> = app.replication.status().await.into_iter().map(status_json).collect();
+    Json(serde_json::json!({ "jobs": jobs })).into_response()
 }
 
 async fn one(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     match app.replication.status_of(&name).await {
-        Some(s) => Json(s).into_response(),
+        Some(s) => Json(status_json(s)).into_response(),
         None => error(StatusCode::NOT_FOUND, format!("no replication policy named {name}")),
     }
+}
+
+async fn failures(State(app): State<Arc<App>>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let n = match q.get("n").map(|n| n.parse::<u64>()) {
+        None => FAILURES_SHOWN,
+        Some(Ok(n)) => n.min(MAX_FAILURES_PAGE),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, format!("n must be a non-negative integer, not {:?}", q["n"])),
+    };
+    // Repository names hold no ':', so the first one separates the repository from the tag (which may be empty).
+    let last = match q.get("last").map(|l| l.split_once(':')) {
+        None => None,
+        Some(Some(pair)) => Some(pair),
+        Some(None) => return error(StatusCode::BAD_REQUEST, "last must be REPOSITORY:TAG".into()),
+    };
+    let page = match app.replication.failures(&name, last, n).await {
+        None => return error(StatusCode::NOT_FOUND, format!("no replication policy named {name}")),
+        Some(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Some(Ok(p)) => p,
+    };
+    let next = page.items.last().filter(|_| page.more).map(|f| failures_path(&name, n, f));
+    let mut resp = Json(serde_json::json!({ "name": name, "failures": page.items, "next": next.clone() })).into_response();
+    if let Some(v) = next.and_then(|p| HeaderValue::from_str(&format!("<{p}>; rel=\"next\"")).ok()) {
+        resp.headers_mut().insert(header::LINK, v);
+    }
+    resp
 }
 
 async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {

@@ -54,7 +54,10 @@ pub fn router(app: Arc<App>) -> Router {
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     match &app.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        Some(h) => {
+            app.proxy.report_entries();
+            ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response()
+        }
         None => StatusCode::NOT_FOUND.into_response(),
     }
 }
@@ -65,6 +68,17 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "metadata store unavailable\n").into_response()
     }
+}
+
+/// The `method` label of a request: the standard methods by name, anything else as `other`, so a client
+/// sending made-up methods cannot create label sets without bound.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    static KNOWN: [Method; 9] = [
+        Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS,
+        Method::CONNECT, Method::TRACE,
+    ];
+    KNOWN.iter().find(|m| *m == method).map_or("other", |m| m.as_str())
 }
 
 /// Counts and logs every request: requests by route, method and status, and bytes served by route.
@@ -80,7 +94,7 @@ async fn observe(req: Request, next: Next) -> Response {
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     metrics::counter!("breakwater_http_requests_total",
-        "route" => kind, "method" => method.to_string(), "status" => status.to_string())
+        "route" => kind, "method" => method_label(&method), "status" => status.to_string())
     .increment(1);
     if method != axum::http::Method::HEAD {
         let bytes = resp

@@ -12,7 +12,7 @@ use futures_util::TryStreamExt;
 use super::range::{self, RangeRequest};
 use super::route::{self, Route};
 use super::{upload_range, App};
-use crate::meta::Page;
+use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
 use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
 use crate::proxy::{Cached, ProxiedBlob, Target};
@@ -28,6 +28,15 @@ const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 const MAX_PAGE: u64 = 1000;
 /// Catalog page size when the client gives none (as distribution).
 const DEFAULT_CATALOG_PAGE: u64 = 100;
+/// Tags page size when the client gives none: the largest page, so a client that lists without `n` gets as
+/// much as it can in one answer, and a `Link` to the rest (the spec allows a partial list then; skopeo and
+/// breakwater's replication follow it).
+const DEFAULT_TAGS_PAGE: u64 = MAX_PAGE;
+/// Largest (and default) page of referrers: each descriptor may carry a manifest's annotations, so pages are
+/// shorter than name listings.
+const MAX_REFERRERS_PAGE: u64 = 100;
+/// Bound on the bytes of the descriptors in one referrers answer; a page stops early (with a `Link`) beyond it.
+const MAX_REFERRERS_BYTES: usize = 4 * 1024 * 1024;
 
 pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
     let mut resp = match dispatch(&app, &method, &uri, &headers, body).await {
@@ -49,7 +58,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
     match (&route, m) {
         (Route::Base, "GET" | "HEAD") => Ok(json_response(StatusCode::OK, "application/json", "{}".into(), m)),
         (Route::Catalog, "GET") => {
-            let n = page_size(&query, Some(DEFAULT_CATALOG_PAGE))?;
+            let n = page_size(&query, DEFAULT_CATALOG_PAGE, MAX_PAGE)?;
             let page = reg.catalog(query.get("last").map(String::as_str), n).await?;
             let link = next_page_link("/v2/_catalog", n, &page);
             let body = serde_json::json!({ "repositories": page.items }).to_string();
@@ -57,7 +66,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
         }
         (Route::Tags { name }, "GET") => {
             let repo = app.proxy.local_name(name, ns)?;
-            let n = page_size(&query, None)?;
+            let n = page_size(&query, DEFAULT_TAGS_PAGE, MAX_PAGE)?;
             let page = reg.tags(&repo, query.get("last").map(String::as_str), n).await?;
             let link = next_page_link(&format!("/v2/{repo}/tags/list"), n, &page);
             let body = serde_json::json!({ "name": repo.as_str(), "tags": page.items }).to_string();
@@ -168,22 +177,22 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
         (Route::Referrers { name, digest }, "GET") => {
             let (repo, subject) = (app.proxy.local_name(name, ns)?, digest_param(digest)?);
             let filter = query.get("artifactType").map(String::as_str);
-            let found = reg.referrers(&repo, &subject, filter).await?;
-            let manifests: Vec<_> = found
-                .iter()
-                .map(|r| {
-                    let mut d = serde_json::json!({
-                        "mediaType": r.media_type, "digest": r.digest, "size": r.size,
-                    });
-                    if let Some(t) = &r.artifact_type {
-                        d["artifactType"] = t.clone().into();
-                    }
-                    if let Some(a) = r.annotations.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()) {
-                        d["annotations"] = a;
-                    }
-                    d
-                })
-                .collect();
+            let n = page_size(&query, MAX_REFERRERS_PAGE, MAX_REFERRERS_PAGE)?;
+            let last = match query.get("last") {
+                Some(l) => Some(l.parse::<Digest>().map_err(|_| RegistryError::PaginationInvalid(format!("last must be a digest, not {l:?}")))?),
+                None => None,
+            };
+            let found = reg.referrers(&repo, &subject, filter, last.as_ref(), n).await?;
+            let (manifests, more) = referrer_descriptors(found);
+            // No `Link` after an empty page (`n=0`): it would point at the same page again.
+            let link = (more && !manifests.is_empty()).then(|| {
+                let after = manifests.last().and_then(|d| d["digest"].as_str()).unwrap_or("");
+                let mut target = format!("/v2/{repo}/referrers/{subject}?n={n}&last={after}");
+                if let Some(t) = filter {
+                    target.push_str(&format!("&artifactType={}", query_escape(t)));
+                }
+                format!("<{target}>; rel=\"next\"")
+            });
             let index = serde_json::json!({
                 "schemaVersion": 2, "mediaType": crate::oci::OCI_INDEX, "manifests": manifests,
             });
@@ -191,7 +200,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             if filter.is_some() {
                 resp.headers_mut().insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
             }
-            Ok(resp)
+            Ok(with_link(resp, link))
         }
         _ => Err(RegistryError::Unsupported(format!("{m} is not supported on {}", route.kind()))),
     }
@@ -252,13 +261,13 @@ fn body_stream(body: Body) -> ByteStream {
     Box::pin(body.into_data_stream().map_err(std::io::Error::other))
 }
 
-/// `n` of a paged listing: `default` when absent (`None`: everything), at most `MAX_PAGE` (the spec lets a
-/// registry return fewer than `n` items when it sends a `Link` to the rest), an error when not a number.
-fn page_size(query: &HashMap<String, String>, default: Option<u64>) -> Result<u64> {
+/// `n` of a paged listing: `default` when absent, at most `max` (the spec lets a registry return fewer than `n`
+/// items when it sends a `Link` to the rest), an error when not a number.
+fn page_size(query: &HashMap<String, String>, default: u64, max: u64) -> Result<u64> {
     match query.get("n") {
-        None => Ok(default.unwrap_or(i64::MAX as u64 - 1)),
+        None => Ok(default),
         Some(n) => match n.parse::<u64>() {
-            Ok(n) => Ok(n.min(MAX_PAGE)),
+            Ok(n) => Ok(n.min(max)),
             Err(_) => Err(RegistryError::PaginationInvalid(format!("n must be a non-negative integer, not {n:?}"))),
         },
     }
@@ -272,6 +281,41 @@ fn next_page_link(path: &str, n: u64, page: &Page) -> Option<String> {
 fn next_link(path: &str, n: u64, page: &Page) -> String {
     let last = page.items.last().map(String::as_str).unwrap_or("");
     format!("<{path}?n={n}&last={last}>; rel=\"next\"")
+}
+
+/// The descriptors of a page of referrers, cut short (and then `more`) where they would exceed
+/// `MAX_REFERRERS_BYTES`; the first is always kept, so every page makes progress.
+fn referrer_descriptors(page: Page<ManifestRecord>) -> (Vec<serde_json::Value>, bool) {
+    let (mut out, mut bytes) = (Vec::with_capacity(page.items.len()), 0usize);
+    for r in page.items {
+        let mut d = serde_json::json!({ "mediaType": r.media_type, "digest": r.digest, "size": r.size });
+        if let Some(t) = r.artifact_type {
+            d["artifactType"] = t.into();
+        }
+        if let Some(a) = r.annotations.as_deref().and_then(|a| serde_json::from_str::<serde_json::Value>(a).ok()) {
+            d["annotations"] = a;
+        }
+        let size = d.to_string().len();
+        if !out.is_empty() && bytes.saturating_add(size) > MAX_REFERRERS_BYTES {
+            return (out, true);
+        }
+        bytes = bytes.saturating_add(size);
+        out.push(d);
+    }
+    (out, page.more)
+}
+
+/// Percent-encodes a query value (everything but RFC 3986's unreserved characters), so that a `+` or `/` in
+/// an artifact type survives the round trip through a `Link`.
+pub(super) fn query_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => out.push(b as char),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 fn with_link(mut resp: Response, link: Option<String>) -> Response {

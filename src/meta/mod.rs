@@ -68,10 +68,11 @@ pub struct JobFailure {
     pub reason: String,
 }
 
-/// A page of a sorted listing: the items, and whether more follow (to decide on a `Link` header).
+/// A page of a sorted listing: the items, and whether more follow (to decide on a `Link` header). Every listing
+/// is paged so that no answer grows with what is stored.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Page {
-    pub items: Vec<String>,
+pub struct Page<T = String> {
+    pub items: Vec<T>,
     pub more: bool,
 }
 
@@ -92,13 +93,16 @@ pub trait Meta: Send + Sync + 'static {
     async fn delete_manifest(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
     /// Removes a tag (not the manifest); false if it was not there.
     async fn delete_tag(&self, repo: &RepoName, tag: &Tag) -> Result<bool, MetaError>;
-    /// Manifests in `repo` whose subject is `subject`, optionally only those of `artifact_type`.
+    /// Manifests in `repo` whose subject is `subject`, optionally only those of `artifact_type`, in digest order
+    /// after `last`, at most `limit`.
     async fn referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<Vec<ManifestRecord>, MetaError>;
+        last: Option<&str>,
+        limit: u64,
+    ) -> Result<Page<ManifestRecord>, MetaError>;
 
     async fn repo_exists(&self, repo: &RepoName) -> Result<bool, MetaError>;
     /// Tags of `repo` in byte order, after `last`, at most `limit`.
@@ -131,7 +135,8 @@ pub trait Meta: Send + Sync + 'static {
     async fn record_failure(&self, job: &str, failure: &JobFailure) -> Result<(), MetaError>;
     /// Forgets a failure (its item was copied since); false if none was recorded.
     async fn clear_failure(&self, job: &str, repo: &str, tag: &str) -> Result<bool, MetaError>;
-    async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError>;
+    /// A job's failures in (repository, tag) order after `last`, at most `limit`.
+    async fn failures(&self, job: &str, last: Option<(&str, &str)>, limit: u64) -> Result<Page<JobFailure>, MetaError>;
     /// How many failures job `job` has recorded.
     async fn count_failures(&self, job: &str) -> Result<u64, MetaError>;
 

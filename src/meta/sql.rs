@@ -61,12 +61,23 @@ fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
     })
 }
 
-/// A page of at most `limit` names from a query that was asked for `limit + 1` rows.
-fn page(rows: Vec<AnyRow>, limit: u64) -> Result<Page, MetaError> {
-    let mut items = rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<Vec<_>, _>>()?;
+/// A page of at most `limit` items from a query that was asked for `limit + 1` rows (the extra row only tells
+/// that more follow).
+fn page<T>(rows: &[AnyRow], limit: u64, item: impl Fn(&AnyRow) -> Result<T, MetaError>) -> Result<Page<T>, MetaError> {
+    let mut items = rows.iter().map(item).collect::<Result<Vec<_>, _>>()?;
     let more = items.len() as u64 > limit;
     items.truncate(limit as usize);
     Ok(Page { items, more })
+}
+
+/// The first column as a string (names, tags).
+fn name(row: &AnyRow) -> Result<String, MetaError> {
+    Ok(row.try_get::<String, _>(0)?)
+}
+
+/// `LIMIT` for a page of `limit` items: one more row, to learn whether more follow.
+fn limit_plus_one(limit: u64) -> i64 {
+    limit.saturating_add(1).min(i64::MAX as u64) as i64
 }
 
 impl SqlMeta {
@@ -229,24 +240,25 @@ impl Meta for SqlMeta {
         repo: &RepoName,
         subject: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<Vec<ManifestRecord>, MetaError> {
-        let rows = sqlx::query(
-            "SELECT digest, media_type, size, subject, artifact_type, annotations FROM manifests \
-             WHERE repo = $1 AND subject = $2 ORDER BY digest",
-        )
-        .bind(repo.as_str())
-        .bind(subject.to_string())
-        .fetch_all(&self.pool)
-        .await?;
-        // Referrer lists are short; filtering here keeps the query one shape for both dialects.
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let r = record(row)?;
-            if artifact_type.is_none_or(|want| r.artifact_type.as_deref() == Some(want)) {
-                out.push(r);
-            }
+        last: Option<&str>,
+        limit: u64,
+    ) -> Result<Page<ManifestRecord>, MetaError> {
+        // Two shapes rather than `($3 IS NULL OR ...)`: PostgreSQL cannot type an untyped NULL parameter.
+        const COLUMNS: &str = "SELECT digest, media_type, size, subject, artifact_type, annotations FROM manifests \
+                               WHERE repo = $1 AND subject = $2 AND digest > $3";
+        let sql = match artifact_type {
+            None => format!("{COLUMNS} ORDER BY digest LIMIT $4"),
+            Some(_) => format!("{COLUMNS} AND artifact_type = $5 ORDER BY digest LIMIT $4"),
+        };
+        let mut q = sqlx::query(&sql)
+            .bind(repo.as_str())
+            .bind(subject.to_string())
+            .bind(last.unwrap_or(""))
+            .bind(limit_plus_one(limit));
+        if let Some(t) = artifact_type {
+            q = q.bind(t);
         }
-        Ok(out)
+        page(&q.fetch_all(&self.pool).await?, limit, record)
     }
 
     async fn repo_exists(&self, repo: &RepoName) -> Result<bool, MetaError> {
@@ -261,19 +273,19 @@ impl Meta for SqlMeta {
         let rows = sqlx::query("SELECT tag FROM tags WHERE repo = $1 AND tag > $2 ORDER BY tag LIMIT $3")
             .bind(repo.as_str())
             .bind(last.unwrap_or(""))
-            .bind(limit.saturating_add(1) as i64)
+            .bind(limit_plus_one(limit))
             .fetch_all(&self.pool)
             .await?;
-        page(rows, limit)
+        page(&rows, limit, name)
     }
 
     async fn list_repos(&self, last: Option<&str>, limit: u64) -> Result<Page, MetaError> {
         let rows = sqlx::query("SELECT name FROM repositories WHERE name > $1 ORDER BY name LIMIT $2")
             .bind(last.unwrap_or(""))
-            .bind(limit.saturating_add(1) as i64)
+            .bind(limit_plus_one(limit))
             .fetch_all(&self.pool)
             .await?;
-        page(rows, limit)
+        page(&rows, limit, name)
     }
 
     async fn blob_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError> {
@@ -407,14 +419,20 @@ impl Meta for SqlMeta {
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 
-    async fn failures(&self, job: &str) -> Result<Vec<JobFailure>, MetaError> {
-        let rows = sqlx::query("SELECT repo, tag, reason FROM replication_failures WHERE job = $1 ORDER BY repo, tag")
-            .bind(job)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| Ok(JobFailure { repo: r.try_get(0)?, tag: r.try_get(1)?, reason: r.try_get(2)? }))
-            .collect()
+    async fn failures(&self, job: &str, last: Option<(&str, &str)>, limit: u64) -> Result<Page<JobFailure>, MetaError> {
+        // Keyset paging over the primary key: (repo, tag) after `last`.
+        let (last_repo, last_tag) = last.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT repo, tag, reason FROM replication_failures WHERE job = $1 AND (repo > $2 OR (repo = $2 AND tag > $3)) \
+             ORDER BY repo, tag LIMIT $4",
+        )
+        .bind(job)
+        .bind(last_repo)
+        .bind(last_tag)
+        .bind(limit_plus_one(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        page(&rows, limit, |r| Ok(JobFailure { repo: r.try_get(0)?, tag: r.try_get(1)?, reason: r.try_get(2)? }))
     }
 
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError> {

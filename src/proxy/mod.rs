@@ -12,10 +12,10 @@ mod evict;
 
 pub use evict::{EvictionPolicy, Evicted};
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bounded::BoundedMap;
 use crate::flight::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightError, Group, Join};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::registry::{Registry, RegistryError};
@@ -66,16 +66,16 @@ pub struct Proxy {
     flights: Arc<BlobFlights>,
     manifests: Group<ManifestKey, ManifestOutcome>,
     /// When each cached tag was last confirmed upstream; a tag is trusted for its upstream's TTL after that.
-    /// In memory: after a restart every tag is revalidated once, which costs one HEAD.
-    validated: Mutex<HashMap<(RepoName, Tag), Instant>>,
+    /// In memory: after a restart (or once forgotten) a tag is revalidated once, which costs one HEAD.
+    validated: BoundedMap<(RepoName, Tag), Instant>,
     /// References the upstream said do not exist, until when (stops storms of requests for missing tags).
-    missing: Mutex<HashMap<(RepoName, String), Instant>>,
+    missing: BoundedMap<(RepoName, String), Instant>,
     negative_ttl: Duration,
     eviction: EvictionPolicy,
     /// Serialises eviction passes.
     eviction_pass: tokio::sync::Mutex<()>,
     /// Blobs whose access time was written recently: a herd of hits costs one write, not one per client.
-    touched: Mutex<HashMap<Digest, Instant>>,
+    touched: BoundedMap<Digest, ()>,
 }
 
 /// How often a cache hit refreshes a blob's access time at most.
@@ -100,25 +100,38 @@ fn client_error(upstream: &Upstream, e: UpstreamError, not_found: RegistryError)
 }
 
 impl Proxy {
+    /// `memory_entries` bounds each of the proxy's in-memory maps (tag validations, not-found answers, recent
+    /// accesses).
     pub fn new(
         registry: Arc<Registry>,
         upstreams: Vec<Upstream>,
         flights: Arc<BlobFlights>,
         negative_ttl: Duration,
         eviction: EvictionPolicy,
+        memory_entries: u64,
     ) -> Proxy {
+        // A validation is worth keeping as long as the longest tag TTL of any upstream.
+        let longest_ttl = upstreams.iter().map(|u| u.config.tag_ttl).max().unwrap_or(Duration::ZERO);
         Proxy {
             registry,
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             flights,
             manifests: Group::default(),
-            validated: Mutex::new(HashMap::new()),
-            missing: Mutex::new(HashMap::new()),
+            validated: BoundedMap::new("tag_validations", memory_entries, Some(longest_ttl)),
+            missing: BoundedMap::new("not_found", memory_entries, Some(negative_ttl)),
             negative_ttl,
             eviction,
             eviction_pass: tokio::sync::Mutex::new(()),
-            touched: Mutex::new(HashMap::new()),
+            touched: BoundedMap::new("blob_accesses", memory_entries, Some(TOUCH_INTERVAL)),
         }
+    }
+
+    /// Sets the `breakwater_cache_entries{kind}` gauges: what each in-memory map holds now.
+    pub fn report_entries(&self) {
+        self.validated.report();
+        self.missing.report();
+        self.touched.report();
+        crate::bounded::report("upstream_tokens", self.upstreams.iter().map(|u| u.cached_tokens()).sum());
     }
 
     pub fn upstreams(&self) -> &[Arc<Upstream>] {
@@ -180,31 +193,20 @@ impl Proxy {
     }
 
     fn is_missing(&self, repo: &RepoName, reference: &str) -> bool {
-        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (repo.clone(), reference.to_string());
-        match missing.get(&key) {
-            Some(until) if *until > Instant::now() => true,
-            Some(_) => {
-                missing.remove(&key);
-                false
-            }
-            None => false,
-        }
+        self.missing.get(&(repo.clone(), reference.to_string())).is_some_and(|until| until > Instant::now())
     }
 
     fn mark_missing(&self, repo: &RepoName, reference: &str) {
-        let mut missing = self.missing.lock().unwrap_or_else(|p| p.into_inner());
-        missing.retain(|_, until| *until > Instant::now());
-        missing.insert((repo.clone(), reference.to_string()), Instant::now() + self.negative_ttl);
+        self.missing.insert((repo.clone(), reference.to_string()), Instant::now() + self.negative_ttl);
     }
 
     fn fresh(&self, c: &Cached, tag: &Tag) -> bool {
-        let validated = self.validated.lock().unwrap_or_else(|p| p.into_inner());
-        validated.get(&(c.local.clone(), tag.clone())).is_some_and(|t| t.elapsed() < c.upstream.config.tag_ttl)
+        // Each upstream has its own TTL; the map keeps entries for the longest of them.
+        self.validated.get(&(c.local.clone(), tag.clone())).is_some_and(|t| t.elapsed() < c.upstream.config.tag_ttl)
     }
 
     fn mark_fresh(&self, c: &Cached, tag: &Tag) {
-        self.validated.lock().unwrap_or_else(|p| p.into_inner()).insert((c.local.clone(), tag.clone()), Instant::now());
+        self.validated.insert((c.local.clone(), tag.clone()), Instant::now());
     }
 
     /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`.
@@ -349,14 +351,11 @@ impl Proxy {
 
     /// Refreshes a cached blob's access time, at most once per `TOUCH_INTERVAL`.
     async fn touch(&self, digest: &Digest) {
-        {
-            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
-            if touched.get(digest).is_some_and(|t| t.elapsed() < TOUCH_INTERVAL) {
-                return;
-            }
-            touched.retain(|_, t| t.elapsed() < TOUCH_INTERVAL);
-            touched.insert(digest.clone(), Instant::now());
+        // The map forgets an entry TOUCH_INTERVAL after it was written: present means written recently.
+        if self.touched.get(digest).is_some() {
+            return;
         }
+        self.touched.insert(digest.clone(), ());
         if let Err(e) = self.registry.meta().cache_touch(digest).await {
             tracing::warn!(error = %e, "recording a cache access failed");
         }

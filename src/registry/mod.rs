@@ -376,13 +376,17 @@ impl Registry {
         Ok(self.meta.list_repos(last, n).await?)
     }
 
+    /// A page of the manifests in `repo` that refer to `subject`, in digest order after `last`.
     pub async fn referrers(
         &self,
         repo: &RepoName,
         subject: &Digest,
         artifact_type: Option<&str>,
-    ) -> Result<Vec<ManifestRecord>> {
-        Ok(self.meta.referrers(repo, subject, artifact_type).await?)
+        last: Option<&Digest>,
+        n: u64,
+    ) -> Result<Page<ManifestRecord>> {
+        let last = last.map(Digest::to_string);
+        Ok(self.meta.referrers(repo, subject, artifact_type, last.as_deref(), n).await?)
     }
 
     /// Whether the stores answer (for `/readyz`).

@@ -5,14 +5,14 @@
 //! Every request that changes nothing is avoided: a blob the destination has costs one HEAD, a tag already at the
 //! source's digest costs one HEAD, a blob this run already put in another destination repository is mounted.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use crate::bounded::BoundedMap;
 use crate::flight::Group;
 use crate::pace::Pacer;
 use crate::oci::{Digest, ManifestInfo, ManifestKind, RepoName};
@@ -24,8 +24,8 @@ use crate::upstream::{Mount, RemoteManifest, Upstream, UpstreamError};
 const MONOLITHIC_MAX: u64 = 32 * 1024 * 1024;
 /// Attempts of one request (or one blob transfer) before the artifact is recorded as failed.
 const ATTEMPTS: u32 = 6;
-/// Destination repositories remembered as mount sources, at most; past that the memory is cleared.
-const MOUNT_MEMORY: usize = 100_000;
+/// Destination repositories remembered as mount sources, at most (a forgotten one costs an upload, not a mount).
+const MOUNT_MEMORY: u64 = crate::bounded::DEFAULT_ENTRIES;
 
 /// What copying an artifact came to.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,7 +77,7 @@ pub struct Copier {
     /// Limits the bytes per second read from the source, across all transfers of the run.
     pub bandwidth: Option<Arc<Pacer>>,
     /// A destination repository each blob was copied to in this run: the source of a cross-repository mount.
-    mounted: Mutex<HashMap<Digest, RepoName>>,
+    mounted: BoundedMap<Digest, RepoName>,
     /// One transfer per (destination repository, blob) at a time: tags sharing layers do not upload them twice.
     transfers: Group<(RepoName, Digest), Result<u64, UpstreamError>>,
 }
@@ -92,7 +92,7 @@ impl Copier {
             override_tags: false,
             dry_run: false,
             bandwidth: None,
-            mounted: Mutex::new(HashMap::new()),
+            mounted: BoundedMap::new("replication_mounts", MOUNT_MEMORY, None),
             transfers: Group::default(),
         }
     }
@@ -200,11 +200,7 @@ impl Copier {
             .run(key, move || async move {
                 let r = retry(this.both(), || this.transfer(&src_repo, &dst_repo, &digest)).await;
                 if r.is_ok() {
-                    let mut m = this.mounted.lock().unwrap_or_else(|p| p.into_inner());
-                    if m.len() >= MOUNT_MEMORY {
-                        m.clear();
-                    }
-                    m.insert(digest, dst_repo);
+                    this.mounted.insert(digest, dst_repo);
                 }
                 r
             })
@@ -217,7 +213,7 @@ impl Copier {
         if self.dst.blob_size(dst_repo, digest).await?.is_some() {
             return Ok(0);
         }
-        let from = self.mounted.lock().unwrap_or_else(|p| p.into_inner()).get(digest).filter(|r| *r != dst_repo).cloned();
+        let from = self.mounted.get(digest).filter(|r| r != dst_repo);
         let location = match from {
             Some(from) => match self.dst.mount(dst_repo, digest, &from).await? {
                 Mount::Mounted => return Ok(0),

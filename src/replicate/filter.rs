@@ -1,6 +1,7 @@
 //! Which repositories and tags a replication policy copies, and under which destination names.
 
 use std::cmp::Ordering;
+use std::collections::BTreeSet;
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use regex::Regex;
@@ -70,16 +71,88 @@ impl TagFilter {
         Ok(TagFilter { include: parse(include)?, exclude: parse(exclude)?, latest })
     }
 
-    /// The tags to copy, in tag order.
-    pub fn select(&self, mut tags: Vec<String>) -> Vec<String> {
+    /// The tags of one listing page to copy (include and exclude patterns), in tag order. With `--latest` they
+    /// are only candidates: [`Latest`] keeps the last N across every page.
+    pub fn select_page(&self, mut tags: Vec<String>) -> Vec<String> {
         tags.retain(|t| (self.include.is_empty() || self.include.iter().any(|p| p.matches(t))) && !self.exclude.iter().any(|p| p.matches(t)));
         tags.sort_by(|a, b| natural_cmp(a, b));
         tags.dedup();
-        if let Some(n) = self.latest {
-            let skip = tags.len().saturating_sub(n);
-            tags.drain(..skip);
-        }
         tags
+    }
+
+    /// `--latest N`: how many of the last tags to keep, if limited.
+    pub fn latest(&self) -> Option<usize> {
+        self.latest
+    }
+
+    /// The tags to copy out of all of them, in tag order.
+    pub fn select(&self, tags: Vec<String>) -> Vec<String> {
+        let selected = self.select_page(tags);
+        match self.latest {
+            None => selected,
+            Some(n) => {
+                let mut latest = Latest::new(n);
+                selected.into_iter().for_each(|t| latest.offer(t));
+                latest.into_sorted()
+            }
+        }
+    }
+}
+
+/// A tag ordered by [`natural_cmp`] (which is equal only for identical tags, so a set of them deduplicates).
+#[derive(PartialEq, Eq)]
+struct NaturalTag(String);
+
+impl Ord for NaturalTag {
+    fn cmp(&self, other: &Self) -> Ordering {
+        natural_cmp(&self.0, &other.0)
+    }
+}
+
+impl PartialOrd for NaturalTag {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// The last N tags in tag order among those offered: a bounded set (at most N entries however many tags a
+/// repository has), so `--latest N` holds N tags rather than the whole listing.
+pub struct Latest {
+    n: usize,
+    kept: BTreeSet<NaturalTag>,
+}
+
+impl Latest {
+    pub fn new(n: usize) -> Latest {
+        Latest { n, kept: BTreeSet::new() }
+    }
+
+    pub fn offer(&mut self, tag: String) {
+        if self.n == 0 {
+            return;
+        }
+        let tag = NaturalTag(tag);
+        if self.kept.len() == self.n && self.kept.first().is_some_and(|least| tag <= *least) {
+            return;
+        }
+        self.kept.insert(tag);
+        if self.kept.len() > self.n {
+            self.kept.pop_first();
+        }
+    }
+
+    /// Tags held now (never more than N).
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
+    /// The kept tags, in tag order.
+    pub fn into_sorted(self) -> Vec<String> {
+        self.kept.into_iter().map(|t| t.0).collect()
     }
 }
 
@@ -170,6 +243,24 @@ mod tests {
         let all = TagFilter::new(&[], &[], None).unwrap();
         assert_eq!(all.select(s(&["b", "a", "a"])), s(&["a", "b"]));
         assert!(TagFilter::new(&s(&["regex:("]), &[], None).is_err());
+    }
+
+    #[test]
+    fn latest_holds_at_most_n_tags() {
+        let mut latest = Latest::new(5);
+        let mut most = 0;
+        // Offered in byte order, as a registry lists them: the natural last five are spread over the listing.
+        let mut tags: Vec<String> = (0..100_000).map(|i| format!("v{i}")).collect();
+        tags.sort();
+        for t in tags.iter().chain(tags.iter()) {
+            latest.offer(t.clone());
+            most = most.max(latest.len());
+        }
+        assert_eq!(most, 5, "never more than N tags held");
+        assert_eq!(latest.into_sorted(), s(&["v99995", "v99996", "v99997", "v99998", "v99999"]));
+        let mut none = Latest::new(0);
+        none.offer("v1".into());
+        assert!(none.is_empty());
     }
 
     #[test]

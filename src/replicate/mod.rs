@@ -25,10 +25,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 pub use copy::{Copier, Outcome};
-pub use filter::{natural_cmp, RepoFilter, Rewrite, TagFilter};
+pub use filter::{natural_cmp, Latest, RepoFilter, Rewrite, TagFilter};
 pub use listing::SourceKind;
 pub use progress::{Progress, Reporter};
-pub use scheduler::{JobStatus, Scheduler, StartError};
+pub use scheduler::{JobStatus, Scheduler, StartError, FAILURES_SHOWN};
 
 use crate::meta::{JobFailure, JobRecord, Meta};
 use crate::oci::RepoName;
@@ -161,26 +161,48 @@ impl Run {
         }
     }
 
-    /// Lists a repository's tags, page by page where the source pages them, and selects the ones to copy.
-    async fn list_tags(&self, repo: &RepoName) -> Result<Vec<String>, UpstreamError> {
+    /// Lists a repository's tags page by page (where the source pages them) and hands the ones to copy to
+    /// `sink`, a page at a time, so a repository with a million tags never has them all in memory. With
+    /// `--latest N` the last N (in tag order, across every page) are kept in a bounded set and handed on at the
+    /// end. Returns false if `sink` asked to stop.
+    async fn list_tags<F, Fut>(&self, repo: &RepoName, mut sink: F) -> Result<bool, UpstreamError>
+    where
+        F: FnMut(Vec<String>) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let src = &self.copier.src;
-        let mut all = Vec::new();
+        let mut latest = self.tags.latest().map(Latest::new);
         let mut last: Option<String> = None;
         loop {
             let page = match copy::retry([src, src], || src.tags_page(repo, last.as_deref(), 1000)).await {
                 Ok(p) => p,
                 // distribution lists repositories whose every tag was deleted (or that were pushed by digest
                 // only) and answers their tag list with NAME_UNKNOWN: nothing to copy, not a failure.
-                Err(UpstreamError::NotFound) if last.is_none() => return Ok(Vec::new()),
+                Err(UpstreamError::NotFound) if last.is_none() => return Ok(true),
                 Err(e) => return Err(e),
             };
-            all.extend(page.items);
+            let selected = self.tags.select_page(page.items);
+            match &mut latest {
+                Some(l) => {
+                    selected.into_iter().for_each(|t| l.offer(t));
+                    self.progress.tags_held(l.len());
+                }
+                None => {
+                    self.progress.tags_held(selected.len());
+                    if !selected.is_empty() && !sink(selected).await {
+                        return Ok(false);
+                    }
+                }
+            }
             match page.next {
                 Some(n) if Some(&n) != last.as_ref() => last = Some(n),
                 _ => break,
             }
         }
-        Ok(self.tags.select(all))
+        match latest {
+            Some(l) if !l.is_empty() => Ok(sink(l.into_sorted()).await),
+            _ => Ok(true),
+        }
     }
 
     /// Forgets the failure recorded for an item that has now succeeded, and uncounts it.
@@ -241,15 +263,33 @@ impl Run {
 
     /// Forgets the job's catalog failures (the walk is about to list those pages again) and uncounts them.
     async fn clear_catalog_failures(&self) -> Result<bool, ReplicateError> {
-        let mut any = false;
-        for f in self.meta.failures(&self.policy.job).await? {
-            if f.repo == CATALOG {
-                self.meta.clear_failure(&self.policy.job, &f.repo, &f.tag).await?;
-                let _ = self.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
-                any = true;
+        // The catalog's own rows, read in the store's order from (CATALOG, ""): they come first and together,
+        // whatever the collation, so the first row of another repository ends them.
+        let job = &self.policy.job;
+        let uncount = || {
+            let _ = self.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1));
+        };
+        let mut any = self.meta.clear_failure(job, CATALOG, "").await?;
+        if any {
+            uncount();
+        }
+        let mut last = String::new();
+        loop {
+            let page = self.meta.failures(job, Some((CATALOG, &last)), FAILURE_PAGE).await?;
+            for f in &page.items {
+                if f.repo != CATALOG {
+                    return Ok(any);
+                }
+                if self.meta.clear_failure(job, &f.repo, &f.tag).await? {
+                    uncount();
+                    any = true;
+                }
+                last = f.tag.clone();
+            }
+            if !page.more {
+                return Ok(any);
             }
         }
-        Ok(any)
     }
 }
 
@@ -322,6 +362,9 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
 /// The name failures of the catalog walk are recorded under.
 const CATALOG: &str = "<catalog>";
 
+/// Failures read from the metadata store at a time (a job may have recorded millions).
+const FAILURE_PAGE: u64 = 500;
+
 /// Saves the final state: `finished`, or `failed` if anything is recorded as failed. The records decide, not
 /// the run's counter: they include what earlier runs of the job left and is not copied since.
 async fn finish(run: &Run) -> JobRecord {
@@ -351,18 +394,27 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         listers.push(tokio::spawn(async move {
             loop {
                 let Some(repo) = repo_rx.lock().await.recv().await else { break };
-                match run.list_tags(&repo.name).await {
-                    Ok(tags) => {
+                let (r, tx) = (&repo, &art_tx);
+                // Each page's tags are counted as pending before they are handed on; the listing's own count
+                // keeps the repository unfinished until the last page.
+                let listed = run
+                    .list_tags(&repo.name, |tags| async move {
+                        r.pending.fetch_add(tags.len(), Ordering::AcqRel);
+                        for tag in tags {
+                            if tx.send(Artifact { repo: Arc::clone(r), tag }).await.is_err() {
+                                return false;
+                            }
+                        }
+                        true
+                    })
+                    .await;
+                match listed {
+                    Ok(true) => {
                         if repo.requeued {
                             run.forget_failure(repo.name.as_str(), "").await;
                         }
-                        repo.pending.fetch_add(tags.len(), Ordering::AcqRel);
-                        for tag in tags {
-                            if art_tx.send(Artifact { repo: Arc::clone(&repo), tag }).await.is_err() {
-                                return;
-                            }
-                        }
                     }
+                    Ok(false) => return,
                     Err(e) => run.fail(repo.name.as_str(), "", format!("listing tags: {e}")).await,
                 }
                 repo.item_finished();
@@ -509,28 +561,42 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
 }
 
 /// Retries the items (repositories and tags) a job recorded as failed; each one that now succeeds is cleared.
-/// Failures are counted anew: what fails again is recorded again.
+/// Failures are counted anew: what fails again is recorded again. They are read a page at a time; an item that
+/// fails again while its repository is retried may be met again further on, and is then retried once more.
 async fn retry_items(run: &Run) -> Result<(), ReplicateError> {
-    let failures = run.meta.failures(&run.policy.job).await?;
-    let items: Vec<_> = failures.into_iter().filter(|f| f.repo != CATALOG).collect();
-    let _ = run.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(items.len() as u64)));
-    for f in items {
-        let Ok(repo) = f.repo.parse::<RepoName>() else { continue };
-        run.meta.clear_failure(&run.policy.job, &f.repo, &f.tag).await?;
-        let tags = if f.tag.is_empty() {
-            match run.list_tags(&repo).await {
-                Ok(t) => t,
-                Err(e) => {
-                    run.fail(&f.repo, "", format!("listing tags: {e}")).await;
-                    continue;
-                }
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let page = run.meta.failures(&run.policy.job, last.as_ref().map(|(r, t)| (r.as_str(), t.as_str())), FAILURE_PAGE).await?;
+        for f in &page.items {
+            if f.repo != CATALOG {
+                retry_item(run, f).await?;
             }
-        } else {
-            vec![f.tag.clone()]
-        };
-        for tag in tags {
-            run.copy(&repo, &tag).await;
         }
+        match page.items.last() {
+            Some(f) if page.more => last = Some((f.repo.clone(), f.tag.clone())),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// Retries one recorded failure: a tag, or a whole repository (its listing failed).
+async fn retry_item(run: &Run, f: &JobFailure) -> Result<(), ReplicateError> {
+    let _ = run.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
+    let Ok(repo) = f.repo.parse::<RepoName>() else { return Ok(()) };
+    run.meta.clear_failure(&run.policy.job, &f.repo, &f.tag).await?;
+    if !f.tag.is_empty() {
+        run.copy(&repo, &f.tag).await;
+        return Ok(());
+    }
+    let r = &repo;
+    let copied = run.list_tags(r, |tags| async move {
+        for tag in tags {
+            run.copy(r, &tag).await;
+        }
+        true
+    });
+    if let Err(e) = copied.await {
+        run.fail(&f.repo, "", format!("listing tags: {e}")).await;
     }
     Ok(())
 }

@@ -20,6 +20,9 @@ pub struct Progress {
     /// Destination tags left alone because they point elsewhere (without `--override`).
     pub conflicts: AtomicU64,
     pub bytes: AtomicU64,
+    /// The most tags one repository's listing held at once (a page, or the `--latest` set): the listing's memory,
+    /// which stays bounded whatever the number of tags.
+    pub tags_held_max: AtomicU64,
 }
 
 /// Metric names of the counters, in `Progress` order.
@@ -68,6 +71,11 @@ impl Progress {
 
     pub fn skipped(&self, job: &str) {
         self.add(job, 4, 1);
+    }
+
+    /// A listing holds `n` tags now.
+    pub fn tags_held(&self, n: usize) {
+        self.tags_held_max.fetch_max(n as u64, Ordering::Relaxed);
     }
 
     pub fn failed(&self, job: &str) {

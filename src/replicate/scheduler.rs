@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{Mode, Progress};
 use crate::config::FileReplication;
-use crate::meta::{JobFailure, JobRecord, Meta};
+use crate::meta::{JobFailure, JobRecord, Meta, MetaError, Page};
 
 /// Why a run could not be started.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -28,7 +28,14 @@ pub struct JobStatus {
     pub schedule_secs: Option<u64>,
     /// Counters of the run in progress, or of the last run.
     pub progress: JobRecord,
+    /// How many items the job has recorded as failed.
+    pub failure_count: u64,
+    /// The first `FAILURES_SHOWN` of them in (repository, tag) order; the rest are paged through
+    /// [`Scheduler::failures`], so a status never grows with the number of failures.
     pub failures: Vec<JobFailure>,
+    /// Whether failures follow those shown.
+    #[serde(skip)]
+    pub more_failures: bool,
 }
 
 /// How a run goes on from the job its predecessor left (README, "Replicate a registry"):
@@ -44,6 +51,9 @@ fn next_mode(job: &JobRecord) -> Mode {
         _ => Mode::Fresh,
     }
 }
+
+/// Failures shown with a job's status.
+pub const FAILURES_SHOWN: u64 = 100;
 
 pub struct Scheduler {
     policies: Vec<FileReplication>,
@@ -133,12 +143,21 @@ impl Scheduler {
             (None, Some(saved)) => saved,
             (None, None) => JobRecord { name: p.name.clone(), status: "never run".into(), ..JobRecord::default() },
         };
+        let first = self.meta.failures(&p.name, None, FAILURES_SHOWN).await.unwrap_or(Page { items: Vec::new(), more: false });
         JobStatus {
             name: p.name.clone(),
             running: live.is_some(),
             schedule_secs: p.schedule_secs,
             progress,
-            failures: self.meta.failures(&p.name).await.unwrap_or_default(),
+            failure_count: self.meta.count_failures(&p.name).await.unwrap_or(first.items.len() as u64),
+            failures: first.items,
+            more_failures: first.more,
         }
+    }
+
+    /// A page of policy `name`'s failures after `last` (repository, tag); `None` if there is no such policy.
+    pub async fn failures(&self, name: &str, last: Option<(&str, &str)>, n: u64) -> Option<Result<Page<JobFailure>, MetaError>> {
+        self.policies.iter().find(|p| p.name == name)?;
+        Some(self.meta.failures(name, last, n).await)
     }
 }

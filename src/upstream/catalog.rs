@@ -19,10 +19,15 @@ pub struct Page {
     pub next: Option<String>,
 }
 
+/// The target of a `Link: <...>; rel="next"` header: a path on the registry or an absolute URL.
+pub(crate) fn next_target(headers: &HeaderMap) -> Option<String> {
+    let link = headers.get(header::LINK)?.to_str().ok()?;
+    Some(link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?.to_string())
+}
+
 /// The `last` query parameter of a `Link: <...>; rel="next"` header.
 fn next_last(headers: &HeaderMap) -> Option<String> {
-    let link = headers.get(header::LINK)?.to_str().ok()?;
-    let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
+    let target = next_target(headers)?;
     let query = target.split_once('?')?.1;
     query.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;

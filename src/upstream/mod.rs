@@ -15,7 +15,6 @@ pub use catalog::Page as ListPage;
 pub use harbor::HARBOR_PAGE;
 pub use push::Mount;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -25,6 +24,7 @@ use futures_util::StreamExt;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
 
+use crate::bounded::BoundedMap;
 use crate::oci::{Algorithm, Digest, RepoName, DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::storage::ByteStream;
 
@@ -47,6 +47,8 @@ pub struct UpstreamConfig {
     pub library_shorthand: bool,
     /// Requests per second at most (replication's `--rate`), if limited.
     pub requests_per_sec: Option<f64>,
+    /// Bearer tokens cached at most (one per repository scope): a bound on the token cache's memory.
+    pub token_entries: u64,
 }
 
 /// Why an upstream request did not give what was asked.
@@ -83,6 +85,7 @@ pub struct RemoteBlob {
     pub body: ByteStream,
 }
 
+#[derive(Clone)]
 struct Token {
     value: String,
     expires: Instant,
@@ -92,8 +95,8 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     base: String,
     client: reqwest::Client,
-    /// Bearer tokens by scope (`repository:NAME:pull`).
-    tokens: Arc<Mutex<HashMap<String, Token>>>,
+    /// Bearer tokens by scope (`repository:NAME:pull`), at most `token_entries` of them.
+    tokens: Arc<BoundedMap<String, Token>>,
     /// Set once the upstream asked for basic auth, so later requests send it up front.
     basic_preferred: Mutex<bool>,
     /// No request is sent before this instant (`Retry-After` of a 429 or 503).
@@ -191,11 +194,12 @@ impl Upstream {
             .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
         let base = config.url.trim_end_matches('/').to_string();
         let rate = config.requests_per_sec;
+        let tokens = Arc::new(BoundedMap::new("upstream_tokens", config.token_entries, None));
         Ok(Upstream {
             config,
             base,
             client,
-            tokens: Arc::new(Mutex::new(HashMap::new())),
+            tokens,
             basic_preferred: Mutex::new(false),
             not_before: Mutex::new(None),
             pacer: rate.filter(|r| *r > 0.0).map(crate::pace::Pacer::per_second),
@@ -221,9 +225,14 @@ impl Upstream {
         Some(v)
     }
 
+    /// Bearer tokens held now.
+    pub fn cached_tokens(&self) -> u64 {
+        self.tokens.len()
+    }
+
     fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
-        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        let t = tokens.get(scope).filter(|t| t.expires > Instant::now())?;
+        // Each token has its own lifetime, so expiry is checked here rather than by the map.
+        let t = self.tokens.get(&scope.to_string()).filter(|t| t.expires > Instant::now())?;
         let mut v = HeaderValue::from_str(&format!("Bearer {}", t.value)).ok()?;
         v.set_sensitive(true);
         Some(v)
@@ -265,9 +274,9 @@ impl Upstream {
                     None => req,
                 };
                 if let Some(refused) = refused {
-                    let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-                    if tokens.get(scope).is_some_and(|t| refused.as_bytes() == format!("Bearer {}", t.value).as_bytes()) {
-                        tokens.remove(scope);
+                    let key = scope.to_string();
+                    if self.tokens.get(&key).is_some_and(|t| refused.as_bytes() == format!("Bearer {}", t.value).as_bytes()) {
+                        self.tokens.remove(&key);
                     }
                 }
                 // A request that was answered 401 just before another one obtained a token finds it here.
@@ -283,7 +292,7 @@ impl Upstream {
                     .run(scope.to_string(), move || async move {
                         let (value, lifetime) = fetch_token(req, upstream, timeout).await?;
                         let expires = renew_at(Instant::now(), lifetime);
-                        tokens.lock().unwrap_or_else(|p| p.into_inner()).insert(key, Token { value: value.clone(), expires });
+                        tokens.insert(key, Token { value: value.clone(), expires });
                         Ok((value, lifetime))
                     })
                     .await;

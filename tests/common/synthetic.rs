@@ -5,7 +5,9 @@
 //!   `PAGINATION_NUMBER_INVALID`, `n=0` is an empty list, a bad or negative `n` falls back to 100, `last` need not
 //!   exist, and every page but the last carries a *relative* `Link: </v2/_catalog?last=X&n=N>; rel="next"` (query
 //!   escaped as Go's `url.Values.Encode`). Each request costs O(n + log count).
-//! - `/v2/<name>/tags/list` answers `{"name":..., "tags":["v1"]}`; manifests by tag or digest, GET and HEAD, with
+//! - `/v2/<name>/tags/list` answers `{"name":..., "tags":["v1"]}`, or with [`Synthetic::start_with_tags`] the given
+//!   tags in byte order, paged like breakwater (`n` defaults to and stops at 1000, `last`, a relative `Link`); every
+//!   tag is the same image. Manifests by tag or digest, GET and HEAD, with
 //!   `Content-Type` and `Docker-Content-Digest`; blobs (config + one layer) GET and HEAD, with single byte ranges.
 //! - Images are identical under every name by default ([`Options::unique_images`] gives every repository its own
 //!   config and layer, hence its own digests).
@@ -83,7 +85,8 @@ impl SynImage {
 pub enum Kind {
     /// `/v2/_catalog` with its raw `last` and `n` parameters (decoded).
     Catalog { last: Option<String>, n: Option<String> },
-    Tags { repo: String },
+    /// A tag list, with its raw `last` parameter.
+    Tags { repo: String, last: Option<String> },
     Manifest { repo: String, reference: String },
     Blob { repo: String, digest: String },
     Other { path: String },
@@ -103,6 +106,8 @@ struct Shared {
     opts: Options,
     common: SynImage,
     log: Mutex<Vec<Event>>,
+    /// The tags of every repository, byte-sorted.
+    tags: Vec<String>,
     next_seq: Mutex<u64>,
     /// Requests whose `"METHOD /path"` contains the string wait this long before they are answered (after they are
     /// recorded, so their sequence number is their arrival).
@@ -128,13 +133,20 @@ impl Synthetic {
     }
 
     pub fn start_with(opts: Options) -> Synthetic {
+        Self::start_with_tags(opts, vec![TAG.to_string()])
+    }
+
+    /// Every repository has `tags` (listed in byte order, a page of at most 1000 at a time).
+    pub fn start_with_tags(opts: Options, mut tags: Vec<String>) -> Synthetic {
+        tags.sort();
+        tags.dedup();
         assert!(opts.namespaces <= 10, "at most 10 namespaces keep ns0..ns9 byte-sorted");
         assert!(opts.count < 10_000_000 * opts.namespaces.max(1), "names have 7 digits");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind synthetic");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr").to_string();
         let common = SynImage::build(0, opts.layer_size);
-        let shared = Arc::new(Shared { opts, common, log: Mutex::new(Vec::new()), next_seq: Mutex::new(0), delay: Mutex::new(None) });
+        let shared = Arc::new(Shared { opts, common, tags, log: Mutex::new(Vec::new()), next_seq: Mutex::new(0), delay: Mutex::new(None) });
         let app_shared = shared.clone();
         let background = Background::spawn("synthetic", 2, move || async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -221,10 +233,15 @@ impl Synthetic {
 
     /// `tags/list` requests: (seq, repo).
     pub fn tag_lists(&self) -> Vec<(u64, String)> {
+        self.tag_pages().into_iter().map(|(seq, repo, _)| (seq, repo)).collect()
+    }
+
+    /// `tags/list` requests: (seq, repo, last).
+    pub fn tag_pages(&self) -> Vec<(u64, String, Option<String>)> {
         self.events()
             .into_iter()
             .filter_map(|e| match e.kind {
-                Kind::Tags { repo } => Some((e.seq, repo)),
+                Kind::Tags { repo, last } => Some((e.seq, repo, last)),
                 _ => None,
             })
             .collect()
@@ -317,6 +334,17 @@ fn query_escape(s: &str) -> String {
 
 // ---------------------------------------------------------------------------------------------------------------
 // The handler.
+
+/// A page of `tags` (byte-sorted) after `last`, at most `n` (default and largest 1000), with a `Link` to the rest.
+fn tags_page(tags: &[String], repo: &str, last: Option<&String>, n: Option<&String>) -> Response {
+    let n = n.and_then(|n| n.parse::<usize>().ok()).unwrap_or(MAX_N as usize).min(MAX_N as usize);
+    let start = last.map_or(0, |l| tags.partition_point(|t| t <= l));
+    let end = (start + n).min(tags.len());
+    let page = &tags[start..end];
+    let link = (end < tags.len() && end > start)
+        .then(|| format!("</v2/{repo}/tags/list?last={}&n={n}>; rel=\"next\"", query_escape(&tags[end - 1])));
+    json(serde_json::json!({ "name": repo, "tags": page }).to_string(), link)
+}
 
 fn error(status: u16, code: &str, message: &str) -> Response {
     let body = serde_json::json!({"errors": [{"code": code, "message": message, "detail": null}]}).to_string();
@@ -423,18 +451,21 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap<S
                 match segs[i] {
                     "tags" if tail == "list" => {
                         let resp = match known {
-                            Some(_) if read => json(serde_json::json!({"name": repo, "tags": [TAG]}).to_string(), None),
+                            Some(_) if read && shared.tags.len() == 1 => {
+                                json(serde_json::json!({"name": repo, "tags": shared.tags}).to_string(), None)
+                            }
+                            Some(_) if read => tags_page(&shared.tags, &repo, query.get("last"), query.get("n")),
                             Some(_) => error(405, "UNSUPPORTED", "read-only"),
                             None => error(404, "NAME_UNKNOWN", "repository name not known to registry"),
                         };
-                        (Kind::Tags { repo }, resp)
+                        (Kind::Tags { repo, last: query.get("last").cloned() }, resp)
                     }
                     "manifests" => {
                         let resp = match known {
                             Some(_) if !read => error(405, "UNSUPPORTED", "read-only"),
                             Some(idx) => {
                                 let img = image_for(&shared, idx);
-                                if tail == TAG || tail == img.digest {
+                                if tail == img.digest || shared.tags.binary_search(&tail).is_ok() {
                                     content(&method, OCI_MANIFEST, &img.digest, &img.manifest, None)
                                 } else {
                                     error(404, "MANIFEST_UNKNOWN", "manifest unknown")

@@ -1,0 +1,95 @@
+//! `BoundedMap`, the one kind of in-memory map whose keys come from input (repository names, tags, digests, token
+//! scopes): at most a fixed number of entries, each kept at most a fixed time, so no stream of requests can make
+//! memory grow without bound. Forgetting an entry only costs a repeated upstream request, never correctness.
+//!
+//! Built on `moka`'s concurrent cache (TinyLFU admission, LRU eviction): once full, an entry that is rarely used
+//! may not be admitted, which is the right trade for caches of answers.
+
+use std::hash::Hash;
+use std::time::Duration;
+
+/// How many entries each bounded map holds at most, by default (a few tens of MB at worst per map).
+pub const DEFAULT_ENTRIES: u64 = 100_000;
+
+pub struct BoundedMap<K, V> {
+    /// The `kind` label of its `breakwater_cache_entries` gauge.
+    kind: &'static str,
+    cache: moka::sync::Cache<K, V>,
+}
+
+impl<K, V> BoundedMap<K, V>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    /// At most `capacity` entries, each forgotten `ttl` after it was inserted (if given).
+    pub fn new(kind: &'static str, capacity: u64, ttl: Option<Duration>) -> BoundedMap<K, V> {
+        let mut b = moka::sync::Cache::builder().max_capacity(capacity);
+        if let Some(ttl) = ttl {
+            // moka refuses a zero time to live; an entry kept for a millisecond is as good as none.
+            b = b.time_to_live(ttl.max(Duration::from_millis(1)));
+        }
+        BoundedMap { kind, cache: b.build() }
+    }
+
+    pub fn get(&self, key: &K) -> Option<V> {
+        self.cache.get(key)
+    }
+
+    pub fn insert(&self, key: K, value: V) {
+        self.cache.insert(key, value);
+    }
+
+    pub fn remove(&self, key: &K) {
+        self.cache.invalidate(key);
+    }
+
+    /// Entries held now (after pending evictions are applied).
+    pub fn len(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sets its `breakwater_cache_entries{kind}` gauge to the entries it holds.
+    pub fn report(&self) {
+        report(self.kind, self.len());
+    }
+}
+
+/// Sets the `breakwater_cache_entries{kind}` gauge (for maps of one kind that are several, e.g. one token cache
+/// per upstream, whose caller sums them).
+pub fn report(kind: &'static str, entries: u64) {
+    metrics::gauge!("breakwater_cache_entries", "kind" => kind).set(entries as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holds_at_most_its_capacity() {
+        let m: BoundedMap<u64, u64> = BoundedMap::new("test", 100, None);
+        for i in 0..10_000 {
+            m.insert(i, i);
+            // Reading what was just written must work while the map is below capacity.
+            if i < 50 {
+                assert_eq!(m.get(&i), Some(i));
+            }
+        }
+        let held = m.len();
+        assert!(held <= 100 && held > 0, "{held} entries held");
+    }
+
+    #[test]
+    fn entries_expire() {
+        let m: BoundedMap<&str, u64> = BoundedMap::new("test", 100, Some(Duration::from_millis(20)));
+        m.insert("a", 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(m.get(&"a"), None);
+        assert_eq!(m.len(), 0);
+    }
+}
