@@ -277,7 +277,7 @@ impl Proxy {
                 Ok(m.digest)
             });
         count_cache("manifest", if joined { "coalesced" } else { "miss" });
-        match outcome.await {
+        match outcome.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(d) => Ok(d),
             Err(e) => {
                 if e == UpstreamError::NotFound {
