@@ -16,7 +16,7 @@ pub use blob::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightEr
 pub use group::{Group, GroupError};
 
 /// The message a panic was raised with, for the error its waiters get.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
         (Some(s), _) => s.to_string(),
         (_, Some(s)) => s.clone(),
