@@ -11,12 +11,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::BoxFuture;
+use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::fs::File;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
@@ -153,14 +154,20 @@ impl BlobFlights {
         let flights = Arc::clone(self);
         let digest = digest.clone();
         tokio::spawn(async move {
-            let outcome = download(&digest, file, &fetch, &tx).await;
-            let phase = match outcome {
-                Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
-                    Ok(_) => Phase::Done,
-                    Err(e) => Phase::Failed(FlightError::Failed(format!("storing the blob failed: {e}").into())),
-                },
-                Err(e) => Phase::Failed(e),
+            let work = async {
+                match download(&digest, file, &fetch, &tx).await {
+                    Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
+                        Ok(_) => Phase::Done,
+                        Err(e) => Phase::Failed(FlightError::Failed(format!("storing the blob failed: {e}").into())),
+                    },
+                    Err(e) => Phase::Failed(e),
+                }
             };
+            // A panic (a bug in the fetcher or the store) fails this flight like any error, so that its digest is
+            // released below and its waiters are told, rather than a dead entry answering every later request.
+            let phase = AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
+                Phase::Failed(FlightError::Failed(format!("the download panicked: {}", super::panic_message(panic.as_ref())).into()))
+            });
             if let Phase::Failed(reason) = &phase {
                 tracing::warn!(%digest, error = %reason, "blob flight failed; nothing was cached");
                 let _ = tokio::fs::remove_file(&spool).await;
@@ -410,5 +417,138 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
                 return Some((Err(io::Error::other("the download task ended unexpectedly")), None));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+    use crate::storage::LocalStore;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A `LocalStore` whose first `adopt_file` panics (a bug in a storage backend), to see that a flight survives it.
+    struct PanicOnFirstAdopt {
+        inner: LocalStore,
+        adopts: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobStore for PanicOnFirstAdopt {
+        async fn size(&self, d: &Digest) -> Result<Option<u64>, StorageError> {
+            self.inner.size(d).await
+        }
+        async fn read(&self, d: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+            self.inner.read(d, range).await
+        }
+        async fn put(&self, d: &Digest, body: ByteStream) -> Result<u64, StorageError> {
+            self.inner.put(d, body).await
+        }
+        async fn adopt_file(&self, d: &Digest, path: &std::path::Path) -> Result<u64, StorageError> {
+            if self.adopts.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("injected fault: adopt_file");
+            }
+            self.inner.adopt_file(d, path).await
+        }
+        async fn delete(&self, d: &Digest) -> Result<(), StorageError> {
+            self.inner.delete(d).await
+        }
+        async fn upload_start(&self, id: &str) -> Result<(), StorageError> {
+            self.inner.upload_start(id).await
+        }
+        async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError> {
+            self.inner.upload_size(id).await
+        }
+        async fn upload_append(&self, id: &str, body: ByteStream) -> Result<u64, StorageError> {
+            self.inner.upload_append(id, body).await
+        }
+        async fn upload_commit(&self, id: &str, d: &Digest) -> Result<u64, StorageError> {
+            self.inner.upload_commit(id, d).await
+        }
+        async fn upload_abort(&self, id: &str) -> Result<(), StorageError> {
+            self.inner.upload_abort(id).await
+        }
+    }
+
+    /// A fetcher serving `blob` whole, after panicking on its first `panics` calls.
+    fn fetcher(blob: Bytes, panics: usize) -> Fetcher {
+        let calls = Arc::new(AtomicUsize::new(0));
+        Arc::new(move |_offset| {
+            let (blob, calls) = (blob.clone(), Arc::clone(&calls));
+            Box::pin(async move {
+                if calls.fetch_add(1, Ordering::SeqCst) < panics {
+                    panic!("injected fault: fetch");
+                }
+                let total = Some(blob.len() as u64);
+                let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(blob) }));
+                Ok(FetchBody { total, from_offset: false, body })
+            })
+        })
+    }
+
+    async fn read_all(mut s: ByteStream) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    /// Joins `digest` and expects a new flight (not a join of a dead one) that delivers `blob`.
+    async fn fresh_flight_delivers(flights: &Arc<BlobFlights>, digest: &Digest, fetch: Fetcher, blob: &[u8]) {
+        let Join::Flight { flight, joined } = flights.join(digest, fetch).await.unwrap() else {
+            panic!("nothing is stored yet")
+        };
+        assert!(!joined, "the key was released: this call starts a new flight");
+        let body = tokio::time::timeout(Duration::from_secs(10), async { read_all(flight.reader(None).await.unwrap()).await })
+            .await
+            .expect("no hang")
+            .unwrap();
+        assert_eq!(body, blob);
+        flight.finished().await.unwrap();
+        assert!(matches!(flights.join(digest, fetcher(Bytes::new(), 0)).await.unwrap(), Join::Stored(n) if n == blob.len() as u64));
+    }
+
+    /// Every waiter of a flight whose task panicked gets an error, and nothing is left running.
+    async fn waiters_fail(flights: &Arc<BlobFlights>, flight: &Arc<BlobFlight>) {
+        let outcome = tokio::time::timeout(Duration::from_secs(10), flight.finished()).await.expect("no hang");
+        assert!(outcome.is_err(), "a panicked flight is a failed flight");
+        for _ in 0..1000 {
+            if !flights.is_running(&flight.digest).await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("the panicked flight still holds its digest");
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_fails_the_flight_and_releases_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
+        let flights = BlobFlights::new(store, dir.path().join("spool")).await.unwrap();
+        let blob = Bytes::from(vec![7u8; 100_000]);
+        let digest = Digest::of(Algorithm::Sha256, &blob);
+        let fetch = fetcher(blob.clone(), 1);
+        let Join::Flight { flight, .. } = flights.join(&digest, Arc::clone(&fetch)).await.unwrap() else { panic!("not stored") };
+        waiters_fail(&flights, &flight).await;
+        fresh_flight_delivers(&flights, &digest, fetch, &blob).await;
+    }
+
+    #[tokio::test]
+    async fn a_store_that_panics_fails_the_flight_and_releases_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner = LocalStore::open(&dir.path().join("content")).await.unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(PanicOnFirstAdopt { inner, adopts: AtomicUsize::new(0) });
+        let flights = BlobFlights::new(store, dir.path().join("spool")).await.unwrap();
+        let blob = Bytes::from(vec![9u8; 100_000]);
+        let digest = Digest::of(Algorithm::Sha256, &blob);
+        let Join::Flight { flight, .. } = flights.join(&digest, fetcher(blob.clone(), 0)).await.unwrap() else { panic!("not stored") };
+        // A client streaming the flight when it dies is cut, not left waiting.
+        let reader = flight.reader(None).await.unwrap();
+        let read = tokio::time::timeout(Duration::from_secs(10), read_all(reader)).await.expect("no hang");
+        assert!(read.is_err(), "the stream of a failed flight ends with an error");
+        waiters_fail(&flights, &flight).await;
+        fresh_flight_delivers(&flights, &digest, fetcher(blob.clone(), 0), &blob).await;
     }
 }

@@ -112,6 +112,9 @@ pub trait Meta: Send + Sync + 'static {
 
     /// Every repository that holds blob `digest`.
     async fn blob_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError>;
+    /// Whether any repository holds a manifest record of `digest` (its bytes are then in use, whoever else holds
+    /// them as a blob).
+    async fn manifest_held(&self, digest: &Digest) -> Result<bool, MetaError>;
 
     /// Accounts blob `digest` as cache content (fetched from an upstream), accessed now.
     async fn cache_record(&self, digest: &Digest, size: u64) -> Result<(), MetaError>;

@@ -296,6 +296,14 @@ impl Meta for SqlMeta {
         Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
     }
 
+    async fn manifest_held(&self, digest: &Digest) -> Result<bool, MetaError> {
+        let row = sqlx::query("SELECT 1 FROM manifests WHERE digest = $1 LIMIT 1")
+            .bind(digest.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.is_some())
+    }
+
     async fn cache_record(&self, digest: &Digest, size: u64) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO cache_blobs (digest, size, last_access) VALUES ($1, $2, $3) \

@@ -2,12 +2,14 @@
 //!
 //! Only blobs are evicted (manifests are small, and keeping them keeps tags resolvable; an evicted layer is
 //! simply fetched again when next pulled). A blob is never evicted while its download is in flight, and its bytes
-//! are never removed while a repository outside the upstreams' namespaces (pushed content) holds it.
+//! are never removed while a repository outside the upstreams' namespaces (pushed content) links it or any
+//! repository holds a manifest record of its digest (manifest bytes a client pulled through `/blobs/` are
+//! accounted as cache content, but belong to the manifest once one is recorded).
 //!
-//! Known gap: a client pushing the very digest being evicted, between the check for pushed holders and the
-//! removal, would find its blob gone. Closing it needs a per-digest lock shared with uploads (or a grace period
-//! before removal); it is rare enough (the content must be both proxied and pushed, at that instant) to leave
-//! for the garbage collector's design.
+//! The check and the removal happen under the digest's exclusive lock (`registry::DigestLocks`), which every
+//! path that makes bytes referenced shares: a push, mount or manifest push of the digest being evicted waits
+//! until the bytes are gone (and then uploads them again, or is refused for lack of them), and a digest being
+//! pushed at this instant is skipped rather than waited for.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +29,16 @@ pub struct EvictionPolicy {
 pub struct Evicted {
     pub blobs: u64,
     pub bytes: u64,
+}
+
+/// What became of one eviction candidate.
+enum Eviction {
+    /// Its bytes are gone.
+    Removed,
+    /// Something refers to its bytes: they stay, and the cache no longer accounts for them.
+    Kept,
+    /// Being downloaded or referenced right now: left for a later pass.
+    Busy,
 }
 
 /// Entries examined per query; eviction walks the cache oldest first in pages of this size.
@@ -51,7 +63,7 @@ impl Proxy {
         let too_old = |last_access: i64| policy.max_age.is_some_and(|age| now_ms - last_access > age.as_millis() as i64);
         let over = |total: u64| policy.max_bytes.is_some_and(|max| total > max);
         let mut done = Evicted::default();
-        // Entries skipped in this pass (running flights, pushed content kept) are not offered again.
+        // Entries skipped in this pass (running flights, digests being referenced) are not offered again.
         let mut skipped: u64 = 0;
         loop {
             let page = meta.cache_oldest(PAGE + skipped).await?;
@@ -64,15 +76,18 @@ impl Proxy {
                 if !over(total) && !too_old(last_access) {
                     return Ok(done);
                 }
-                if self.flights.is_running(&digest).await {
-                    skipped += 1;
-                    continue;
-                }
-                if self.evict_one(&digest).await? {
-                    done.blobs += 1;
-                    done.bytes += size;
-                    metrics::counter!("breakwater_cache_evictions_total").increment(1);
-                    metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
+                match self.evict_one(&digest).await? {
+                    Eviction::Busy => {
+                        skipped += 1;
+                        continue;
+                    }
+                    Eviction::Removed => {
+                        done.blobs += 1;
+                        done.bytes += size;
+                        metrics::counter!("breakwater_cache_evictions_total").increment(1);
+                        metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
+                    }
+                    Eviction::Kept => {}
                 }
                 total = total.saturating_sub(size);
                 progressed = true;
@@ -84,23 +99,28 @@ impl Proxy {
         Ok(done)
     }
 
-    /// Drops `digest` from the cache. Returns whether its bytes were removed (false when pushed content holds
-    /// them: then only the cache's accounting of it goes).
-    async fn evict_one(&self, digest: &Digest) -> Result<bool, RegistryError> {
+    /// Drops `digest` from the cache: its bytes too, unless something refers to them (then only the cache's
+    /// accounting of it goes, for good: the bytes are no longer the cache's to remove).
+    async fn evict_one(&self, digest: &Digest) -> Result<Eviction, RegistryError> {
+        // Under this lock nothing can make the digest referenced until its bytes are gone (or kept).
+        let Some(removal) = self.registry.try_removal(digest) else { return Ok(Eviction::Busy) };
+        if self.flights.is_running(digest).await {
+            return Ok(Eviction::Busy);
+        }
         let meta = self.registry.meta();
         let repos = meta.blob_repos(digest).await?;
-        let pushed = repos.iter().any(|r| !self.is_cache_repo(r));
+        let referenced = repos.iter().any(|r| !self.is_cache_repo(r)) || meta.manifest_held(digest).await?;
         meta.cache_forget(digest).await?;
-        if pushed {
-            return Ok(false);
+        if referenced {
+            return Ok(Eviction::Kept);
         }
         for repo in &repos {
             if let Ok(name) = repo.parse() {
                 meta.unlink_blob(&name, digest).await?;
             }
         }
-        self.registry.remove_content(digest).await?;
+        self.registry.remove_content(&removal).await?;
         tracing::info!(%digest, "evicted from the cache");
-        Ok(true)
+        Ok(Eviction::Removed)
     }
 }

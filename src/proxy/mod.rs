@@ -279,7 +279,7 @@ impl Proxy {
                 Ok(m.digest)
             });
         count_cache("manifest", if joined { "coalesced" } else { "miss" });
-        match outcome.await {
+        match outcome.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(d) => Ok(d),
             Err(e) => {
                 if e == UpstreamError::NotFound {
@@ -305,11 +305,23 @@ impl Proxy {
                 Ok(FetchBody { total: b.total, from_offset: b.from_offset, body: b.body })
             })
         });
-        match self.flights.join(digest, fetch).await? {
+        // Bytes found in storage may be evicted before they are linked here; then a second join fetches them.
+        let mut attempts = 0;
+        let joined = loop {
+            attempts += 1;
+            match self.flights.join(digest, Arc::clone(&fetch)).await? {
+                Join::Stored(size) => match self.registry.link_blob(&c.local, digest, size).await {
+                    Ok(()) => break Join::Stored(size),
+                    Err(RegistryError::BlobUnknown) if attempts < 3 => continue,
+                    Err(e) => return Err(e),
+                },
+                flight => break flight,
+            }
+        };
+        match joined {
             Join::Stored(size) => {
                 // Cached for another repository already: content is shared, only the link is new.
                 count_cache("blob", "hit");
-                self.registry.link_blob(&c.local, digest, size).await?;
                 self.touch(digest).await;
                 Ok(ProxiedBlob::Stored(size))
             }
@@ -336,7 +348,9 @@ impl Proxy {
         let linked = !started && self.registry.blob_size(local, digest).await.is_ok();
         if !linked {
             if let Err(e) = self.registry.link_blob(local, digest, size).await {
+                // Evicted already (BlobUnknown), or the metadata store failed: nothing to account either way.
                 tracing::warn!(error = %e, "linking a cached blob failed");
+                return;
             }
         }
         if started {

@@ -4,9 +4,11 @@
 //!
 //! Architecture invariant: a DELETE request never removes bytes. It unlinks a blob or a manifest from a
 //! repository; the bytes stay in the content store (which other repositories, or a push racing with the delete,
-//! may share). Only cache eviction removes bytes, and only of blobs that no pushed repository holds.
+//! may share). Only cache eviction removes bytes, and only of digests that no pushed repository links and no
+//! manifest record names, checked under the digest's lock (`locks.rs`) that every referencing path shares.
 
 mod error;
+mod locks;
 
 use std::sync::Arc;
 
@@ -14,6 +16,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 
 pub use error::RegistryError;
+pub use locks::{DigestLocks, Referencing, Removal};
 
 use crate::meta::{ManifestRecord, Meta, Page};
 use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
@@ -38,13 +41,15 @@ pub struct Registry {
     meta: Arc<dyn Meta>,
     /// Whether DELETE requests are honoured (operators of shared registries often turn deletes off).
     deletes_enabled: bool,
+    /// Keeps eviction from removing bytes while a push or a cache fill makes them referenced.
+    locks: DigestLocks,
 }
 
 type Result<T> = std::result::Result<T, RegistryError>;
 
 impl Registry {
     pub fn new(store: Arc<dyn BlobStore>, meta: Arc<dyn Meta>, deletes_enabled: bool) -> Registry {
-        Registry { store, meta, deletes_enabled }
+        Registry { store, meta, deletes_enabled, locks: DigestLocks::default() }
     }
 
     fn check_deletes(&self) -> Result<()> {
@@ -87,6 +92,7 @@ impl Registry {
     /// Cross-repository mount: links `digest` into `repo` if `from` holds it (or, with no `from`, if any
     /// repository does; spec v1.1 allows that). Returns false when the caller must fall back to an upload.
     pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<bool> {
+        let _referencing = self.locks.referencing([digest]).await;
         if let Some(from) = from {
             if !self.meta.blob_linked(from, digest).await? {
                 return Ok(false);
@@ -103,6 +109,7 @@ impl Registry {
 
     /// Stores a whole blob sent in one request and links it into `repo`.
     pub async fn put_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<()> {
+        let _referencing = self.locks.referencing([digest]).await;
         let size = self.store.put(digest, body).await?;
         self.meta.link_blob(repo, digest, size).await?;
         Ok(())
@@ -169,6 +176,7 @@ impl Registry {
     /// Completes upload `id` with an optional last chunk; the blob becomes visible only if it matches `digest`.
     pub async fn finish_upload(&self, repo: &RepoName, id: &str, digest: &Digest, last: Option<ByteStream>) -> Result<()> {
         let (mut claim, _) = self.claim_upload(repo, id).await?;
+        let _referencing = self.locks.referencing([digest]).await;
         if let Some(body) = last {
             claim = self.store.upload_append(claim, body).await?.1;
         }
@@ -247,8 +255,9 @@ impl Registry {
             }
             Reference::Tag(t) => (Digest::of(Algorithm::Sha256, &bytes), Some(t)),
         };
+        let _referencing = self.locks.referencing(info.blobs.iter().chain(&info.children).chain([&digest])).await;
         for blob in &info.blobs {
-            if !self.meta.blob_linked(repo, blob).await? {
+            if !self.blob_present(repo, blob).await? {
                 return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
             }
         }
@@ -312,8 +321,13 @@ impl Registry {
 
     // ---- the cache's way in -------------------------------------------------------------------------------
 
-    /// Records a blob the cache has put in storage as held by `repo`.
+    /// Records a blob the cache has put in storage as held by `repo`; `BlobUnknown` if eviction removed its bytes
+    /// meanwhile (the caller fetches it again).
     pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        let _referencing = self.locks.referencing([digest]).await;
+        if self.store.size(digest).await?.is_none() {
+            return Err(RegistryError::BlobUnknown);
+        }
         Ok(self.meta.link_blob(repo, digest, size).await?)
     }
 
@@ -330,6 +344,7 @@ impl Registry {
         let info = ManifestInfo::parse(&bytes, Some(media_type)).map_err(RegistryError::ManifestInvalid)?;
         let size = bytes.len() as u64;
         let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
+        let _referencing = self.locks.referencing([digest]).await;
         self.store.put(digest, body).await?;
         let record = ManifestRecord {
             digest: digest.clone(),
@@ -353,10 +368,10 @@ impl Registry {
         self.meta.as_ref()
     }
 
-    /// Removes the bytes of `digest` from the content store. Only eviction calls this, for content that no
-    /// pushed repository holds (see the module's invariant).
-    pub async fn remove_content(&self, digest: &Digest) -> Result<()> {
-        Ok(self.store.delete(digest).await?)
+    /// Removes the bytes of the digest `removal` locks from the content store. Only eviction calls this, having
+    /// found under that lock that nothing refers to them (see the module's invariant).
+    pub async fn remove_content(&self, removal: &Removal) -> Result<()> {
+        Ok(self.store.delete(&removal.digest).await?)
     }
 
     pub async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>> {
@@ -398,4 +413,20 @@ impl Registry {
 /// A manifest's annotations as the JSON text the metadata store keeps for the referrers API.
 fn annotations_json(a: &Option<std::collections::BTreeMap<String, String>>) -> Result<Option<String>> {
     a.as_ref().map(|a| serde_json::to_string(a).map_err(|e| RegistryError::ManifestInvalid(e.to_string()))).transpose()
+}
+
+// ---- references (eviction's exclusion) -------------------------------------------------------------------------
+
+impl Registry {
+    /// Whether `repo` links blob `digest` and its bytes are in the content store. A link alone is not enough
+    /// for a manifest to refer to a blob: bytes lost to a fault must not become a manifest nobody can pull.
+    async fn blob_present(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
+        Ok(self.meta.blob_linked(repo, digest).await? && self.store.size(digest).await?.is_some())
+    }
+
+    /// The exclusive lock eviction needs to remove `digest`'s bytes, unless a push or cache fill is making them
+    /// referenced right now (then eviction skips the digest).
+    pub fn try_removal(&self, digest: &Digest) -> Option<Removal> {
+        self.locks.try_remove(digest)
+    }
 }

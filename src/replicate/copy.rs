@@ -205,7 +205,7 @@ impl Copier {
                 r
             })
             .await;
-        result
+        result.unwrap_or_else(|e| Err(e.into()))
     }
 
     /// One attempt at making a blob present: HEAD, then mount, then upload.

@@ -170,6 +170,7 @@ impl Run {
         F: FnMut(Vec<String>) -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
+        inject_panic("listing", repo.as_str());
         let src = &self.copier.src;
         let mut latest = self.tags.latest().map(Latest::new);
         let mut last: Option<String> = None;
@@ -217,8 +218,20 @@ impl Run {
     }
 
     /// Copies one tag and accounts for it (a failure is recorded, not returned: the run goes on). True if it
-    /// did not fail.
+    /// did not fail. A panic is a failure of this tag like any other, so the worker goes on and the tag is
+    /// retried with the failed ones.
     async fn copy(&self, repo: &RepoName, tag: &str) -> bool {
+        match caught(self.copy_one(repo, tag)).await {
+            Ok(ok) => ok,
+            Err(panic) => {
+                self.fail(repo.as_str(), tag, format!("copying panicked: {panic}")).await;
+                false
+            }
+        }
+    }
+
+    async fn copy_one(&self, repo: &RepoName, tag: &str) -> bool {
+        inject_panic("copy", tag);
         let dst_name = self.rewrite.apply(repo.as_str());
         let dst: RepoName = match dst_name.parse() {
             Ok(d) => d,
@@ -394,11 +407,11 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         listers.push(tokio::spawn(async move {
             loop {
                 let Some(repo) = repo_rx.lock().await.recv().await else { break };
+                inject_panic("stage", repo.name.as_str());
                 let (r, tx) = (&repo, &art_tx);
                 // Each page's tags are counted as pending before they are handed on; the listing's own count
                 // keeps the repository unfinished until the last page.
-                let listed = run
-                    .list_tags(&repo.name, |tags| async move {
+                let listed = caught(run.list_tags(&repo.name, |tags| async move {
                         r.pending.fetch_add(tags.len(), Ordering::AcqRel);
                         for tag in tags {
                             if tx.send(Artifact { repo: Arc::clone(r), tag }).await.is_err() {
@@ -406,21 +419,24 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                             }
                         }
                         true
-                    })
+                    }))
                     .await;
                 match listed {
-                    Ok(true) => {
+                    Ok(Ok(true)) => {
                         if repo.requeued {
                             run.forget_failure(repo.name.as_str(), "").await;
                         }
                     }
-                    Ok(false) => return,
-                    Err(e) => run.fail(repo.name.as_str(), "", format!("listing tags: {e}")).await,
+                    Ok(Ok(false)) => return,
+                    Ok(Err(e)) => run.fail(repo.name.as_str(), "", format!("listing tags: {e}")).await,
+                    Err(panic) => run.fail(repo.name.as_str(), "", format!("listing tags panicked: {panic}")).await,
                 }
                 repo.item_finished();
             }
         }));
     }
+    // Only the listers hold the receiver: if every one of them dies, the walk's sends fail instead of waiting.
+    drop(repo_rx);
     drop(art_tx);
 
     // Stage 3: artifact copies.
@@ -438,6 +454,8 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
             }
         }));
     }
+    // Likewise for the copiers, so listers are not left waiting on copiers that are all gone.
+    drop(art_rx);
 
     // Stage 4: the checkpoint. Moves the low-water mark over the finished prefix of pages.
     let checkpoint = {
@@ -524,9 +542,12 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                 }
             }
         }
+        // The listers are gone only if every one of them died: walking on would only pile up pending names.
+        let mut listers_gone = false;
         for name in matched {
             let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1), requeued: resumed });
             if repo_tx.send(repo).await.is_err() {
+                listers_gone = true;
                 break;
             }
         }
@@ -535,27 +556,46 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         // Saved before the next page is asked for: a crash from here on never lists this page again.
         run.save("running").await;
         index += 1;
+        if listers_gone {
+            break;
+        }
     }
     drop(repo_tx);
     drop(page_tx);
     drop(done_tx);
-    for h in listers.into_iter().chain(workers) {
-        let _ = h.await;
-    }
-    let _ = checkpoint.await;
-    if walk_error.is_none() {
-        // Every stage has drained: everything up to the position is finished, including repositories re-queued
-        // from a previous run (which move no page mark of their own).
-        let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        if c.position.is_some() {
-            c.mark = c.position.clone();
+    // A stage task that died (a panic outside any one item) took the repositories it held with it: they were
+    // never finished, so they stay among the outstanding ones and the run must say it failed.
+    let mut crashes = Vec::new();
+    for h in listers.into_iter().chain(workers).chain([checkpoint]) {
+        if let Err(e) = h.await {
+            crashes.push(if e.is_panic() { crate::flight::panic_message(e.into_panic().as_ref()) } else { e.to_string() });
         }
     }
+    let at = {
+        let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        if walk_error.is_none() && c.outstanding.is_empty() && c.position.is_some() {
+            // Every stage has drained and nothing is outstanding: everything up to the position is finished,
+            // including repositories re-queued from a previous run (which move no page mark of their own).
+            c.mark = c.position.clone();
+        }
+        c.position.clone().unwrap_or_default()
+    };
+    let mut stopped = Vec::new();
     if let Some(e) = &walk_error {
         // The walk stops at a catalog page the source will not give; the position stays before it, so a resumed
         // run (or --retry-failed) picks it up again.
-        let at = run.cursor.lock().unwrap_or_else(|p| p.into_inner()).position.clone().unwrap_or_default();
-        run.fail(CATALOG, &at, format!("listing the catalog after {at:?}: {e}")).await;
+        stopped.push(format!("listing the catalog after {at:?}: {e}"));
+    }
+    if !crashes.is_empty() {
+        // Recorded as a catalog failure: a resumed run (or --retry-failed) clears it and re-queues the pending.
+        stopped.push(format!(
+            "{} pipeline task(s) panicked ({}); their repositories stay pending for a resumed run",
+            crashes.len(),
+            crashes.join("; ")
+        ));
+    }
+    if !stopped.is_empty() {
+        run.fail(CATALOG, &at, stopped.join("; ")).await;
     }
     Ok(finish(&run).await)
 }
@@ -589,14 +629,202 @@ async fn retry_item(run: &Run, f: &JobFailure) -> Result<(), ReplicateError> {
         return Ok(());
     }
     let r = &repo;
-    let copied = run.list_tags(r, |tags| async move {
+    let copied = caught(run.list_tags(r, |tags| async move {
         for tag in tags {
             run.copy(r, &tag).await;
         }
         true
-    });
-    if let Err(e) = copied.await {
-        run.fail(&f.repo, "", format!("listing tags: {e}")).await;
+    }));
+    match copied.await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => run.fail(&f.repo, "", format!("listing tags: {e}")).await,
+        Err(panic) => run.fail(&f.repo, "", format!("listing tags panicked: {panic}")).await,
     }
     Ok(())
+}
+
+/// Runs one item of work and gives its panic, if it panics, as a message.
+async fn caught<T>(work: impl std::future::Future<Output = T>) -> Result<T, String> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(work).catch_unwind().await.map_err(|panic| {
+        let message = crate::flight::panic_message(panic.as_ref());
+        tracing::error!(%message, "a replication item panicked; it is recorded as failed");
+        message
+    })
+}
+
+/// Test-only fault injection: panics where a name asks for it (`panic-copy` in a tag, `panic-listing` or
+/// `panic-stage` in a repository name), to prove that a panic never advances the checkpoint. Compiled out of
+/// every build but this crate's unit tests.
+#[cfg(test)]
+fn inject_panic(point: &str, name: &str) {
+    if name.contains(&format!("panic-{point}")) {
+        panic!("injected fault: {point} {name}");
+    }
+}
+
+#[cfg(not(test))]
+fn inject_panic(_point: &str, _name: &str) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command, Stdio};
+    use std::time::Duration;
+
+    /// A real Debian `docker-registry`, killed on drop (the integration tests' harness is not reachable from here).
+    struct Registry {
+        child: Child,
+        url: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Registry {
+        fn start() -> Registry {
+            let dir = tempfile::tempdir().unwrap();
+            let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                    dir.path().join("storage").display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("docker-registry (apt-get install docker-registry)");
+            for _ in 0..400 {
+                if std::net::TcpStream::connect(&addr).is_ok() {
+                    return Registry { child, url: format!("http://{addr}"), _dir: dir };
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            panic!("docker-registry did not listen on {addr}");
+        }
+
+        async fn push_blob(&self, repo: &str, bytes: &[u8]) -> String {
+            let digest = crate::oci::Digest::of(crate::oci::Algorithm::Sha256, bytes).to_string();
+            let client = reqwest::Client::new();
+            let r = client.post(format!("{}/v2/{repo}/blobs/uploads/", self.url)).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+            let location = r.headers()["location"].to_str().unwrap().to_string();
+            let location = if location.starts_with("http") { location } else { format!("{}{location}", self.url) };
+            let sep = if location.contains('?') { '&' } else { '?' };
+            let r = client.put(format!("{location}{sep}digest={digest}")).body(bytes.to_vec()).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+            digest
+        }
+
+        /// Pushes a one-layer image as `repo:tag`.
+        async fn push_image(&self, repo: &str, tag: &str) {
+            let config = format!(r#"{{"architecture":"amd64","os":"linux","image":"{repo}:{tag}"}}"#);
+            let layer = format!("layer of {repo}:{tag}");
+            let (c, l) = (self.push_blob(repo, config.as_bytes()).await, self.push_blob(repo, layer.as_bytes()).await);
+            let manifest = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{c}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":{}}}]}}"#,
+                config.len(),
+                layer.len()
+            );
+            let r = reqwest::Client::new()
+                .put(format!("{}/v2/{repo}/manifests/{tag}", self.url))
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .body(manifest)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+        }
+
+        async fn has(&self, repo: &str, tag: &str) -> bool {
+            let r = reqwest::Client::new()
+                .head(format!("{}/v2/{repo}/manifests/{tag}", self.url))
+                .header("accept", "application/vnd.oci.image.manifest.v1+json")
+                .send()
+                .await
+                .unwrap();
+            r.status().is_success()
+        }
+    }
+
+    impl Drop for Registry {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// Replicates everything from `src` to `dst` with `concurrency` listers and copiers, one repository per page.
+    async fn replicate(src: &Registry, dst: &Registry, meta: Arc<dyn Meta>, concurrency: usize) -> JobRecord {
+        let file = crate::config::FileReplication {
+            name: "panics".into(),
+            from: src.url.clone(),
+            to: dst.url.clone(),
+            concurrency: Some(concurrency),
+            page_size: Some(1),
+            ..Default::default()
+        };
+        let run = run(file.policy("").unwrap(), meta, Mode::Fresh, None);
+        tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run ends").unwrap()
+    }
+
+    async fn sqlite(dir: &tempfile::TempDir) -> Arc<dyn Meta> {
+        crate::meta::open(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await.unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_copy_or_listing_is_a_recorded_failure_and_the_run_fails() {
+        let (src, dst, dir) = (Registry::start(), Registry::start(), tempfile::tempdir().unwrap());
+        for (repo, tag) in [("a/one", "good"), ("a/one", "panic-copy"), ("a/panic-listing", "good"), ("a/two", "good")] {
+            src.push_image(repo, tag).await;
+        }
+        let meta = sqlite(&dir).await;
+        let record = replicate(&src, &dst, Arc::clone(&meta), 2).await;
+        assert_eq!(record.status, "failed", "a run with panicked items reports failure: {record:?}");
+        let mut failures: Vec<(String, String)> =
+            meta.failures("panics").await.unwrap().into_iter().map(|f| (f.repo, f.tag)).collect();
+        failures.sort();
+        assert_eq!(failures, [("a/one".to_string(), "panic-copy".to_string()), ("a/panic-listing".to_string(), String::new())]);
+        for f in meta.failures("panics").await.unwrap() {
+            assert!(f.reason.contains("panicked"), "{f:?}");
+        }
+        // The other items were copied by the same (surviving) workers; the panicked ones are recorded, so the
+        // walk is complete and --retry-failed knows what to redo.
+        assert_eq!((record.copied, record.failed), (2, 2), "{record:?}");
+        assert!(dst.has("a/one", "good").await && dst.has("a/two", "good").await);
+        assert_eq!(record.mark.as_deref(), Some("a/two"));
+        assert!(record.pending.is_empty(), "{record:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipeline_task_that_dies_keeps_its_repository_pending_and_the_mark_before_it() {
+        let (src, dst) = (Registry::start(), Registry::start());
+        for repo in ["b/one", "b/panic-stage", "b/two"] {
+            src.push_image(repo, "good").await;
+        }
+        // With one lister its death stops the whole walk; with two the other goes on.
+        for concurrency in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let meta = sqlite(&dir).await;
+            let record = replicate(&src, &dst, Arc::clone(&meta), concurrency).await;
+            assert_eq!(record.status, "failed", "{record:?}");
+            assert!(record.pending.contains(&"b/panic-stage".to_string()), "the unfinished repository stays pending: {record:?}");
+            assert!(
+                record.mark.as_deref().is_none_or(|m| m < "b/panic-stage"),
+                "the low-water mark never passes unfinished work: {record:?}"
+            );
+            let saved = meta.job("panics").await.unwrap().unwrap();
+            assert_eq!((saved.mark, saved.pending), (record.mark.clone(), record.pending.clone()), "what was saved");
+            assert!(meta.failures("panics").await.unwrap().iter().any(|f| f.repo == CATALOG && f.reason.contains("panicked")));
+            if concurrency == 2 {
+                // (Copied now, or found up to date from the first run: both are done.)
+                assert_eq!(record.copied + record.skipped, 2, "the surviving lister handled the others: {record:?}");
+            }
+        }
+    }
 }

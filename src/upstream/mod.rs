@@ -69,6 +69,14 @@ pub enum UpstreamError {
     Refused(String),
 }
 
+/// A shared exchange (token fetch, manifest fetch, replication transfer) that panicked is, to each of its waiters,
+/// an exchange that failed and may be tried again: the next try starts a new one.
+impl From<crate::flight::GroupError> for UpstreamError {
+    fn from(e: crate::flight::GroupError) -> Self {
+        UpstreamError::Unavailable(e.to_string())
+    }
+}
+
 /// A manifest as the upstream has it.
 #[derive(Debug, Clone)]
 pub struct RemoteManifest {
@@ -296,7 +304,7 @@ impl Upstream {
                         Ok((value, lifetime))
                     })
                     .await;
-                let value = match fetched {
+                let value = match fetched.unwrap_or_else(|e| Err(e.into())) {
                     Ok((value, _)) => value,
                     Err(e) => {
                         if matches!(e, UpstreamError::Unauthorized(_)) {
