@@ -16,7 +16,7 @@ pub struct Page {
 }
 
 /// The `last` query parameter of a `Link: <...>; rel="next"` header.
-fn next_last(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn next_last(headers: &HeaderMap) -> Option<String> {
     let link = headers.get(header::LINK)?.to_str().ok()?;
     let target = link.split(';').next()?.trim().strip_prefix('<')?.strip_suffix('>')?;
     let query = target.split_once('?')?.1;
@@ -27,7 +27,7 @@ fn next_last(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Decodes `%XX` escapes (names and tags are ASCII; a registry may still escape `/` or `:`).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
