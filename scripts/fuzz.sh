@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzzes breakwater's parsers: every target in fuzz/ (cargo-fuzz, libFuzzer) for SECONDS each (default 60), one
 # at a time under `nice -n 19` (the machine is shared), each from a seed corpus of valid examples written here;
-# then prints the executions per target. `scripts/fuzz.sh 600 route config` runs only the targets named.
+# then prints the executions per target. `scripts/fuzz.sh 600 route config` runs only the targets named;
+# FUZZ_RUNS=N also ends each target after N executions.
 #
 # Works with the stable toolchain alone: by default the targets are built without a sanitizer (`-s none`, which
 # needs no unstable flag; the parsers are safe Rust, so AddressSanitizer would find little the bounds checks do
@@ -148,6 +149,8 @@ status=0
 results=()
 for t in "${targets[@]}"; do
   mkdir -p "fuzz/corpus/$t" fuzz/logs
+  limits=(-max_total_time="$secs")
+  [ -n "${FUZZ_RUNS:-}" ] && limits+=(-runs="$FUZZ_RUNS")
   dict=()
   [ -f "fuzz/dicts/$t.dict" ] && dict=("-dict=fuzz/dicts/$t.dict")
   # Not under fuzz/artifacts: cargo-fuzz reports the newest file there as the crashing input.
@@ -156,7 +159,7 @@ for t in "${targets[@]}"; do
   # -rss_limit_mb: a parser whose memory grows with anything but its (small) input is a crash.
   # -timeout: an input that takes seconds is a hang, and a crash too.
   if nice -n 19 "${fuzz[@]}" run -s "$sanitizer" --debug-assertions "$t" "fuzz/corpus/$t" -- \
-    -max_total_time="$secs" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
+    "${limits[@]}" -rss_limit_mb=512 -timeout=10 -print_final_stats=1 "${dict[@]}" >"$log" 2>&1; then
     outcome=ok
   else
     outcome="CRASH (see $log and fuzz/artifacts/$t/)"
