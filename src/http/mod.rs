@@ -5,9 +5,9 @@
 
 mod api;
 mod error;
-mod range;
-mod route;
-mod v2;
+pub(crate) mod range;
+pub(crate) mod route;
+pub(crate) mod v2;
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -365,7 +365,7 @@ fn manifest_response(media_type: &str, digest: &Digest, size: u64, body: Body) -
 
 /// A PATCH's `Content-Range: <start>-<end>` (inclusive); `None` for a streamed chunk without one. Whether the
 /// range makes sense (start before end, where the upload is) is the registry's to judge.
-fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
+pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     let Some(v) = headers.get(header::CONTENT_RANGE) else {
         return Ok(None);
     };

@@ -26,7 +26,7 @@ pub(crate) fn next_target(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The `last` query parameter of a `Link: <...>; rel="next"` header.
-fn next_last(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn next_last(headers: &HeaderMap) -> Option<String> {
     let target = next_target(headers)?;
     let query = target.split_once('?')?.1;
     query.split('&').find_map(|kv| {
@@ -36,14 +36,16 @@ fn next_last(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Decodes `%XX` escapes (names and tags are ASCII; a registry may still escape `/` or `:`).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
+        // Digit by digit on bytes: slicing the `str` could cut a character, and `from_str_radix` takes a sign.
+        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
+        if b[i] == b'%' {
+            if let (Some(h), Some(l)) = (hex(i + 1), hex(i + 2)) {
+                out.push((h * 16 + l) as u8);
                 i += 3;
                 continue;
             }
@@ -100,5 +102,15 @@ mod tests {
         assert_eq!(next_last(&h).as_deref(), Some("v1.0"));
         h.insert(header::LINK, HeaderValue::from_static(r#"</v2/_catalog?n=2>; rel="next""#));
         assert_eq!(next_last(&h), None);
+    }
+
+    /// Found by fuzz/link: a `%` whose next two bytes end inside a multi-byte character sliced the string there
+    /// (a panic), and `%+1` decoded as byte 1, since `from_str_radix` takes a sign. Only `%` and two hex digits
+    /// is an escape.
+    #[test]
+    fn percent_decode_takes_two_hex_digits_only() {
+        assert_eq!(percent_decode("a%0\u{dd}="), "a%0\u{dd}=");
+        assert_eq!(percent_decode("%+1x"), "% 1x");
+        assert_eq!(percent_decode("%2f%2F%zz%4"), "//%zz%4");
     }
 }

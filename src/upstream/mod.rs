@@ -6,8 +6,8 @@
 //!
 //! Credentials never reach a log: `Upstream`'s `Debug` omits them and no URL carrying them is ever built.
 
-mod catalog;
-mod challenge;
+pub(crate) mod catalog;
+pub(crate) mod challenge;
 mod harbor;
 mod push;
 
