@@ -459,14 +459,21 @@ mod tests {
         async fn upload_size(&self, id: &str) -> Result<Option<u64>, StorageError> {
             self.inner.upload_size(id).await
         }
-        async fn upload_append(&self, id: &str, body: ByteStream) -> Result<u64, StorageError> {
-            self.inner.upload_append(id, body).await
+        fn upload_claim(&self, id: &str) -> Result<crate::storage::UploadClaim, StorageError> {
+            self.inner.upload_claim(id)
         }
-        async fn upload_commit(&self, id: &str, d: &Digest) -> Result<u64, StorageError> {
-            self.inner.upload_commit(id, d).await
+        async fn upload_append(
+            &self,
+            claim: crate::storage::UploadClaim,
+            body: ByteStream,
+        ) -> Result<(u64, crate::storage::UploadClaim), StorageError> {
+            self.inner.upload_append(claim, body).await
         }
-        async fn upload_abort(&self, id: &str) -> Result<(), StorageError> {
-            self.inner.upload_abort(id).await
+        async fn upload_commit(&self, claim: crate::storage::UploadClaim, d: &Digest) -> Result<u64, StorageError> {
+            self.inner.upload_commit(claim, d).await
+        }
+        async fn upload_abort(&self, claim: crate::storage::UploadClaim) -> Result<(), StorageError> {
+            self.inner.upload_abort(claim).await
         }
     }
 

@@ -787,10 +787,10 @@ mod tests {
         let record = replicate(&src, &dst, Arc::clone(&meta), 2).await;
         assert_eq!(record.status, "failed", "a run with panicked items reports failure: {record:?}");
         let mut failures: Vec<(String, String)> =
-            meta.failures("panics").await.unwrap().into_iter().map(|f| (f.repo, f.tag)).collect();
+            meta.failures("panics", None, 1000).await.unwrap().items.into_iter().map(|f| (f.repo, f.tag)).collect();
         failures.sort();
         assert_eq!(failures, [("a/one".to_string(), "panic-copy".to_string()), ("a/panic-listing".to_string(), String::new())]);
-        for f in meta.failures("panics").await.unwrap() {
+        for f in meta.failures("panics", None, 1000).await.unwrap().items {
             assert!(f.reason.contains("panicked"), "{f:?}");
         }
         // The other items were copied by the same (surviving) workers; the panicked ones are recorded, so the
@@ -820,7 +820,7 @@ mod tests {
             );
             let saved = meta.job("panics").await.unwrap().unwrap();
             assert_eq!((saved.mark, saved.pending), (record.mark.clone(), record.pending.clone()), "what was saved");
-            assert!(meta.failures("panics").await.unwrap().iter().any(|f| f.repo == CATALOG && f.reason.contains("panicked")));
+            assert!(meta.failures("panics", None, 1000).await.unwrap().items.iter().any(|f| f.repo == CATALOG && f.reason.contains("panicked")));
             if concurrency == 2 {
                 // (Copied now, or found up to date from the first run: both are done.)
                 assert_eq!(record.copied + record.skipped, 2, "the surviving lister handled the others: {record:?}");
