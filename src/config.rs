@@ -327,6 +327,8 @@ to_password = "to-secret-4"
             cache: CacheConfig::default(),
             replication: file.replication.clone(),
             upload_ttl: Duration::from_secs(DEFAULT_UPLOAD_TTL_SECS),
+            sweep_interval: Duration::from_secs(DEFAULT_SWEEP_INTERVAL_SECS),
+            sweep_grace: crate::fsck::DEFAULT_GRACE,
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
