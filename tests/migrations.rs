@@ -165,6 +165,15 @@ async fn insert_rows(pool: &AnyPool) {
     q("INSERT INTO replication_failures (job, repo, tag, reason, at) VALUES ('mirror', 'r5', 'v1', 'boom', 1)").execute(pool).await.unwrap();
 }
 
+/// Stores the bytes `insert_rows`'s cache record accounts for in the content store of `data`: `serve`'s start-up
+/// sweep forgets cache records whose bytes are gone.
+fn store_cached_bytes(data: &std::path::Path) {
+    let d = digest("cached");
+    let dir = data.join("content").join("blobs").join("sha256").join(&d.hex()[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(d.hex()), b"cached").unwrap();
+}
+
 /// Reads back, through the current code, everything `insert_rows` wrote; then writes through it.
 async fn check_rows(meta: Arc<dyn Meta>) {
     let app = repo("team/app");
@@ -456,6 +465,7 @@ async fn sqlite_instances_starting_at_once_all_migrate_safely() {
             let pool = s.pool().await;
             insert_rows(&pool).await;
             pool.close().await;
+            store_cached_bytes(&data);
         }
         let results = tokio::task::spawn_blocking(move || serve_at_once(INSTANCES, &data, None)).await.unwrap();
         all_came_up(round, results);
@@ -480,6 +490,9 @@ async fn postgres_instances_starting_at_once_all_migrate_safely() {
             pool.close().await;
         }
         let data = tempfile::tempdir().unwrap();
+        if legacy {
+            store_cached_bytes(data.path());
+        }
         let url = s.url.clone();
         let dir = data.path().to_path_buf();
         let results = tokio::task::spawn_blocking(move || serve_at_once(INSTANCES, &dir, Some(&url))).await.unwrap();
