@@ -226,7 +226,7 @@ async fn a_push_racing_the_eviction_of_its_layer_never_leaves_a_manifest_without
     let up = Upstream::new(breakwater::config::upstream("up", &up_url, 300, 30, false, Some(false)).unwrap()).unwrap();
     // A budget of nothing: the pass after each fill evicts the blob just fetched.
     let policy = EvictionPolicy { max_bytes: Some(0), max_age: None };
-    let proxy = Arc::new(Proxy::new(Arc::clone(&registry), vec![up], flights, Duration::from_secs(1), policy));
+    let proxy = Arc::new(Proxy::new(Arc::clone(&registry), vec![up], flights, Duration::from_secs(1), policy, 100_000));
     let Ok(Target::Cached(cached)) = proxy.target("up/src/app", None) else { panic!("up/src/app is a cached name") };
     let repo: RepoName = "local/app".parse().unwrap();
     let (mut refused, mut stored) = (0, 0);
