@@ -44,6 +44,11 @@ where
         self.cache.invalidate(key);
     }
 
+    /// Forgets every entry (what they were computed from changed).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Entries held now (after pending evictions are applied).
     pub fn len(&self) -> u64 {
         self.cache.run_pending_tasks();

@@ -41,6 +41,10 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// How long the sweep leaves a file or upload session alone before it counts as abandoned.
     pub sweep_grace: Duration,
+    /// Access control; `None` when no users are configured (every client may do everything).
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// Un-prefixed names that may be pushed although the default upstream serves un-prefixed names.
+    pub allow_shadowing: Vec<String>,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -96,6 +100,117 @@ pub struct FileConfig {
     pub cache: FileCache,
     #[serde(default)]
     pub replication: Vec<FileReplication>,
+    #[serde(default)]
+    pub auth: FileAuth,
+    #[serde(default)]
+    pub allow_shadowing: Vec<String>,
+}
+
+/// The `[auth]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// `token` (default) or `basic`.
+    pub mode: Option<crate::auth::Mode>,
+    /// An htpasswd file of bcrypt entries (`htpasswd -B`), re-read when it changes.
+    pub htpasswd: Option<PathBuf>,
+    #[serde(default)]
+    pub user: Vec<FileUser>,
+    /// Group name to member names.
+    #[serde(default)]
+    pub groups: std::collections::HashMap<String, Vec<String>>,
+    #[serde(default)]
+    pub access: Vec<FileAccessRule>,
+    #[serde(default)]
+    pub admins: Vec<String>,
+    #[serde(default)]
+    pub admin_groups: Vec<String>,
+    pub anonymous_pull: Option<bool>,
+    pub service: Option<String>,
+    pub realm: Option<String>,
+    pub token_ttl_secs: Option<u64>,
+    /// The token signing key (Ed25519, PKCS#8 PEM) [default: DATA/auth/token-signing-key.pem, generated].
+    pub signing_key: Option<PathBuf>,
+    pub metrics_public: Option<bool>,
+}
+
+/// An `[[auth.user]]` entry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUser {
+    pub name: String,
+    /// bcrypt (`$2y$...`) or argon2 (`$argon2id$...`).
+    pub password_hash: Secret,
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+/// An `[[auth.access]]` rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccessRule {
+    pub repositories: Vec<String>,
+    #[serde(default)]
+    pub users: Vec<String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    #[serde(default)]
+    pub anonymous: bool,
+    pub actions: Vec<String>,
+}
+
+/// What the command line says about access control (flags override the file).
+#[derive(Debug, Default)]
+pub struct AuthFlags {
+    pub htpasswd: Option<PathBuf>,
+    pub mode: Option<crate::auth::Mode>,
+    pub anonymous_pull: bool,
+}
+
+/// Resolves access control: on when any user is configured (an htpasswd file or `[[auth.user]]`), off
+/// otherwise; asking for a mode without users is an error, not an open server.
+pub fn auth(file: FileAuth, flags: AuthFlags, data: &Path, memory_entries: u64) -> anyhow::Result<Option<crate::auth::AuthConfig>> {
+    use crate::auth::{AccessRule, Action, AuthConfig, Mode, PolicyConfig, UserEntry, UsersConfig};
+    let users = UsersConfig {
+        htpasswd: flags.htpasswd.or(file.htpasswd),
+        users: file.user.into_iter().map(|u| UserEntry { name: u.name, password_hash: u.password_hash, groups: u.groups }).collect(),
+        groups: file.groups,
+    };
+    for u in &users.users {
+        if !crate::auth::users::is_supported_hash(&u.password_hash) {
+            anyhow::bail!("[[auth.user]] {}: password_hash must be a bcrypt ($2y$...) or argon2 ($argon2id$...) hash", u.name);
+        }
+    }
+    let mode = flags.mode.or(file.mode);
+    if users.is_empty() {
+        if mode.is_some() {
+            anyhow::bail!("--auth needs users: give --htpasswd FILE or [[auth.user]] entries");
+        }
+        return Ok(None);
+    }
+    let mut rules = Vec::new();
+    for r in file.access {
+        let actions = r.actions.iter().map(|a| a.parse::<Action>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+        rules.push(AccessRule { repositories: r.repositories, users: r.users, groups: r.groups, anonymous: r.anonymous, actions });
+    }
+    let policy = PolicyConfig {
+        rules,
+        admins: file.admins,
+        admin_groups: file.admin_groups,
+        anonymous_pull: flags.anonymous_pull || file.anonymous_pull.unwrap_or(false),
+    };
+    crate::auth::Policy::new(policy.clone()).map_err(anyhow::Error::msg)?;
+    Ok(Some(AuthConfig {
+        mode: mode.unwrap_or(Mode::Token),
+        users,
+        policy,
+        service: file.service.unwrap_or_else(|| crate::auth::DEFAULT_SERVICE.to_string()),
+        realm: file.realm,
+        token_ttl: Duration::from_secs(file.token_ttl_secs.unwrap_or(crate::auth::DEFAULT_TOKEN_TTL_SECS).max(1)),
+        signing_key: file.signing_key.unwrap_or_else(|| data.join("auth").join("token-signing-key.pem")),
+        metrics_public: file.metrics_public.unwrap_or(false),
+        memory_entries,
+    }))
 }
 
 /// A `[[replication]]` policy; the same fields as `breakwater replicate`'s flags.
@@ -369,6 +484,8 @@ to_password = "to-secret-4"
             connections: crate::connection::Limits::default(),
             sweep_interval: Duration::from_secs(DEFAULT_SWEEP_INTERVAL_SECS),
             sweep_grace: crate::fsck::DEFAULT_GRACE,
+            auth: None,
+            allow_shadowing: Vec::new(),
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));

@@ -113,8 +113,9 @@ async fn accept_failed(e: io::Error) {
 
 async fn serve_one(stream: TcpStream, router: Router, limits: Limits, mut stopped: watch::Receiver<bool>) {
     let state = Arc::new(Mutex::new(ConnState { phase: Phase::Head { since: Instant::now() }, parked_reader: None }));
+    let peer = stream.peer_addr().ok();
     let io = TokioIo::new(Watched::new(stream, Arc::clone(&state), limits));
-    let service = ConnService { router, state, idle: limits.idle_timeout };
+    let service = ConnService { router, state, idle: limits.idle_timeout, peer };
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Our own timers bound the head (hyper's would also count the idle time before it).
     builder.header_read_timeout(None);
@@ -282,6 +283,8 @@ struct ConnService {
     router: Router,
     state: SharedPhase,
     idle: Duration,
+    /// The client's address, handed to handlers as `ConnectInfo` (failed logins are counted per address).
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
@@ -293,7 +296,10 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
         lock(&self.state).phase = Phase::Busy;
         let busy = BusyGuard(Arc::clone(&self.state));
         let idle = self.idle;
-        let req: Request = req.map(|body| Body::new(IdleBody { inner: body, idle, timer: None }));
+        let mut req: Request = req.map(|body| Body::new(IdleBody { inner: body, idle, timer: None }));
+        if let Some(peer) = self.peer {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        }
         let router = self.router.clone();
         Box::pin(async move {
             let resp = match router.oneshot(req).await {

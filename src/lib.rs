@@ -1,6 +1,7 @@
 //! breakwater: an OCI Distribution registry that will also be a coalescing pull-through cache and a resumable
 //! replication engine. See ARCHITECTURE.md for the map of this crate.
 
+pub mod auth;
 pub mod bounded;
 pub mod config;
 pub mod connection;
@@ -10,6 +11,7 @@ pub mod http;
 pub mod meta;
 pub mod oci;
 pub mod pace;
+pub mod pattern;
 pub mod proxy;
 pub mod registry;
 pub mod replicate;

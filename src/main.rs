@@ -298,6 +298,18 @@ struct ServeArgs {
     /// upstream's tokens [default: 100000].
     #[arg(long, env = "BREAKWATER_CACHE_MEMORY_ENTRIES")]
     cache_memory_entries: Option<u64>,
+    /// Users from an htpasswd file (bcrypt, `htpasswd -B`); turns access control on. Re-read when it changes.
+    #[arg(long, env = "BREAKWATER_HTPASSWD")]
+    htpasswd: Option<PathBuf>,
+    /// How clients authenticate: the registry token flow, or a password on every request [default: token].
+    #[arg(long = "auth", value_enum, env = "BREAKWATER_AUTH")]
+    auth_mode: Option<breakwater::auth::Mode>,
+    /// Anyone may pull every repository without credentials (pushes and deletes still need a user).
+    #[arg(long, env = "BREAKWATER_ANONYMOUS_PULL")]
+    anonymous_pull: bool,
+    /// Un-prefixed names (glob; repeatable) that may be pushed although the default upstream serves them.
+    #[arg(long, value_name = "GLOB")]
+    allow_shadowing: Vec<String>,
 }
 
 impl ServeArgs {
@@ -349,6 +361,15 @@ impl ServeArgs {
         )?;
         let sweep_interval =
             self.sweep_interval_secs.or(file.sweep_interval_secs).unwrap_or(config::DEFAULT_SWEEP_INTERVAL_SECS);
+        let memory_entries = self
+            .cache_memory_entries
+            .or(file.cache.memory_entries)
+            .unwrap_or(breakwater::bounded::DEFAULT_ENTRIES)
+            .max(1);
+        let auth_flags = config::AuthFlags { htpasswd: self.htpasswd, mode: self.auth_mode, anonymous_pull: self.anonymous_pull };
+        let auth = config::auth(file.auth, auth_flags, &data, memory_entries)?;
+        let mut allow_shadowing = file.allow_shadowing;
+        allow_shadowing.extend(self.allow_shadowing);
         Ok(Config {
             connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
@@ -365,12 +386,10 @@ impl ServeArgs {
                     max_bytes: self.cache_max_bytes.or(file.cache.max_bytes),
                     max_age: self.cache_max_age_secs.or(file.cache.max_age_secs).map(std::time::Duration::from_secs),
                 },
-                memory_entries: self
-                    .cache_memory_entries
-                    .or(file.cache.memory_entries)
-                    .unwrap_or(breakwater::bounded::DEFAULT_ENTRIES)
-                    .max(1),
+                memory_entries,
             },
+            auth,
+            allow_shadowing,
             listen: self.listen.or(file.listen).unwrap_or_else(|| config::DEFAULT_LISTEN.parse().expect("valid default")),
             data,
             metadata,
@@ -542,6 +561,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     writeln!(out, "breakwater listening on http://{addr}")?;
     out.flush()?;
     tracing::info!(%addr, data = %config.data.display(), "serving");
+    if !addr.ip().is_loopback() && config.auth.is_none() {
+        tracing::warn!(%addr, "listening beyond loopback without access control: anyone who reaches this address may push, delete and read everything (give --htpasswd FILE)");
+    }
     breakwater::server::serve(listener, app, config.connections, shutdown_signal()).await
 }
 

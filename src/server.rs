@@ -74,14 +74,19 @@ pub async fn build(
         u.token_entries = config.cache.memory_entries;
         upstreams.push(Upstream::new(u).with_context(|| format!("upstream {name}"))?);
     }
-    let proxy = Arc::new(Proxy::new(
+    let proxy = Proxy::new(
         Arc::clone(&registry),
         upstreams,
         flights,
         config.cache.negative_ttl,
         config.cache.eviction,
         config.cache.memory_entries,
-    ));
+    );
+    let proxy = Arc::new(proxy.allow_shadowing(&config.allow_shadowing).map_err(anyhow::Error::msg).context("allow_shadowing")?);
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(crate::auth::Auth::open(a.clone()).context("setting up access control")?)),
+        None => None,
+    };
     if config.cache.eviction.max_age.is_some() {
         // Age limits expire content even when nothing new is fetched; budget overruns are handled after each fill.
         let proxy = Arc::clone(&proxy);
@@ -95,7 +100,7 @@ pub async fn build(
             }
         });
     }
-    Ok(Arc::new(App { registry, proxy, replication, metrics }))
+    Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: false }))
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` resolves, then stops accepting and lets

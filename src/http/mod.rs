@@ -4,6 +4,7 @@
 //! writes the answers (headers, bodies, error JSON) the spec asks for.
 
 mod api;
+mod auth;
 mod error;
 pub(crate) mod range;
 pub(crate) mod route;
@@ -31,6 +32,20 @@ pub struct App {
     pub replication: Arc<crate::replicate::Scheduler>,
     /// Renders `/metrics`; `None` when the process has no Prometheus recorder (library use in tests).
     pub metrics: Option<PrometheusHandle>,
+    /// Access control; `None`: every client may do everything (the default on loopback).
+    pub auth: Option<Arc<crate::auth::Auth>>,
+    /// Whether clients reach this server over TLS: the scheme of the token realm it sends them to.
+    pub https: bool,
+}
+
+impl App {
+    fn scheme(&self) -> &'static str {
+        if self.https {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 /// The `Range` header value of an upload that holds `size` bytes (`0-<last byte>`; `0-0` when empty, as
@@ -47,7 +62,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/auth/token", get(auth::token_get).post(auth::token_post))
         .merge(api::routes())
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), auth::gate))
         .layer(middleware::from_fn(observe))
         .with_state(app)
 }
@@ -89,6 +106,7 @@ async fn observe(req: Request, next: Next) -> Response {
     let kind = match route::parse(&path) {
         Some(r) => r.kind(),
         None if path == "/metrics" || path == "/healthz" || path == "/readyz" => "ops",
+        None if path == "/auth/token" => "token",
         None => "other",
     };
     let resp = next.run(req).await;

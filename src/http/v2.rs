@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Query, State};
+use axum::Extension;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
@@ -12,6 +13,7 @@ use futures_util::TryStreamExt;
 use super::range::{self, RangeRequest};
 use super::route::{self, Route};
 use super::{upload_range, App};
+use crate::auth::Identity;
 use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
 use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
@@ -38,8 +40,16 @@ const MAX_REFERRERS_PAGE: u64 = 100;
 /// Bound on the bytes of the descriptors in one referrers answer; a page stops early (with a `Link`) beyond it.
 const MAX_REFERRERS_BYTES: usize = 4 * 1024 * 1024;
 
-pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, headers: HeaderMap, body: Body) -> Response {
-    let mut resp = match dispatch(&app, &method, &uri, &headers, body).await {
+pub async fn handle(
+    State(app): State<Arc<App>>,
+    identity: Option<Extension<Identity>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let req = Req { method: &method, uri: &uri, headers: &headers, identity: identity.as_ref().map(|e| &e.0) };
+    let mut resp = match dispatch(&app, &req, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
@@ -47,7 +57,17 @@ pub async fn handle(State(app): State<Arc<App>>, method: Method, uri: Uri, heade
     resp
 }
 
-async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, body: Body) -> Result<Response> {
+/// What a handler reads of its request besides the body.
+struct Req<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    /// Who is asking, when access control is on (the gate has let them through for what the route needs).
+    identity: Option<&'a Identity>,
+}
+
+async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
+    let (method, uri, headers) = (req.method, req.uri, req.headers);
     let Some(route) = route::parse(uri.path()) else {
         return Ok(not_found());
     };
@@ -59,8 +79,8 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
         (Route::Base, "GET" | "HEAD") => Ok(json_response(StatusCode::OK, "application/json", "{}".into(), m)),
         (Route::Catalog, "GET") => {
             let n = page_size(&query, DEFAULT_CATALOG_PAGE, MAX_PAGE)?;
-            let page = reg.catalog(query.get("last").map(String::as_str), n).await?;
-            let link = next_page_link("/v2/_catalog", n, &page);
+            let (page, cursor) = catalog_page(app, req.identity, query.get("last").map(String::as_str), n).await?;
+            let link = (page.more && n > 0).then(|| next_link_after("/v2/_catalog", n, cursor.as_deref().unwrap_or("")));
             let body = serde_json::json!({ "repositories": page.items }).to_string();
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
@@ -138,7 +158,7 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
                 let digest = digest_param(mount)?;
                 // An invalid `from` cannot hold the blob: fall back to an upload rather than fail the push.
                 let from = query.get("from").and_then(|f| f.parse::<RepoName>().ok());
-                if reg.mount(&repo, &digest, from.as_ref()).await? {
+                if may_mount(app, req.identity, from.as_ref()) && reg.mount(&repo, &digest, from.as_ref()).await? {
                     return Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest));
                 }
             } else if let Some(d) = query.get("digest") {
@@ -203,6 +223,49 @@ async fn dispatch(app: &App, method: &Method, uri: &Uri, headers: &HeaderMap, bo
             Ok(with_link(resp, link))
         }
         _ => Err(RegistryError::Unsupported(format!("{m} is not supported on {}", route.kind()))),
+    }
+}
+
+/// Pages of the catalog read at most per request while filtering it to what the caller may pull; beyond that
+/// the answer is short, with a `Link` to the rest (which the spec allows).
+const MAX_FILTERED_PAGES: usize = 50;
+
+/// A page of the catalog: with access control, only the repositories the caller may pull. Also returns the
+/// name the next page starts after (the last name looked at, which the caller may not be allowed to see).
+async fn catalog_page(app: &App, identity: Option<&Identity>, last: Option<&str>, n: u64) -> Result<(Page, Option<String>)> {
+    let (Some(auth), Some(id)) = (&app.auth, identity) else {
+        let page = app.registry.catalog(last, n).await?;
+        let cursor = page.items.last().cloned();
+        return Ok((page, cursor));
+    };
+    let mut out = Page { items: Vec::new(), more: false };
+    let mut cursor = last.map(str::to_string);
+    for _ in 0..MAX_FILTERED_PAGES {
+        let page = app.registry.catalog(cursor.as_deref(), n).await?;
+        out.more = page.more;
+        for name in page.items {
+            if out.items.len() as u64 == n {
+                out.more = true;
+                return Ok((out, cursor));
+            }
+            cursor = Some(name.clone());
+            if auth.subject_may_pull(&id.subject, &name) {
+                out.items.push(name);
+            }
+        }
+        if !out.more || out.items.len() as u64 == n {
+            break;
+        }
+    }
+    Ok((out, cursor))
+}
+
+/// Whether a cross-repository mount may be tried: always without access control; with it, only from a
+/// repository the caller may pull (a digest alone must not give anyone bytes they could not read).
+fn may_mount(app: &App, identity: Option<&Identity>, from: Option<&RepoName>) -> bool {
+    match (&app.auth, identity) {
+        (Some(auth), Some(id)) => from.is_some_and(|f| auth.actions(id, f.as_str()).contains(crate::auth::Action::Pull)),
+        _ => true,
     }
 }
 
@@ -279,7 +342,10 @@ fn next_page_link(path: &str, n: u64, page: &Page) -> Option<String> {
 }
 
 fn next_link(path: &str, n: u64, page: &Page) -> String {
-    let last = page.items.last().map(String::as_str).unwrap_or("");
+    next_link_after(path, n, page.items.last().map(String::as_str).unwrap_or(""))
+}
+
+fn next_link_after(path: &str, n: u64, last: &str) -> String {
     format!("<{path}?n={n}&last={last}>; rel=\"next\"")
 }
 

@@ -76,6 +76,9 @@ pub struct Proxy {
     eviction_pass: tokio::sync::Mutex<()>,
     /// Blobs whose access time was written recently: a herd of hits costs one write, not one per client.
     touched: BoundedMap<Digest, ()>,
+    /// Un-prefixed names that may be pushed although a default upstream serves un-prefixed names (a local
+    /// image would shadow the upstream's for every client); empty by default, so a mirror cannot be poisoned.
+    shadowing: globset::GlobSet,
 }
 
 /// How often a cache hit refreshes a blob's access time at most.
@@ -123,7 +126,14 @@ impl Proxy {
             eviction,
             eviction_pass: tokio::sync::Mutex::new(()),
             touched: BoundedMap::new("blob_accesses", memory_entries, Some(TOUCH_INTERVAL)),
+            shadowing: globset::GlobSet::empty(),
         }
+    }
+
+    /// Allows pushes of un-prefixed names matching `globs` while a default upstream is configured.
+    pub fn allow_shadowing(mut self, globs: &[String]) -> std::result::Result<Proxy, String> {
+        self.shadowing = crate::pattern::glob_set(globs)?;
+        Ok(self)
     }
 
     /// Sets the `breakwater_cache_entries{kind}` gauges: what each in-memory map holds now.
@@ -180,15 +190,22 @@ impl Proxy {
         })
     }
 
-    /// Refuses writes into an upstream's namespace: the cache owns those repositories.
+    /// Refuses writes into an upstream's namespace (the cache owns those repositories), and, when a default
+    /// upstream serves un-prefixed names, writes of names that would shadow its images unless allowed.
     pub fn check_writable(&self, name: &str) -> Result<()> {
         let first = name.split('/').next().unwrap_or(name);
-        match self.by_name(first) {
-            Some(u) => Err(RegistryError::Denied(format!(
+        if let Some(u) = self.by_name(first) {
+            return Err(RegistryError::Denied(format!(
                 "{name} is in the namespace of upstream {}, a read-only pull-through cache",
                 u.name()
+            )));
+        }
+        match self.upstreams.iter().find(|u| u.config.default) {
+            Some(u) if !self.shadowing.is_match(name) => Err(RegistryError::Denied(format!(
+                "{name} would shadow the default upstream {}'s image of that name; allow it with allow_shadowing",
+                u.name()
             ))),
-            None => Ok(()),
+            _ => Ok(()),
         }
     }
 

@@ -3,21 +3,10 @@
 use std::cmp::Ordering;
 use std::collections::BTreeSet;
 
-use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+use globset::GlobSet;
 use regex::Regex;
 
-fn glob(pattern: &str) -> Result<Glob, String> {
-    // `*` and `?` stay within one path component; `**` crosses them.
-    GlobBuilder::new(pattern).literal_separator(true).build().map_err(|e| format!("pattern {pattern:?}: {e}"))
-}
-
-fn glob_set(patterns: &[String]) -> Result<GlobSet, String> {
-    let mut b = GlobSetBuilder::new();
-    for p in patterns {
-        b.add(glob(p)?);
-    }
-    b.build().map_err(|e| e.to_string())
-}
+use crate::pattern::{glob, glob_set};
 
 /// Repository include/exclude globs. No include pattern means every repository.
 pub struct RepoFilter {

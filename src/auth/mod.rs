@@ -1,0 +1,341 @@
+//! Access control: who a request is from (users, robots, tokens) and what they may do (the policy).
+//!
+//! Two modes, as registry clients know them:
+//! - **token** (the default when users exist): the distribution token flow. A request without a valid bearer
+//!   token is answered 401 with a `Bearer` challenge naming this server's `/auth/token`; the client fetches a
+//!   token there (with its password, or anonymously) for the scopes it needs and retries with it. A token grants
+//!   exactly the scopes in its `access` claim.
+//! - **basic**: every request carries its user's password (`Authorization: Basic`), checked against the policy.
+//!
+//! Architecture invariant: this module decides, the HTTP layer asks. No handler compares names or reads a
+//! policy; `Auth` answers "who is this" and "may they", and nothing else grants access.
+
+pub mod policy;
+pub mod scope;
+pub mod token;
+pub mod users;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use policy::{AccessRule, Policy, PolicyConfig, Subject, SubjectKind};
+pub use scope::{AccessEntry, Action, Actions, Scope};
+pub use token::{Claims, TokenError, Tokens};
+pub use users::{UserEntry, Users, UsersConfig};
+
+use crate::bounded::BoundedMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Token,
+    Basic,
+}
+
+/// The resolved access-control settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub mode: Mode,
+    pub users: UsersConfig,
+    pub policy: PolicyConfig,
+    /// The `service` of challenges and the audience of tokens.
+    pub service: String,
+    /// The token endpoint clients are sent to; `None`: `/auth/token` on the host the client addressed.
+    pub realm: Option<String>,
+    pub token_ttl: Duration,
+    /// The Ed25519 signing key (PKCS#8 PEM); generated there at first start if missing.
+    pub signing_key: PathBuf,
+    /// `/metrics` without credentials (for a scraper on a trusted network).
+    pub metrics_public: bool,
+    /// Bound on each in-memory map (verified passwords and tokens, failed-login counts).
+    pub memory_entries: u64,
+}
+
+pub const DEFAULT_SERVICE: &str = "breakwater";
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 300;
+
+/// Failed logins allowed per address and per user name within `FAILURE_WINDOW` before further attempts are
+/// refused with 429 (a password guesser gets a handful of tries a minute, a mistyping human is not locked out
+/// for long).
+pub const MAX_FAILURES: u32 = 10;
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication required")]
+    Missing,
+    #[error("invalid username or password")]
+    BadCredentials,
+    #[error("{0}")]
+    BadToken(String),
+    #[error("too many failed logins; try again in a minute")]
+    TooManyFailures,
+    #[error(transparent)]
+    Users(#[from] users::UsersError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("access policy: {0}")]
+    Policy(String),
+}
+
+/// Credentials as a request presents them.
+pub enum Credentials {
+    None,
+    Basic { user: String, password: String },
+    Bearer(String),
+    /// An `Authorization` header that is neither (or cannot be decoded).
+    Malformed,
+}
+
+impl Credentials {
+    pub fn parse(header: Option<&str>) -> Credentials {
+        let Some(h) = header else { return Credentials::None };
+        let (scheme, value) = h.trim().split_once(' ').unwrap_or((h, ""));
+        let value = value.trim();
+        if scheme.eq_ignore_ascii_case("bearer") && !value.is_empty() {
+            return Credentials::Bearer(value.to_string());
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(value).ok().and_then(|b| String::from_utf8(b).ok());
+            if let Some((user, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) {
+                return Credentials::Basic { user: user.to_string(), password: password.to_string() };
+            }
+        }
+        Credentials::Malformed
+    }
+}
+
+/// Who made a request and what their credentials grant.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub subject: Subject,
+    /// The `access` claim of the bearer token used; `None` when the request carried a password (or nothing),
+    /// whose rights are the policy's.
+    pub token_access: Option<Arc<Vec<AccessEntry>>>,
+}
+
+/// A granted token, as the token endpoint answers it.
+pub struct Granted {
+    pub token: String,
+    pub claims: Claims,
+    pub scopes: Vec<Scope>,
+}
+
+pub struct Auth {
+    pub mode: Mode,
+    users: Arc<Users>,
+    policy: Policy,
+    tokens: Tokens,
+    realm: Option<String>,
+    pub metrics_public: bool,
+    /// Failed logins per address and per name, in the current window.
+    failures: BoundedMap<FailureKey, u32>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+enum FailureKey {
+    Address(IpAddr),
+    User(String),
+}
+
+impl Auth {
+    pub fn open(config: AuthConfig) -> Result<Auth, AuthError> {
+        let users = Arc::new(Users::open(config.users, config.memory_entries)?);
+        let policy = Policy::new(config.policy).map_err(AuthError::Policy)?;
+        let tokens = Tokens::open(&config.signing_key, DEFAULT_SERVICE, &config.service, config.token_ttl, config.memory_entries)?;
+        Ok(Auth {
+            mode: config.mode,
+            users,
+            policy,
+            tokens,
+            realm: config.realm,
+            metrics_public: config.metrics_public,
+            failures: BoundedMap::new("failed_logins", config.memory_entries, Some(FAILURE_WINDOW)),
+        })
+    }
+
+    pub fn service(&self) -> &str {
+        self.tokens.service()
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The realm of challenges: the configured one, or the token endpoint on the host the client addressed
+    /// (so a client reaching this server by any name is sent back to the same name).
+    pub fn realm(&self, scheme: &str, host: Option<&str>) -> String {
+        if let Some(r) = &self.realm {
+            return r.clone();
+        }
+        let host = host.filter(|h| is_host(h)).unwrap_or("localhost");
+        format!("{scheme}://{host}/auth/token")
+    }
+
+    /// Checks a user's password; counts failures against `from` and the name, and refuses outright past
+    /// `MAX_FAILURES` in a window (before checking, so a guesser learns nothing more).
+    pub async fn login(&self, user: &str, password: &str, from: Option<IpAddr>) -> Result<Subject, AuthError> {
+        let keys: Vec<FailureKey> =
+            from.map(FailureKey::Address).into_iter().chain(std::iter::once(FailureKey::User(user.to_string()))).collect();
+        if keys.iter().any(|k| self.failures.get(k).unwrap_or(0) >= MAX_FAILURES) {
+            return Err(AuthError::TooManyFailures);
+        }
+        match self.users.verify(user, password).await {
+            Some(groups) => Ok(Subject { name: user.to_string(), groups, kind: SubjectKind::User }),
+            None => {
+                for k in keys {
+                    let n = self.failures.get(&k).unwrap_or(0);
+                    self.failures.insert(k, n.saturating_add(1));
+                }
+                tracing::warn!(user, address = ?from, "failed login");
+                Err(AuthError::BadCredentials)
+            }
+        }
+    }
+
+    /// The identity of a bearer token this server issued.
+    pub fn bearer(&self, token: &str) -> Result<Identity, AuthError> {
+        let claims = self.tokens.verify(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
+        if claims.is_refresh() {
+            return Err(AuthError::BadToken("a refresh token is not an access token".into()));
+        }
+        Ok(Identity { subject: self.subject_of(&claims.sub), token_access: Some(Arc::new(claims.access.clone())) })
+    }
+
+    /// The subject a token names. Groups are not in tokens: what a token grants is decided when it is issued.
+    fn subject_of(&self, sub: &str) -> Subject {
+        if sub.is_empty() {
+            Subject::anonymous()
+        } else {
+            Subject { name: sub.to_string(), groups: Vec::new(), kind: SubjectKind::User }
+        }
+    }
+
+    /// The identity behind a request's credentials: a token (in token mode; or a password, accepted in both
+    /// modes), or the anonymous client.
+    pub async fn identify(&self, creds: &Credentials, from: Option<IpAddr>) -> Result<Identity, AuthError> {
+        match creds {
+            Credentials::None => Ok(Identity { subject: Subject::anonymous(), token_access: None }),
+            Credentials::Bearer(t) if self.mode == Mode::Token => self.bearer(t),
+            Credentials::Bearer(_) => Err(AuthError::BadToken("this server takes passwords, not bearer tokens".into())),
+            Credentials::Basic { user, password } => {
+                Ok(Identity { subject: self.login(user, password, from).await?, token_access: None })
+            }
+            Credentials::Malformed => Err(AuthError::BadToken("malformed Authorization header".into())),
+        }
+    }
+
+    /// The actions `id` may take on `repo`: what its token grants, or else what the policy allows it.
+    pub fn actions(&self, id: &Identity, repo: &str) -> Actions {
+        match &id.token_access {
+            Some(access) => access.iter().fold(Actions::NONE, |a, e| a.union(e.repository_actions(repo))),
+            None => self.policy.actions(&id.subject, repo),
+        }
+    }
+
+    /// Whether `id` may list the catalog (which is then filtered to what the subject may pull).
+    pub fn may_list_catalog(&self, id: &Identity) -> bool {
+        match &id.token_access {
+            Some(access) => access.iter().any(AccessEntry::is_catalog),
+            None => !id.subject.is_anonymous() || self.policy.anonymous_may_pull(),
+        }
+    }
+
+    /// Whether the subject (not its token) may pull `repo`: what the filtered catalog shows.
+    pub fn subject_may_pull(&self, subject: &Subject, repo: &str) -> bool {
+        self.policy.actions(subject, repo).contains(Action::Pull)
+    }
+
+    pub fn is_admin(&self, id: &Identity) -> bool {
+        self.policy.is_admin(&id.subject)
+    }
+
+    /// The intersection of what `subject` asked for and what the policy allows them; scopes granted nothing
+    /// are left out (a partial grant is not an error, per the spec).
+    pub fn grant(&self, subject: &Subject, asked: &[Scope]) -> Vec<Scope> {
+        asked
+            .iter()
+            .filter_map(|s| match s {
+                Scope::Repository { name, actions } => {
+                    let allowed = actions.intersect(self.policy.actions(subject, name));
+                    (!allowed.is_empty()).then(|| Scope::Repository { name: name.clone(), actions: allowed })
+                }
+                Scope::Catalog => (!subject.is_anonymous() || self.policy.anonymous_may_pull()).then_some(Scope::Catalog),
+            })
+            .collect()
+    }
+
+    /// An access token for `subject` with what `grant` allows of `asked`.
+    pub fn issue(&self, subject: &Subject, asked: &[Scope]) -> Result<Granted, AuthError> {
+        let scopes = self.grant(subject, asked);
+        let access = scopes.iter().map(AccessEntry::from_scope).collect();
+        let (token, claims) = self.tokens.issue(&subject.name, access)?;
+        Ok(Granted { token, claims, scopes })
+    }
+
+    pub fn issue_refresh(&self, subject: &Subject) -> Result<String, AuthError> {
+        Ok(self.tokens.issue_refresh(&subject.name)?)
+    }
+
+    /// The subject of a refresh token, if it is valid and its user still exists.
+    pub fn refresh(&self, token: &str) -> Result<Subject, AuthError> {
+        let claims = self.tokens.verify(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
+        if !claims.is_refresh() {
+            return Err(AuthError::BadToken("not a refresh token".into()));
+        }
+        if !self.users.exists(&claims.sub) {
+            return Err(AuthError::BadToken("the token's user no longer exists".into()));
+        }
+        Ok(self.subject_of(&claims.sub))
+    }
+
+    /// Seconds an access token lives.
+    pub fn token_ttl(&self) -> Duration {
+        self.tokens.ttl
+    }
+}
+
+/// Whether `h` may be put into a realm URL: a host name or address with an optional port.
+fn is_host(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 255 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]_".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_parse() {
+        assert!(matches!(Credentials::parse(None), Credentials::None));
+        assert!(matches!(Credentials::parse(Some("Bearer abc")), Credentials::Bearer(t) if t == "abc"));
+        // "alice:pa:ss" — a password may hold a colon.
+        match Credentials::parse(Some("Basic YWxpY2U6cGE6c3M=")) {
+            Credentials::Basic { user, password } => assert_eq!((user.as_str(), password.as_str()), ("alice", "pa:ss")),
+            _ => panic!("not basic"),
+        }
+        assert!(matches!(Credentials::parse(Some("Basic !!!")), Credentials::Malformed));
+        assert!(matches!(Credentials::parse(Some("Digest x")), Credentials::Malformed));
+    }
+
+    #[test]
+    fn realms_use_only_a_sane_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Auth::open(AuthConfig {
+            mode: Mode::Token,
+            users: UsersConfig::default(),
+            policy: PolicyConfig::default(),
+            service: "svc".into(),
+            realm: None,
+            token_ttl: Duration::from_secs(60),
+            signing_key: dir.path().join("k.pem"),
+            metrics_public: false,
+            memory_entries: 10,
+        })
+        .unwrap();
+        assert_eq!(auth.realm("http", Some("127.0.0.1:5000")), "http://127.0.0.1:5000/auth/token");
+        assert_eq!(auth.realm("https", Some("evil\"host")), "https://localhost/auth/token");
+    }
+}
