@@ -5,22 +5,25 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Each tool's command is also its Debian 12 package name.
-tools=(docker-registry skopeo umoci podman containerd)
+# Each tool is COMMAND or COMMAND:PACKAGE (its Debian 12 package, when the names differ).
+tools=(docker-registry skopeo umoci podman containerd htpasswd:apache2-utils)
 
 have() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ] || [ -x "/usr/sbin/$1" ]
 }
 
 missing=()
-for cmd in "${tools[@]}"; do
+packages=()
+for tool in "${tools[@]}"; do
+  cmd="${tool%%:*}"
+  packages+=("${tool#*:}")
   have "$cmd" || missing+=("$cmd")
 done
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "test.sh: installing missing tools: ${missing[*]}" >&2
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "test.sh: apt-get not found; install the Debian 12 packages ${tools[*]}" >&2
+    echo "test.sh: apt-get not found; install the Debian 12 packages ${packages[*]}" >&2
     exit 1
   fi
   sudo=()
@@ -32,8 +35,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
     sudo=(sudo)
   fi
   "${sudo[@]}" apt-get update
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${tools[@]}"
-  for cmd in "${tools[@]}"; do
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y "${packages[@]}"
+  for tool in "${tools[@]}"; do
+    cmd="${tool%%:*}"
     have "$cmd" || { echo "test.sh: $cmd still missing after apt-get install" >&2; exit 1; }
   done
 fi

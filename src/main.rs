@@ -27,6 +27,87 @@ enum Command {
     Replicate(Box<ReplicateArgs>),
     /// Check a store (bytes against digests, records against bytes, leftovers); --repair fixes what it finds.
     Fsck(FsckArgs),
+    /// Robot tokens for CI: create (prints the secret once), list, revoke.
+    Token(TokenArgs),
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[command(subcommand)]
+    action: TokenAction,
+    /// The server's TOML configuration file (its data directory and metadata store).
+    #[arg(long, env = "BREAKWATER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Data directory whose embedded metadata store keeps the robots [default: ./breakwater-data].
+    #[arg(long, env = "BREAKWATER_DATA", global = true)]
+    data: Option<PathBuf>,
+    /// Metadata store URL (the one the servers use).
+    #[arg(long, env = "BREAKWATER_METADATA", global = true)]
+    metadata: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Creates robot NAME; it logs in as `robot$NAME` with the secret printed on stdout (shown only this once).
+    Create {
+        name: String,
+        /// What it may do: REPOSITORY-GLOB:ACTIONS, e.g. `ci/**:pull,push` (repeatable; actions pull, push, delete, *).
+        #[arg(long, required = true)]
+        scope: Vec<String>,
+        /// Lifetime, e.g. `90d`, `12h`, `3600s` [default: no expiry].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires: Option<std::time::Duration>,
+    },
+    /// Lists robots: name, scopes, created, expiry, state.
+    List,
+    /// Revokes robot NAME: its secret is refused from now on (tokens it already holds expire within minutes).
+    Revoke { name: String },
+}
+
+async fn token(args: TokenArgs) -> anyhow::Result<std::process::ExitCode> {
+    use breakwater::auth::robots;
+    init_logging(LogFormat::Text);
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let (data, metadata) = store_location(args.data.or(file.data), args.metadata.map(Into::into).or(file.metadata));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+    match args.action {
+        TokenAction::Create { name, scope, expires } => {
+            let secret = robots::create(&meta, &name, &scope, expires).await?;
+            eprintln!("created robot${name}: it logs in as robot${name} with the secret below, which is shown only this once");
+            println!("{secret}");
+        }
+        TokenAction::List => {
+            let mut last: Option<String> = None;
+            println!("{:<24} {:<8} {:<21} {:<21} scopes", "name", "state", "created", "expires");
+            loop {
+                let page = meta.robots(last.as_deref(), 1000).await?;
+                for r in &page.items {
+                    let state = if r.revoked_at.is_some() { "revoked" } else if robots::usable(r) { "active" } else { "expired" };
+                    let when = |t: i64| breakwater::auth::token::rfc3339(u64::try_from(t).unwrap_or(0));
+                    let expires = r.expires_at.map_or_else(|| "never".to_string(), when);
+                    println!("{:<24} {:<8} {:<21} {:<21} {}", format!("robot${}", r.name), state, when(r.created_at), expires, r.scopes);
+                }
+                match page.items.last() {
+                    Some(r) if page.more => last = Some(r.name.clone()),
+                    _ => break,
+                }
+            }
+        }
+        TokenAction::Revoke { name } => {
+            let name = name.strip_prefix(robots::PREFIX).unwrap_or(&name).to_string();
+            let at = i64::try_from(breakwater::auth::token::now_secs()).unwrap_or(i64::MAX);
+            if !meta.revoke_robot(&name, at).await? {
+                eprintln!("no active robot named {name}");
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+            eprintln!("revoked robot${name}");
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 #[derive(clap::Args)]
@@ -574,5 +655,6 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
         Command::Fsck(args) => fsck(args).await,
+        Command::Token(args) => token(args).await,
     }
 }

@@ -59,7 +59,7 @@ pub async fn build(
     crate::fsck::spawn_sweep(
         crate::fsck::SweepContext {
             root: content,
-            meta,
+            meta: Arc::clone(&meta),
             flights: Arc::clone(&flights),
             cache_namespaces: config.upstreams.iter().map(|u| u.name.clone()).collect(),
             lock: store_lock,
@@ -84,7 +84,7 @@ pub async fn build(
     );
     let proxy = Arc::new(proxy.allow_shadowing(&config.allow_shadowing).map_err(anyhow::Error::msg).context("allow_shadowing")?);
     let auth = match &config.auth {
-        Some(a) => Some(Arc::new(crate::auth::Auth::open(a.clone()).context("setting up access control")?)),
+        Some(a) => Some(Arc::new(crate::auth::Auth::open(a.clone(), Arc::clone(&meta)).context("setting up access control")?)),
         None => None,
     };
     if config.cache.eviction.max_age.is_some() {

@@ -558,7 +558,7 @@ async fn the_default_upstream_takes_unprefixed_names_that_are_not_local() {
     let remote = push_image(&up, "team/app", "v1", &[10_000], 29).await;
     let shadowed = push_image(&up, "team/local", "v1", &[10_000], 30).await;
     let spec = format!("up=http://{}", relay.addr);
-    let bw = Breakwater::start_with(&["--upstream", &spec, "--default-upstream", "up"]);
+    let bw = Breakwater::start_with(&["--upstream", &spec, "--default-upstream", "up", "--allow-shadowing", "team/local"]);
     let local = push_image(&bw_url(&bw), "team/local", "v1", &[12_000], 31).await;
     assert_ne!(local.digest, shadowed.digest);
     relay.reset();

@@ -11,6 +11,7 @@
 //! policy; `Auth` answers "who is this" and "may they", and nothing else grants access.
 
 pub mod policy;
+pub mod robots;
 pub mod scope;
 pub mod token;
 pub mod users;
@@ -56,10 +57,12 @@ pub struct AuthConfig {
 pub const DEFAULT_SERVICE: &str = "breakwater";
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 300;
 
-/// Failed logins allowed per address and per user name within `FAILURE_WINDOW` before further attempts are
-/// refused with 429 (a password guesser gets a handful of tries a minute, a mistyping human is not locked out
-/// for long).
-pub const MAX_FAILURES: u32 = 10;
+/// Failed logins allowed per user name within `FAILURE_WINDOW` before further attempts are refused with 429 (a
+/// password guesser gets a handful of tries a minute, a mistyping human is not locked out for long).
+pub const MAX_FAILURES_PER_USER: u32 = 10;
+/// Failed logins allowed per client address in the window: higher, since many clients may share one address
+/// (a NAT, a CI runner), and one of them mistyping must not lock out the rest.
+pub const MAX_FAILURES_PER_ADDRESS: u32 = 50;
 pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,8 @@ pub enum AuthError {
     Token(#[from] TokenError),
     #[error("access policy: {0}")]
     Policy(String),
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
 }
 
 /// Credentials as a request presents them.
@@ -127,6 +132,8 @@ pub struct Granted {
 pub struct Auth {
     pub mode: Mode,
     users: Arc<Users>,
+    /// Where robots are kept.
+    meta: Arc<dyn crate::meta::Meta>,
     policy: Policy,
     tokens: Tokens,
     realm: Option<String>,
@@ -141,14 +148,24 @@ enum FailureKey {
     User(String),
 }
 
+impl FailureKey {
+    fn limit(&self) -> u32 {
+        match self {
+            FailureKey::Address(_) => MAX_FAILURES_PER_ADDRESS,
+            FailureKey::User(_) => MAX_FAILURES_PER_USER,
+        }
+    }
+}
+
 impl Auth {
-    pub fn open(config: AuthConfig) -> Result<Auth, AuthError> {
+    pub fn open(config: AuthConfig, meta: Arc<dyn crate::meta::Meta>) -> Result<Auth, AuthError> {
         let users = Arc::new(Users::open(config.users, config.memory_entries)?);
         let policy = Policy::new(config.policy).map_err(AuthError::Policy)?;
         let tokens = Tokens::open(&config.signing_key, DEFAULT_SERVICE, &config.service, config.token_ttl, config.memory_entries)?;
         Ok(Auth {
             mode: config.mode,
             users,
+            meta,
             policy,
             tokens,
             realm: config.realm,
@@ -180,11 +197,17 @@ impl Auth {
     pub async fn login(&self, user: &str, password: &str, from: Option<IpAddr>) -> Result<Subject, AuthError> {
         let keys: Vec<FailureKey> =
             from.map(FailureKey::Address).into_iter().chain(std::iter::once(FailureKey::User(user.to_string()))).collect();
-        if keys.iter().any(|k| self.failures.get(k).unwrap_or(0) >= MAX_FAILURES) {
+        if keys.iter().any(|k| self.failures.get(k).unwrap_or(0) >= k.limit()) {
             return Err(AuthError::TooManyFailures);
         }
-        match self.users.verify(user, password).await {
-            Some(groups) => Ok(Subject { name: user.to_string(), groups, kind: SubjectKind::User }),
+        let verified = match user.strip_prefix(robots::PREFIX) {
+            Some(robot) => robots::verify(&self.meta, robot, password)
+                .await?
+                .map(|grants| Subject { name: user.to_string(), groups: Vec::new(), kind: SubjectKind::Robot(grants) }),
+            None => self.users.verify(user, password).await.map(|groups| Subject { name: user.to_string(), groups, kind: SubjectKind::User }),
+        };
+        match verified {
+            Some(subject) => Ok(subject),
             None => {
                 for k in keys {
                     let n = self.failures.get(&k).unwrap_or(0);
@@ -205,12 +228,15 @@ impl Auth {
         Ok(Identity { subject: self.subject_of(&claims.sub), token_access: Some(Arc::new(claims.access.clone())) })
     }
 
-    /// The subject a token names. Groups are not in tokens: what a token grants is decided when it is issued.
+    /// The subject a token names, with the groups its user has now (a token carries no groups: what it grants
+    /// was decided when it was issued; the groups only decide whether a missing scope is worth a new token).
     fn subject_of(&self, sub: &str) -> Subject {
         if sub.is_empty() {
             Subject::anonymous()
+        } else if sub.starts_with(robots::PREFIX) {
+            Subject { name: sub.to_string(), groups: Vec::new(), kind: SubjectKind::Robot(Vec::new()) }
         } else {
-            Subject { name: sub.to_string(), groups: Vec::new(), kind: SubjectKind::User }
+            Subject { name: sub.to_string(), groups: self.users.groups(sub).unwrap_or_default(), kind: SubjectKind::User }
         }
     }
 
@@ -280,11 +306,17 @@ impl Auth {
         Ok(self.tokens.issue_refresh(&subject.name)?)
     }
 
-    /// The subject of a refresh token, if it is valid and its user still exists.
-    pub fn refresh(&self, token: &str) -> Result<Subject, AuthError> {
+    /// The subject of a refresh token, if it is valid and its user still exists (or its robot is still usable,
+    /// with the grants it has now).
+    pub async fn refresh(&self, token: &str) -> Result<Subject, AuthError> {
         let claims = self.tokens.verify(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
         if !claims.is_refresh() {
             return Err(AuthError::BadToken("not a refresh token".into()));
+        }
+        if let Some(robot) = claims.sub.strip_prefix(robots::PREFIX) {
+            let record = self.meta.robot(robot).await?.filter(robots::usable);
+            let record = record.ok_or_else(|| AuthError::BadToken("the token's robot was revoked or has expired".into()))?;
+            return Ok(Subject { name: claims.sub.clone(), groups: Vec::new(), kind: SubjectKind::Robot(robots::grants(&record)) });
         }
         if !self.users.exists(&claims.sub) {
             return Err(AuthError::BadToken("the token's user no longer exists".into()));
@@ -320,9 +352,10 @@ mod tests {
         assert!(matches!(Credentials::parse(Some("Digest x")), Credentials::Malformed));
     }
 
-    #[test]
-    fn realms_use_only_a_sane_host() {
+    #[tokio::test]
+    async fn realms_use_only_a_sane_host() {
         let dir = tempfile::tempdir().unwrap();
+        let meta = crate::meta::open(&format!("sqlite://{}/m.db", dir.path().display())).await.unwrap();
         let auth = Auth::open(AuthConfig {
             mode: Mode::Token,
             users: UsersConfig::default(),
@@ -333,7 +366,7 @@ mod tests {
             signing_key: dir.path().join("k.pem"),
             metrics_public: false,
             memory_entries: 10,
-        })
+        }, meta)
         .unwrap();
         assert_eq!(auth.realm("http", Some("127.0.0.1:5000")), "http://127.0.0.1:5000/auth/token");
         assert_eq!(auth.realm("https", Some("evil\"host")), "https://localhost/auth/token");

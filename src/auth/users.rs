@@ -104,6 +104,11 @@ impl Users {
         }
     }
 
+    /// The groups of user `name` now.
+    pub fn groups(&self, name: &str) -> Option<Vec<String>> {
+        self.current().users.get(name).map(|(_, groups)| groups.clone())
+    }
+
     /// Whether `name` is a user now (a refresh token outlives neither its user nor a file edit removing them).
     pub fn exists(&self, name: &str) -> bool {
         self.current().users.contains_key(name)

@@ -141,7 +141,7 @@ impl Challenge<'_> {
             AuthError::Missing | AuthError::BadCredentials | AuthError::BadToken(_) => {
                 self.unauthorized(bearer.then_some("invalid_token"), &e.to_string())
             }
-            AuthError::Users(_) | AuthError::Token(_) | AuthError::Policy(_) => {
+            AuthError::Users(_) | AuthError::Token(_) | AuthError::Policy(_) | AuthError::Meta(_) => {
                 tracing::error!(error = %e, "access control failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, json_type(), error_body("UNKNOWN", "access control failed")).into_response()
             }
@@ -294,7 +294,7 @@ pub async fn token_post(State(app): State<Arc<App>>, connect: Option<Extension<C
             let Some(refresh) = &form.refresh_token else {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "refresh_token is required");
             };
-            match auth.refresh(refresh) {
+            match auth.refresh(refresh).await {
                 Ok(s) => issue(&auth, &s, &scopes, false, Some(refresh.clone())),
                 Err(e) => oauth_error(StatusCode::UNAUTHORIZED, "invalid_grant", &e.to_string()),
             }

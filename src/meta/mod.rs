@@ -68,6 +68,20 @@ pub struct JobFailure {
     pub reason: String,
 }
 
+/// A robot token (`breakwater token create`): only the SHA-256 of its secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RobotRecord {
+    pub name: String,
+    /// Hex SHA-256 of the secret. The secret is 256 random bits, so a fast hash is enough: there is nothing to
+    /// guess that a slow one would protect.
+    pub secret_sha256: String,
+    /// `GLOB:ACTIONS` grants, space-separated.
+    pub scopes: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
 /// A page of a sorted listing: the items, and whether more follow (to decide on a `Link` header). Every listing
 /// is paged so that no answer grows with what is stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,6 +158,14 @@ pub trait Meta: Send + Sync + 'static {
     async fn count_failures(&self, job: &str) -> Result<u64, MetaError>;
 
     /// Registers upload session `id` for `repo`.
+    /// Stores a new robot; `false` (nothing changed) if one of that name exists, revoked or not.
+    async fn create_robot(&self, robot: &RobotRecord) -> Result<bool, MetaError>;
+    async fn robot(&self, name: &str) -> Result<Option<RobotRecord>, MetaError>;
+    /// Robots in name order after `last`.
+    async fn robots(&self, last: Option<&str>, limit: u64) -> Result<Page<RobotRecord>, MetaError>;
+    /// Marks a robot revoked at `at`; `false` if there is no such robot or it was revoked already.
+    async fn revoke_robot(&self, name: &str, at: i64) -> Result<bool, MetaError>;
+
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError>;
     /// The repository upload `id` belongs to, if it exists.
     async fn upload_repo(&self, id: &str) -> Result<Option<String>, MetaError>;

@@ -30,11 +30,13 @@ type Step = (i64, &'static str, &'static str);
 const SQLITE: &[Step] = &[
     (1, "schema", include_str!("../../migrations/sqlite/0001_schema.sql")),
     (2, "replication retries", include_str!("../../migrations/sqlite/0002_replication_retries.sql")),
+    (3, "robots", include_str!("../../migrations/sqlite/0003_robots.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
     (1, "schema", include_str!("../../migrations/postgres/0001_schema.sql")),
     (2, "replication retries", include_str!("../../migrations/postgres/0002_replication_retries.sql")),
+    (3, "robots", include_str!("../../migrations/postgres/0003_robots.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile

@@ -7,7 +7,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
-use super::{JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, TagRow, UploadRow};
+use super::{JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagRow, UploadRow};
 use crate::oci::{Digest, RepoName, Tag};
 
 pub struct SqlMeta {
@@ -58,6 +58,19 @@ fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
         position: r.try_get(11)?,
         pending: serde_json::from_str(&r.try_get::<String, _>(12)?).map_err(|e| MetaError::Corrupt(format!("pending: {e}")))?,
         retries: n(13)?,
+    })
+}
+
+const ROBOT_COLUMNS: &str = "name, secret_sha256, scopes, created_at, expires_at, revoked_at";
+
+fn robot_record(r: &AnyRow) -> Result<RobotRecord, MetaError> {
+    Ok(RobotRecord {
+        name: r.try_get(0)?,
+        secret_sha256: r.try_get(1)?,
+        scopes: r.try_get(2)?,
+        created_at: r.try_get(3)?,
+        expires_at: r.try_get(4)?,
+        revoked_at: r.try_get(5)?,
     })
 }
 
@@ -441,6 +454,44 @@ impl Meta for SqlMeta {
         .fetch_all(&self.pool)
         .await?;
         page(&rows, limit, |r| Ok(JobFailure { repo: r.try_get(0)?, tag: r.try_get(1)?, reason: r.try_get(2)? }))
+    }
+
+    async fn create_robot(&self, r: &RobotRecord) -> Result<bool, MetaError> {
+        let done = sqlx::query(
+            "INSERT INTO robots (name, secret_sha256, scopes, created_at, expires_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, NULL) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&r.name)
+        .bind(&r.secret_sha256)
+        .bind(&r.scopes)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn robot(&self, name: &str) -> Result<Option<RobotRecord>, MetaError> {
+        let row = sqlx::query(&format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE name = $1")).bind(name).fetch_optional(&self.pool).await?;
+        row.as_ref().map(robot_record).transpose()
+    }
+
+    async fn robots(&self, last: Option<&str>, limit: u64) -> Result<Page<RobotRecord>, MetaError> {
+        let rows = sqlx::query(&format!("SELECT {ROBOT_COLUMNS} FROM robots WHERE name > $1 ORDER BY name LIMIT $2"))
+            .bind(last.unwrap_or(""))
+            .bind(limit_plus_one(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        page(&rows, limit, robot_record)
+    }
+
+    async fn revoke_robot(&self, name: &str, at: i64) -> Result<bool, MetaError> {
+        let done = sqlx::query("UPDATE robots SET revoked_at = $2 WHERE name = $1 AND revoked_at IS NULL")
+            .bind(name)
+            .bind(at)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn create_upload(&self, id: &str, repo: &RepoName) -> Result<(), MetaError> {

@@ -1,0 +1,483 @@
+//! Access control, driven over real sockets: real clients (skopeo, podman, containerd) through the token flow
+//! and basic mode, and the spec's answers (401 with a challenge, 403 `DENIED`) checked request by request.
+//! Users come from a real `htpasswd -B` file.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use base64::Engine as _;
+use common::images::{self, Podman};
+use common::oci::{pseudo_random, sha256, OCI_MANIFEST};
+use common::Breakwater;
+use serde_json::Value;
+
+const ALICE: (&str, &str) = ("alice", "alice-pw-7f3a");
+const BOB: (&str, &str) = ("bob", "bob-pw-91c2");
+const ROOT: (&str, &str) = ("root", "root-pw-5d0e");
+
+/// An htpasswd file written by the real `htpasswd -B`.
+fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    images::require("htpasswd");
+    let file = dir.join("htpasswd");
+    for (i, (user, pass)) in users.iter().enumerate() {
+        let mut cmd = Command::new("htpasswd");
+        cmd.arg("-B").arg("-b");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        images::run(cmd.arg(&file).args([user, pass]));
+    }
+    file
+}
+
+/// The policy most tests use: alice pushes to `team/**`, `other/**` and `public/**`, bob only pulls `team/**`,
+/// root is the admin, anyone may pull `public/**`.
+fn config(dir: &Path, extra: &str) -> PathBuf {
+    let file = htpasswd(dir, &[ALICE, BOB, ROOT]);
+    let text = format!(
+        r#"
+[auth]
+htpasswd = "{}"
+admins = ["root"]
+{extra}
+
+[[auth.access]]
+repositories = ["team/**", "other/**", "public/**"]
+users = ["alice"]
+actions = ["pull", "push", "delete"]
+
+[[auth.access]]
+repositories = ["team/**"]
+users = ["bob"]
+actions = ["pull"]
+
+[[auth.access]]
+repositories = ["public/**"]
+anonymous = true
+users = ["*"]
+actions = ["pull"]
+"#,
+        file.display()
+    );
+    let path = dir.join("breakwater.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+}
+
+/// One request; returns status, headers and body.
+async fn req(method: &str, url: &str, auth: Option<&str>, body: Option<(&str, Vec<u8>)>) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut r = reqwest::Client::new().request(method.parse().unwrap(), url);
+    if let Some(a) = auth {
+        r = r.header("authorization", a);
+    }
+    if let Some((ct, bytes)) = body {
+        r = r.header("content-type", ct).body(bytes);
+    }
+    let resp = r.send().await.unwrap();
+    let (status, headers) = (resp.status().as_u16(), resp.headers().clone());
+    (status, headers, resp.bytes().await.unwrap().to_vec())
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
+    v["errors"][0]["code"].as_str().unwrap_or_default().to_string()
+}
+
+fn challenge(headers: &reqwest::header::HeaderMap) -> String {
+    headers.get("www-authenticate").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+}
+
+/// A token from `/auth/token` (GET form) for `scopes`, with `creds` or anonymously; (status, JSON).
+async fn token(bw: &Breakwater, creds: Option<(&str, &str)>, scopes: &[&str]) -> (u16, Value) {
+    let mut url = bw.url("/auth/token?service=breakwater");
+    for s in scopes {
+        url.push_str(&format!("&scope={s}"));
+    }
+    let auth = creds.map(|(u, p)| basic(u, p));
+    let (status, _, body) = req("GET", &url, auth.as_deref(), None).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+fn bearer(t: &Value) -> String {
+    format!("Bearer {}", t["token"].as_str().expect("a token"))
+}
+
+/// The `access` claim of a JWT (read without verifying: the server verifies, the test looks).
+fn access_of(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap();
+    serde_json::from_slice::<Value>(&bytes).unwrap()["access"].clone()
+}
+
+/// Pushes a one-layer image to `repo:tag` with `auth` on every request; returns the manifest digest.
+async fn push(bw: &Breakwater, repo: &str, tag: &str, auth: &str, seed: u64) -> String {
+    let config = format!(r#"{{"architecture":"amd64","os":"linux","seed":{seed}}}"#).into_bytes();
+    let layer = pseudo_random(5000, seed);
+    for blob in [&config, &layer] {
+        let url = bw.url(&format!("/v2/{repo}/blobs/uploads/?digest={}", sha256(blob)));
+        let (status, _, body) = req("POST", &url, Some(auth), Some(("application/octet-stream", blob.clone()))).await;
+        assert_eq!(status, 201, "blob push to {repo}: {}", String::from_utf8_lossy(&body));
+    }
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+        sha256(&config), config.len(), sha256(&layer), layer.len()
+    );
+    let url = bw.url(&format!("/v2/{repo}/manifests/{tag}"));
+    let (status, _, body) = req("PUT", &url, Some(auth), Some((OCI_MANIFEST, manifest.clone().into_bytes()))).await;
+    assert_eq!(status, 201, "manifest push to {repo}: {}", String::from_utf8_lossy(&body));
+    sha256(manifest.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spec_answers_401_with_a_challenge_and_403_when_not_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bw = Breakwater::start_with(&["--config", config(dir.path(), "").to_str().unwrap()]);
+    let alice = basic(ALICE.0, ALICE.1);
+
+    // No credentials: 401 UNAUTHORIZED, with the realm on the address the client used and the scope it needs.
+    let (status, headers, body) = req("GET", &bw.url("/v2/"), None, None).await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "UNAUTHORIZED"));
+    assert_eq!(challenge(&headers), format!("Bearer realm=\"http://{}/auth/token\",service=\"breakwater\"", bw.addr));
+    let (status, headers, _) = req("GET", &bw.url("/v2/team/app/manifests/v1"), None, None).await;
+    assert_eq!(status, 401);
+    assert!(challenge(&headers).ends_with(",scope=\"repository:team/app:pull\""), "{}", challenge(&headers));
+    let (status, headers, _) = req("POST", &bw.url("/v2/team/app/blobs/uploads/"), None, None).await;
+    assert_eq!(status, 401, "anonymous push refused");
+    assert!(challenge(&headers).contains("scope=\"repository:team/app:pull,push\""), "{}", challenge(&headers));
+
+    // Wrong password: 401 at the token endpoint and on the API.
+    assert_eq!(token(&bw, Some((ALICE.0, "wrong")), &["repository:team/app:pull"]).await.0, 401);
+    assert_eq!(req("GET", &bw.url("/v2/"), Some(&basic(ALICE.0, "wrong")), None).await.0, 401);
+
+    let digest = push(&bw, "team/app", "v1", &alice, 1).await;
+    push(&bw, "other/lib", "v1", &alice, 2).await;
+
+    // bob asks for pull and push on team/app and is granted pull only: a partial grant, not an error.
+    let (status, t) = token(&bw, Some(BOB), &["repository:team/app:pull,push"]).await;
+    assert_eq!(status, 200);
+    assert_eq!(access_of(t["token"].as_str().unwrap()), serde_json::json!([{"type":"repository","name":"team/app","actions":["pull"]}]));
+    assert_eq!(t["expires_in"], 300);
+    let (status, headers, _) = req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&bearer(&t)), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["docker-content-digest"], digest.as_str());
+    // Authenticated but not allowed: 403 DENIED.
+    let (status, _, body) = req("POST", &bw.url("/v2/team/app/blobs/uploads/"), Some(&bearer(&t)), None).await;
+    assert_eq!((status, error_code(&body).as_str()), (403, "DENIED"));
+    let (status, _, body) = req("GET", &bw.url("/v2/other/lib/manifests/v1"), Some(&basic(BOB.0, BOB.1)), None).await;
+    assert_eq!((status, error_code(&body).as_str()), (403, "DENIED"));
+
+    // alice's pull-only token lacks a scope she would be granted: 401 insufficient_scope, so she fetches another.
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/app:pull"]).await;
+    let (status, headers, _) = req("DELETE", &bw.url(&format!("/v2/team/app/manifests/{digest}")), Some(&bearer(&t)), None).await;
+    assert_eq!(status, 401);
+    assert!(challenge(&headers).contains("error=\"insufficient_scope\""), "{}", challenge(&headers));
+    // A token for one repository grants nothing on another.
+    assert_eq!(req("GET", &bw.url("/v2/other/lib/manifests/v1"), Some(&bearer(&t)), None).await.0, 401);
+
+    // The catalog shows each caller what they may pull.
+    let (_, t) = token(&bw, Some(BOB), &["registry:catalog:*"]).await;
+    let (status, _, body) = req("GET", &bw.url("/v2/_catalog"), Some(&bearer(&t)), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["repositories"], serde_json::json!(["team/app"]));
+    let (_, _, body) = req("GET", &bw.url("/v2/_catalog"), Some(&alice), None).await;
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["repositories"], serde_json::json!(["other/lib", "team/app"]));
+
+    // The API and metrics are the admin's.
+    let (status, headers, _) = req("GET", &bw.url("/api/replication"), None, None).await;
+    assert_eq!(status, 401);
+    assert!(challenge(&headers).starts_with("Basic "), "{}", challenge(&headers));
+    assert_eq!(req("GET", &bw.url("/api/replication"), Some(&alice), None).await.0, 403);
+    assert_eq!(req("GET", &bw.url("/api/replication"), Some(&basic(ROOT.0, ROOT.1)), None).await.0, 200);
+    assert_eq!(req("GET", &bw.url("/metrics"), Some(&alice), None).await.0, 403);
+    assert_eq!(req("GET", &bw.url("/metrics"), Some(&basic(ROOT.0, ROOT.1)), None).await.0, 200);
+    let (_, t) = token(&bw, Some(ROOT), &[]).await;
+    assert_eq!(req("GET", &bw.url("/api/replication"), Some(&bearer(&t)), None).await.0, 200);
+    // Health checks stay open.
+    assert_eq!(req("GET", &bw.url("/healthz"), None, None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_clients_pull_only_where_the_policy_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let bw = Breakwater::start_with(&["--config", config(dir.path(), "").to_str().unwrap()]);
+    let alice = basic(ALICE.0, ALICE.1);
+    let digest = push(&bw, "public/tool", "v1", &alice, 3).await;
+    push(&bw, "team/app", "v1", &alice, 4).await;
+
+    let (status, t) = token(&bw, None, &["repository:public/tool:pull,push", "repository:team/app:pull"]).await;
+    assert_eq!(status, 200, "an anonymous token is not an error");
+    assert_eq!(access_of(t["token"].as_str().unwrap()), serde_json::json!([{"type":"repository","name":"public/tool","actions":["pull"]}]));
+    assert!(t.get("refresh_token").is_none());
+    let (status, headers, _) = req("GET", &bw.url("/v2/public/tool/manifests/v1"), Some(&bearer(&t)), None).await;
+    assert_eq!((status, headers["docker-content-digest"].to_str().unwrap()), (200, digest.as_str()));
+    // Anonymous and not allowed: 401 (credentials might help), never 403.
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&bearer(&t)), None).await.0, 401);
+    assert_eq!(req("POST", &bw.url("/v2/public/tool/blobs/uploads/"), Some(&bearer(&t)), None).await.0, 401);
+    let (_, t) = token(&bw, None, &["registry:catalog:*"]).await;
+    let (_, _, body) = req("GET", &bw.url("/v2/_catalog"), Some(&bearer(&t)), None).await;
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["repositories"], serde_json::json!(["public/tool"]));
+
+    // --anonymous-pull opens every repository to pulls, and nothing else.
+    let data = bw.stop();
+    let htpasswd = dir.path().join("htpasswd");
+    let bw = Breakwater::start_in(data, &["--htpasswd", htpasswd.to_str().unwrap(), "--anonymous-pull"]);
+    let (_, t) = token(&bw, None, &["repository:team/app:pull,push"]).await;
+    assert_eq!(access_of(t["token"].as_str().unwrap()), serde_json::json!([{"type":"repository","name":"team/app","actions":["pull"]}]));
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&bearer(&t)), None).await.0, 200);
+    assert_eq!(req("POST", &bw.url("/v2/team/app/blobs/uploads/"), Some(&bearer(&t)), None).await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_expired_and_foreign_tokens_are_refused() {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let dir = tempfile::tempdir().unwrap();
+    let bw = Breakwater::start_with(&["--config", config(dir.path(), "").to_str().unwrap()]);
+    let alice = basic(ALICE.0, ALICE.1);
+    push(&bw, "team/app", "v1", &alice, 5).await;
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/app:pull"]).await;
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&bearer(&t)), None).await.0, 200);
+
+    // Tokens signed with the server's own key but expired, or for another service, and tokens signed by another key.
+    let own = std::fs::read(bw.data.path().join("auth/token-signing-key.pem")).unwrap();
+    let own = EncodingKey::from_ed_pem(&own).unwrap();
+    let other_key = {
+        let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+        EncodingKey::from_ed_der(pkcs8.as_ref())
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = |aud: &str, exp: u64| {
+        serde_json::json!({"iss":"breakwater","sub":"alice","aud":aud,"exp":exp,"nbf":now - 600,"iat":now - 600,"jti":"t",
+            "access":[{"type":"repository","name":"team/app","actions":["pull","push","delete"]}]})
+    };
+    let sign = |key: &EncodingKey, c: Value| encode(&Header::new(Algorithm::EdDSA), &c, key).unwrap();
+    let good = sign(&own, claims("breakwater", now + 300));
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&format!("Bearer {good}")), None).await.0, 200, "the test signs as the server does");
+    for (what, forged) in [
+        ("expired", sign(&own, claims("breakwater", now - 60))),
+        ("another service", sign(&own, claims("elsewhere", now + 300))),
+        ("another key", sign(&other_key, claims("breakwater", now + 300))),
+        ("not a JWT", "abc.def.ghi".to_string()),
+    ] {
+        let (status, headers, body) = req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&format!("Bearer {forged}")), None).await;
+        assert_eq!((status, error_code(&body).as_str()), (401, "UNAUTHORIZED"), "{what}");
+        assert!(challenge(&headers).contains("error=\"invalid_token\""), "{what}: {}", challenge(&headers));
+    }
+    // A refresh token is not an access token.
+    let form = format!("grant_type=password&service=breakwater&client_id=test&access_type=offline&username={}&password={}&scope=repository:team/app:pull", ALICE.0, ALICE.1);
+    let (status, _, body) = req("POST", &bw.url("/auth/token"), None, Some(("application/x-www-form-urlencoded", form.into_bytes()))).await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    let refresh = answer["refresh_token"].as_str().unwrap().to_string();
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&format!("Bearer {refresh}")), None).await.0, 401);
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&format!("Bearer {}", answer["access_token"].as_str().unwrap())), None).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oauth2_form_issues_and_refreshes_until_the_user_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let bw = Breakwater::start_with(&["--config", cfg.to_str().unwrap()]);
+    push(&bw, "team/app", "v1", &basic(ALICE.0, ALICE.1), 6).await;
+    let post = |form: String| {
+        let url = bw.url("/auth/token");
+        async move {
+            let (status, _, body) = req("POST", &url, None, Some(("application/x-www-form-urlencoded", form.into_bytes()))).await;
+            (status, serde_json::from_slice::<Value>(&body).unwrap())
+        }
+    };
+    let (status, a) = post(format!(
+        "grant_type=password&service=breakwater&client_id=t&access_type=offline&scope=repository%3Ateam%2Fapp%3Apull%20registry%3Acatalog%3A*&username={}&password={}",
+        BOB.0, BOB.1
+    ))
+    .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["scope"], "repository:team/app:pull registry:catalog:*");
+    let refresh = a["refresh_token"].as_str().unwrap().to_string();
+    let (status, b) = post(format!("grant_type=refresh_token&service=breakwater&client_id=t&refresh_token={refresh}&scope=repository:team/app:pull")).await;
+    assert_eq!(status, 200, "{b}");
+    let t = b["access_token"].as_str().unwrap();
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&format!("Bearer {t}")), None).await.0, 200);
+    // Bad requests get OAuth2 errors.
+    assert_eq!(post("grant_type=password&service=breakwater&username=bob&password=nope".into()).await.0, 401);
+    assert_eq!(post("grant_type=client_credentials&service=breakwater".into()).await.1["error"], "unsupported_grant_type");
+    assert_eq!(post("grant_type=password&service=elsewhere&username=bob&password=x".into()).await.0, 400);
+
+    // bob leaves the htpasswd file: his refresh token stops working once the file is re-read.
+    images::run(Command::new("htpasswd").arg("-D").arg(dir.path().join("htpasswd")).arg(BOB.0));
+    let mut refused = false;
+    for _ in 0..100 {
+        let (status, _) = post(format!("grant_type=refresh_token&service=breakwater&client_id=t&refresh_token={refresh}")).await;
+        if status == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused, "a removed user's refresh token still works");
+    assert_eq!(token(&bw, Some(BOB), &[]).await.0, 401);
+    assert_eq!(token(&bw, Some(ALICE), &[]).await.0, 200, "the others are still there");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_limited_per_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let bw = Breakwater::start_with(&["--config", config(dir.path(), "").to_str().unwrap()]);
+    for _ in 0..10 {
+        assert_eq!(token(&bw, Some((BOB.0, "guess")), &[]).await.0, 401);
+    }
+    // Past the limit even the right password is refused for a while, at the token endpoint and on the API.
+    assert_eq!(token(&bw, Some(BOB), &[]).await.0, 429);
+    let (status, _, body) = req("GET", &bw.url("/v2/"), Some(&basic(BOB.0, BOB.1)), None).await;
+    assert_eq!((status, error_code(&body).as_str()), (429, "TOOMANYREQUESTS"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_podman_log_in_push_and_pull_through_the_token_flow() {
+    let dir = images::scratch();
+    let tmp = dir.path();
+    let bw = Breakwater::start_with(&["--config", config(tmp, "").to_str().unwrap()]);
+    let layout = tmp.join("src");
+    let digest = images::build_image(&layout, "v1", images::host_arch(), &[("etc/motd", "behind a login\n")]);
+    let authfile = |who: &str| tmp.join(format!("auth-{who}.json"));
+    let login = |who: (&str, &str)| {
+        images::output(
+            images::skopeo(tmp)
+                .args(["login", "--tls-verify=false", "--authfile"])
+                .arg(authfile(who.0))
+                .args(["--username", who.0, "--password", who.1, &bw.addr]),
+        )
+    };
+    assert!(login(ALICE).status.success(), "skopeo login: {}", String::from_utf8_lossy(&login(ALICE).stderr));
+    let bad = login((BOB.0, "wrong"));
+    assert!(!bad.status.success(), "a wrong password logs in");
+    assert!(login(BOB).status.success());
+
+    let dest = format!("docker://{}/team/app:v1", bw.addr);
+    // Without credentials the push is refused.
+    let anonymous = images::output(images::skopeo(tmp).args(["copy", "--dest-tls-verify=false", &images::oci_ref(&layout, "v1"), &dest]));
+    assert!(!anonymous.status.success(), "an anonymous push went through");
+    images::skopeo_copy(tmp, &["--dest-authfile", authfile("alice").to_str().unwrap()], &images::oci_ref(&layout, "v1"), &dest);
+    // bob may pull it back, and may not push.
+    let back = tmp.join("back");
+    images::skopeo_copy(tmp, &["--src-authfile", authfile("bob").to_str().unwrap()], &dest, &images::oci_ref(&back, "v1"));
+    assert_eq!(images::layout_digest(&back, "v1"), digest);
+    let denied = images::output(images::skopeo(tmp).args(["copy", "--dest-tls-verify=false", "--dest-authfile"]).arg(authfile("bob")).args([
+        &images::oci_ref(&layout, "v1"),
+        &format!("docker://{}/team/bobs:v1", bw.addr),
+    ]));
+    assert!(!denied.status.success(), "bob pushed");
+    assert!(String::from_utf8_lossy(&denied.stderr).to_lowercase().contains("denied"), "{}", String::from_utf8_lossy(&denied.stderr));
+
+    let podman = Podman::new();
+    let podman_auth = podman.dir.path().join("auth.json");
+    images::run(podman.cmd().args(["login", "--tls-verify=false", "--authfile"]).arg(&podman_auth).args(["-u", BOB.0, "-p", BOB.1, &bw.addr]));
+    let image = format!("{}/team/app:v1", bw.addr);
+    images::run(podman.cmd().args(["pull", "--tls-verify=false", "--authfile"]).arg(&podman_auth).arg(&image));
+    assert_eq!(podman.inspect(&image)["Digest"], digest.as_str());
+}
+
+#[test]
+fn containerd_pulls_with_credentials_through_the_oauth2_form() {
+    let dir = images::scratch();
+    let tmp = dir.path();
+    let log = tmp.join("breakwater.log");
+    let cfg = config(tmp, "");
+    let bw = Breakwater::start_logged(&["--config", cfg.to_str().unwrap()], "breakwater=info", &log);
+    let layout = tmp.join("src");
+    let digest = images::build_image(&layout, "v1", images::host_arch(), &[("etc/motd", "containerd logs in\n")]);
+    let creds = format!("{}:{}", ALICE.0, ALICE.1);
+    images::skopeo_copy(tmp, &["--dest-creds", &creds], &images::oci_ref(&layout, "v1"), &format!("docker://{}/team/app:v1", bw.addr));
+
+    let ctrd = common::containerd::Containerd::start();
+    let image = format!("{}/team/app:v1", bw.addr);
+    let refused = ctrd.ctr().args(["images", "pull", "--plain-http", "--snapshotter", "native", &image]).output().unwrap();
+    assert!(!refused.status.success(), "containerd pulled without credentials");
+    images::run(ctrd.ctr().args(["images", "pull", "--plain-http", "--snapshotter", "native", "--user", &format!("{}:{}", BOB.0, BOB.1), &image]));
+    assert_eq!(ctrd.image_digest(&image).as_deref(), Some(digest.as_str()));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("method=POST") && l.contains("path=\"/auth/token\"") && l.contains("status=200")),
+        "containerd used the OAuth2 form"
+    );
+}
+
+#[test]
+fn skopeo_uses_basic_mode() {
+    let dir = images::scratch();
+    let tmp = dir.path();
+    let file = htpasswd(tmp, &[ALICE]);
+    let bw = Breakwater::start_with(&["--htpasswd", file.to_str().unwrap(), "--auth", "basic"]);
+    let layout = tmp.join("src");
+    let digest = images::build_image(&layout, "v1", images::host_arch(), &[("etc/motd", "basic\n")]);
+    let dest = format!("docker://{}/team/app:v1", bw.addr);
+    let anonymous = images::output(images::skopeo(tmp).args(["copy", "--dest-tls-verify=false", &images::oci_ref(&layout, "v1"), &dest]));
+    assert!(!anonymous.status.success(), "an anonymous push went through");
+    let creds = format!("{}:{}", ALICE.0, ALICE.1);
+    images::skopeo_copy(tmp, &["--dest-creds", &creds], &images::oci_ref(&layout, "v1"), &dest);
+    let back = tmp.join("back");
+    images::skopeo_copy(tmp, &["--src-creds", &creds], &dest, &images::oci_ref(&back, "v1"));
+    assert_eq!(images::layout_digest(&back, "v1"), digest);
+    let wrong = images::output(images::skopeo(tmp).args(["inspect", "--tls-verify=false", "--creds", "alice:nope", &dest]));
+    assert!(!wrong.status.success(), "a wrong password pulled");
+    // The challenge is Basic, and no token is issued in this mode's place.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, headers, _) = rt.block_on(req("GET", &bw.url("/v2/"), None, None));
+    assert_eq!((status, challenge(&headers).as_str()), (401, "Basic realm=\"breakwater\""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_refuses_pushes_that_would_shadow_its_default_upstream() {
+    // No access control here: shadowing is refused for everyone, unless allowed by name.
+    let bw = Breakwater::start_with(&["--upstream", "hub=http://127.0.0.1:9", "--default-upstream", "hub", "--allow-shadowing", "mine/**"]);
+    let blob = b"layer".to_vec();
+    for name in ["library/alpine", "team/app"] {
+        let url = bw.url(&format!("/v2/{name}/blobs/uploads/?digest={}", sha256(&blob)));
+        let (status, _, body) = req("POST", &url, None, Some(("application/octet-stream", blob.clone()))).await;
+        assert_eq!((status, error_code(&body).as_str()), (403, "DENIED"), "{name}");
+        let (status, _, _) = req("PUT", &bw.url(&format!("/v2/{name}/manifests/latest")), None, Some((OCI_MANIFEST, b"{}".to_vec()))).await;
+        assert_eq!(status, 403, "{name}");
+    }
+    let url = bw.url(&format!("/v2/mine/app/blobs/uploads/?digest={}", sha256(&blob)));
+    assert_eq!(req("POST", &url, None, Some(("application/octet-stream", blob.clone()))).await.0, 201);
+    // The upstream's own namespace stays read-only as before.
+    let url = bw.url(&format!("/v2/hub/library/alpine/blobs/uploads/?digest={}", sha256(&blob)));
+    assert_eq!(req("POST", &url, None, Some(("application/octet-stream", blob))).await.0, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_hold_no_secret_and_an_audit_line_per_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("breakwater.log");
+    let cfg = config(dir.path(), "");
+    let bw = Breakwater::start_logged(&["--config", cfg.to_str().unwrap()], "debug", &log);
+    let alice = basic(ALICE.0, ALICE.1);
+    let digest = push(&bw, "team/app", "v1", &alice, 7).await;
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/app:pull,push,delete"]).await;
+    let jwt = t["token"].as_str().unwrap().to_string();
+    assert_eq!(req("GET", &bw.url("/v2/team/app/manifests/v1"), Some(&bearer(&t)), None).await.0, 200);
+    assert_eq!(req("DELETE", &bw.url(&format!("/v2/team/app/manifests/{digest}")), Some(&bearer(&t)), None).await.0, 202);
+    token(&bw, Some((BOB.0, "a-wrong-guess-123")), &[]).await;
+    let form = format!("grant_type=password&service=breakwater&client_id=t&access_type=offline&username={}&password={}", BOB.0, BOB.1);
+    let (_, _, body) = req("POST", &bw.url("/auth/token"), None, Some(("application/x-www-form-urlencoded", form.into_bytes()))).await;
+    let refresh = serde_json::from_slice::<Value>(&body).unwrap()["refresh_token"].as_str().unwrap().to_string();
+    drop(bw);
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("request"), "the log has request lines");
+    let basic_value = alice.trim_start_matches("Basic ");
+    for secret in [ALICE.1, BOB.1, "a-wrong-guess-123", jwt.as_str(), refresh.as_str(), basic_value] {
+        assert!(!text.contains(secret), "the log holds a secret: {secret}");
+    }
+    assert!(!text.to_lowercase().contains("authorization"), "the log mentions an Authorization header");
+    // Who pushed, moved a tag and deleted what.
+    let audit: Vec<&str> = text.lines().filter(|l| l.contains("breakwater::audit")).collect();
+    assert_eq!(audit.iter().filter(|l| l.contains("push blob") && l.contains("subject=\"alice\"")).count(), 2, "{audit:#?}");
+    assert!(audit.iter().any(|l| l.contains("push manifest") && l.contains("repository=\"team/app\"") && l.contains(&digest)), "{audit:#?}");
+    assert!(audit.iter().any(|l| l.contains("delete manifest") && l.contains(&digest)), "{audit:#?}");
+}
