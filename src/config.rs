@@ -41,6 +41,8 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// How long the sweep leaves a file or upload session alone before it counts as abandoned.
     pub sweep_grace: Duration,
+    /// Serve HTTPS with this certificate and key; plain HTTP without.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -96,6 +98,28 @@ pub struct FileConfig {
     pub cache: FileCache,
     #[serde(default)]
     pub replication: Vec<FileReplication>,
+    #[serde(default)]
+    pub tls: FileTls,
+}
+
+/// The `[tls]` table: both keys, or neither (plain HTTP).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+}
+
+/// The TLS settings from a certificate and a key path, each given or not: both or neither.
+pub fn tls(cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<Option<crate::tls::TlsConfig>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsConfig { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("a TLS certificate is configured without its key (--tls-key, [tls] key)"),
+        (None, Some(_)) => anyhow::bail!("a TLS key is configured without its certificate (--tls-cert, [tls] cert)"),
+    }
 }
 
 /// A `[[replication]]` policy; the same fields as `breakwater replicate`'s flags.
@@ -369,6 +393,7 @@ to_password = "to-secret-4"
             connections: crate::connection::Limits::default(),
             sweep_interval: Duration::from_secs(DEFAULT_SWEEP_INTERVAL_SECS),
             sweep_grace: crate::fsck::DEFAULT_GRACE,
+            tls: None,
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
@@ -397,6 +422,15 @@ to_password = "to-secret-4"
         assert!(connection_limits(Some(0), None, None).is_err());
         assert!(connection_limits(None, Some(0), None).is_err());
         assert!(connection_limits(None, None, Some(0)).is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let (c, k) = (Some(PathBuf::from("c.pem")), Some(PathBuf::from("k.pem")));
+        assert_eq!(tls(None, None).unwrap(), None);
+        assert_eq!(tls(c.clone(), k.clone()).unwrap(), Some(crate::tls::TlsConfig { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert!(tls(c, None).is_err());
+        assert!(tls(None, k).is_err());
     }
 
     #[test]

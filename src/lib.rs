@@ -16,6 +16,7 @@ pub mod replicate;
 pub mod secret;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod upstream;
 pub mod warm;
 

@@ -298,6 +298,13 @@ struct ServeArgs {
     /// upstream's tokens [default: 100000].
     #[arg(long, env = "BREAKWATER_CACHE_MEMORY_ENTRIES")]
     cache_memory_entries: Option<u64>,
+    /// Serve HTTPS with this PEM certificate chain (server certificate first); needs --tls-key. Reloaded on
+    /// SIGHUP and when the file changes.
+    #[arg(long, env = "BREAKWATER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "BREAKWATER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -349,7 +356,9 @@ impl ServeArgs {
         )?;
         let sweep_interval =
             self.sweep_interval_secs.or(file.sweep_interval_secs).unwrap_or(config::DEFAULT_SWEEP_INTERVAL_SECS);
+        let tls = config::tls(self.tls_cert.or(file.tls.cert), self.tls_key.or(file.tls.key))?;
         Ok(Config {
+            tls,
             connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
             sweep_interval: std::time::Duration::from_secs(sweep_interval),
@@ -528,6 +537,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Read before binding: a bad certificate stops the start, with nothing listening.
+    let tls = match &config.tls {
+        Some(t) => Some(std::sync::Arc::new(breakwater::tls::Tls::load(t.clone()).context("loading the TLS certificate")?)),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -536,13 +551,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let app = breakwater::server::build(&config, &format!("http://{local}"), Some(metrics)).await?;
+    let app = breakwater::server::build(&config, &format!("{scheme}://{local}"), Some(metrics)).await?;
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     let mut out = std::io::stdout();
-    writeln!(out, "breakwater listening on http://{addr}")?;
+    writeln!(out, "breakwater listening on {scheme}://{addr}")?;
     out.flush()?;
-    tracing::info!(%addr, data = %config.data.display(), "serving");
-    breakwater::server::serve(listener, app, config.connections, shutdown_signal()).await
+    if let Some(warning) = breakwater::server::plain_http_warning(addr, tls.is_some()) {
+        tracing::warn!("{warning}");
+    }
+    tracing::info!(%addr, tls = tls.is_some(), data = %config.data.display(), "serving");
+    breakwater::server::serve(listener, app, config.connections, tls, shutdown_signal()).await
 }
 
 #[tokio::main]

@@ -98,14 +98,47 @@ pub async fn build(
     Ok(Arc::new(App { registry, proxy, replication, metrics }))
 }
 
-/// Serves `app` on `listener` within `limits` until `shutdown` resolves, then stops accepting and lets
-/// in-flight requests finish.
+/// Serves `app` on `listener` within `limits`, over TLS when `tls` is given (its certificate reloaded on SIGHUP
+/// and when its files change), until `shutdown` resolves, then stops accepting and lets in-flight requests
+/// finish.
 pub async fn serve(
     listener: TcpListener,
     app: Arc<App>,
     limits: crate::connection::Limits,
+    tls: Option<Arc<crate::tls::Tls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    crate::connection::serve(listener, http::router(app), limits, shutdown).await;
+    let acceptor = tls.map(|tls| {
+        let acceptor = tls.acceptor();
+        tls.spawn_reloader();
+        acceptor
+    });
+    crate::connection::serve(listener, http::router(app), limits, acceptor, shutdown).await;
     Ok(())
+}
+
+/// The warning to log at start when serving plain HTTP where other machines can connect, if it is so: their
+/// requests, credentials included, would cross the network in clear.
+pub fn plain_http_warning(addr: std::net::SocketAddr, tls: bool) -> Option<String> {
+    if tls || addr.ip().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "serving plain HTTP on {addr}, which is not a loopback address: requests, credentials included, cross the \
+         network unencrypted and clients need insecure-registry settings; give --tls-cert and --tls-key to serve HTTPS"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_http_is_flagged_beyond_loopback_only() {
+        let warn = |addr: &str, tls| super::plain_http_warning(addr.parse().unwrap(), tls);
+        assert!(warn("0.0.0.0:5000", false).is_some_and(|w| w.contains("--tls-cert")));
+        assert!(warn("[::]:5000", false).is_some());
+        assert!(warn("192.0.2.7:5000", false).is_some());
+        assert_eq!(warn("0.0.0.0:5000", true), None);
+        assert_eq!(warn("127.0.0.1:5000", false), None);
+        assert_eq!(warn("[::1]:5000", false), None);
+    }
 }

@@ -22,6 +22,8 @@ pub struct Breakwater {
     child: Child,
     /// `127.0.0.1:PORT`, as printed by the server once it listens.
     pub addr: String,
+    /// `https` when it serves TLS, else `http` (also as printed).
+    pub scheme: &'static str,
     /// Where the server keeps its blobs and its SQLite database; removed on drop.
     pub data: tempfile::TempDir,
 }
@@ -64,16 +66,16 @@ impl Breakwater {
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read listen line");
-        let addr = line
-            .trim()
-            .strip_prefix("breakwater listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line from breakwater: {line:?}"))
-            .to_string();
-        Breakwater { child, addr, data }
+        let url = line.trim().strip_prefix("breakwater listening on ");
+        let (scheme, addr) = url
+            .and_then(|u| u.split_once("://"))
+            .unwrap_or_else(|| panic!("unexpected first line from breakwater: {line:?}"));
+        let scheme = if scheme == "https" { "https" } else { "http" };
+        Breakwater { child, addr: addr.to_string(), scheme, data }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn pid(&self) -> u32 {
