@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Each tool's command is also its Debian 12 package name.
-tools=(docker-registry skopeo umoci podman containerd)
+tools=(docker-registry skopeo umoci podman containerd curl)
 
 have() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ] || [ -x "/usr/sbin/$1" ]

@@ -52,12 +52,23 @@ impl Breakwater {
         Self::spawn(tempfile::tempdir().expect("tempdir"), extra, rust_log, Stdio::from(file))
     }
 
+    /// A registry with extra `serve` flags and environment variables, logging to the file `log`.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create log file");
+        Self::spawn_env(tempfile::tempdir().expect("tempdir"), extra, env, "breakwater=info", Stdio::from(file))
+    }
+
     fn spawn(data: tempfile::TempDir, extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
+        Self::spawn_env(data, extra, &[], rust_log, stderr)
+    }
+
+    fn spawn_env(data: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)], rust_log: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(stderr)
