@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Pull artifacts through a running breakwater so its cache holds them (e.g. docker.io/library/alpine:3.20).
     Warm(WarmArgs),
     /// Copy repositories from one registry to another, page by page, resumably.
@@ -566,7 +566,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
         Command::Fsck(args) => fsck(args).await,
