@@ -139,6 +139,10 @@ pub struct FileReplication {
     pub from_password: Option<Secret>,
     pub to_username: Option<String>,
     pub to_password: Option<Secret>,
+    /// PEM CA certificates to trust for the source besides the system's (a private CA).
+    pub from_ca: Option<PathBuf>,
+    /// The same for the destination.
+    pub to_ca: Option<PathBuf>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
@@ -178,11 +182,12 @@ const REPLICATION_TIMEOUT_SECS: u64 = 60;
 impl FileReplication {
     /// The policy, with `local` standing for `local_url` (this breakwater).
     pub fn policy(&self, local_url: &str) -> anyhow::Result<crate::replicate::Policy> {
-        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<Secret>| -> anyhow::Result<UpstreamConfig> {
+        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<Secret>, ca: &Option<PathBuf>| -> anyhow::Result<UpstreamConfig> {
             let url = if url == "local" { local_url } else { url };
             let mut u = upstream(name, url, 0, REPLICATION_TIMEOUT_SECS, false, Some(false))?;
             u.username = user.clone();
             u.password = pass.clone();
+            u.ca = ca.clone();
             u.requests_per_sec = self.rate;
             Ok(u)
         };
@@ -194,9 +199,9 @@ impl FileReplication {
         }
         Ok(crate::replicate::Policy {
             job: self.name.clone(),
-            from: endpoint("source", &self.from, &self.from_username, &self.from_password)?,
+            from: endpoint("source", &self.from, &self.from_username, &self.from_password, &self.from_ca)?,
             from_kind: self.from_kind,
-            to: endpoint("destination", &self.to, &self.to_username, &self.to_password)?,
+            to: endpoint("destination", &self.to, &self.to_username, &self.to_password, &self.to_ca)?,
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             tags: self.tags.clone(),
@@ -229,6 +234,8 @@ pub struct FileUpstream {
     pub default: bool,
     /// Defaults to true for Docker Hub URLs.
     pub library_shorthand: Option<bool>,
+    /// PEM CA certificates to trust for this upstream besides the system's (a private CA).
+    pub ca: Option<PathBuf>,
 }
 
 /// The `[cache]` table.
@@ -268,6 +275,7 @@ pub fn upstream(
         library_shorthand: library_shorthand.unwrap_or(url.contains("docker.io")),
         requests_per_sec: None,
         token_entries: crate::bounded::DEFAULT_ENTRIES,
+        ca: None,
     })
 }
 
@@ -283,6 +291,7 @@ impl FileUpstream {
         )?;
         u.username = self.username;
         u.password = self.password;
+        u.ca = self.ca;
         Ok(u)
     }
 }

@@ -136,6 +136,8 @@ impl ReplicateArgs {
             from_password: self.from_password.clone().map(Into::into),
             to_username: self.to_username.clone(),
             to_password: self.to_password.clone().map(Into::into),
+            from_ca: None,
+            to_ca: None,
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             tags: self.tags.clone(),

@@ -569,3 +569,119 @@ async fn an_http2_client_that_stops_reading_is_closed() {
     assert_eq!(curl(&pki.ca(), &["--http2", "-o", &self::path(&file), "-w", "%{http_version}", &url]), "2");
     assert_eq!(sha256(&std::fs::read(&file).unwrap()), digest);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// breakwater as the client of registries with a private CA
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `[[upstream]] ca = FILE`: the cache pulls from an HTTPS upstream whose certificate a private CA signed; the
+/// same upstream without `ca` fails verification and the pull fails.
+#[test]
+fn an_upstream_with_a_private_ca() {
+    let pki = Pki::new(70);
+    let upstream = start_tls(&pki, &[]);
+    let dir = scratch();
+    let blob = pseudo_random(3 << 20, 0x70);
+    let digest = push_blob_h2(&upstream, &pki, "tls/up", &blob, dir.path());
+
+    let config = dir.path().join("cache.toml");
+    let upstream_url = format!("https://{}", upstream.addr);
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nname = \"secure\"\nurl = \"{upstream_url}\"\nca = \"{}\"\n", path(&pki.ca())),
+    )
+    .unwrap();
+    let cache = Breakwater::start_with(&["--config", &path(&config)]);
+    let file = dir.path().join("through-cache");
+    let url = cache.url(&format!("/v2/secure/tls/up/blobs/{digest}"));
+    require("curl");
+    run(Command::new("curl").args(["-sS", "--fail", "-o", &path(&file), &url]));
+    assert_eq!(sha256(&std::fs::read(&file).unwrap()), digest);
+
+    let untrusting = Breakwater::start_with(&["--upstream", &format!("secure={upstream_url}")]);
+    let code = run(Command::new("curl").args([
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &untrusting.url(&format!("/v2/secure/tls/up/blobs/{digest}")),
+    ]));
+    assert_ne!(code, "200", "the upstream's certificate was not verified");
+}
+
+/// `[[replication]] from_ca` / `to_ca`: `breakwater replicate` copies between two HTTPS registries, each with
+/// its own private CA.
+#[test]
+fn replication_between_registries_with_private_cas() {
+    let (src_pki, dst_pki) = (Pki::new(80), Pki::new(81));
+    let (src, dst) = (start_tls(&src_pki, &[]), start_tls(&dst_pki, &[]));
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = tmp.join("src");
+    let digest = build_image(&layout, "v1", host_arch(), &[("etc/motd", "replicated over TLS\n")]);
+    let src_cert_dir = path(&src_pki.cert_dir());
+    run(skopeo(tmp).args(["copy", "--dest-cert-dir", &src_cert_dir, &oci_ref(&layout, "v1"), &format!("docker://{}/tls/rep:v1", src.addr)]));
+
+    let config = tmp.join("replicate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[replication]]\nname = \"secure\"\nfrom = \"https://{}\"\nto = \"https://{}\"\nfrom_ca = \"{}\"\nto_ca = \"{}\"\n",
+            src.addr,
+            dst.addr,
+            path(&src_pki.ca()),
+            path(&dst_pki.ca())
+        ),
+    )
+    .unwrap();
+    let data = scratch();
+    run(Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["replicate", "--policy", "secure", "--config", &path(&config), "--data", &path(data.path())]));
+    let inspected = run(skopeo(tmp).args(["inspect", "--cert-dir", &path(&dst_pki.cert_dir()), &format!("docker://{}/tls/rep:v1", dst.addr)]));
+    let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(v["Digest"], digest.as_str());
+}
+
+/// A policy inside a TLS `serve` with `to = "local"` replicates into the server itself over HTTPS
+/// (`https://127.0.0.1:PORT`, verified with `to_ca`).
+#[test]
+fn replication_into_local_over_https() {
+    let (src_pki, local_pki) = (Pki::new(90), Pki::new(91));
+    let src = start_tls(&src_pki, &[]);
+    let dir = scratch();
+    let tmp = dir.path();
+    let layout = tmp.join("src");
+    let digest = build_image(&layout, "v1", host_arch(), &[("etc/motd", "replicated into local\n")]);
+    run(skopeo(tmp).args(["copy", "--dest-cert-dir", &path(&src_pki.cert_dir()), &oci_ref(&layout, "v1"), &format!("docker://{}/tls/in:v1", src.addr)]));
+
+    let config = tmp.join("serve.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\n\n[[replication]]\nname = \"pull-in\"\nfrom = \"https://{}\"\nto = \"local\"\nfrom_ca = \"{}\"\nto_ca = \"{}\"\n",
+            path(&local_pki.cert()),
+            path(&local_pki.key()),
+            src.addr,
+            path(&src_pki.ca()),
+            path(&local_pki.ca())
+        ),
+    )
+    .unwrap();
+    let local = Breakwater::start_with(&["--config", &path(&config)]);
+    let ca = local_pki.ca();
+    curl(&ca, &["-X", "POST", "-o", "/dev/null", &local.url("/api/replication/pull-in/run")]);
+    let deadline = Instant::now() + GUARD;
+    let status = loop {
+        let v: serde_json::Value = serde_json::from_str(&curl(&ca, &[&local.url("/api/replication/pull-in")])).unwrap();
+        if v["running"] == false && v["progress"]["status"] != "never run" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the run did not end: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status["progress"]["status"], "finished", "{status}");
+    let inspected = run(skopeo(tmp).args(["inspect", "--cert-dir", &path(&local_pki.cert_dir()), &format!("docker://{}/tls/in:v1", local.addr)]));
+    let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
+    assert_eq!(v["Digest"], digest.as_str());
+}
