@@ -3,15 +3,17 @@
 //!
 //! Shutdown has two steps, and every task is told which one it listens to:
 //! 1. `close` (at the signal): no new work may start. Schedules and periodic tasks stop; a request that would
-//!    start a replication run is refused (`StartError::ShuttingDown`). Work in progress goes on, because the
-//!    HTTP server is still draining requests that may be waiting on it (a client streaming a flight).
-//! 2. `shutdown(grace)` (once the drain is over): work in progress is cancelled through its token and stops at
-//!    its next await point, each in the way that keeps its invariants (a replication run saves its checkpoint
-//!    as `interrupted`, a flight removes its spool). Tasks still running after `grace` are logged and abandoned
-//!    to the runtime's drop, which is no worse than a crash.
+//!    start a replication run is refused (`StartError::ShuttingDown`). Replication runs stop too: no request
+//!    waits on one, and a run into this server (`local`) could only fail its copies against the closed
+//!    listener. Flights go on, because the HTTP server is still draining requests that may be streaming them.
+//! 2. `shutdown(grace)` (once the drain is over): the rest of the work in progress (flights) is cancelled, and
+//!    every task is joined. Each stops at its next await point in the way that keeps its invariants (a
+//!    replication run saves its checkpoint as `interrupted`, a flight removes its spool). Tasks still running
+//!    after `grace` are logged and abandoned to the runtime's drop, which is no worse than a crash.
 //!
-//! Architecture invariant: the shutdown order is stop accepting → drain connections → cancel and join
-//! background tasks → exit. A task is never cancelled while a request in progress may still wait on it.
+//! Architecture invariant: the shutdown order is stop accepting (and stop starting background work) → drain
+//! connections → cancel and join background tasks → exit. A task is never cancelled while a request in
+//! progress may still wait on it.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,12 +61,13 @@ impl Tasks {
         })
     }
 
-    /// A token cancelled when work in progress must stop (step 2), for a task to watch.
+    /// A token cancelled once the drain is over (step 2), for work a request in progress may wait on (flights).
     pub fn token(&self) -> CancellationToken {
         self.cancel.child_token()
     }
 
-    /// A token cancelled when shutdown begins (step 1), for schedules and periodic tasks to stop at.
+    /// A token cancelled when shutdown begins (step 1), for work no request waits on: schedules, periodic
+    /// tasks, replication runs.
     pub fn closing(&self) -> CancellationToken {
         self.closing.child_token()
     }

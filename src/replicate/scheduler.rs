@@ -96,7 +96,9 @@ impl Scheduler {
             }
             running.insert(name.to_string(), Arc::clone(&progress));
         }
-        let (this, name, cancel) = (Arc::clone(self), name.to_string(), self.tasks.token());
+        // Stopped when shutdown begins, not after the drain: no request waits on a run, and a run into `local`
+        // could only fail its copies against the closed listener meanwhile.
+        let (this, name, cancel) = (Arc::clone(self), name.to_string(), self.tasks.closing());
         self.tasks.spawn("replication run", async move {
             tracing::info!(job = %name, ?mode, "replication started");
             match super::run(policy, Arc::clone(&this.meta), mode, Some(progress), cancel).await {
