@@ -15,6 +15,7 @@ pub mod registry;
 pub mod replicate;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod storage;
 pub mod tls;
 pub mod upstream;

@@ -182,7 +182,10 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
     let job = policy.job.clone();
     let progress = std::sync::Arc::new(breakwater::replicate::Progress::default());
     let reporter = breakwater::replicate::Reporter::start(&job, std::sync::Arc::clone(&progress));
-    let result = breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress))).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signalled = tokio::spawn(stop_on_signal(cancel.clone()));
+    let result =
+        breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress)), cancel).await;
     drop(reporter);
     let record = result?;
     let mut last: Option<(String, String)> = None;
@@ -208,7 +211,26 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
         "tags_held_max": progress.tags_held_max.load(std::sync::atomic::Ordering::Relaxed),
     });
     println!("{summary}");
+    if record.status == breakwater::replicate::INTERRUPTED {
+        // The shell's convention for a process stopped by a signal: 128 + its number.
+        // Only a signal interrupts this run, so the watcher has returned it (or is about to).
+        let signal = signalled.await.unwrap_or(Signal::Terminate);
+        return Ok(std::process::ExitCode::from(signal.exit_code()));
+    }
     Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+/// Stops the run at the first SIGINT or SIGTERM (it saves its checkpoint and ends `interrupted`); a second one
+/// exits at once, for someone who will not wait for the save. Returns the first signal.
+async fn stop_on_signal(cancel: tokio_util::sync::CancellationToken) -> Signal {
+    let first = signal().await;
+    eprintln!("interrupted: saving the checkpoint (signal again to quit at once; --resume continues)");
+    cancel.cancel();
+    let _quit = tokio::spawn(async move {
+        signal().await;
+        std::process::exit(first.exit_code().into());
+    });
+    first
 }
 
 #[derive(clap::Args)]
@@ -512,8 +534,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// The signals that stop breakwater.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    /// 128 + the signal's number, as a shell reports a process the signal killed.
+    fn exit_code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with which.
+async fn signal() -> Signal {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {
@@ -527,11 +566,21 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        _ = ctrl_c => Signal::Interrupt,
+        _ = term => Signal::Terminate,
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }
+
+/// Resolves on SIGINT or SIGTERM: where `serve` begins its shutdown.
+async fn shutdown_signal() {
+    let signal = signal().await;
+    tracing::info!(?signal, "shutdown requested; finishing in-flight requests, then stopping background tasks");
+}
+
+/// How long `serve` waits for its background tasks to stop once the requests in progress are done: a replication
+/// run saves its checkpoint and a flight removes its spool well within it; what is still running after it is
+/// abandoned (and is no worse off than after a crash).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
@@ -553,7 +602,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let app = breakwater::server::build(&config, &format!("{scheme}://{local}"), Some(metrics)).await?;
+    let tasks = breakwater::shutdown::Tasks::new();
+    let app = breakwater::server::build(&config, &format!("{scheme}://{local}"), Some(metrics), &tasks).await?;
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     let mut out = std::io::stdout();
     writeln!(out, "breakwater listening on {scheme}://{addr}")?;
@@ -562,7 +612,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("{warning}");
     }
     tracing::info!(%addr, tls = tls.is_some(), data = %config.data.display(), "serving");
-    breakwater::server::serve(listener, app, config.connections, tls, shutdown_signal()).await
+    breakwater::server::serve(listener, app, config.connections, tls, tasks, SHUTDOWN_GRACE, shutdown_signal()).await
 }
 
 #[tokio::main]

@@ -99,13 +99,17 @@ impl Tls {
     /// Reloads on SIGHUP and when the files change, for as long as the server runs. A failed reload is
     /// logged and leaves the current certificate in place; the poll retries only after the files change again
     /// (a renewal that writes the certificate and then the key is read twice, the second time whole).
-    pub fn spawn_reloader(self: Arc<Self>) {
-        tokio::spawn(async move {
+    /// It runs as one of `tasks` until the drain is over (connections still draining may renegotiate nothing,
+    /// but new handshakes during the drain get the current certificate).
+    pub fn spawn_reloader(self: Arc<Self>, tasks: &crate::shutdown::Tasks) {
+        let stop = tasks.token();
+        tasks.spawn("tls reloader", async move {
             let mut hup = hangups();
             let mut tick = tokio::time::interval(RELOAD_POLL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let why = tokio::select! {
+                    () = stop.cancelled() => return,
                     _ = hup.recv() => "SIGHUP",
                     _ = tick.tick() => {
                         if !self.changed() {
