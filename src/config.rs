@@ -45,6 +45,8 @@ pub struct Config {
     pub auth: Option<crate::auth::AuthConfig>,
     /// Un-prefixed names that may be pushed although the default upstream serves un-prefixed names.
     pub allow_shadowing: Vec<String>,
+    /// Serve HTTPS with this certificate and key; plain HTTP without.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -104,6 +106,8 @@ pub struct FileConfig {
     pub auth: FileAuth,
     #[serde(default)]
     pub allow_shadowing: Vec<String>,
+    #[serde(default)]
+    pub tls: FileTls,
 }
 
 /// The `[auth]` table.
@@ -213,6 +217,26 @@ pub fn auth(file: FileAuth, flags: AuthFlags, data: &Path, memory_entries: u64) 
     }))
 }
 
+/// The `[tls]` table: both keys, or neither (plain HTTP).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// PEM certificate chain, the server's certificate first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    pub key: Option<PathBuf>,
+}
+
+/// The TLS settings from a certificate and a key path, each given or not: both or neither.
+pub fn tls(cert: Option<PathBuf>, key: Option<PathBuf>) -> anyhow::Result<Option<crate::tls::TlsConfig>> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsConfig { cert, key })),
+        (None, None) => Ok(None),
+        (Some(_), None) => anyhow::bail!("a TLS certificate is configured without its key (--tls-key, [tls] key)"),
+        (None, Some(_)) => anyhow::bail!("a TLS key is configured without its certificate (--tls-cert, [tls] cert)"),
+    }
+}
+
 /// A `[[replication]]` policy; the same fields as `breakwater replicate`'s flags.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -230,6 +254,10 @@ pub struct FileReplication {
     pub from_password: Option<Secret>,
     pub to_username: Option<String>,
     pub to_password: Option<Secret>,
+    /// PEM CA certificates to trust for the source besides the system's (a private CA).
+    pub from_ca: Option<PathBuf>,
+    /// The same for the destination.
+    pub to_ca: Option<PathBuf>,
     #[serde(default)]
     pub include: Vec<String>,
     #[serde(default)]
@@ -269,11 +297,12 @@ const REPLICATION_TIMEOUT_SECS: u64 = 60;
 impl FileReplication {
     /// The policy, with `local` standing for `local_url` (this breakwater).
     pub fn policy(&self, local_url: &str) -> anyhow::Result<crate::replicate::Policy> {
-        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<Secret>| -> anyhow::Result<UpstreamConfig> {
+        let endpoint = |name: &str, url: &str, user: &Option<String>, pass: &Option<Secret>, ca: &Option<PathBuf>| -> anyhow::Result<UpstreamConfig> {
             let url = if url == "local" { local_url } else { url };
             let mut u = upstream(name, url, 0, REPLICATION_TIMEOUT_SECS, false, Some(false))?;
             u.username = user.clone();
             u.password = pass.clone();
+            u.ca = ca.clone();
             u.requests_per_sec = self.rate;
             Ok(u)
         };
@@ -285,9 +314,9 @@ impl FileReplication {
         }
         Ok(crate::replicate::Policy {
             job: self.name.clone(),
-            from: endpoint("source", &self.from, &self.from_username, &self.from_password)?,
+            from: endpoint("source", &self.from, &self.from_username, &self.from_password, &self.from_ca)?,
             from_kind: self.from_kind,
-            to: endpoint("destination", &self.to, &self.to_username, &self.to_password)?,
+            to: endpoint("destination", &self.to, &self.to_username, &self.to_password, &self.to_ca)?,
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             tags: self.tags.clone(),
@@ -320,6 +349,8 @@ pub struct FileUpstream {
     pub default: bool,
     /// Defaults to true for Docker Hub URLs.
     pub library_shorthand: Option<bool>,
+    /// PEM CA certificates to trust for this upstream besides the system's (a private CA).
+    pub ca: Option<PathBuf>,
 }
 
 /// The `[cache]` table.
@@ -359,6 +390,7 @@ pub fn upstream(
         library_shorthand: library_shorthand.unwrap_or(url.contains("docker.io")),
         requests_per_sec: None,
         token_entries: crate::bounded::DEFAULT_ENTRIES,
+        ca: None,
     })
 }
 
@@ -374,6 +406,7 @@ impl FileUpstream {
         )?;
         u.username = self.username;
         u.password = self.password;
+        u.ca = self.ca;
         Ok(u)
     }
 }
@@ -486,6 +519,7 @@ to_password = "to-secret-4"
             sweep_grace: crate::fsck::DEFAULT_GRACE,
             auth: None,
             allow_shadowing: Vec::new(),
+            tls: None,
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
@@ -514,6 +548,15 @@ to_password = "to-secret-4"
         assert!(connection_limits(Some(0), None, None).is_err());
         assert!(connection_limits(None, Some(0), None).is_err());
         assert!(connection_limits(None, None, Some(0)).is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let (c, k) = (Some(PathBuf::from("c.pem")), Some(PathBuf::from("k.pem")));
+        assert_eq!(tls(None, None).unwrap(), None);
+        assert_eq!(tls(c.clone(), k.clone()).unwrap(), Some(crate::tls::TlsConfig { cert: "c.pem".into(), key: "k.pem".into() }));
+        assert!(tls(c, None).is_err());
+        assert!(tls(None, k).is_err());
     }
 
     #[test]

@@ -12,9 +12,19 @@
 //! - at most `max_connections` are served at once; further connections wait in the listen backlog, unaccepted,
 //!   until a served one closes.
 //!
-//! Shutdown stops accepting, asks every connection to finish its request in progress and close, and waits for
-//! them (all of which the timeouts above bound).
+//! With TLS the same bounds hold, from the same timers, which sit under the TLS layer on the raw socket:
+//! - the handshake's reads are under the header timeout, counted from the accept: a client that sends nothing,
+//!   or half a ClientHello, is closed when it expires, and the request head must have come by then too;
+//! - an HTTP/2 connection (ALPN `h2`) serves at most [`H2_MAX_CONCURRENT_STREAMS`] requests at once. Its first
+//!   request must start within the header timeout and, whenever no request is in progress, it is closed after
+//!   the idle timeout (frames that start no request, such as pings, do not keep it open). Request bodies have
+//!   their idle timeout as on HTTP/1; a response the client grants no flow-control window for the idle timeout
+//!   (it stopped reading) closes the connection, as does a socket write stuck for that long.
+//!
+//! Shutdown stops accepting, asks every connection to finish its request in progress and close (HTTP/2: a
+//! GOAWAY), and waits for them (all of which the timeouts above bound).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
@@ -28,11 +38,12 @@ use axum::response::Response;
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::{Instant, Sleep};
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 /// The bounds on a client's connection; see the module documentation for what each one bounds.
@@ -52,6 +63,10 @@ pub const DEFAULT_HEADER_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 8192;
 
+/// Requests in progress at once on one HTTP/2 connection; more wait for one to end. nginx's default, and more
+/// than the blobs a client pulls in parallel (a few layers at a time).
+pub const H2_MAX_CONCURRENT_STREAMS: u32 = 128;
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -62,9 +77,15 @@ impl Default for Limits {
     }
 }
 
-/// Serves `router` on `listener` within `limits` until `shutdown` resolves, then stops accepting and lets the
-/// requests in progress finish.
-pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
+/// Serves `router` on `listener` within `limits` (over TLS when `tls` is given) until `shutdown` resolves, then
+/// stops accepting and lets the requests in progress finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let max = limits.max_connections.max(1);
     // A permit per served connection: the cap, and at shutdown the count of connections still draining.
     let permits = Arc::new(Semaphore::new(max as usize));
@@ -88,9 +109,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             },
             () = &mut shutdown => break,
         };
-        let (router, stopped) = (router.clone(), stopped.clone());
+        let (router, stopped, tls) = (router.clone(), stopped.clone(), tls.clone());
         tokio::spawn(async move {
-            serve_one(stream, router, limits, stopped).await;
+            serve_one(stream, router, limits, tls, stopped).await;
             drop(permit);
         });
     }
@@ -111,16 +132,93 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn serve_one(stream: TcpStream, router: Router, limits: Limits, mut stopped: watch::Receiver<bool>) {
-    let state = Arc::new(Mutex::new(ConnState { phase: Phase::Head { since: Instant::now() }, parked_reader: None }));
+async fn serve_one(stream: TcpStream, router: Router, limits: Limits, tls: Option<TlsAcceptor>, stopped: watch::Receiver<bool>) {
+    let state = Arc::new(Mutex::new(ConnState {
+        phase: Phase::Head { since: Instant::now() },
+        busy: 0,
+        parked_reader: None,
+        bytes_start_head: true,
+        unpolled: None,
+    }));
     let peer = stream.peer_addr().ok();
-    let io = TokioIo::new(Watched::new(stream, Arc::clone(&state), limits));
-    let service = ConnService { router, state, idle: limits.idle_timeout, peer };
+    let io = Watched::new(stream, Arc::clone(&state), limits);
+    let service = ConnService { router, state: Arc::clone(&state), idle: limits.idle_timeout, peer };
+    let Some(acceptor) = tls else {
+        return serve_http1(TokioIo::new(io), service, stopped).await;
+    };
+    // The handshake reads through `Watched`, under the head deadline: it is bounded like a request head.
+    let tls = match acceptor.accept(io).await {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::debug!(error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        {
+            let mut state = lock(&state);
+            // Pings and window updates arrive between requests; only a new stream ends idleness.
+            state.bytes_start_head = false;
+            state.unpolled = Some(Unpolled::default());
+        }
+        serve_http2(TokioIo::new(tls), service, state, limits, stopped).await
+    } else {
+        serve_http1(TokioIo::new(tls), service, stopped).await
+    }
+}
+
+async fn serve_http1<I>(io: I, service: ConnService, stopped: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Our own timers bound the head (hyper's would also count the idle time before it).
     builder.header_read_timeout(None);
-    let mut conn = pin!(builder.serve_connection(io, service));
+    drive(builder.serve_connection(io, service), stopped, None).await
+}
+
+async fn serve_http2<I>(io: I, service: ConnService, state: SharedPhase, limits: Limits, stopped: watch::Receiver<bool>)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        // While requests are in progress the connection's reads wait unbounded: pings find a vanished peer.
+        .keep_alive_interval(Some(limits.idle_timeout))
+        .keep_alive_timeout(limits.idle_timeout);
+    drive(builder.serve_connection(io, service), stopped, Some((state, limits.idle_timeout))).await
+}
+
+/// A served connection: it ends by itself, or drains when asked to.
+trait Connection: Future<Output = Result<(), hyper::Error>> {
+    fn drain(self: Pin<&mut Self>);
+}
+
+impl<I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static> Connection
+    for hyper::server::conn::http1::Connection<I, ConnService>
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+impl<I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static> Connection
+    for hyper::server::conn::http2::Connection<I, ConnService, TokioExecutor>
+{
+    fn drain(self: Pin<&mut Self>) {
+        self.graceful_shutdown()
+    }
+}
+
+/// Runs `conn` to its end, draining it at shutdown. With `stalls` (HTTP/2), it is closed once a response has
+/// waited the idle timeout for the client's flow-control window.
+async fn drive(conn: impl Connection, mut stopped: watch::Receiver<bool>, stalls: Option<(SharedPhase, Duration)>) {
+    let mut conn = pin!(conn);
     let mut draining = false;
+    // A response's wait is noticed within a quarter of the timeout after it is over.
+    let mut check = tokio::time::interval(stalls.as_ref().map_or(Duration::from_secs(3600), |(_, idle)| *idle / 4));
     loop {
         tokio::select! {
             r = conn.as_mut() => {
@@ -131,10 +229,24 @@ async fn serve_one(stream: TcpStream, router: Router, limits: Limits, mut stoppe
             }
             _ = stopped.wait_for(|s| *s), if !draining => {
                 draining = true;
-                conn.as_mut().graceful_shutdown();
+                conn.as_mut().drain();
+            }
+            _ = check.tick(), if stalls.is_some() => {
+                if let Some((state, idle)) = &stalls {
+                    if stalled(state, *idle) {
+                        tracing::debug!("closing an HTTP/2 connection: the client stopped reading a response");
+                        return;
+                    }
+                }
             }
         }
     }
+}
+
+/// Whether a response on the connection has waited `idle` for the client to take more of it.
+fn stalled(state: &SharedPhase, idle: Duration) -> bool {
+    let now = Instant::now();
+    lock(state).unpolled.as_ref().is_some_and(|u| u.waiting.values().any(|since| after(*since, idle) <= now))
 }
 
 /// Where a connection is between requests; decides which timeout its reads are under.
@@ -152,9 +264,27 @@ enum Phase {
 #[derive(Debug)]
 struct ConnState {
     phase: Phase,
+    /// Requests in progress: HTTP/1 has at most one, HTTP/2 many; the connection is idle when none is.
+    busy: usize,
     /// The read that waits, unbounded, while a request is in progress: woken when the connection goes idle so
     /// that it is retried under the idle deadline (nothing else would wake it before the client sends).
     parked_reader: Option<std::task::Waker>,
+    /// Whether bytes on an idle connection start a request head (HTTP/1). On HTTP/2 they may be pings or window
+    /// updates, and only a request ends idleness.
+    bytes_start_head: bool,
+    /// HTTP/2 only: the responses waiting for the client's flow-control window.
+    unpolled: Option<Unpolled>,
+}
+
+/// The responses of an HTTP/2 connection that handed hyper a frame and have not been asked for the next one
+/// since. hyper asks as soon as the client's window has room, so a long wait means the client stopped reading;
+/// a response waiting for its own source (an upstream) is being asked, and is not here.
+#[derive(Debug, Default)]
+struct Unpolled {
+    /// Since when each response (by its number on the connection) has waited.
+    waiting: HashMap<u64, Instant>,
+    /// The number the next response gets.
+    next: u64,
 }
 
 type SharedPhase = Arc<Mutex<ConnState>>;
@@ -202,7 +332,7 @@ impl Watched {
     /// Bytes arrived: on an idle connection that starts a request head.
     fn received(&self) {
         let mut state = lock(&self.phase);
-        if let Phase::Idle { .. } = state.phase {
+        if let (Phase::Idle { .. }, true) = (state.phase, state.bytes_start_head) {
             state.phase = Phase::Head { since: Instant::now() };
         }
     }
@@ -293,7 +423,11 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
     type Future = Pin<Box<dyn Future<Output = Result<Response, Self::Error>> + Send>>;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        lock(&self.state).phase = Phase::Busy;
+        {
+            let mut state = lock(&self.state);
+            state.phase = Phase::Busy;
+            state.busy += 1;
+        }
         let busy = BusyGuard(Arc::clone(&self.state));
         let idle = self.idle;
         let mut req: Request = req.map(|body| Body::new(IdleBody { inner: body, idle, timer: None }));
@@ -306,17 +440,26 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConnService {
                 Ok(r) => r,
                 Err(never) => match never {},
             };
-            Ok(resp.map(|body| Body::new(UntilEnd { inner: body, busy: Some(busy) })))
+            let id = lock(&busy.0).unpolled.as_mut().map(|u| {
+                u.next += 1;
+                u.next
+            });
+            Ok(resp.map(|body| Body::new(UntilEnd { inner: body, id, busy: Some(busy) })))
         })
     }
 }
 
-/// Puts the connection back to idle when dropped: the response is written (or the request was abandoned).
+/// Ends a request's busy mark when dropped: its response is written (or the request was abandoned). The last
+/// one puts the connection back to idle.
 struct BusyGuard(SharedPhase);
 
 impl Drop for BusyGuard {
     fn drop(&mut self) {
         let mut state = lock(&self.0);
+        state.busy = state.busy.saturating_sub(1);
+        if state.busy > 0 {
+            return;
+        }
         state.phase = Phase::Idle { since: Instant::now() };
         if let Some(reader) = state.parked_reader.take() {
             reader.wake();
@@ -324,10 +467,32 @@ impl Drop for BusyGuard {
     }
 }
 
-/// A response body that releases the connection's busy mark at its end.
+/// A response body that releases its request's busy mark at its end and, on HTTP/2, tells the connection while
+/// it waits for the client to take more.
 struct UntilEnd {
     inner: Body,
+    /// Its number in the connection's `Unpolled`, on HTTP/2.
+    id: Option<u64>,
     busy: Option<BusyGuard>,
+}
+
+impl UntilEnd {
+    /// Marks the response as waiting for hyper to ask for more (`Some(now)`), or not (`None`).
+    fn waiting(&self, since: Option<Instant>) {
+        let (Some(id), Some(busy)) = (self.id, &self.busy) else { return };
+        if let Some(u) = lock(&busy.0).unpolled.as_mut() {
+            match since {
+                Some(t) => u.waiting.insert(id, t),
+                None => u.waiting.remove(&id),
+            };
+        }
+    }
+}
+
+impl Drop for UntilEnd {
+    fn drop(&mut self) {
+        self.waiting(None);
+    }
 }
 
 impl hyper::body::Body for UntilEnd {
@@ -335,9 +500,13 @@ impl hyper::body::Body for UntilEnd {
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        self.waiting(None);
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() {
-            self.busy = None;
+        match frame {
+            None => {
+                self.busy = None;
+            }
+            Some(_) => self.waiting(Some(Instant::now())),
         }
         Poll::Ready(frame)
     }

@@ -17,7 +17,9 @@ pub mod registry;
 pub mod replicate;
 pub mod secret;
 pub mod server;
+pub mod shutdown;
 pub mod storage;
+pub mod tls;
 pub mod upstream;
 pub mod warm;
 

@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the registry.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Pull artifacts through a running breakwater so its cache holds them (e.g. docker.io/library/alpine:3.20).
     Warm(WarmArgs),
     /// Copy repositories from one registry to another, page by page, resumably.
@@ -217,6 +217,8 @@ impl ReplicateArgs {
             from_password: self.from_password.clone().map(Into::into),
             to_username: self.to_username.clone(),
             to_password: self.to_password.clone().map(Into::into),
+            from_ca: None,
+            to_ca: None,
             include: self.include.clone(),
             exclude: self.exclude.clone(),
             tags: self.tags.clone(),
@@ -261,7 +263,10 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
     let job = policy.job.clone();
     let progress = std::sync::Arc::new(breakwater::replicate::Progress::default());
     let reporter = breakwater::replicate::Reporter::start(&job, std::sync::Arc::clone(&progress));
-    let result = breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress))).await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signalled = tokio::spawn(stop_on_signal(cancel.clone()));
+    let result =
+        breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress)), cancel).await;
     drop(reporter);
     let record = result?;
     let mut last: Option<(String, String)> = None;
@@ -287,7 +292,26 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
         "tags_held_max": progress.tags_held_max.load(std::sync::atomic::Ordering::Relaxed),
     });
     println!("{summary}");
+    if record.status == breakwater::replicate::INTERRUPTED {
+        // The shell's convention for a process stopped by a signal: 128 + its number.
+        // Only a signal interrupts this run, so the watcher has returned it (or is about to).
+        let signal = signalled.await.unwrap_or(Signal::Terminate);
+        return Ok(std::process::ExitCode::from(signal.exit_code()));
+    }
     Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+/// Stops the run at the first SIGINT or SIGTERM (it saves its checkpoint and ends `interrupted`); a second one
+/// exits at once, for someone who will not wait for the save. Returns the first signal.
+async fn stop_on_signal(cancel: tokio_util::sync::CancellationToken) -> Signal {
+    let first = signal().await;
+    eprintln!("interrupted: saving the checkpoint (signal again to quit at once; --resume continues)");
+    cancel.cancel();
+    let _quit = tokio::spawn(async move {
+        signal().await;
+        std::process::exit(first.exit_code().into());
+    });
+    first
 }
 
 #[derive(clap::Args)]
@@ -391,6 +415,13 @@ struct ServeArgs {
     /// Un-prefixed names (glob; repeatable) that may be pushed although the default upstream serves them.
     #[arg(long, value_name = "GLOB")]
     allow_shadowing: Vec<String>,
+    /// Serve HTTPS with this PEM certificate chain (server certificate first); needs --tls-key. Reloaded on
+    /// SIGHUP and when the file changes.
+    #[arg(long, env = "BREAKWATER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "BREAKWATER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -451,7 +482,9 @@ impl ServeArgs {
         let auth = config::auth(file.auth, auth_flags, &data, memory_entries)?;
         let mut allow_shadowing = file.allow_shadowing;
         allow_shadowing.extend(self.allow_shadowing);
+        let tls = config::tls(self.tls_cert.or(file.tls.cert), self.tls_key.or(file.tls.key))?;
         Ok(Config {
+            tls,
             connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
             sweep_interval: std::time::Duration::from_secs(sweep_interval),
@@ -601,8 +634,25 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// The signals that stop breakwater.
+#[derive(Debug, Clone, Copy)]
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+impl Signal {
+    /// 128 + the signal's number, as a shell reports a process the signal killed.
+    fn exit_code(self) -> u8 {
+        match self {
+            Signal::Interrupt => 130,
+            Signal::Terminate => 143,
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with which.
+async fn signal() -> Signal {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {
@@ -616,11 +666,21 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+        _ = ctrl_c => Signal::Interrupt,
+        _ = term => Signal::Terminate,
     }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }
+
+/// Resolves on SIGINT or SIGTERM: where `serve` begins its shutdown.
+async fn shutdown_signal() {
+    let signal = signal().await;
+    tracing::info!(?signal, "shutdown requested; finishing in-flight requests, then stopping background tasks");
+}
+
+/// How long `serve` waits for its background tasks to stop once the requests in progress are done: a replication
+/// run saves its checkpoint and a flight removes its spool well within it; what is still running after it is
+/// abandoned (and is no worse off than after a crash).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
@@ -628,6 +688,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Read before binding: a bad certificate stops the start, with nothing listening.
+    let tls = match &config.tls {
+        Some(t) => Some(std::sync::Arc::new(breakwater::tls::Tls::load(t.clone()).context("loading the TLS certificate")?)),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
@@ -636,22 +702,26 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }
-    let app = breakwater::server::build(&config, &format!("http://{local}"), Some(metrics)).await?;
+    let tasks = breakwater::shutdown::Tasks::new();
+    let app = breakwater::server::build(&config, &format!("{scheme}://{local}"), Some(metrics), &tasks).await?;
     // The one line on stdout: scripts and tests read the bound address from it (useful with port 0).
     let mut out = std::io::stdout();
-    writeln!(out, "breakwater listening on http://{addr}")?;
+    writeln!(out, "breakwater listening on {scheme}://{addr}")?;
     out.flush()?;
-    tracing::info!(%addr, data = %config.data.display(), "serving");
+    if let Some(warning) = breakwater::server::plain_http_warning(addr, tls.is_some()) {
+        tracing::warn!("{warning}");
+    }
     if !addr.ip().is_loopback() && config.auth.is_none() {
         tracing::warn!(%addr, "listening beyond loopback without access control: anyone who reaches this address may push, delete and read everything (give --htpasswd FILE)");
     }
-    breakwater::server::serve(listener, app, config.connections, shutdown_signal()).await
+    tracing::info!(%addr, tls = tls.is_some(), data = %config.data.display(), "serving");
+    breakwater::server::serve(listener, app, config.connections, tls, tasks, SHUTDOWN_GRACE, shutdown_signal()).await
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<std::process::ExitCode> {
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await.map(|()| std::process::ExitCode::SUCCESS),
+        Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
         Command::Fsck(args) => fsck(args).await,

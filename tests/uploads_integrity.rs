@@ -382,6 +382,7 @@ fn upstream(url: &str) -> breakwater::upstream::Upstream {
         library_shorthand: false,
         requests_per_sec: None,
         token_entries: breakwater::bounded::DEFAULT_ENTRIES,
+        ca: None,
     })
     .unwrap()
 }

@@ -8,6 +8,10 @@
 //! The fetch task appends to the spool and publishes how many bytes are there; each client reads the spool
 //! through its own file handle up to that mark, then waits for the next change. So late joiners replay from
 //! disk, a slow client only slows itself, and memory per client is one read buffer whatever N is.
+//!
+//! A flight outlives the clients that wait on it (it fills the cache), but not the server: at shutdown, after
+//! the HTTP drain, its download is cancelled and it ends as a failed flight does, its spool removed. Only the
+//! download is cancelled, never the adoption of a verified spool, so no partial file ever gets a digest's name.
 
 use std::collections::HashMap;
 use std::io;
@@ -65,6 +69,9 @@ pub enum FlightError {
     NotFound,
     #[error("upstream fetch failed: {0}")]
     Failed(Arc<str>),
+    /// The server is shutting down: the download was stopped, nothing was cached.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -108,18 +115,26 @@ pub struct BlobFlights {
     spool_dir: PathBuf,
     /// A tokio mutex because the miss path checks storage (async) under it: see `join`.
     inflight: Mutex<HashMap<Digest, Arc<BlobFlight>>>,
+    /// The server's background tasks: flights run among them, and stop when they are cancelled.
+    tasks: crate::shutdown::Tasks,
 }
 
 impl BlobFlights {
     /// Flights spool into `spool_dir`, which must be on the same filesystem as a local store so that adopting a
     /// finished spool is a rename. Spools left by a previous process are removed: flights do not survive restarts.
-    pub async fn new(store: Arc<dyn BlobStore>, spool_dir: PathBuf) -> io::Result<Arc<BlobFlights>> {
+    /// Flights run as tasks of `tasks`.
+    pub async fn new(store: Arc<dyn BlobStore>, spool_dir: PathBuf, tasks: crate::shutdown::Tasks) -> io::Result<Arc<BlobFlights>> {
         tokio::fs::create_dir_all(&spool_dir).await?;
         let mut entries = tokio::fs::read_dir(&spool_dir).await?;
         while let Some(e) = entries.next_entry().await? {
             let _ = tokio::fs::remove_file(e.path()).await;
         }
-        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()) }))
+        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), tasks }))
+    }
+
+    /// The tasks flights run among; for work that must follow a flight to its end (linking what it cached).
+    pub fn tasks(&self) -> &crate::shutdown::Tasks {
+        &self.tasks
     }
 
     /// Number of flights running now.
@@ -153,9 +168,11 @@ impl BlobFlights {
         metrics::gauge!("breakwater_flights_in_progress").increment(1.0);
         let flights = Arc::clone(self);
         let digest = digest.clone();
-        tokio::spawn(async move {
+        let cancel = self.tasks.token();
+        self.tasks.spawn("blob flight", async move {
             let work = async {
-                match download(&digest, file, &fetch, &tx).await {
+                let downloaded = cancel.run_until_cancelled(download(&digest, file, &fetch, &tx)).await;
+                match downloaded.unwrap_or(Err(FlightError::ShuttingDown)) {
                     Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
                         Ok(_) => Phase::Done,
                         Err(e) => Phase::Failed(FlightError::Failed(format!("storing the blob failed: {e}").into())),
@@ -169,7 +186,11 @@ impl BlobFlights {
                 Phase::Failed(FlightError::Failed(format!("the download panicked: {}", super::panic_message(panic.as_ref())).into()))
             });
             if let Phase::Failed(reason) = &phase {
-                tracing::warn!(%digest, error = %reason, "blob flight failed; nothing was cached");
+                if *reason == FlightError::ShuttingDown {
+                    tracing::info!(%digest, "blob flight cancelled by shutdown; nothing was cached");
+                } else {
+                    tracing::warn!(%digest, error = %reason, "blob flight failed; nothing was cached");
+                }
                 let _ = tokio::fs::remove_file(&spool).await;
             } else {
                 tracing::info!(%digest, "blob flight done");
@@ -533,7 +554,7 @@ mod tests {
     async fn a_panicking_fetch_fails_the_flight_and_releases_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
-        let flights = BlobFlights::new(store, dir.path().join("spool")).await.unwrap();
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
         let blob = Bytes::from(vec![7u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let fetch = fetcher(blob.clone(), 1);
@@ -547,12 +568,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner = LocalStore::open(&dir.path().join("content")).await.unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(PanicOnFirstAdopt { inner, adopts: AtomicUsize::new(0) });
-        let flights = BlobFlights::new(store, dir.path().join("spool")).await.unwrap();
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
         let blob = Bytes::from(vec![9u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let Join::Flight { flight, .. } = flights.join(&digest, fetcher(blob.clone(), 0)).await.unwrap() else { panic!("not stored") };
-        // A client streaming the flight when it dies is cut, not left waiting (or, if the flight has already
-        // failed when it asks, refused at once).
+        // A client streaming the flight when it dies is cut, not left waiting. (The flight may also have died
+        // before the client began: the download and the panicking adoption race the client's first read.)
         if let Ok(reader) = flight.reader(None).await {
             let read = tokio::time::timeout(Duration::from_secs(10), read_all(reader)).await.expect("no hang");
             assert!(read.is_err(), "the stream of a failed flight ends with an error");

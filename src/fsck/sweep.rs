@@ -34,9 +34,12 @@ pub struct SweepContext {
     pub grace: Duration,
 }
 
-/// Runs a sweep now and then every `every`, for the server's lifetime.
-pub fn spawn_sweep(ctx: SweepContext, every: Duration) {
-    tokio::spawn(async move {
+/// Runs a sweep now and then every `every`, as a task of `tasks`, until shutdown begins. A sweep in progress is
+/// dropped then, at its next await: each of its repairs is one filesystem or database step that is complete or
+/// not begun, and what it leaves undone the next start-up's sweep does.
+pub fn spawn_sweep(ctx: SweepContext, every: Duration, tasks: &crate::shutdown::Tasks) {
+    let stop = tasks.closing();
+    tasks.spawn("reconciliation sweep", async move {
         let SweepContext { root, meta, flights, cache_namespaces, lock, grace } = ctx;
         let _lock = lock;
         let opts = Options {
@@ -49,12 +52,17 @@ pub fn spawn_sweep(ctx: SweepContext, every: Duration) {
             flights: Some(flights),
             progress: indicatif::ProgressBar::hidden(),
         };
-        let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            sweep(&opts, meta.as_ref()).await;
-        }
+        let (opts, meta) = (&opts, meta.as_ref());
+        let pass_stop = stop.clone();
+        crate::shutdown::every(every.max(Duration::from_secs(1)), stop, || {
+            let stop = pass_stop.clone();
+            async move {
+                if stop.run_until_cancelled(sweep(opts, meta)).await.is_none() {
+                    tracing::info!("sweep stopped by shutdown");
+                }
+            }
+        })
+        .await;
     });
 }
 

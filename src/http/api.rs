@@ -5,7 +5,8 @@
 //! - `GET /api/replication/{name}`: one of them.
 //! - `GET /api/replication/{name}/failures?n=N&last=REPO:TAG`: a page of a policy's failures in (repository,
 //!   tag) order after `last` (default and largest `n`: 100 and 1000), with `next` and a `Link` to the next page.
-//! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy.
+//! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy,
+//!   503 once the server is shutting down.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,5 +92,6 @@ async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Respons
         Err(e @ StartError::Unknown(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ StartError::Running(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(e @ StartError::Invalid(..)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e @ StartError::ShuttingDown(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }

@@ -44,7 +44,8 @@ pub struct JobRecord {
     pub position: Option<String>,
     /// Repositories handed on but not finished at the last save (a resumed run re-queues them).
     pub pending: Vec<String>,
-    /// `running`, `finished` or `failed` (finished with failed items).
+    /// `running`, `interrupted` (stopped by a shutdown; resumable like a crashed run), `finished` or `failed`
+    /// (finished with failed items). Free text in the store: a new status needs no migration.
     pub status: String,
     pub pages: u64,
     pub repos_seen: u64,

@@ -346,7 +346,9 @@ impl Proxy {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });
                 let size = flight.size().await.map_err(|e| flight_error(c, e))?;
                 let (proxy, local, f) = (Arc::clone(self), c.local.clone(), Arc::clone(&flight));
-                tokio::spawn(async move {
+                // Among the server's tasks, so that a shutdown waits for it: a blob stored without its link and
+                // cache record would be an orphan that only an offline `fsck --repair` removes.
+                self.flights.tasks().spawn("cache adoption", async move {
                     if f.finished().await.is_ok() {
                         proxy.adopt(&local, &f.digest, size, !joined).await;
                     }
@@ -397,6 +399,7 @@ fn flight_error(c: &Cached, e: FlightError) -> RegistryError {
     match e {
         FlightError::NotFound => RegistryError::BlobUnknown,
         FlightError::Failed(m) => RegistryError::UpstreamUnavailable(format!("upstream {}: {m}", c.upstream.name())),
+        FlightError::ShuttingDown => RegistryError::UpstreamUnavailable("the server is shutting down".into()),
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Copier {
     pub dry_run: bool,
     /// Limits the bytes per second read from the source, across all transfers of the run.
     pub bandwidth: Option<Arc<Pacer>>,
+    /// The run's cancellation: blob transfers run as tasks of their own (shared by the tags that need them), so
+    /// they watch it themselves rather than end with the copy that waits on them.
+    pub cancel: tokio_util::sync::CancellationToken,
     /// A destination repository each blob was copied to in this run: the source of a cross-repository mount.
     mounted: BoundedMap<Digest, RepoName>,
     /// One transfer per (destination repository, blob) at a time: tags sharing layers do not upload them twice.
@@ -92,6 +95,7 @@ impl Copier {
             override_tags: false,
             dry_run: false,
             bandwidth: None,
+            cancel: Default::default(),
             mounted: BoundedMap::new("replication_mounts", MOUNT_MEMORY, None),
             transfers: Group::default(),
         }
@@ -198,7 +202,11 @@ impl Copier {
         let (result, _) = self
             .transfers
             .run(key, move || async move {
-                let r = retry(this.both(), || this.transfer(&src_repo, &dst_repo, &digest)).await;
+                let transfer = retry(this.both(), || this.transfer(&src_repo, &dst_repo, &digest));
+                let r = match this.cancel.run_until_cancelled(transfer).await {
+                    Some(r) => r,
+                    None => Err(UpstreamError::Unavailable("the run was interrupted".into())),
+                };
                 if r.is_ok() {
                     this.mounted.insert(digest, dst_repo);
                 }

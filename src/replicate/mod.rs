@@ -11,6 +11,11 @@
 //! re-queues the unfinished ones and continues the walk after the position, so no catalog page is listed twice
 //! and finished artifacts are not redone (a repository that finished after the last save costs one HEAD per
 //! tag: copies are idempotent). The low-water mark (every repository up to it finished) is kept too, for people.
+//!
+//! A run is stopped by cancelling its token (SIGTERM to `serve` or to `replicate`): every stage stops at its
+//! next await, dropping the item in hand unfinished (a listing or copy cut short finishes nothing, so its
+//! repository stays outstanding), and the run saves its checkpoint with the status `interrupted`, which the
+//! next run resumes like a crashed one.
 
 mod copy;
 mod filter;
@@ -23,6 +28,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub use copy::{Copier, Outcome};
 pub use filter::{natural_cmp, Latest, RepoFilter, Rewrite, TagFilter};
@@ -149,9 +155,28 @@ struct Run {
     /// Saved with the checkpoint: the job's runs that retried failures after the pass's walk ended (0 once
     /// this run walks).
     retries: AtomicU64,
+    /// Cancelled when the run must stop (shutdown): each stage stops at its next await.
+    cancel: CancellationToken,
+    /// Set by a stage that stopped with work left because of `cancel`: the run ends `interrupted`.
+    interrupted: std::sync::atomic::AtomicBool,
 }
 
 impl Run {
+    /// Runs `work` unless the run is cancelled first; `None` (and the run marked interrupted) if it is. The
+    /// token is looked at before `work` each time: a copy that fails *because* of the cancellation (its blob
+    /// transfer was stopped) is dropped, not recorded as a failure.
+    async fn unless_cancelled<T>(&self, work: impl std::future::Future<Output = T>) -> Option<T> {
+        let r = tokio::select! {
+            biased;
+            () = self.cancel.cancelled() => None,
+            r = work => Some(r),
+        };
+        if r.is_none() {
+            self.interrupted.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+
     async fn fail(&self, repo: &str, tag: &str, reason: String) {
         tracing::warn!(job = %self.policy.job, repo, tag, %reason, "replication item failed");
         self.progress.failed(&self.policy.job);
@@ -307,7 +332,14 @@ impl Run {
 }
 
 /// Runs `policy` and returns the job's final record. Progress is visible through `progress` as it goes.
-pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Option<Arc<Progress>>) -> Result<JobRecord, ReplicateError> {
+/// Cancelling `cancel` stops the run: it saves its checkpoint and returns with the status `interrupted`.
+pub async fn run(
+    policy: Policy,
+    meta: Arc<dyn Meta>,
+    mode: Mode,
+    progress: Option<Arc<Progress>>,
+    cancel: CancellationToken,
+) -> Result<JobRecord, ReplicateError> {
     let src = Arc::new(Upstream::new(policy.from.clone())?);
     let dst = Arc::new(Upstream::new(policy.to.clone())?);
     let repos = RepoFilter::new(&policy.include, &policy.exclude).map_err(ReplicateError::Policy)?;
@@ -318,6 +350,7 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
     copier.referrers = policy.referrers;
     copier.override_tags = policy.override_tags;
     copier.dry_run = policy.dry_run;
+    copier.cancel = cancel.clone();
     copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
 
     let saved = meta.job(&policy.job).await?;
@@ -352,6 +385,8 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
         cursor: Arc::new(Mutex::new(start)),
         save_lock: tokio::sync::Mutex::new(()),
         retries: AtomicU64::new(retries),
+        cancel,
+        interrupted: Default::default(),
     });
     match mode {
         Mode::Fresh => walk(run, repos).await,
@@ -361,6 +396,9 @@ pub async fn run(policy: Policy, meta: Arc<dyn Meta>, mode: Mode, progress: Opti
         }
         Mode::RetryFailed => {
             retry_items(&run).await?;
+            if run.interrupted.load(Ordering::Relaxed) {
+                return Ok(finish(&run).await);
+            }
             // A walk that stopped at a catalog page the source would not give is taken up again from there.
             if run.clear_catalog_failures().await? {
                 run.retries.store(0, Ordering::Relaxed);
@@ -378,16 +416,25 @@ const CATALOG: &str = "<catalog>";
 /// Failures read from the metadata store at a time (a job may have recorded millions).
 const FAILURE_PAGE: u64 = 500;
 
-/// Saves the final state: `finished`, or `failed` if anything is recorded as failed. The records decide, not
-/// the run's counter: they include what earlier runs of the job left and is not copied since.
+/// Saves the final state: `interrupted` if the run was stopped with work left, else `finished`, or `failed` if
+/// anything is recorded as failed. The records decide, not the run's counter: they include what earlier runs of
+/// the job left and is not copied since.
 async fn finish(run: &Run) -> JobRecord {
     match run.meta.count_failures(&run.policy.job).await {
         Ok(n) => run.progress.failed.store(n, Ordering::Relaxed),
         Err(e) => tracing::error!(error = %e, "counting the replication failures failed; the run's count stands"),
     }
     let failed = run.progress.failed.load(Ordering::Relaxed) > 0;
-    run.save(if failed { "failed" } else { "finished" }).await
+    let status = match (run.interrupted.load(Ordering::Relaxed), failed) {
+        (true, _) => INTERRUPTED,
+        (false, true) => "failed",
+        (false, false) => "finished",
+    };
+    run.save(status).await
 }
+
+/// The status of a run stopped by shutdown with work left; the next run resumes from its checkpoint.
+pub const INTERRUPTED: &str = "interrupted";
 
 /// The streaming pipeline over the catalog, from the run's cursor: its outstanding repositories first, then the
 /// catalog after its position.
@@ -406,7 +453,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         let (run, repo_rx, art_tx) = (Arc::clone(&run), Arc::clone(&repo_rx), art_tx.clone());
         listers.push(tokio::spawn(async move {
             loop {
-                let Some(repo) = repo_rx.lock().await.recv().await else { break };
+                let Some(Some(repo)) = run.unless_cancelled(async { repo_rx.lock().await.recv().await }).await else { break };
                 inject_panic("stage", repo.name.as_str());
                 let (r, tx) = (&repo, &art_tx);
                 // Each page's tags are counted as pending before they are handed on; the listing's own count
@@ -419,8 +466,9 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                             }
                         }
                         true
-                    }))
-                    .await;
+                    }));
+                // A listing cut short finishes nothing: the repository stays outstanding for the next run.
+                let Some(listed) = run.unless_cancelled(listed).await else { return };
                 match listed {
                     Ok(Ok(true)) => {
                         if repo.requeued {
@@ -446,8 +494,10 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         let (run, art_rx) = (Arc::clone(&run), Arc::clone(&art_rx));
         workers.push(tokio::spawn(async move {
             loop {
-                let Some(a) = art_rx.lock().await.recv().await else { break };
-                if run.copy(&a.repo.name, &a.tag).await && a.repo.requeued {
+                let Some(Some(a)) = run.unless_cancelled(async { art_rx.lock().await.recv().await }).await else { break };
+                // A copy cut short is not finished (copies are idempotent: the next run does it again).
+                let Some(copied) = run.unless_cancelled(run.copy(&a.repo.name, &a.tag)).await else { break };
+                if copied && a.repo.requeued {
                     run.forget_failure(a.repo.name.as_str(), &a.tag).await;
                 }
                 a.repo.item_finished();
@@ -509,10 +559,11 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
     loop {
         let (items, resumed) = match first.take() {
             Some(leftover) => (leftover, true),
-            None => match lister.next_page(&run.copier.src, run.policy.page_size).await {
-                Ok(Some(items)) => (items, false),
-                Ok(None) => break,
-                Err(e) => {
+            None => match run.unless_cancelled(lister.next_page(&run.copier.src, run.policy.page_size)).await {
+                None => break,
+                Some(Ok(Some(items))) => (items, false),
+                Some(Ok(None)) => break,
+                Some(Err(e)) => {
                     walk_error = Some(e);
                     break;
                 }
@@ -543,10 +594,11 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
             }
         }
         // The listers are gone only if every one of them died: walking on would only pile up pending names.
+        // A page cut short by cancellation is saved as is: its repositories not handed on are outstanding.
         let mut listers_gone = false;
         for name in matched {
             let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1), requeued: resumed });
-            if repo_tx.send(repo).await.is_err() {
+            if !matches!(run.unless_cancelled(repo_tx.send(repo)).await, Some(Ok(()))) {
                 listers_gone = true;
                 break;
             }
@@ -608,6 +660,10 @@ async fn retry_items(run: &Run) -> Result<(), ReplicateError> {
     loop {
         let page = run.meta.failures(&run.policy.job, last.as_ref().map(|(r, t)| (r.as_str(), t.as_str())), FAILURE_PAGE).await?;
         for f in &page.items {
+            if run.cancel.is_cancelled() {
+                run.interrupted.store(true, Ordering::Relaxed);
+                return Ok(());
+            }
             if f.repo != CATALOG {
                 retry_item(run, f).await?;
             }
@@ -624,11 +680,21 @@ async fn retry_item(run: &Run, f: &JobFailure) -> Result<(), ReplicateError> {
     let _ = run.progress.failed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_sub(1)));
     let Ok(repo) = f.repo.parse::<RepoName>() else { return Ok(()) };
     run.meta.clear_failure(&run.policy.job, &f.repo, &f.tag).await?;
-    if !f.tag.is_empty() {
-        run.copy(&repo, &f.tag).await;
-        return Ok(());
+    if run.unless_cancelled(retry_cleared(run, f, &repo)).await.is_none() {
+        // Cut short: the item is as failed as before, and kept for the next retry.
+        run.progress.failed(&run.policy.job);
+        run.meta.record_failure(&run.policy.job, f).await?;
     }
-    let r = &repo;
+    Ok(())
+}
+
+/// Retries a failure already cleared: what fails again is recorded again.
+async fn retry_cleared(run: &Run, f: &JobFailure, repo: &RepoName) {
+    if !f.tag.is_empty() {
+        run.copy(repo, &f.tag).await;
+        return;
+    }
+    let r = repo;
     let copied = caught(run.list_tags(r, |tags| async move {
         for tag in tags {
             run.copy(r, &tag).await;
@@ -640,7 +706,6 @@ async fn retry_item(run: &Run, f: &JobFailure) -> Result<(), ReplicateError> {
         Ok(Err(e)) => run.fail(&f.repo, "", format!("listing tags: {e}")).await,
         Err(panic) => run.fail(&f.repo, "", format!("listing tags panicked: {panic}")).await,
     }
-    Ok(())
 }
 
 /// Runs one item of work and gives its panic, if it panics, as a message.
@@ -769,7 +834,7 @@ mod tests {
             page_size: Some(1),
             ..Default::default()
         };
-        let run = run(file.policy("").unwrap(), meta, Mode::Fresh, None);
+        let run = run(file.policy("").unwrap(), meta, Mode::Fresh, None, CancellationToken::new());
         tokio::time::timeout(Duration::from_secs(120), run).await.expect("the run ends").unwrap()
     }
 

@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{Mode, Progress};
+use super::{Mode, Progress, INTERRUPTED};
 use crate::config::FileReplication;
 use crate::meta::{JobFailure, JobRecord, Meta, MetaError, Page};
+use crate::shutdown::Tasks;
 
 /// Why a run could not be started.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,6 +19,9 @@ pub enum StartError {
     Running(String),
     #[error("replication {0}: {1}")]
     Invalid(String, String),
+    /// The server is shutting down: a run started now would only be interrupted.
+    #[error("the server is shutting down; replication {0} was not started")]
+    ShuttingDown(String),
 }
 
 /// A job as the API shows it: its saved state, whether it runs now, and its live counters if so.
@@ -39,14 +43,15 @@ pub struct JobStatus {
 }
 
 /// How a run goes on from the job its predecessor left (README, "Replicate a registry"):
-/// - interrupted (still `running`: a crash, a kill, a shutdown): resume from the checkpoint;
+/// - `interrupted` (stopped by a shutdown), or still `running` (a crash, a `kill -9`): resume from the
+///   checkpoint;
 /// - `failed`: retry the failed items, and continue the walk if it stopped at a catalog page; but only once
 ///   after a walk: if that retry fails too, a new pass starts, so an item that keeps failing cannot stop the
 ///   schedule from copying what is new (the new pass tries it again anyway);
 /// - `finished`: a new pass over the whole source.
 fn next_mode(job: &JobRecord) -> Mode {
     match job.status.as_str() {
-        "running" => Mode::Resume,
+        "running" | INTERRUPTED => Mode::Resume,
         "failed" if job.retries == 0 => Mode::RetryFailed,
         _ => Mode::Fresh,
     }
@@ -62,15 +67,21 @@ pub struct Scheduler {
     local_url: String,
     /// The runs in progress, by policy name.
     running: Mutex<HashMap<String, Arc<Progress>>>,
+    /// The server's background tasks: runs and schedules are among them, and stop at its shutdown.
+    tasks: Tasks,
 }
 
 impl Scheduler {
-    pub fn new(policies: Vec<FileReplication>, meta: Arc<dyn Meta>, local_url: String) -> Arc<Scheduler> {
-        Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()) })
+    pub fn new(policies: Vec<FileReplication>, meta: Arc<dyn Meta>, local_url: String, tasks: Tasks) -> Arc<Scheduler> {
+        Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()), tasks })
     }
 
     /// Starts a run of policy `name` in the background, continuing what the job's last run left (`next_mode`).
+    /// Refused once shutdown has begun.
     pub async fn start(self: &Arc<Self>, name: &str) -> Result<(), StartError> {
+        if self.tasks.is_closing() {
+            return Err(StartError::ShuttingDown(name.to_string()));
+        }
         let file = self.policies.iter().find(|p| p.name == name).ok_or_else(|| StartError::Unknown(name.to_string()))?;
         let policy = file.policy(&self.local_url).map_err(|e| StartError::Invalid(name.to_string(), e.to_string()))?;
         let mode = match self.meta.job(name).await {
@@ -85,10 +96,12 @@ impl Scheduler {
             }
             running.insert(name.to_string(), Arc::clone(&progress));
         }
-        let (this, name) = (Arc::clone(self), name.to_string());
-        tokio::spawn(async move {
+        // Stopped when shutdown begins, not after the drain: no request waits on a run, and a run into `local`
+        // could only fail its copies against the closed listener meanwhile.
+        let (this, name, cancel) = (Arc::clone(self), name.to_string(), self.tasks.closing());
+        self.tasks.spawn("replication run", async move {
             tracing::info!(job = %name, ?mode, "replication started");
-            match super::run(policy, Arc::clone(&this.meta), mode, Some(progress)).await {
+            match super::run(policy, Arc::clone(&this.meta), mode, Some(progress), cancel).await {
                 Ok(r) => tracing::info!(job = %name, copied = r.copied, skipped = r.skipped, failed = r.failed, status = %r.status, "replication ended"),
                 Err(e) => tracing::error!(job = %name, error = %e, "replication could not run"),
             }
@@ -97,21 +110,21 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Runs every policy that has a schedule, every `schedule_secs`, from now on.
+    /// Runs every policy that has a schedule, every `schedule_secs`, from now on until shutdown begins.
     pub fn spawn_schedules(self: &Arc<Self>) {
         for p in &self.policies {
             let Some(secs) = p.schedule_secs.filter(|s| *s > 0) else { continue };
             let (this, name) = (Arc::clone(self), p.name.clone());
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs(secs));
-                loop {
-                    tick.tick().await;
+            let schedule = crate::shutdown::every(Duration::from_secs(secs), self.tasks.closing(), move || {
+                let (this, name) = (Arc::clone(&this), name.clone());
+                async move {
                     match this.start(&name).await {
-                        Ok(()) | Err(StartError::Running(_)) => {}
+                        Ok(()) | Err(StartError::Running(_)) | Err(StartError::ShuttingDown(_)) => {}
                         Err(e) => tracing::error!(error = %e, "scheduled replication"),
                     }
                 }
             });
+            self.tasks.spawn("replication schedule", schedule);
         }
     }
 
@@ -159,5 +172,30 @@ impl Scheduler {
     pub async fn failures(&self, name: &str, last: Option<(&str, &str)>, n: u64) -> Option<Result<Page<JobFailure>, MetaError>> {
         self.policies.iter().find(|p| p.name == name)?;
         Some(self.meta.failures(name, last, n).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn no_run_starts_once_shutdown_has_begun() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = crate::meta::open(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await.unwrap();
+        let policy = FileReplication { name: "p".into(), from: "http://127.0.0.1:9".into(), to: "local".into(), ..Default::default() };
+        let tasks = Tasks::new();
+        let scheduler = Scheduler::new(vec![policy], meta, "http://127.0.0.1:9".into(), tasks.clone());
+        tasks.close();
+        assert_eq!(scheduler.start("p").await, Err(StartError::ShuttingDown("p".into())));
+        assert!(scheduler.status_of("p").await.is_some_and(|s| !s.running));
+    }
+
+    #[test]
+    fn an_interrupted_run_is_resumed() {
+        let job = |status: &str| JobRecord { status: status.into(), ..JobRecord::default() };
+        assert_eq!(next_mode(&job(INTERRUPTED)), Mode::Resume);
+        assert_eq!(next_mode(&job("running")), Mode::Resume);
+        assert_eq!(next_mode(&job("finished")), Mode::Fresh);
     }
 }

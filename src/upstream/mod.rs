@@ -49,6 +49,9 @@ pub struct UpstreamConfig {
     pub requests_per_sec: Option<f64>,
     /// Bearer tokens cached at most (one per repository scope): a bound on the token cache's memory.
     pub token_entries: u64,
+    /// PEM CA certificates trusted for this registry besides the system's roots: for one whose certificate a
+    /// private CA signed.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 /// Why an upstream request did not give what was asked.
@@ -183,6 +186,17 @@ async fn fetch_token(req: reqwest::RequestBuilder, upstream: String, timeout: Du
     Ok((value, token_lifetime(t.expires_in)))
 }
 
+/// The CA certificates of the PEM file `path`; at least one.
+fn private_roots(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, UpstreamError> {
+    let invalid = |what: String| UpstreamError::Invalid(format!("CA file {}: {what}", path.display()));
+    let pem = std::fs::read(path).map_err(|e| invalid(e.to_string()))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| invalid(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(invalid("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
 /// Parses `Retry-After`: delay-seconds or an HTTP-date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
@@ -195,9 +209,15 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, UpstreamError> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.timeout)
-            .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")))
+            .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &config.ca {
+            for cert in private_roots(path)? {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder
             .build()
             .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
         let base = config.url.trim_end_matches('/').to_string();

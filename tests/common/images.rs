@@ -21,7 +21,7 @@ pub fn require(tool: &str) {
         .unwrap_or(false);
     assert!(
         found,
-        "`{tool}` is not installed: run scripts/test.sh (it installs docker-registry, skopeo, umoci and podman)"
+        "`{tool}` is not installed: run scripts/test.sh (it installs docker-registry, skopeo, umoci, podman and curl)"
     );
 }
 

@@ -22,6 +22,8 @@ pub struct Breakwater {
     child: Child,
     /// `127.0.0.1:PORT`, as printed by the server once it listens.
     pub addr: String,
+    /// `https` when it serves TLS, else `http` (also as printed).
+    pub scheme: &'static str,
     /// Where the server keeps its blobs and its SQLite database; removed on drop.
     pub data: tempfile::TempDir,
 }
@@ -50,12 +52,23 @@ impl Breakwater {
         Self::spawn(tempfile::tempdir().expect("tempdir"), extra, rust_log, Stdio::from(file))
     }
 
+    /// A registry with extra `serve` flags and environment variables, logging to the file `log`.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("create log file");
+        Self::spawn_env(tempfile::tempdir().expect("tempdir"), extra, env, "breakwater=info", Stdio::from(file))
+    }
+
     fn spawn(data: tempfile::TempDir, extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
+        Self::spawn_env(data, extra, &[], rust_log, stderr)
+    }
+
+    fn spawn_env(data: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)], rust_log: &str, stderr: Stdio) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())
             .args(extra)
+            .envs(env.iter().copied())
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -64,16 +77,16 @@ impl Breakwater {
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
         BufReader::new(stdout).read_line(&mut line).expect("read listen line");
-        let addr = line
-            .trim()
-            .strip_prefix("breakwater listening on http://")
-            .unwrap_or_else(|| panic!("unexpected first line from breakwater: {line:?}"))
-            .to_string();
-        Breakwater { child, addr, data }
+        let url = line.trim().strip_prefix("breakwater listening on ");
+        let (scheme, addr) = url
+            .and_then(|u| u.split_once("://"))
+            .unwrap_or_else(|| panic!("unexpected first line from breakwater: {line:?}"));
+        let scheme = if scheme == "https" { "https" } else { "http" };
+        Breakwater { child, addr: addr.to_string(), scheme, data }
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!("{}://{}{}", self.scheme, self.addr, path)
     }
 
     pub fn pid(&self) -> u32 {
