@@ -136,6 +136,20 @@ pub struct FileAuth {
     /// The token signing key (Ed25519, PKCS#8 PEM) [default: DATA/auth/token-signing-key.pem, generated].
     pub signing_key: Option<PathBuf>,
     pub metrics_public: Option<bool>,
+    /// Another server's tokens, accepted (`[auth.issuer]`).
+    pub issuer: Option<FileIssuer>,
+}
+
+/// The `[auth.issuer]` table: an existing token server whose tokens breakwater accepts.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileIssuer {
+    pub realm: String,
+    pub issuer: String,
+    /// PEM bundle of its public keys or certificates.
+    pub keys: Option<PathBuf>,
+    /// Or a JWKS file.
+    pub jwks: Option<PathBuf>,
 }
 
 /// An `[[auth.user]]` entry.
@@ -186,7 +200,16 @@ pub fn auth(file: FileAuth, flags: AuthFlags, data: &Path, memory_entries: u64) 
         }
     }
     let mode = flags.mode.or(file.mode);
-    if users.is_empty() {
+    let issuer = file.issuer.map(|i| crate::auth::issuer::IssuerConfig { realm: i.realm, issuer: i.issuer, keys: i.keys, jwks: i.jwks });
+    if let Some(i) = &issuer {
+        if i.keys.is_none() && i.jwks.is_none() {
+            anyhow::bail!("[auth.issuer] needs keys (a PEM bundle) or jwks (a JWKS file)");
+        }
+        if mode == Some(Mode::Basic) {
+            anyhow::bail!("[auth.issuer] issues tokens: it cannot be combined with --auth basic");
+        }
+    }
+    if users.is_empty() && issuer.is_none() {
         if mode.is_some() {
             anyhow::bail!("--auth needs users: give --htpasswd FILE or [[auth.user]] entries");
         }
@@ -214,6 +237,7 @@ pub fn auth(file: FileAuth, flags: AuthFlags, data: &Path, memory_entries: u64) 
         signing_key: file.signing_key.unwrap_or_else(|| data.join("auth").join("token-signing-key.pem")),
         metrics_public: file.metrics_public.unwrap_or(false),
         memory_entries,
+        issuer,
     }))
 }
 

@@ -10,6 +10,7 @@
 //! Architecture invariant: this module decides, the HTTP layer asks. No handler compares names or reads a
 //! policy; `Auth` answers "who is this" and "may they", and nothing else grants access.
 
+pub mod issuer;
 pub mod policy;
 pub mod robots;
 pub mod scope;
@@ -52,6 +53,8 @@ pub struct AuthConfig {
     pub metrics_public: bool,
     /// Bound on each in-memory map (verified passwords and tokens, failed-login counts).
     pub memory_entries: u64,
+    /// Tokens of another auth server, accepted beside (or, without users, instead of) this server's own.
+    pub issuer: Option<issuer::IssuerConfig>,
 }
 
 pub const DEFAULT_SERVICE: &str = "breakwater";
@@ -83,6 +86,8 @@ pub enum AuthError {
     Policy(String),
     #[error(transparent)]
     Meta(#[from] crate::meta::MetaError),
+    #[error(transparent)]
+    Issuer(#[from] issuer::IssuerError),
 }
 
 /// Credentials as a request presents them.
@@ -136,6 +141,7 @@ pub struct Auth {
     meta: Arc<dyn crate::meta::Meta>,
     policy: Policy,
     tokens: Tokens,
+    external: Option<issuer::ExternalIssuer>,
     realm: Option<String>,
     pub metrics_public: bool,
     /// Failed logins per address and per name, in the current window.
@@ -159,16 +165,24 @@ impl FailureKey {
 
 impl Auth {
     pub fn open(config: AuthConfig, meta: Arc<dyn crate::meta::Meta>) -> Result<Auth, AuthError> {
+        let has_users = !config.users.is_empty();
         let users = Arc::new(Users::open(config.users, config.memory_entries)?);
         let policy = Policy::new(config.policy).map_err(AuthError::Policy)?;
         let tokens = Tokens::open(&config.signing_key, DEFAULT_SERVICE, &config.service, config.token_ttl, config.memory_entries)?;
+        let external = match &config.issuer {
+            Some(i) => Some(issuer::ExternalIssuer::open(i, &config.service, config.memory_entries)?),
+            None => None,
+        };
+        // Without users of its own the server sends clients to the other server's realm.
+        let realm = config.realm.or_else(|| external.as_ref().filter(|_| !has_users).map(|e| e.realm.clone()));
         Ok(Auth {
             mode: config.mode,
             users,
             meta,
             policy,
             tokens,
-            realm: config.realm,
+            external,
+            realm,
             metrics_public: config.metrics_public,
             failures: BoundedMap::new("failed_logins", config.memory_entries, Some(FAILURE_WINDOW)),
         })
@@ -219,13 +233,24 @@ impl Auth {
         }
     }
 
-    /// The identity of a bearer token this server issued.
+    /// The identity of a bearer token this server issued, or the configured other server did.
     pub fn bearer(&self, token: &str) -> Result<Identity, AuthError> {
-        let claims = self.tokens.verify(token).map_err(|e| AuthError::BadToken(e.to_string()))?;
-        if claims.is_refresh() {
+        let own = match self.tokens.verify(token) {
+            Ok(claims) => claims,
+            Err(e) => return self.foreign(token, e),
+        };
+        if own.is_refresh() {
             return Err(AuthError::BadToken("a refresh token is not an access token".into()));
         }
-        Ok(Identity { subject: self.subject_of(&claims.sub), token_access: Some(Arc::new(claims.access.clone())) })
+        Ok(Identity { subject: self.subject_of(&own.sub), token_access: Some(Arc::new(own.access.clone())) })
+    }
+
+    /// A token this server did not sign: the other server's, if one is configured and it verifies.
+    fn foreign(&self, token: &str, own_error: TokenError) -> Result<Identity, AuthError> {
+        let Some(ext) = &self.external else { return Err(AuthError::BadToken(own_error.to_string())) };
+        let v = ext.verify(token).map_err(|e| AuthError::BadToken(format!("the token is not valid: {e}")))?;
+        let subject = Subject { name: v.sub, groups: Vec::new(), kind: SubjectKind::External };
+        Ok(Identity { subject, token_access: Some(v.access) })
     }
 
     /// The subject a token names, with the groups its user has now (a token carries no groups: what it grants
@@ -355,7 +380,7 @@ mod tests {
     #[tokio::test]
     async fn realms_use_only_a_sane_host() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = crate::meta::open(&format!("sqlite://{}/m.db", dir.path().display())).await.unwrap();
+        let meta = crate::meta::open(&crate::config::sqlite_url(dir.path())).await.unwrap();
         let auth = Auth::open(AuthConfig {
             mode: Mode::Token,
             users: UsersConfig::default(),
@@ -366,6 +391,7 @@ mod tests {
             signing_key: dir.path().join("k.pem"),
             metrics_public: false,
             memory_entries: 10,
+            issuer: None,
         }, meta)
         .unwrap();
         assert_eq!(auth.realm("http", Some("127.0.0.1:5000")), "http://127.0.0.1:5000/auth/token");

@@ -103,7 +103,7 @@ mod tests {
     #[tokio::test]
     async fn a_robot_logs_in_with_its_secret_until_revoked() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = crate::meta::open(&format!("sqlite://{}/m.db", dir.path().display())).await.unwrap();
+        let meta = crate::meta::open(&crate::config::sqlite_url(dir.path())).await.unwrap();
         let secret = create(&meta, "ci", &["ci/**:pull,push".into()], None).await.unwrap();
         assert!(secret.starts_with(SECRET_PREFIX) && secret.len() > 40);
         let stored = meta.robot("ci").await.unwrap().unwrap();
@@ -121,7 +121,7 @@ mod tests {
     #[tokio::test]
     async fn expired_robots_and_bad_requests_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let meta = crate::meta::open(&format!("sqlite://{}/m.db", dir.path().display())).await.unwrap();
+        let meta = crate::meta::open(&crate::config::sqlite_url(dir.path())).await.unwrap();
         let secret = create(&meta, "old", &["a:pull".into()], Some(Duration::ZERO)).await.unwrap();
         assert!(verify(&meta, "old", &secret).await.unwrap().is_none());
         assert!(matches!(create(&meta, "Bad Name", &["a:pull".into()], None).await, Err(RobotError::BadName(_))));

@@ -141,7 +141,7 @@ impl Challenge<'_> {
             AuthError::Missing | AuthError::BadCredentials | AuthError::BadToken(_) => {
                 self.unauthorized(bearer.then_some("invalid_token"), &e.to_string())
             }
-            AuthError::Users(_) | AuthError::Token(_) | AuthError::Policy(_) | AuthError::Meta(_) => {
+            AuthError::Users(_) | AuthError::Token(_) | AuthError::Policy(_) | AuthError::Meta(_) | AuthError::Issuer(_) => {
                 tracing::error!(error = %e, "access control failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, json_type(), error_body("UNKNOWN", "access control failed")).into_response()
             }
