@@ -314,6 +314,9 @@ async fn stop_on_signal(cancel: tokio_util::sync::CancellationToken) -> Signal {
     first
 }
 
+/// Bound on `warm`'s wait for an answer and on silence inside a body (a cold blob is fetched upstream first).
+const WARM_TIMEOUT_SECS: u64 = 60;
+
 #[derive(clap::Args)]
 struct WarmArgs {
     /// The breakwater to warm.
@@ -325,6 +328,14 @@ struct WarmArgs {
     /// References as the server names them: UPSTREAM/REPO:TAG or UPSTREAM/REPO@DIGEST.
     #[arg(required = true)]
     refs: Vec<String>,
+    /// A user (or robot) of a breakwater with access control, with pull rights on the references.
+    #[arg(long, env = "BREAKWATER_USERNAME")]
+    username: Option<String>,
+    #[arg(long, env = "BREAKWATER_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// PEM CA certificate(s) to verify an HTTPS server with, beside the system's roots.
+    #[arg(long)]
+    ca: Option<PathBuf>,
 }
 
 async fn warm(args: WarmArgs) -> anyhow::Result<()> {
@@ -334,7 +345,11 @@ async fn warm(args: WarmArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| r.parse().map_err(|e: String| anyhow::anyhow!(e)))
         .collect::<anyhow::Result<Vec<breakwater::warm::WarmRef>>>()?;
-    let stats = breakwater::warm::warm(&args.server, &refs, args.platform.as_deref()).await?;
+    let mut server = config::upstream("server", args.server.trim_end_matches('/'), 0, WARM_TIMEOUT_SECS, false, Some(false))?;
+    server.username = args.username;
+    server.password = args.password.map(Into::into);
+    server.ca = args.ca;
+    let stats = breakwater::warm::warm(server, &refs, args.platform.as_deref()).await?;
     eprintln!("warmed {} manifests and {} blobs ({} bytes)", stats.manifests, stats.blobs, stats.bytes);
     Ok(())
 }

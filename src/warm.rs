@@ -1,8 +1,6 @@
 //! `breakwater warm`: pulls artifacts through a running breakwater so that its cache holds them before a
 //! rollout. It is an ordinary registry client: whatever it pulls, the server fetches (once) from upstream.
 
-use std::time::Duration;
-
 use futures_util::StreamExt;
 use serde::Deserialize;
 
@@ -62,48 +60,32 @@ struct Manifest {
     manifests: Option<Vec<Descriptor>>,
 }
 
-/// Pulls `refs` through the breakwater at `server` (`http://HOST:PORT`). With `platform` (`os/arch[/variant]`),
-/// only that platform of an index is pulled; otherwise all of them.
-pub async fn warm(server: &str, refs: &[WarmRef], platform: Option<&str>) -> anyhow::Result<WarmStats> {
-    let client = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?;
-    let server = server.trim_end_matches('/');
+/// Pulls `refs` through the breakwater that `server` reaches (its URL, and the credentials it is logged in to
+/// with: the upstream client speaks basic auth and the token flow, as for any registry). With `platform`
+/// (`os/arch[/variant]`), only that platform of an index is pulled; otherwise all of them.
+pub async fn warm(server: crate::upstream::UpstreamConfig, refs: &[WarmRef], platform: Option<&str>) -> anyhow::Result<WarmStats> {
+    let client = crate::upstream::Upstream::new(server)?;
     let mut stats = WarmStats::default();
     for r in refs {
+        let repo: crate::oci::RepoName = r.repo.parse().map_err(|e| anyhow::anyhow!("{}: {e}", r.repo))?;
         let mut queue = vec![r.reference.clone()];
         while let Some(reference) = queue.pop() {
-            let url = format!("{server}/v2/{}/manifests/{reference}", r.repo);
-            let resp = client
-                .get(&url)
-                .header(
-                    reqwest::header::ACCEPT,
-                    "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
-                     application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json",
-                )
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                anyhow::bail!("{}:{reference}: {} {}", r.repo, resp.status(), resp.text().await.unwrap_or_default());
-            }
-            let media_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-            let body = resp.bytes().await?;
+            let m = client.manifest(&repo, &reference, false).await.map_err(|e| anyhow::anyhow!("{}:{reference}: {e}", r.repo))?;
+            let body = m.bytes.unwrap_or_default();
             stats.manifests += 1;
-            let m: Manifest = serde_json::from_slice(&body)?;
-            if media_type == OCI_INDEX || media_type == DOCKER_LIST || m.manifests.is_some() {
-                for child in m.manifests.unwrap_or_default() {
+            let parsed: Manifest = serde_json::from_slice(&body)?;
+            if m.media_type == OCI_INDEX || m.media_type == DOCKER_LIST || parsed.manifests.is_some() {
+                for child in parsed.manifests.unwrap_or_default() {
                     if platform.is_none_or(|want| matches_platform(child.platform.as_ref(), want)) {
                         queue.push(child.digest);
                     }
                 }
                 continue;
             }
-            let blobs = m.config.into_iter().chain(m.layers.unwrap_or_default());
-            for b in blobs {
+            for b in parsed.config.into_iter().chain(parsed.layers.unwrap_or_default()) {
                 let digest: Digest = b.digest.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-                let resp = client.get(format!("{server}/v2/{}/blobs/{digest}", r.repo)).send().await?;
-                if !resp.status().is_success() {
-                    anyhow::bail!("{}@{digest}: {}", r.repo, resp.status());
-                }
-                let mut body = resp.bytes_stream();
+                let blob = client.blob(&repo, &digest, 0).await.map_err(|e| anyhow::anyhow!("{}@{digest}: {e}", r.repo))?;
+                let mut body = blob.body;
                 while let Some(chunk) = body.next().await {
                     stats.bytes += chunk?.len() as u64;
                 }

@@ -481,3 +481,200 @@ async fn logs_hold_no_secret_and_an_audit_line_per_write() {
     assert!(audit.iter().any(|l| l.contains("push manifest") && l.contains("repository=\"team/app\"") && l.contains(&digest)), "{audit:#?}");
     assert!(audit.iter().any(|l| l.contains("delete manifest") && l.contains(&digest)), "{audit:#?}");
 }
+
+/// `breakwater token ...` on the server's data directory; returns stdout.
+fn token_cli(bw: &Breakwater, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .arg("token")
+        .args(args)
+        .arg("--data")
+        .arg(bw.data.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn robots_log_in_with_their_own_grants_until_revoked() {
+    let dir = images::scratch();
+    let tmp = dir.path();
+    let bw = Breakwater::start_with(&["--config", config(tmp, "").to_str().unwrap()]);
+    let out = token_cli(&bw, &["create", "ci", "--scope", "ci/**:pull,push", "--expires", "30d"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let secret = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(secret.starts_with("bwr_"), "{secret}");
+    assert!(!token_cli(&bw, &["create", "ci", "--scope", "x:pull"]).status.success(), "a robot name is taken once");
+
+    let layout = tmp.join("src");
+    let digest = images::build_image(&layout, "v1", images::host_arch(), &[("etc/motd", "pushed by a robot\n")]);
+    let creds = format!("robot$ci:{secret}");
+    images::skopeo_copy(tmp, &["--dest-creds", &creds], &images::oci_ref(&layout, "v1"), &format!("docker://{}/ci/app:v1", bw.addr));
+    let back = tmp.join("back");
+    images::skopeo_copy(tmp, &["--src-creds", &creds], &format!("docker://{}/ci/app:v1", bw.addr), &images::oci_ref(&back, "v1"));
+    assert_eq!(images::layout_digest(&back, "v1"), digest);
+    // Its grants only: not team/**, which every user may pull.
+    let outside = images::output(images::skopeo(tmp).args(["copy", "--dest-tls-verify=false", "--dest-creds", &creds, &images::oci_ref(&layout, "v1")]).arg(format!("docker://{}/team/app:v1", bw.addr)));
+    assert!(!outside.status.success(), "the robot pushed outside its scope");
+
+    let list = String::from_utf8(token_cli(&bw, &["list"]).stdout).unwrap();
+    assert!(list.lines().any(|l| l.starts_with("robot$ci") && l.contains("active") && l.contains("ci/**:pull,push")), "{list}");
+    assert!(!list.contains(&secret), "the list shows no secret");
+    assert!(token_cli(&bw, &["revoke", "robot$ci"]).status.success());
+    assert!(!token_cli(&bw, &["revoke", "ci"]).status.success(), "revoking twice is an error");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(token(&bw, Some(("robot$ci", &secret)), &["repository:ci/app:pull"])).0, 401, "a revoked robot is refused");
+    let refused = images::output(images::skopeo(tmp).args(["inspect", "--tls-verify=false", "--creds", &creds]).arg(format!("docker://{}/ci/app:v1", bw.addr)));
+    assert!(!refused.status.success(), "a revoked robot pulled");
+    assert!(String::from_utf8(token_cli(&bw, &["list"]).stdout).unwrap().contains("revoked"));
+}
+
+/// A token server of its own, as an existing auth service would be: it issues ES256 tokens granting whatever
+/// scope is asked to anyone with a password, for service `registry.test`.
+struct TestIssuer {
+    addr: String,
+    key: rcgen::KeyPair,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl TestIssuer {
+    fn start() -> TestIssuer {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = key.serialize_pem();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::get(move |q: axum::extract::Query<Vec<(String, String)>>, headers: axum::http::HeaderMap| {
+                let pem = pem.clone();
+                async move {
+                    if !headers.contains_key("authorization") {
+                        return (axum::http::StatusCode::UNAUTHORIZED, String::new());
+                    }
+                    let access: Vec<Value> = q
+                        .0
+                        .iter()
+                        .filter(|(k, _)| k == "scope")
+                        .filter_map(|(_, v)| {
+                            let mut parts = v.rsplitn(2, ':');
+                            let actions = parts.next()?;
+                            let name = parts.next()?.strip_prefix("repository:")?;
+                            Some(serde_json::json!({"type": "repository", "name": name, "actions": actions.split(',').collect::<Vec<_>>()}))
+                        })
+                        .collect();
+                    let token = issue_es256(&pem, "registry.test", 300, access);
+                    (axum::http::StatusCode::OK, serde_json::json!({ "token": token }).to_string())
+                }
+            }),
+        );
+        runtime.spawn(async move { axum::serve(listener, app).await });
+        TestIssuer { addr, key, _runtime: runtime }
+    }
+}
+
+fn issue_es256(pem: &str, aud: &str, ttl: i64, access: Vec<Value>) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let claims = serde_json::json!({"iss": "test-issuer", "sub": "someone", "aud": aud, "exp": now + ttl, "iat": now, "access": access});
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap();
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &key).unwrap()
+}
+
+#[test]
+fn tokens_of_an_external_issuer_are_accepted_and_others_refused() {
+    let dir = images::scratch();
+    let tmp = dir.path();
+    let issuer = TestIssuer::start();
+    // The issuer's certificate, as distribution's rootcertbundle holds it.
+    let cert = rcgen::CertificateParams::new(vec!["issuer.test".to_string()]).unwrap().self_signed(&issuer.key).unwrap();
+    std::fs::write(tmp.join("bundle.pem"), cert.pem()).unwrap();
+    let cfg = tmp.join("bw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\nservice = \"registry.test\"\n\n[auth.issuer]\nrealm = \"http://{}/token\"\nissuer = \"test-issuer\"\nkeys = \"{}\"\n",
+            issuer.addr,
+            tmp.join("bundle.pem").display()
+        ),
+    )
+    .unwrap();
+    let bw = Breakwater::start_with(&["--config", cfg.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (status, headers, _) = rt.block_on(req("GET", &bw.url("/v2/x/manifests/v1"), None, None));
+    assert_eq!(status, 401);
+    assert!(challenge(&headers).starts_with(&format!("Bearer realm=\"http://{}/token\",service=\"registry.test\"", issuer.addr)), "{}", challenge(&headers));
+
+    // skopeo follows the challenge to the other server and comes back with its token.
+    let layout = tmp.join("src");
+    let digest = images::build_image(&layout, "v1", images::host_arch(), &[("etc/motd", "external\n")]);
+    let dest = format!("docker://{}/ext/app:v1", bw.addr);
+    images::skopeo_copy(tmp, &["--dest-creds", "someone:anything"], &images::oci_ref(&layout, "v1"), &dest);
+    let back = tmp.join("back");
+    images::skopeo_copy(tmp, &["--src-creds", "someone:anything"], &dest, &images::oci_ref(&back, "v1"));
+    assert_eq!(images::layout_digest(&back, "v1"), digest);
+
+    let pull = vec![serde_json::json!({"type": "repository", "name": "ext/app", "actions": ["pull"]})];
+    let own_pem = issuer.key.serialize_pem();
+    let good = issue_es256(&own_pem, "registry.test", 300, pull.clone());
+    assert_eq!(rt.block_on(req("GET", &bw.url("/v2/ext/app/manifests/v1"), Some(&format!("Bearer {good}")), None)).0, 200);
+    let stranger = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    for (what, bad) in [
+        ("another key", issue_es256(&stranger, "registry.test", 300, pull.clone())),
+        ("another service", issue_es256(&own_pem, "elsewhere", 300, pull.clone())),
+        ("expired", issue_es256(&own_pem, "registry.test", -120, pull.clone())),
+    ] {
+        assert_eq!(rt.block_on(req("GET", &bw.url("/v2/ext/app/manifests/v1"), Some(&format!("Bearer {bad}")), None)).0, 401, "{what}");
+    }
+    // A token for pull only does not push.
+    let (status, _, _) = rt.block_on(req("POST", &bw.url("/v2/ext/app/blobs/uploads/"), Some(&format!("Bearer {good}")), None));
+    assert!(status == 401 || status == 403, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_and_warm_log_in_to_a_protected_breakwater() {
+    let source = common::Distribution::start();
+    let src = format!("http://{}", source.addr);
+    let image = common::oci::push_image(&src, "team/lib", "v1", &[3_000], 41).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "\n[[upstream]]\nname = \"up\"\nurl = \"{src}\"\n\n[[replication]]\nname = \"in\"\nfrom = \"{src}\"\nto = \"local\"\n\
+         include = [\"team/**\"]\nto_username = \"{}\"\nto_password = \"{}\"\n",
+        ALICE.0, ALICE.1
+    );
+    // The replication and upstream tables go after [auth]'s rules: write the policy file, then append.
+    let cfg = config(dir.path(), "");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&extra);
+    text = text.replace("repositories = [\"team/**\"]\nusers = [\"bob\"]", "repositories = [\"team/**\", \"up/**\"]\nusers = [\"bob\"]");
+    std::fs::write(&cfg, text).unwrap();
+    let bw = Breakwater::start_with(&["--config", cfg.to_str().unwrap()]);
+    let root = basic(ROOT.0, ROOT.1);
+
+    assert_eq!(req("POST", &bw.url("/api/replication/in/run"), Some(&basic(ALICE.0, ALICE.1)), None).await.0, 403, "only admins start runs");
+    assert_eq!(req("POST", &bw.url("/api/replication/in/run"), Some(&root), None).await.0, 202);
+    let mut done = Value::Null;
+    for _ in 0..2000 {
+        let (_, _, body) = req("GET", &bw.url("/api/replication/in"), Some(&root), None).await;
+        done = serde_json::from_slice(&body).unwrap();
+        if done["running"] == false && done["progress"]["status"] != "never run" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!((done["progress"]["status"].as_str(), done["progress"]["copied"].as_u64()), (Some("finished"), Some(1)), "{done}");
+    let (status, headers, _) = req("GET", &bw.url("/v2/team/lib/manifests/v1"), Some(&basic(BOB.0, BOB.1)), None).await;
+    assert_eq!((status, headers["docker-content-digest"].to_str().unwrap()), (200, image.digest.as_str()));
+
+    // `breakwater warm` pulls through the cache with bob's password, by the token flow.
+    let warm = |creds: Option<(&str, &str)>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+        cmd.args(["warm", "--server", &bw.url(""), "up/team/lib:v1"]).env("RUST_LOG", "warn");
+        if let Some((u, p)) = creds {
+            cmd.args(["--username", u, "--password", p]);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(!warm(None).status.success(), "warm without credentials");
+    let out = warm(Some(BOB));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("warmed 1 manifests and 2 blobs"), "{}", String::from_utf8_lossy(&out.stderr));
+}
