@@ -489,6 +489,8 @@ mod tests {
             for r in parsed.replication {
                 r.policy("http://127.0.0.1:5000").unwrap();
             }
+            auth(parsed.auth, AuthFlags::default(), Path::new("/var/lib/breakwater"), 10)
+                .unwrap_or_else(|e| panic!("README example's [auth] does not resolve: {e}\n{text}"));
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");

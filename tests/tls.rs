@@ -685,3 +685,40 @@ fn replication_into_local_over_https() {
     let v: serde_json::Value = serde_json::from_str(&inspected).unwrap();
     assert_eq!(v["Digest"], digest.as_str());
 }
+
+/// With TLS and access control, the token realm clients are sent to is https, skopeo logs in through it, and
+/// `breakwater warm --ca` verifies the server with the private CA and logs in with a password.
+#[test]
+fn the_token_flow_over_https_and_warm_with_a_private_ca() {
+    let pki = Pki::new(9);
+    let dir = scratch();
+    let tmp = dir.path();
+    common::images::require("htpasswd");
+    let users = tmp.join("users");
+    run(Command::new("htpasswd").args(["-B", "-b", "-c"]).arg(&users).args(["alice", "tls-pw-1"]));
+    let bw = start_tls(&pki, &["--htpasswd", &path(&users)]);
+    // Over HTTP/2 the host the client used comes as `:authority`, not `Host`.
+    let v2 = output(Command::new("curl").args(["-s", "--http2", "-D", "-", "-o", "/dev/null", "--cacert"]).arg(pki.ca()).arg(format!("https://{}/v2/", bw.addr)));
+    let v2 = String::from_utf8_lossy(&v2.stdout).to_string();
+    assert!(v2.starts_with("HTTP/2 401"), "{v2}");
+    assert!(v2.to_lowercase().contains(&format!("www-authenticate: bearer realm=\"https://{}/auth/token\"", bw.addr)), "{v2}");
+
+    let layout = tmp.join("src");
+    let digest = build_image(&layout, "v1", host_arch(), &[("etc/motd", "tls and a login\n")]);
+    let cert_dir = path(&pki.cert_dir());
+    let remote = format!("docker://{}/team/app:v1", bw.addr);
+    run(skopeo(tmp).args(["copy", "--dest-cert-dir", &cert_dir, "--dest-creds", "alice:tls-pw-1", &oci_ref(&layout, "v1"), &remote]));
+    let warm = |ca: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+        cmd.args(["warm", "--server", &format!("https://{}", bw.addr), "--username", "alice", "--password", "tls-pw-1", "team/app:v1"]);
+        if let Some(ca) = ca {
+            cmd.arg("--ca").arg(ca);
+        }
+        cmd.env("RUST_LOG", "warn").output().unwrap()
+    };
+    assert!(!warm(None).status.success(), "warm trusted a private CA it was not given");
+    let out = warm(Some(&pki.ca()));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let blobs = common::images::layout_image_blobs(&layout, &digest).len();
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("warmed 1 manifests and {blobs} blobs")), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -71,7 +71,7 @@ pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let creds = Credentials::parse(header);
     let from = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let challenge = Challenge { auth: &auth, scheme: app.scheme(), host: host(req.headers()), need: &need };
+    let challenge = Challenge { auth: &auth, scheme: app.scheme(), host: host(&req), need: &need };
     let id = match auth.identify(&creds, from).await {
         Ok(id) => id,
         Err(e) => return challenge.refuse(&e, matches!(creds, Credentials::Bearer(_))),
@@ -86,9 +86,11 @@ pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     resp
 }
 
-/// The host the client addressed, for the realm.
-fn host(headers: &HeaderMap) -> Option<String> {
-    headers.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string)
+/// The host the client addressed, for the realm: HTTP/1's `Host`, or HTTP/2's `:authority` (which hyper puts in
+/// the URI, not the headers).
+fn host(req: &Request) -> Option<String> {
+    let header = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    header.map(str::to_string).or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
 }
 
 /// Builds the refusals of one request.
