@@ -209,8 +209,26 @@ mod tests {
         assert!(ext.verify(&sign(&key, claims("registry.test", "auth.test", now - 120))).is_err(), "expired");
         // The public key as a PEM PUBLIC KEY block works too.
         std::fs::write(dir.path().join("pub.pem"), other.public_key_pem()).unwrap();
-        let ext2 = ExternalIssuer::open(&IssuerConfig { keys: Some(dir.path().join("pub.pem")), ..config }, "registry.test", 10).unwrap();
+        let ext2 = ExternalIssuer::open(&IssuerConfig { keys: Some(dir.path().join("pub.pem")), ..config.clone() }, "registry.test", 10).unwrap();
         assert!(ext2.verify(&sign(&other, claims("registry.test", "auth.test", now + 60))).is_ok());
+        // The same key as a JWKS document, found by its key id.
+        let raw = other.public_key_raw();
+        assert_eq!((raw.len(), raw[0]), (65, 4), "an uncompressed P-256 point");
+        let b64 = |b: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, b);
+        let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "x": b64(&raw[1..33]), "y": b64(&raw[33..])}]});
+        std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+        let ext3 = ExternalIssuer::open(&IssuerConfig { keys: None, jwks: Some(dir.path().join("jwks.json")), ..config.clone() }, "registry.test", 10).unwrap();
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some("k1".into());
+        let with_kid = encode(&header, &claims("registry.test", "auth.test", now + 60), &EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap()).unwrap();
+        assert!(ext3.verify(&with_kid).is_ok());
+        header.kid = Some("k2".into());
+        let wrong_kid = encode(&header, &claims("registry.test", "auth.test", now + 60), &EncodingKey::from_ec_pem(other.serialize_pem().as_bytes()).unwrap()).unwrap();
+        assert!(ext3.verify(&wrong_kid).is_err(), "a key id no key has");
+        assert!(ext3.verify(&sign(&key, claims("registry.test", "auth.test", now + 60))).is_err(), "not a key of the set");
+        let oct = serde_json::json!({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]});
+        std::fs::write(dir.path().join("oct.json"), oct.to_string()).unwrap();
+        assert!(ExternalIssuer::open(&IssuerConfig { keys: None, jwks: Some(dir.path().join("oct.json")), ..config.clone() }, "registry.test", 10).is_err());
         // A symmetric token is refused whatever its signature.
         let hs = encode(&Header::new(Algorithm::HS256), &claims("registry.test", "auth.test", now + 60), &EncodingKey::from_secret(b"k")).unwrap();
         assert!(ext.verify(&hs).is_err());
