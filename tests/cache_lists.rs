@@ -387,6 +387,30 @@ async fn referrers_come_from_the_tag_fallback_once_and_the_referring_manifests_p
     assert_eq!(c.relay.count("GET", &format!("/v2/signed/app/referrers/{}", other.digest)), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_come_from_the_upstreams_referrers_api_when_it_has_one() {
+    // A breakwater upstream answers the referrers API (distribution 2.8 does not).
+    let origin = Breakwater::start_logged(&[], "breakwater=warn", &std::env::temp_dir().join(format!("cache-lists-api-{}.log", std::process::id())));
+    let base = origin.url("");
+    let image = push_image(&base, "signed/app", "v1", &[100], 14).await;
+    let mut want = Vec::new();
+    for (seed, t) in [(4, SIG), (5, SBOM)] {
+        let (manifest, digest) = push_artifact(&base, "signed/app", &image, t, seed).await;
+        want.push(descriptor(&manifest, &digest, t, seed));
+    }
+    want.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    let relay = Relay::start(&origin.addr);
+    let bw = Breakwater::start_with(&["--upstream", &format!("up=http://{}", relay.addr)]);
+    let path = format!("/v2/up/signed/app/referrers/{}", image.digest);
+    for _ in 0..2 {
+        let a = get_json(&bw.url(&path)).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        assert_eq!(a.body["manifests"].as_array().unwrap(), &want);
+    }
+    assert_eq!(relay.count("GET", "/v2/signed/app/referrers/"), 1, "asked once: {:?}", relay.requests());
+    assert_eq!(relay.count("", "/manifests/"), 0, "no fallback tag where the API answers");
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The allow-list.
 
