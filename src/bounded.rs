@@ -32,6 +32,17 @@ where
         BoundedMap { kind, cache: b.build() }
     }
 
+    /// At most `max_weight` in all, each entry weighing what `weigher` says (at least 1): for entries whose size
+    /// varies with input (a cached listing of up to thousands of names), so that the bound is on what is held,
+    /// not on how many entries hold it. An entry heavier than `max_weight` is not kept.
+    pub fn weighted(kind: &'static str, max_weight: u64, ttl: Option<Duration>, weigher: fn(&K, &V) -> u32) -> BoundedMap<K, V> {
+        let mut b = moka::sync::Cache::builder().max_capacity(max_weight).weigher(move |k, v| weigher(k, v).max(1));
+        if let Some(ttl) = ttl {
+            b = b.time_to_live(ttl.max(Duration::from_millis(1)));
+        }
+        BoundedMap { kind, cache: b.build() }
+    }
+
     pub fn get(&self, key: &K) -> Option<V> {
         self.cache.get(key)
     }
@@ -87,6 +98,17 @@ mod tests {
         }
         let held = m.len();
         assert!(held <= 100 && held > 0, "{held} entries held");
+    }
+
+    #[test]
+    fn weighted_maps_bound_the_total_weight() {
+        let m: BoundedMap<u64, Vec<u8>> = BoundedMap::weighted("test", 1000, None, |_, v| v.len() as u32);
+        for i in 0..100 {
+            m.insert(i, vec![0; 100]);
+        }
+        m.cache.run_pending_tasks();
+        assert!(m.cache.weighted_size() <= 1000, "{} held", m.cache.weighted_size());
+        assert!(m.len() <= 10);
     }
 
     #[test]

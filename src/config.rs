@@ -375,6 +375,9 @@ pub struct FileUpstream {
     pub library_shorthand: Option<bool>,
     /// PEM CA certificates to trust for this upstream besides the system's (a private CA).
     pub ca: Option<PathBuf>,
+    /// Repository globs that may be proxied (others are `NAME_UNKNOWN`); empty or absent: every repository.
+    #[serde(default)]
+    pub repositories: Vec<String>,
 }
 
 /// The `[cache]` table.
@@ -415,6 +418,7 @@ pub fn upstream(
         requests_per_sec: None,
         token_entries: crate::bounded::DEFAULT_ENTRIES,
         ca: None,
+        repositories: Vec::new(),
     })
 }
 
@@ -431,6 +435,9 @@ impl FileUpstream {
         u.username = self.username;
         u.password = self.password;
         u.ca = self.ca;
+        // Checked here, so that a bad pattern is a configuration error rather than a failure at start-up.
+        crate::pattern::glob_set(&self.repositories).map_err(|e| anyhow::anyhow!("upstream {}: repositories: {e}", self.name))?;
+        u.repositories = self.repositories;
         Ok(u)
     }
 }

@@ -383,6 +383,7 @@ fn upstream(url: &str) -> breakwater::upstream::Upstream {
         requests_per_sec: None,
         token_entries: breakwater::bounded::DEFAULT_ENTRIES,
         ca: None,
+        repositories: Vec::new(),
     })
     .unwrap()
 }

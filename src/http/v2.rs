@@ -17,7 +17,7 @@ use crate::auth::Identity;
 use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
 use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
-use crate::proxy::{Cached, ProxiedBlob, Target};
+use crate::proxy::{Cached, ProxiedBlob, ReferrersPage, TagPage, Target};
 use crate::registry::RegistryError;
 use crate::storage::ByteStream;
 
@@ -85,12 +85,16 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
         }
         (Route::Tags { name }, "GET") => {
-            let repo = app.proxy.local_name(name, ns)?;
+            let target = app.proxy.target(name, ns)?;
             let n = page_size(&query, DEFAULT_TAGS_PAGE, MAX_PAGE)?;
-            let page = reg.tags(&repo, query.get("last").map(String::as_str), n).await?;
-            let link = next_page_link(&format!("/v2/{repo}/tags/list"), n, &page);
-            let body = serde_json::json!({ "name": repo.as_str(), "tags": page.items }).to_string();
-            Ok(with_link(json_response(StatusCode::OK, "application/json", body, m), link))
+            let TagPage { page, stale } = app.proxy.tag_list(target, query.get("last").map(String::as_str), n).await?;
+            // The name as the client gave it (with its `ns=`), so that the Link leads back the same way.
+            let link = (page.more && n > 0).then(|| {
+                let after = page.items.last().map(String::as_str).unwrap_or("");
+                format!("</v2/{name}/tags/list?n={n}&last={after}{}>; rel=\"next\"", ns_suffix(ns))
+            });
+            let body = serde_json::json!({ "name": name, "tags": page.items }).to_string();
+            Ok(with_stale(with_link(json_response(StatusCode::OK, "application/json", body, m), link), stale))
         }
         (Route::Manifest { name, reference }, "GET" | "HEAD") => {
             let requested = manifest_ref(reference)?;
@@ -108,11 +112,7 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                 let man = reg.manifest(&repo, &reference).await?;
                 (man.record, Body::from(man.bytes))
             };
-            let mut resp = manifest_response(&record.media_type, &record.digest, record.size, body);
-            if stale {
-                resp.headers_mut().insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
-            }
-            Ok(resp)
+            Ok(with_stale(manifest_response(&record.media_type, &record.digest, record.size, body), stale))
         }
         (Route::Manifest { name, reference }, "PUT") => {
             let (repo, reference) = (writable(app, name)?, manifest_ref(reference)?);
@@ -195,23 +195,23 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         (Route::Referrers { name, digest }, "GET") => {
-            let (repo, subject) = (app.proxy.local_name(name, ns)?, digest_param(digest)?);
+            let (target, subject) = (app.proxy.target(name, ns)?, digest_param(digest)?);
             let filter = query.get("artifactType").map(String::as_str);
             let n = page_size(&query, MAX_REFERRERS_PAGE, MAX_REFERRERS_PAGE)?;
             let last = match query.get("last") {
                 Some(l) => Some(l.parse::<Digest>().map_err(|_| RegistryError::PaginationInvalid(format!("last must be a digest, not {l:?}")))?),
                 None => None,
             };
-            let found = reg.referrers(&repo, &subject, filter, last.as_ref(), n).await?;
-            let (manifests, more) = referrer_descriptors(found);
+            let ReferrersPage { page, stale } = app.proxy.referrer_list(target, &subject, filter, last.as_ref(), n).await?;
+            let (manifests, more) = referrer_descriptors(page);
             // No `Link` after an empty page (`n=0`): it would point at the same page again.
             let link = (more && !manifests.is_empty()).then(|| {
                 let after = manifests.last().and_then(|d| d["digest"].as_str()).unwrap_or("");
-                let mut target = format!("/v2/{repo}/referrers/{subject}?n={n}&last={after}");
+                let mut target = format!("/v2/{name}/referrers/{subject}?n={n}&last={after}");
                 if let Some(t) = filter {
                     target.push_str(&format!("&artifactType={}", query_escape(t)));
                 }
-                format!("<{target}>; rel=\"next\"")
+                format!("<{target}{}>; rel=\"next\"", ns_suffix(ns))
             });
             let index = serde_json::json!({
                 "schemaVersion": 2, "mediaType": crate::oci::OCI_INDEX, "manifests": manifests,
@@ -220,7 +220,7 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             if filter.is_some() {
                 resp.headers_mut().insert("oci-filters-applied", HeaderValue::from_static("artifactType"));
             }
-            Ok(with_link(resp, link))
+            Ok(with_stale(with_link(resp, link), stale))
         }
         _ => Err(RegistryError::Unsupported(format!("{m} is not supported on {}", route.kind()))),
     }
@@ -336,15 +336,7 @@ fn page_size(query: &HashMap<String, String>, default: u64, max: u64) -> Result<
     }
 }
 
-/// A `Link` to the next page, when there is one. With `n=0` the spec wants an empty list and no `Link`.
-fn next_page_link(path: &str, n: u64, page: &Page) -> Option<String> {
-    (page.more && n > 0).then(|| next_link(path, n, page))
-}
-
-fn next_link(path: &str, n: u64, page: &Page) -> String {
-    next_link_after(path, n, page.items.last().map(String::as_str).unwrap_or(""))
-}
-
+/// A `Link` to the page of `path` after `last`.
 fn next_link_after(path: &str, n: u64, last: &str) -> String {
     format!("<{path}?n={n}&last={last}>; rel=\"next\"")
 }
@@ -382,6 +374,19 @@ pub(super) fn query_escape(s: &str) -> String {
         }
     }
     out
+}
+
+/// The `&ns=` that keeps a `Link` of a containerd-style request (`?ns=UPSTREAM`) on the same upstream.
+fn ns_suffix(ns: Option<&str>) -> String {
+    ns.map(|ns| format!("&ns={}", query_escape(ns))).unwrap_or_default()
+}
+
+/// Marks an answer served from the cache because the upstream could not be asked.
+fn with_stale(mut resp: Response, stale: bool) -> Response {
+    if stale {
+        resp.headers_mut().insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
+    }
+    resp
 }
 
 fn with_link(mut resp: Response, link: Option<String>) -> Response {

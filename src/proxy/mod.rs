@@ -9,8 +9,13 @@
 //! given blob digest at most one download, is in flight at any time, whatever the number of clients.
 
 mod evict;
+mod listing;
+mod referrers;
+mod tags;
 
 pub use evict::{EvictionPolicy, Evicted};
+pub use referrers::{ReferrersPage, MAX_LISTED_REFERRERS};
+pub use tags::{TagPage, MAX_LISTED_TAGS};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -79,7 +84,15 @@ pub struct Proxy {
     /// Un-prefixed names that may be pushed although a default upstream serves un-prefixed names (a local
     /// image would shadow the upstream's for every client); empty by default, so a mirror cannot be poisoned.
     shadowing: globset::GlobSet,
+    /// Upstream tag lists by cached repository, held for the tag TTL (`tags.rs`).
+    tag_lists: listing::Listings<RepoName, String>,
+    /// Upstream referrers by (cached repository, subject), held for the tag TTL (`referrers.rs`).
+    referrer_lists: listing::Listings<(RepoName, Digest), crate::meta::ManifestRecord>,
 }
+
+/// How many listed tags the tag-list cache holds in all, per `memory_entries`: a tag is a few tens of bytes,
+/// so ten per entry keeps the map within the tens of MB every bounded map allows itself.
+const LISTED_TAGS_PER_ENTRY: u64 = 10;
 
 /// How often a cache hit refreshes a blob's access time at most.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(30);
@@ -127,6 +140,9 @@ impl Proxy {
             eviction_pass: tokio::sync::Mutex::new(()),
             touched: BoundedMap::new("blob_accesses", memory_entries, Some(TOUCH_INTERVAL)),
             shadowing: globset::GlobSet::empty(),
+            tag_lists: listing::Listings::new("tags", "tag_lists", memory_entries.saturating_mul(LISTED_TAGS_PER_ENTRY), longest_ttl),
+            // A referrer descriptor (with its annotations) is about ten tags' worth: one per entry.
+            referrer_lists: listing::Listings::new("referrers", "referrer_lists", memory_entries, longest_ttl),
         }
     }
 
@@ -141,6 +157,8 @@ impl Proxy {
         self.validated.report();
         self.missing.report();
         self.touched.report();
+        self.tag_lists.report();
+        self.referrer_lists.report();
         crate::bounded::report("upstream_tokens", self.upstreams.iter().map(|u| u.cached_tokens()).sum());
     }
 
@@ -152,42 +170,46 @@ impl Proxy {
         self.upstreams.iter().find(|u| u.name() == name)
     }
 
-    fn cached(&self, upstream: &Arc<Upstream>, remote: &str) -> Result<Cached> {
+    /// The cached repository of `remote` on `upstream`; `None` if the upstream's allow-list leaves it out.
+    fn cached(&self, upstream: &Arc<Upstream>, remote: &str) -> Result<Option<Cached>> {
         let remote = if upstream.config.library_shorthand && !remote.contains('/') {
             format!("library/{remote}")
         } else {
             remote.to_string()
         };
         let remote: RepoName = remote.parse()?;
+        if !upstream.allows(&remote) {
+            return Ok(None);
+        }
         let local: RepoName = format!("{}/{remote}", upstream.name()).parse()?;
-        Ok(Cached { upstream: Arc::clone(upstream), remote, local })
+        Ok(Some(Cached { upstream: Arc::clone(upstream), remote, local }))
     }
 
-    /// Maps a repository name (and containerd's `ns=` query, if any) to where it is served from.
+    /// Maps a repository name (and containerd's `ns=` query, if any) to where it is served from. A name in an
+    /// upstream's namespace that its `repositories` leave out is `NAME_UNKNOWN` (nothing is asked upstream); an
+    /// un-prefixed one is then only local.
     pub fn target(&self, name: &str, ns: Option<&str>) -> Result<Target> {
         let repo: RepoName = name.parse()?;
+        let upstream_of = |upstream, remote| match self.cached(upstream, remote)? {
+            Some(c) => Ok(Target::Cached(c)),
+            None => Err(RegistryError::NameUnknown),
+        };
         if let Some(upstream) = ns.and_then(|ns| self.by_name(ns)) {
             // containerd names the upstream in `ns` and sends the name without it.
-            return Ok(Target::Cached(self.cached(upstream, name)?));
+            return upstream_of(upstream, name);
         }
         if let Some((first, rest)) = name.split_once('/') {
             if let Some(upstream) = self.by_name(first) {
-                return Ok(Target::Cached(self.cached(upstream, rest)?));
+                return upstream_of(upstream, rest);
             }
         }
         match self.upstreams.iter().find(|u| u.config.default) {
-            Some(upstream) => Ok(Target::LocalOrCached(repo, self.cached(upstream, name)?)),
+            Some(upstream) => Ok(match self.cached(upstream, name)? {
+                Some(c) => Target::LocalOrCached(repo, c),
+                None => Target::Local(repo),
+            }),
             None => Ok(Target::Local(repo)),
         }
-    }
-
-    /// The local repository a listing of `name` reads (tags, referrers): cached repositories are listed as
-    /// cached, without asking the upstream.
-    pub fn local_name(&self, name: &str, ns: Option<&str>) -> Result<RepoName> {
-        Ok(match self.target(name, ns)? {
-            Target::Local(repo) | Target::LocalOrCached(repo, _) => repo,
-            Target::Cached(c) => c.local,
-        })
     }
 
     /// Refuses writes into an upstream's namespace (the cache owns those repositories), and, when a default

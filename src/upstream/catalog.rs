@@ -11,6 +11,10 @@ use crate::oci::RepoName;
 /// body is refused rather than held.
 const MAX_LISTING_BODY: usize = 16 << 20;
 
+/// Tags asked for per page when listing a repository's tags whole: distribution's largest page (registries
+/// that ignore `n`, as distribution 2.8 does on tags, send everything at once).
+const TAGS_PAGE: u64 = 1000;
+
 /// One page of a listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -85,6 +89,36 @@ impl Upstream {
     pub async fn tags_page(&self, repo: &RepoName, last: Option<&str>, n: u64) -> Result<Page, UpstreamError> {
         self.list(&format!("repository:{repo}:pull"), &format!("/v2/{repo}/tags/list"), "tags", last, n).await
     }
+
+    /// Every tag of `repo`, following the registry's pages, at most `max` (then `truncated`), in the registry's
+    /// order.
+    pub async fn all_tags(&self, repo: &RepoName, max: usize) -> Result<AllTags, UpstreamError> {
+        let mut all = AllTags { tags: Vec::new(), truncated: false };
+        let mut last: Option<String> = None;
+        loop {
+            let page = self.tags_page(repo, last.as_deref(), TAGS_PAGE).await?;
+            let added = page.items.len();
+            all.tags.extend(page.items);
+            if all.tags.len() > max || (all.tags.len() == max && page.next.is_some()) {
+                all.tags.truncate(max);
+                all.truncated = true;
+                return Ok(all);
+            }
+            match page.next {
+                // A page that adds nothing, or a `last` that does not move, ends the walk rather than loop.
+                Some(next) if added > 0 && last.as_deref() != Some(next.as_str()) => last = Some(next),
+                _ => return Ok(all),
+            }
+        }
+    }
+}
+
+/// A repository's tags listed whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllTags {
+    pub tags: Vec<String>,
+    /// The listing stopped at the caller's bound; the registry has more.
+    pub truncated: bool,
 }
 
 #[cfg(test)]

@@ -10,10 +10,12 @@ pub(crate) mod catalog;
 pub(crate) mod challenge;
 mod harbor;
 mod push;
+mod referrers;
 
-pub use catalog::Page as ListPage;
+pub use catalog::{AllTags, Page as ListPage};
 pub use harbor::HARBOR_PAGE;
 pub use push::Mount;
+pub use referrers::{fallback_tag, Referrers, RemoteReferrer};
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -52,6 +54,9 @@ pub struct UpstreamConfig {
     /// PEM CA certificates trusted for this registry besides the system's roots: for one whose certificate a
     /// private CA signed.
     pub ca: Option<std::path::PathBuf>,
+    /// Repository globs (`crate::pattern`) that may be proxied from this registry; empty means all. Other names
+    /// are unknown to the cache, so a public cache is not an open relay to everything the upstream serves.
+    pub repositories: Vec<String>,
 }
 
 /// Why an upstream request did not give what was asked.
@@ -118,6 +123,8 @@ pub struct Upstream {
     token_fetches: crate::flight::Group<String, Result<(String, Duration), UpstreamError>>,
     /// Until when the token endpoint's refusal of our credentials is taken as the answer.
     refused_until: Mutex<Option<Instant>>,
+    /// `config.repositories` compiled; `None` when every repository may be proxied.
+    allowed: Option<globset::GlobSet>,
 }
 
 
@@ -222,6 +229,10 @@ impl Upstream {
             .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
         let base = config.url.trim_end_matches('/').to_string();
         let rate = config.requests_per_sec;
+        let allowed = match config.repositories.is_empty() {
+            true => None,
+            false => Some(crate::pattern::glob_set(&config.repositories).map_err(|e| UpstreamError::Invalid(format!("repositories: {e}")))?),
+        };
         let tokens = Arc::new(BoundedMap::new("upstream_tokens", config.token_entries, None));
         Ok(Upstream {
             config,
@@ -233,11 +244,17 @@ impl Upstream {
             pacer: rate.filter(|r| *r > 0.0).map(crate::pace::Pacer::per_second),
             token_fetches: crate::flight::Group::default(),
             refused_until: Mutex::new(None),
+            allowed,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Whether the operator lets `repo` (a name on this registry) be proxied.
+    pub fn allows(&self, repo: &RepoName) -> bool {
+        self.allowed.as_ref().is_none_or(|set| set.is_match(repo.as_str()))
     }
 
     fn count(&self, method: &Method, status: &str) {

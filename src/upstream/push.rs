@@ -145,32 +145,8 @@ impl Upstream {
         self.exchange(Method::PUT, &push_scope(repo), &path, h, Some(reqwest::Body::from(bytes))).await?;
         Ok(())
     }
-
-    /// Digests of the manifests that refer to `digest` in `repo` (the referrers API, following its `Link`
-    /// pages); empty if the registry does not support it.
-    pub async fn referrers(&self, repo: &RepoName, digest: &Digest) -> Result<Vec<Digest>, UpstreamError> {
-        let mut target = format!("/v2/{repo}/referrers/{digest}");
-        let mut out = Vec::new();
-        loop {
-            let resp = match self.exchange(Method::GET, &format!("repository:{repo}:pull"), &target, HeaderMap::new(), None).await {
-                Ok(r) => r,
-                Err(UpstreamError::NotFound) if out.is_empty() => return Ok(Vec::new()),
-                Err(e) => return Err(e),
-            };
-            let next = super::catalog::next_target(resp.headers());
-            let body = super::read_limited(resp, crate::oci::MAX_MANIFEST_BYTES, self.config.timeout).await?;
-            let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| UpstreamError::Invalid(format!("referrers: {e}")))?;
-            let page = v.get("manifests").and_then(|m| m.as_array());
-            let before = out.len();
-            out.extend(page.into_iter().flatten().filter_map(|d| d.get("digest")?.as_str()?.parse::<Digest>().ok()));
-            match next {
-                // A page that adds nothing, or a `Link` to itself, ends the walk rather than loop.
-                Some(n) if n != target && out.len() > before => target = n,
-                _ => return Ok(out),
-            }
-        }
-    }
 }
+
 
 fn location_or(resp: reqwest::Response, fallback: &str) -> Result<String, UpstreamError> {
     Ok(location(&resp).unwrap_or_else(|_| fallback.to_string()))
