@@ -16,7 +16,7 @@ use super::{upload_range, App};
 use crate::auth::Identity;
 use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
-use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::oci::{Digest, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
 use crate::proxy::{Cached, ProxiedBlob, Target};
 use crate::registry::RegistryError;
 use crate::storage::ByteStream;
@@ -39,6 +39,9 @@ const DEFAULT_TAGS_PAGE: u64 = MAX_PAGE;
 const MAX_REFERRERS_PAGE: u64 = 100;
 /// Bound on the bytes of the descriptors in one referrers answer; a page stops early (with a `Link`) beyond it.
 const MAX_REFERRERS_BYTES: usize = 4 * 1024 * 1024;
+/// Most tags one manifest push may add with `?tag=` (the spec asks for at least 10): each is a write, and a bound
+/// keeps one request's work bounded whatever the URI's length.
+const MAX_PUSH_TAGS: usize = 100;
 
 pub async fn handle(
     State(app): State<Arc<App>>,
@@ -124,10 +127,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                 }
             })?;
             let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let tags = push_tags(uri, &reference)?;
             let pushed = reg.put_manifest(&repo, &reference, content_type, bytes).await?;
+            reg.tag_manifest_all(&repo, &pushed.digest, &tags).await?;
             let mut resp = created(&format!("/v2/{repo}/manifests/{}", pushed.digest), &pushed.digest);
             if let Some(subject) = pushed.subject {
                 resp.headers_mut().insert("oci-subject", header_value(&subject.to_string()));
+            }
+            // One `OCI-Tag` field per tag: the spec asks for a field for each accepted tag (RFC 9110 lets a
+            // client read repeated fields as one comma-separated list, so either form means the same).
+            for tag in &tags {
+                resp.headers_mut().append("oci-tag", header_value(tag.as_str()));
             }
             Ok(resp)
         }
@@ -176,18 +186,15 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Upload { name, id }, "PATCH") => {
             let repo = writable(app, name)?;
-            let range = content_range(headers)?;
-            let declared = headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
+            let (range, declared) = (content_range(headers)?, content_length(headers));
             let size = reg.upload_chunk(&repo, id, range, declared, body_stream(body)).await?;
             Ok(upload_response(StatusCode::ACCEPTED, &repo, id, size))
         }
         (Route::Upload { name, id }, "PUT") => {
             let repo = writable(app, name)?;
             let digest = digest_param(query.get("digest").map(String::as_str).unwrap_or(""))?;
-            reg.finish_upload(&repo, id, &digest, Some(body_stream(body))).await?;
+            let (range, declared) = (content_range(headers)?, content_length(headers));
+            reg.finish_upload(&repo, id, &digest, range, declared, Some(body_stream(body))).await?;
             Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest))
         }
         (Route::Upload { name, id }, "DELETE") => {
@@ -427,6 +434,32 @@ fn manifest_response(media_type: &str, digest: &Digest, size: u64, body: Body) -
     h.insert(DIGEST_HEADER, header_value(&digest.to_string()));
     h.insert(header::ETAG, header_value(&format!("\"{digest}\"")));
     resp
+}
+
+/// The request's declared body length, if it declared one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Tags a manifest push asks for besides its reference (`PUT /v2/<name>/manifests/<digest>?tag=A&tag=B`,
+/// distribution spec 1.1): only for a push by digest, which is where the spec defines them (a push by tag has
+/// its tag already); at most `MAX_PUSH_TAGS`, each a valid tag, or the push is refused before anything is stored.
+fn push_tags(uri: &Uri, reference: &Reference) -> Result<Vec<Tag>> {
+    if !matches!(reference, Reference::Digest(_)) {
+        return Ok(Vec::new());
+    }
+    let pairs: Vec<(String, String)> = Query::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
+    let mut tags: Vec<Tag> = Vec::new();
+    for (_, t) in pairs.iter().filter(|(k, _)| k == "tag") {
+        if tags.len() == MAX_PUSH_TAGS {
+            return Err(RegistryError::TooManyTags(MAX_PUSH_TAGS));
+        }
+        let tag: Tag = t.parse()?;
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    Ok(tags)
 }
 
 /// A PATCH's `Content-Range: <start>-<end>` (inclusive); `None` for a streamed chunk without one. Whether the

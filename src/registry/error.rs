@@ -37,6 +37,9 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    /// A manifest push asked for more tags (`?tag=`) than one request may add.
+    #[error("at most {0} tags may be pushed with one manifest")]
+    TooManyTags(usize),
     #[error("{0}")]
     Denied(String),
     #[error("{0}")]
@@ -66,7 +69,8 @@ impl RegistryError {
             RegistryError::NameUnknown => "NAME_UNKNOWN",
             RegistryError::RangeInvalid(_) => "RANGE_INVALID",
             RegistryError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            RegistryError::Unsupported(_) => "UNSUPPORTED",
+            // The spec has no code for it; the spec lets a registry answer 414 to too many tags.
+            RegistryError::Unsupported(_) | RegistryError::TooManyTags(_) => "UNSUPPORTED",
             RegistryError::Denied(_) => "DENIED",
             // Not a spec code: the spec has none for a gateway failure; clients only show the message.
             RegistryError::UpstreamUnavailable(_) => "UNAVAILABLE",
