@@ -351,6 +351,9 @@ pub struct FileUpstream {
     pub library_shorthand: Option<bool>,
     /// PEM CA certificates to trust for this upstream besides the system's (a private CA).
     pub ca: Option<PathBuf>,
+    /// A HEAD of an uncached blob starts its download too (default: answered by an upstream HEAD alone).
+    #[serde(default)]
+    pub prefetch_on_head: bool,
 }
 
 /// The `[cache]` table.
@@ -391,6 +394,7 @@ pub fn upstream(
         requests_per_sec: None,
         token_entries: crate::bounded::DEFAULT_ENTRIES,
         ca: None,
+        prefetch_on_head: false,
     })
 }
 
@@ -407,6 +411,7 @@ impl FileUpstream {
         u.username = self.username;
         u.password = self.password;
         u.ca = self.ca;
+        u.prefetch_on_head = self.prefetch_on_head;
         Ok(u)
     }
 }

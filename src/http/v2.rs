@@ -146,17 +146,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
-            let digest = digest_param(digest)?;
+            let (digest, head) = (digest_param(digest)?, m == "HEAD");
             let source = match app.proxy.target(name, ns)? {
                 Target::Local(repo) => BlobSource::Stored(reg.blob_size(&repo, &digest).await?),
-                Target::Cached(c) => app.proxy.blob(&c, &digest).await?.into(),
+                Target::Cached(c) => proxied_blob(app, &c, &digest, head).await?,
                 Target::LocalOrCached(repo, c) => match reg.blob_size(&repo, &digest).await {
                     Ok(size) => BlobSource::Stored(size),
-                    Err(RegistryError::BlobUnknown) => app.proxy.blob(&c, &digest).await?.into(),
+                    Err(RegistryError::BlobUnknown) => proxied_blob(app, &c, &digest, head).await?,
                     Err(e) => return Err(e),
                 },
             };
-            serve_blob(app, &digest, source, headers, m == "HEAD").await
+            serve_blob(app, &digest, source, headers, head).await
         }
         (Route::Blob { name, digest }, "DELETE") => {
             reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
@@ -294,10 +294,18 @@ async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<
     Ok((c.local.clone(), Reference::Digest(resolved.digest), resolved.stale))
 }
 
+/// A blob through the cache: a HEAD asks the proxy's HEAD path, which downloads nothing; a GET its download.
+async fn proxied_blob(app: &App, c: &Cached, digest: &Digest, head: bool) -> Result<BlobSource> {
+    let blob = if head { app.proxy.blob_head(c, digest).await? } else { app.proxy.blob(c, digest).await? };
+    Ok(blob.into())
+}
+
 /// Where a blob's bytes come from.
 enum BlobSource {
     Stored(u64),
     Flight(Arc<BlobFlight>, u64),
+    /// Nowhere here: only its size is known, from the upstream (answers a HEAD only).
+    SizeOnly(u64),
 }
 
 impl From<ProxiedBlob> for BlobSource {
@@ -305,6 +313,7 @@ impl From<ProxiedBlob> for BlobSource {
         match b {
             ProxiedBlob::Stored(size) => BlobSource::Stored(size),
             ProxiedBlob::Flight(f, size) => BlobSource::Flight(f, size),
+            ProxiedBlob::Upstream(size) => BlobSource::SizeOnly(size),
         }
     }
 }
@@ -479,7 +488,7 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
 
 async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
     let size = match &source {
-        BlobSource::Stored(size) | BlobSource::Flight(_, size) => *size,
+        BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, window) = match range::parse(range_header, size) {
@@ -498,6 +507,9 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
         BlobSource::Flight(flight, _) => Body::from_stream(
             flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
         ),
+        // Only the HEAD path gives a size without bytes; a GET reaching here is a bug, refused rather than
+        // answered with fewer bytes than its Content-Length.
+        BlobSource::SizeOnly(_) => return Err(RegistryError::UpstreamUnavailable("the blob is not cached".into())),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

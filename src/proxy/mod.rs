@@ -52,6 +52,9 @@ pub struct Resolved {
 pub enum ProxiedBlob {
     Stored(u64),
     Flight(Arc<BlobFlight>, u64),
+    /// Known only from an upstream HEAD, with this size: enough for a HEAD, which is the only request answered so
+    /// (nothing is cached; a GET starts the download).
+    Upstream(u64),
 }
 
 /// The key of a manifest flight: one upstream request at a time per (upstream, repository, reference).
@@ -60,11 +63,27 @@ type ManifestKey = (String, String, String);
 /// How a manifest flight ended; shared by value with every waiter.
 type ManifestOutcome = std::result::Result<Digest, UpstreamError>;
 
+/// The key of a blob HEAD: one upstream HEAD at a time per (upstream, repository, digest). The repository is in
+/// the key (unlike a download's, keyed by digest alone) because the answer is about the blob *in that
+/// repository*: a 404 in one repository says nothing about another, and it is remembered per repository.
+type BlobHeadKey = (String, String, Digest);
+
+/// How a blob HEAD ended: the blob's size upstream.
+type BlobHeadOutcome = std::result::Result<u64, UpstreamError>;
+
+/// The `missing` map's reference for a blob: distinct from a manifest's digest reference, since a digest
+/// missing as a manifest may exist as a blob (and the other way round).
+fn blob_reference(digest: &Digest) -> String {
+    format!("blob {digest}")
+}
+
 pub struct Proxy {
     registry: Arc<Registry>,
     upstreams: Vec<Arc<Upstream>>,
     flights: Arc<BlobFlights>,
     manifests: Group<ManifestKey, ManifestOutcome>,
+    /// Upstream HEADs of blobs in progress, shared by every HEAD of the same blob meanwhile.
+    blob_heads: Group<BlobHeadKey, BlobHeadOutcome>,
     /// When each cached tag was last confirmed upstream; a tag is trusted for its upstream's TTL after that.
     /// In memory: after a restart (or once forgotten) a tag is revalidated once, which costs one HEAD.
     validated: BoundedMap<(RepoName, Tag), Instant>,
@@ -120,6 +139,7 @@ impl Proxy {
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             flights,
             manifests: Group::default(),
+            blob_heads: Group::default(),
             validated: BoundedMap::new("tag_validations", memory_entries, Some(longest_ttl)),
             missing: BoundedMap::new("not_found", memory_entries, Some(negative_ttl)),
             negative_ttl,
@@ -307,12 +327,77 @@ impl Proxy {
         }
     }
 
+    /// A HEAD of a blob through the cache: from storage or a download in flight if either has it, else from one
+    /// coalesced upstream HEAD, which downloads nothing (unless the upstream has `prefetch_on_head`, which
+    /// answers a HEAD like a GET: from the download it starts).
+    pub async fn blob_head(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
+        if c.upstream.config.prefetch_on_head {
+            return self.blob(c, digest).await;
+        }
+        if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
+            count_cache("blob", "hit");
+            self.touch(digest).await;
+            return Ok(ProxiedBlob::Stored(size));
+        }
+        match self.flights.peek(digest).await? {
+            Some(Join::Flight { flight, .. }) => {
+                count_cache("blob", "coalesced");
+                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
+                return Ok(ProxiedBlob::Flight(flight, size));
+            }
+            // Cached for another repository: content is shared, only the link is new (as for a GET).
+            Some(Join::Stored(size)) => {
+                if self.registry.link_blob(&c.local, digest, size).await.is_ok() {
+                    count_cache("blob", "hit");
+                    self.touch(digest).await;
+                    return Ok(ProxiedBlob::Stored(size));
+                }
+                // Evicted meanwhile: the upstream says whether it exists.
+            }
+            None => {}
+        }
+        self.head_upstream(c, digest).await.map(ProxiedBlob::Upstream)
+    }
+
+    /// One coalesced upstream HEAD of a blob; a 404 is remembered for the negative TTL like a manifest's.
+    async fn head_upstream(&self, c: &Cached, digest: &Digest) -> Result<u64> {
+        if self.is_missing(&c.local, &blob_reference(digest)) {
+            count_cache("blob_head", "negative");
+            return Err(RegistryError::BlobUnknown);
+        }
+        let key = (c.upstream.name().to_string(), c.remote.to_string(), digest.clone());
+        let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
+        let (outcome, joined) = self.blob_heads.join(key, move || async move { upstream.blob_head(&remote, &d).await });
+        count_cache("blob_head", if joined { "coalesced" } else { "miss" });
+        match outcome.await.unwrap_or_else(|e| Err(e.into())) {
+            Ok(size) => Ok(size),
+            Err(e) => {
+                if e == UpstreamError::NotFound {
+                    self.mark_missing(&c.local, &blob_reference(digest));
+                }
+                Err(client_error(&c.upstream, e, RegistryError::BlobUnknown))
+            }
+        }
+    }
+
+    /// The client's error for a failed flight; a 404 upstream is remembered for the negative TTL.
+    fn flight_failed(&self, c: &Cached, digest: &Digest, e: FlightError) -> RegistryError {
+        if e == FlightError::NotFound {
+            self.mark_missing(&c.local, &blob_reference(digest));
+        }
+        flight_error(c, e)
+    }
+
     /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
     pub async fn blob(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
         if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
             count_cache("blob", "hit");
             self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(size));
+        }
+        if self.is_missing(&c.local, &blob_reference(digest)) {
+            count_cache("blob", "negative");
+            return Err(RegistryError::BlobUnknown);
         }
         let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
         let fetch: Fetcher = Arc::new(move |offset| {
@@ -344,7 +429,7 @@ impl Proxy {
             }
             Join::Flight { flight, joined } => {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });
-                let size = flight.size().await.map_err(|e| flight_error(c, e))?;
+                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
                 let (proxy, local, f) = (Arc::clone(self), c.local.clone(), Arc::clone(&flight));
                 // Among the server's tasks, so that a shutdown waits for it: a blob stored without its link and
                 // cache record would be an orphan that only an offline `fsck --repair` removes.

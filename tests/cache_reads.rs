@@ -1,0 +1,171 @@
+//! What a client reads through the pull-through cache, against a real upstream (Debian's `docker-registry`)
+//! behind the counting relay: blob HEADs answered by a coalesced upstream HEAD (no download), content
+//! negotiation of manifests, where upstream credentials may go, and Docker Hub's rate-limit headers. Every
+//! assertion is about requests, bytes and headers, never about time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::oci::{get, metric, pseudo_random, push_blob, sha256};
+use common::relay::Relay;
+use common::{Breakwater, Distribution};
+
+/// An upstream registry behind a relay, and a breakwater caching it under the name `up`.
+struct Cache {
+    upstream: Distribution,
+    relay: Relay,
+    bw: Breakwater,
+    /// The configuration file, kept alive as long as the server that read it.
+    _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Cache {
+    /// With the upstream given on the command line (every `[[upstream]]` option at its default).
+    fn start() -> Cache {
+        let upstream = Distribution::start();
+        let relay = Relay::start(&upstream.addr);
+        let spec = format!("up=http://{}", relay.addr);
+        let bw = Breakwater::start_with(&["--upstream", &spec]);
+        Cache { upstream, relay, bw, _config: None }
+    }
+
+    /// With the upstream from a configuration file: `[[upstream]]` with name, url and the lines `extra`.
+    fn start_configured(extra: &str) -> Cache {
+        let upstream = Distribution::start();
+        let relay = Relay::start(&upstream.addr);
+        let config = write_config(&format!("[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\n{extra}\n", relay.addr));
+        let bw = Breakwater::start_with(&["--config", config.path().to_str().unwrap()]);
+        Cache { upstream, relay, bw, _config: Some(config) }
+    }
+
+    fn upstream_url(&self) -> String {
+        format!("http://{}", self.upstream.addr)
+    }
+
+    fn bw_url(&self) -> String {
+        format!("http://{}", self.bw.addr)
+    }
+
+    /// URL of a blob of the cached repository `up/<repo>`.
+    fn blob_url(&self, repo: &str, digest: &str) -> String {
+        self.bw.url(&format!("/v2/up/{repo}/blobs/{digest}"))
+    }
+
+    /// Whether the cache's content store holds the bytes of `digest`.
+    fn stores(&self, digest: &str) -> bool {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.bw.data.path().join("content/blobs/sha256").join(&hex[..2]).join(hex).exists()
+    }
+}
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::io::Write::write_all(&mut f, text.as_bytes()).unwrap();
+    f
+}
+
+async fn wait_for_metric(base: &str, name: &str, labels: &[&str], at_least: f64) {
+    for _ in 0..2000 {
+        if metric(base, name, labels).await >= at_least {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{name}{labels:?} never reached {at_least}");
+}
+
+async fn head(url: &str) -> reqwest::Response {
+    reqwest::Client::new().head(url).send().await.unwrap()
+}
+
+// ---- HEAD without a download -----------------------------------------------------------------------------------
+
+/// A HEAD of an uncached blob asks the upstream with one HEAD, downloads nothing and stores nothing, and gives
+/// the size and digest; N concurrent HEADs share one upstream HEAD; a GET afterwards downloads it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_head_is_one_upstream_head_and_no_download() {
+    let c = Cache::start();
+    let blob = pseudo_random(3 << 20, 31);
+    let digest = push_blob(&c.upstream_url(), "team/app", &blob).await;
+    c.relay.reset();
+
+    let resp = head(&c.blob_url("team/app", &digest)).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-length"].to_str().unwrap(), blob.len().to_string());
+    assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), digest);
+    assert_eq!(c.relay.count("HEAD", "/blobs/sha256:"), 1, "one upstream HEAD");
+    assert_eq!(c.relay.count("GET", "/blobs/sha256:"), 0, "no upstream GET: {:?}", c.relay.requests());
+    assert!(!c.stores(&digest), "a HEAD stores nothing");
+    assert_eq!(metric(&c.bw_url(), "breakwater_flights_in_progress", &[]).await, 0.0);
+
+    // A herd of HEADs, held at the upstream until all have asked, shares one upstream HEAD.
+    c.relay.reset();
+    c.relay.hang_on("HEAD /v2/team/app/blobs/");
+    const N: usize = 12;
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        let url = c.blob_url("team/app", &digest);
+        clients.push(tokio::spawn(async move { head(&url).await }));
+    }
+    wait_for_metric(&c.bw_url(), "breakwater_cache_requests_total", &["kind=\"blob_head\"", "result=\"coalesced\""], (N - 1) as f64)
+        .await;
+    c.relay.hang(false);
+    for client in clients {
+        let resp = client.await.unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-length"].to_str().unwrap(), blob.len().to_string());
+    }
+    assert_eq!(c.relay.count("HEAD", "/blobs/sha256:"), 1, "{N} concurrent HEADs: {:?}", c.relay.requests());
+    assert_eq!(c.relay.count("GET", "/blobs/sha256:"), 0);
+    assert!(!c.stores(&digest));
+
+    // A GET downloads it, once; a HEAD after that is a cache hit.
+    let (status, body) = get(&c.blob_url("team/app", &digest)).await.unwrap();
+    assert_eq!((status, sha256(&body)), (200, digest.clone()));
+    assert_eq!(c.relay.count("GET", "/blobs/sha256:"), 1);
+    let resp = head(&c.blob_url("team/app", &digest)).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(c.relay.count("HEAD", "/blobs/sha256:"), 1, "the cached blob is answered here");
+}
+
+/// Upstream 404s of blobs are remembered like those of manifests: a HEAD (or GET) of a missing blob twice is one
+/// upstream request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_blob_is_asked_for_once() {
+    let c = Cache::start();
+    push_blob(&c.upstream_url(), "team/app", b"something, so that the repository exists").await;
+    let missing = sha256(b"never pushed");
+    c.relay.reset();
+    for _ in 0..2 {
+        assert_eq!(head(&c.blob_url("team/app", &missing)).await.status().as_u16(), 404);
+    }
+    assert_eq!(c.relay.count("", "/blobs/sha256:"), 1, "{:?}", c.relay.requests());
+
+    let other = sha256(b"never pushed either");
+    for _ in 0..2 {
+        assert_eq!(get(&c.blob_url("team/app", &other)).await.unwrap().0, 404);
+    }
+    assert_eq!(c.relay.count("", &format!("/blobs/{other}")), 1, "{:?}", c.relay.requests());
+}
+
+/// `prefetch_on_head = true` keeps the former behaviour: a HEAD starts the download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_on_head_starts_the_download() {
+    let c = Cache::start_configured("prefetch_on_head = true");
+    let blob = pseudo_random(1 << 20, 32);
+    let digest = push_blob(&c.upstream_url(), "team/app", &blob).await;
+    c.relay.reset();
+    let resp = head(&c.blob_url("team/app", &digest)).await;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["content-length"].to_str().unwrap(), blob.len().to_string());
+    assert!(c.relay.wait_for_async("GET", "/blobs/sha256:", 1, Duration::from_secs(30)).await);
+    assert_eq!(c.relay.count("HEAD", "/blobs/sha256:"), 0);
+    for _ in 0..2000 {
+        if c.stores(&digest) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(c.stores(&digest), "the HEAD's download was cached");
+}
