@@ -169,3 +169,94 @@ async fn prefetch_on_head_starts_the_download() {
     }
     assert!(c.stores(&digest), "the HEAD's download was cached");
 }
+
+// ---- content negotiation -----------------------------------------------------------------------------------
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+
+/// GETs (or HEADs) a manifest with an `Accept` (none with `None`); returns the status, the error code of a 4xx and
+/// the Content-Type of a 2xx.
+async fn manifest_with(url: &str, accept: Option<&str>, head: bool) -> (u16, String) {
+    let client = reqwest::Client::new();
+    let mut req = if head { client.head(url) } else { client.get(url) };
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let body = resp.bytes().await.unwrap();
+    if status >= 400 && !head {
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        return (status, v["errors"][0]["code"].as_str().unwrap().to_string());
+    }
+    (status, content_type)
+}
+
+/// A client that accepts only Docker schema2 is told an OCI manifest's tag is unknown, as distribution tells it,
+/// through the cache (cold and warm) and from a local repository alike; no `Accept`, `*/*` or the OCI type get
+/// it; by digest it is served whatever the Accept (as from distribution).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_is_served_only_to_clients_that_accept_its_type() {
+    let c = Cache::start();
+    let img = common::oci::push_image(&c.upstream_url(), "team/app", "v1", &[1000], 33).await;
+    let upstream_tag = format!("{}/v2/team/app/manifests/v1", c.upstream_url());
+    assert_eq!(manifest_with(&upstream_tag, Some(DOCKER_MANIFEST), false).await, (404, "MANIFEST_UNKNOWN".into()), "distribution");
+    c.relay.reset();
+
+    let tag = c.bw.url("/v2/up/team/app/manifests/v1");
+    // Cold: the upstream is asked (with every stored type), the manifest is cached, this client is refused.
+    assert_eq!(manifest_with(&tag, Some(DOCKER_MANIFEST), false).await, (404, "MANIFEST_UNKNOWN".into()));
+    assert_eq!(manifest_with(&tag, Some(DOCKER_MANIFEST), true).await.0, 404, "HEAD");
+    let gets = c.relay.count("GET", "/manifests/");
+    assert_eq!(gets, 1, "the refused client's fetch was cached: {:?}", c.relay.requests());
+    for accept in [None, Some("*/*"), Some(OCI_MANIFEST), Some("application/*"), Some(&format!("{DOCKER_MANIFEST}, {OCI_MANIFEST}") as &str)] {
+        assert_eq!(manifest_with(&tag, accept, false).await, (200, OCI_MANIFEST.into()), "Accept {accept:?}");
+    }
+    assert_eq!(manifest_with(&tag, Some(DOCKER_MANIFEST), false).await, (404, "MANIFEST_UNKNOWN".into()), "warm");
+    assert_eq!(c.relay.count("", "/manifests/"), gets, "all of that from the cache");
+    let by_digest = c.bw.url(&format!("/v2/up/team/app/manifests/{}", img.digest));
+    assert_eq!(manifest_with(&by_digest, Some(DOCKER_MANIFEST), false).await, (200, OCI_MANIFEST.into()));
+
+    // A local repository answers the same way.
+    let base = c.bw_url();
+    let local = common::oci::push_image(&base, "mine/app", "v1", &[500], 34).await;
+    let tag = c.bw.url("/v2/mine/app/manifests/v1");
+    assert_eq!(manifest_with(&tag, Some(DOCKER_MANIFEST), false).await, (404, "MANIFEST_UNKNOWN".into()));
+    assert_eq!(manifest_with(&tag, None, false).await, (200, OCI_MANIFEST.into()));
+    let by_digest = c.bw.url(&format!("/v2/mine/app/manifests/{}", local.digest));
+    assert_eq!(manifest_with(&by_digest, Some(DOCKER_MANIFEST), true).await, (200, OCI_MANIFEST.into()));
+}
+
+/// The client's `Accept` goes upstream after the types the cache stores; clients with different `Accept`s
+/// asking at once share one upstream request, and each is answered by what it accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_is_forwarded_and_one_fetch_serves_every_accept() {
+    let c = Cache::start();
+    common::oci::push_image(&c.upstream_url(), "team/app", "v2", &[1000], 35).await;
+    c.relay.reset();
+    c.relay.hang_on("GET /v2/team/app/manifests/");
+    let tag = c.bw.url("/v2/up/team/app/manifests/v2");
+    let picky = tokio::spawn({
+        let tag = tag.clone();
+        async move { manifest_with(&tag, Some(&format!("{DOCKER_MANIFEST}, application/vnd.example.thing+json")), false).await }
+    });
+    assert!(c.relay.wait_for_async("GET", "/manifests/v2", 1, Duration::from_secs(30)).await);
+    let broad = tokio::spawn({
+        let tag = tag.clone();
+        async move { manifest_with(&tag, Some(OCI_MANIFEST), false).await }
+    });
+    wait_for_metric(&c.bw_url(), "breakwater_cache_requests_total", &["kind=\"manifest\"", "result=\"coalesced\""], 1.0).await;
+    c.relay.hang(false);
+    assert_eq!(picky.await.unwrap(), (404, "MANIFEST_UNKNOWN".into()));
+    assert_eq!(broad.await.unwrap(), (200, OCI_MANIFEST.into()));
+    let fetches: Vec<_> = c.relay.requests().into_iter().filter(|r| r.path.contains("/manifests/")).collect();
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    let sent = fetches[0].header("accept").unwrap_or("").to_string();
+    let types: Vec<&str> = sent.split(',').map(str::trim).collect();
+    for t in [OCI_MANIFEST, "application/vnd.oci.image.index.v1+json", DOCKER_MANIFEST, "application/vnd.docker.distribution.manifest.list.v2+json"] {
+        assert!(types.contains(&t), "{t} in {sent:?}");
+    }
+    assert_eq!(types.last(), Some(&"application/vnd.example.thing+json"), "the client's own type is forwarded: {sent:?}");
+}

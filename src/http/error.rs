@@ -12,6 +12,7 @@ fn status(e: &RegistryError) -> StatusCode {
         RegistryError::BlobUnknown
         | RegistryError::BlobUploadUnknown
         | RegistryError::ManifestUnknown
+        | RegistryError::ManifestNotAcceptable(_)
         | RegistryError::NameUnknown
         | RegistryError::Storage(S::NotFound) => StatusCode::NOT_FOUND,
         RegistryError::UploadOutOfOrder { .. }

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 
+use super::accept::Accept;
 use super::range::{self, RangeRequest};
 use super::route::{self, Route};
 use super::{upload_range, App};
@@ -97,11 +98,13 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Manifest { name, reference }, "GET" | "HEAD") => {
             let requested = manifest_ref(reference)?;
+            let accept = Accept::from_headers(headers);
+            let by_tag = matches!(requested, Reference::Tag(_));
             let (repo, reference, stale) = match app.proxy.target(name, ns)? {
                 Target::Local(repo) => (repo, requested, false),
-                Target::Cached(c) => resolve_cached(app, &c, &requested).await?,
+                Target::Cached(c) => resolve_cached(app, &c, &requested, &accept).await?,
                 Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &requested).await {
-                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested).await?,
+                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested, &accept).await?,
                     _ => (repo, requested, false),
                 },
             };
@@ -111,6 +114,13 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                 let man = reg.manifest(&repo, &reference).await?;
                 (man.record, Body::from(man.bytes))
             };
+            // Content negotiation, as distribution does it: a tag whose manifest is of a type the client does not
+            // accept is unknown to that client (an old client that takes only Docker schema2 must not be handed an
+            // OCI manifest it cannot read). A digest names exactly one set of bytes, so it is served whatever the
+            // Accept (distribution does the same; clients fetch an index's children by digest).
+            if by_tag && !accept.accepts(&record.media_type) {
+                return Err(RegistryError::ManifestNotAcceptable(record.media_type));
+            }
             let mut resp = manifest_response(&record.media_type, &record.digest, record.size, body);
             if stale {
                 resp.headers_mut().insert(header::WARNING, HeaderValue::from_static("110 - \"Response is Stale\""));
@@ -289,8 +299,8 @@ fn writable(app: &App, name: &str) -> Result<RepoName> {
 
 /// Resolves a manifest through the cache; returns the local repository that now holds it, its digest there, and
 /// whether it is served stale.
-async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<(RepoName, Reference, bool)> {
-    let resolved = app.proxy.manifest(c, reference).await?;
+async fn resolve_cached(app: &App, c: &Cached, reference: &Reference, accept: &Accept) -> Result<(RepoName, Reference, bool)> {
+    let resolved = app.proxy.manifest(c, reference, accept.ranges()).await?;
     Ok((c.local.clone(), Reference::Digest(resolved.digest), resolved.stale))
 }
 

@@ -246,15 +246,17 @@ impl Proxy {
         self.validated.insert((c.local.clone(), tag.clone()), Instant::now());
     }
 
-    /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`.
-    pub async fn manifest(&self, c: &Cached, reference: &Reference) -> Result<Resolved> {
+    /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`. `accept` is
+    /// what the client's `Accept` listed, forwarded upstream besides the types the cache stores (see
+    /// `fetch_manifest`); whether the client may be served the result is the caller's to judge.
+    pub async fn manifest(&self, c: &Cached, reference: &Reference, accept: &[String]) -> Result<Resolved> {
         match reference {
             Reference::Digest(d) => {
                 if self.registry.manifest_record(&c.local, reference).await.is_ok() {
                     count_cache("manifest", "hit");
                     return Ok(Resolved { digest: d.clone(), stale: false });
                 }
-                self.fetch_manifest(c, &d.to_string(), None, None).await.map(|digest| Resolved { digest, stale: false })
+                self.fetch_manifest(c, &d.to_string(), None, None, accept).await.map(|digest| Resolved { digest, stale: false })
             }
             Reference::Tag(t) => {
                 let held = self.registry.resolve_tag(&c.local, t).await?;
@@ -264,7 +266,7 @@ impl Proxy {
                         return Ok(Resolved { digest: d.clone(), stale: false });
                     }
                 }
-                match self.fetch_manifest(c, t.as_str(), Some(t), held.clone()).await {
+                match self.fetch_manifest(c, t.as_str(), Some(t), held.clone(), accept).await {
                     Ok(digest) => {
                         self.mark_fresh(c, t);
                         Ok(Resolved { digest, stale: false })
@@ -286,18 +288,34 @@ impl Proxy {
 
     /// One coalesced upstream exchange for a manifest reference. With `held` (the digest the cache has for the
     /// tag), a HEAD revalidates it and the manifest is only downloaded if it changed.
-    async fn fetch_manifest(&self, c: &Cached, reference: &str, tag: Option<&Tag>, held: Option<Digest>) -> Result<Digest> {
+    ///
+    /// Content negotiation: the upstream is always asked with every manifest type the cache stores (OCI and
+    /// Docker schema2, image and index), followed by whatever else the client's `Accept` listed. So the answer
+    /// is the manifest as the upstream holds it, never a representation converted down for one client (Docker
+    /// Hub answers a client that takes no lists with one platform's manifest, and a HEAD with that manifest's
+    /// digest): the cache keeps one digest per tag and it must be right for every client. That is also why the
+    /// flight's key has no `Accept` in it: clients asking at once share one request and one answer, and each is
+    /// then served or refused by the media type it accepts (`http::v2`). A joiner's extra types are not sent
+    /// (the first request's are); they could only matter for types the cache cannot store anyway.
+    async fn fetch_manifest(
+        &self,
+        c: &Cached,
+        reference: &str,
+        tag: Option<&Tag>,
+        held: Option<Digest>,
+        accept: &[String],
+    ) -> Result<Digest> {
         if self.is_missing(&c.local, reference) {
             count_cache("manifest", "negative");
             return Err(RegistryError::ManifestUnknown);
         }
         let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
-        let (registry, cached, reference_owned, tag_owned) =
-            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned());
+        let (registry, cached, reference_owned, tag_owned, accept) =
+            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned(), accept.to_vec());
         let (outcome, joined) = self.manifests.join(key, move || async move {
                 let Cached { upstream, remote, local } = cached;
                 if let Some(held) = held {
-                    let head = upstream.manifest(&remote, &reference_owned, true).await?;
+                    let head = upstream.manifest_accepting(&remote, &reference_owned, true, &accept).await?;
                     if head.digest == held {
                         return Ok(held);
                     }
@@ -307,7 +325,7 @@ impl Proxy {
                         }
                     }
                 }
-                let m = upstream.manifest(&remote, &reference_owned, false).await?;
+                let m = upstream.manifest_accepting(&remote, &reference_owned, false, &accept).await?;
                 let bytes = m.bytes.clone().unwrap_or_default();
                 registry
                     .cache_manifest(&local, &m.digest, &m.media_type, bytes, tag_owned.as_ref())

@@ -27,6 +27,10 @@ pub enum RegistryError {
     ManifestTooLarge,
     #[error("manifest unknown")]
     ManifestUnknown,
+    /// The tag names a manifest of a media type the client did not accept: to that client it is unknown (as
+    /// distribution answers), with the reason in the message.
+    #[error("the manifest is {0}, which the request's Accept does not include")]
+    ManifestNotAcceptable(String),
     #[error("{0}")]
     NameInvalid(String),
     #[error("repository name not known to registry")]
@@ -64,7 +68,7 @@ impl RegistryError {
             RegistryError::ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
             RegistryError::ManifestInvalid(_) => "MANIFEST_INVALID",
             RegistryError::ManifestTooLarge => "SIZE_INVALID",
-            RegistryError::ManifestUnknown => "MANIFEST_UNKNOWN",
+            RegistryError::ManifestUnknown | RegistryError::ManifestNotAcceptable(_) => "MANIFEST_UNKNOWN",
             RegistryError::NameInvalid(_) => "NAME_INVALID",
             RegistryError::NameUnknown => "NAME_UNKNOWN",
             RegistryError::RangeInvalid(_) => "RANGE_INVALID",

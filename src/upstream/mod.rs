@@ -135,6 +135,20 @@ impl fmt::Debug for Upstream {
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
+/// `MANIFEST_ACCEPT` followed by the media ranges of `extra` it does not list already; a range that is not a
+/// valid header value (it came from one, so it should be) is left out.
+fn manifest_accept(extra: &[String]) -> HeaderValue {
+    let mut value = MANIFEST_ACCEPT.to_string();
+    for range in extra {
+        let known = MANIFEST_ACCEPT.split(',').any(|t| t.trim() == range);
+        if !known && HeaderValue::from_str(range).is_ok() {
+            value.push_str(", ");
+            value.push_str(range);
+        }
+    }
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(MANIFEST_ACCEPT))
+}
+
 /// How long an upstream's `Retry-After` may hold us off at most (a broken header must not disable the cache).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
@@ -481,8 +495,20 @@ impl Upstream {
     /// GETs (or HEADs) the manifest `reference` of `repo`. A GET's bytes are verified against the digest the
     /// reference names, or hashed to find it.
     pub async fn manifest(&self, repo: &RepoName, reference: &str, head: bool) -> Result<RemoteManifest, UpstreamError> {
+        self.manifest_accepting(repo, reference, head, &[]).await
+    }
+
+    /// [`Upstream::manifest`], accepting the media ranges `extra` (a client's `Accept`, forwarded) after every
+    /// type breakwater stores, which always come first so that the answer is one it can keep.
+    pub async fn manifest_accepting(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        head: bool,
+        extra: &[String],
+    ) -> Result<RemoteManifest, UpstreamError> {
         let mut h = HeaderMap::new();
-        h.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        h.insert(header::ACCEPT, manifest_accept(extra));
         let method = if head { Method::HEAD } else { Method::GET };
         let resp = self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), h).await?;
         let media_type = resp
@@ -749,6 +775,17 @@ mod tests {
         assert_eq!(origin("http://a:5000/v2/x?y=z"), "http://a:5000");
         assert_eq!(origin("https://a"), "https://a");
         assert_ne!(origin("http://a:5000/u"), origin("http://a:5001/u"));
+    }
+
+    #[test]
+    fn manifest_accept_puts_the_stored_types_first_and_adds_the_clients() {
+        assert_eq!(manifest_accept(&[]).to_str().unwrap(), MANIFEST_ACCEPT);
+        let extra = ["*/*".to_string(), DOCKER_MANIFEST.to_string(), "application/vnd.example+json".to_string()];
+        assert_eq!(
+            manifest_accept(&extra).to_str().unwrap(),
+            format!("{MANIFEST_ACCEPT}, */*, application/vnd.example+json")
+        );
+        assert_eq!(manifest_accept(&["bad\nvalue".to_string()]).to_str().unwrap(), MANIFEST_ACCEPT);
     }
 
     #[test]
