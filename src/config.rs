@@ -354,6 +354,9 @@ pub struct FileUpstream {
     /// A HEAD of an uncached blob starts its download too (default: answered by an upstream HEAD alone).
     #[serde(default)]
     pub prefetch_on_head: bool,
+    /// Token realms (URLs or hosts) that may receive the credentials besides the upstream's host and domain.
+    #[serde(default)]
+    pub token_realms: Vec<String>,
 }
 
 /// The `[cache]` table.
@@ -395,6 +398,7 @@ pub fn upstream(
         token_entries: crate::bounded::DEFAULT_ENTRIES,
         ca: None,
         prefetch_on_head: false,
+        token_realms: Vec::new(),
     })
 }
 
@@ -412,6 +416,10 @@ impl FileUpstream {
         u.password = self.password;
         u.ca = self.ca;
         u.prefetch_on_head = self.prefetch_on_head;
+        for realm in &self.token_realms {
+            crate::upstream::realm::check_allowed(realm).map_err(|e| anyhow::anyhow!("upstream {}: {e}", self.name))?;
+        }
+        u.token_realms = self.token_realms;
         Ok(u)
     }
 }

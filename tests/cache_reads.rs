@@ -260,3 +260,68 @@ async fn accept_is_forwarded_and_one_fetch_serves_every_accept() {
     }
     assert_eq!(types.last(), Some(&"application/vnd.example.thing+json"), "the client's own type is forwarded: {sent:?}");
 }
+
+// ---- credentials stay home ---------------------------------------------------------------------------------
+
+/// Starts breakwater on an upstream at `url` with `user:pass` and the `[[upstream]]` lines `extra`.
+fn start_with_upstream(url: &str, extra: &str) -> (Breakwater, tempfile::NamedTempFile) {
+    let config = write_config(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"{url}\"\nusername = \"puller\"\npassword = \"realm-pw-5Tz\"\n{extra}\n"
+    ));
+    let bw = Breakwater::start_with(&["--config", config.path().to_str().unwrap()]);
+    (bw, config)
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap()
+}
+
+/// The upstream is `localhost`, its token realm `127.0.0.1`: two hosts, so the token is asked for anonymously,
+/// unless `token_realms` allows the realm (by URL or by host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_go_only_to_the_upstreams_own_token_realm() {
+    let upstream = Distribution::start();
+    let blob = pseudo_random(10_000, 36);
+    let digest = push_blob(&format!("http://{}", upstream.addr), "team/app", &blob).await;
+    let relay = Relay::start(&upstream.addr);
+    let ts = common::auth::TokenServer::anonymous(Duration::from_secs(600));
+    relay.require_bearer(&ts);
+    let url = format!("http://localhost:{}", port_of(&relay.addr));
+    let cases = [
+        (String::new(), false),
+        (format!("token_realms = [\"{}\"]", ts.realm()), true),
+        ("token_realms = [\"127.0.0.1\"]".to_string(), true),
+    ];
+    for (extra, credentials_sent) in cases {
+        let before = ts.requests().len();
+        let (bw, _config) = start_with_upstream(&url, &extra);
+        let (status, body) = get(&bw.url(&format!("/v2/up/team/app/blobs/{digest}"))).await.unwrap();
+        assert_eq!((status, sha256(&body)), (200, digest.clone()), "{extra:?}");
+        let asked = &ts.requests()[before..];
+        assert!(!asked.is_empty(), "a token was asked for");
+        assert!(asked.iter().all(|r| r.authorization == credentials_sent), "{extra:?}: {asked:?}");
+    }
+}
+
+/// A blob GET that the upstream redirects to another host (a CDN) does not take the credentials along (reqwest
+/// drops `Authorization` when the host changes), while the upstream itself got them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_host_carries_no_credentials() {
+    let upstream = Distribution::start();
+    let blob = pseudo_random(200_000, 37);
+    let digest = push_blob(&format!("http://{}", upstream.addr), "team/app", &blob).await;
+    let registry = Relay::start(&upstream.addr);
+    let cdn = Relay::start(&upstream.addr);
+    registry.require_basic("puller", "realm-pw-5Tz");
+    registry.redirect_blobs_to(&cdn.addr);
+    let (bw, _config) = start_with_upstream(&format!("http://localhost:{}", port_of(&registry.addr)), "");
+    let (status, body) = get(&bw.url(&format!("/v2/up/team/app/blobs/{digest}"))).await.unwrap();
+    assert_eq!((status, sha256(&body)), (200, digest.clone()));
+    let redirected: Vec<_> = registry.requests().into_iter().filter(|r| r.status == 307).collect();
+    assert_eq!(redirected.len(), 1, "{:?}", registry.requests());
+    assert!(redirected[0].authorization, "the upstream got the credentials");
+    let cdn_requests = cdn.requests();
+    assert_eq!(cdn_requests.len(), 1, "{cdn_requests:?}");
+    assert!(!cdn_requests[0].authorization, "credentials went to the CDN: {cdn_requests:?}");
+    assert_eq!(cdn_requests[0].body_bytes, blob.len() as u64);
+}

@@ -10,6 +10,7 @@ pub(crate) mod catalog;
 pub(crate) mod challenge;
 mod harbor;
 mod push;
+pub mod realm;
 
 pub use catalog::Page as ListPage;
 pub use harbor::HARBOR_PAGE;
@@ -57,6 +58,9 @@ pub struct UpstreamConfig {
     /// early saves a round trip. Off by default: a HEAD alone (an existence check, `docker manifest inspect`,
     /// a replication's "is it there already") must not pull gigabytes that nobody asked for.
     pub prefetch_on_head: bool,
+    /// Token realms (URLs, or hosts) besides the upstream's own host and registrable domain that may receive
+    /// the upstream's credentials: for a registry whose token service lives on another company domain.
+    pub token_realms: Vec<String>,
 }
 
 /// Why an upstream request did not give what was asked.
@@ -123,6 +127,9 @@ pub struct Upstream {
     token_fetches: crate::flight::Group<String, Result<(String, Duration), UpstreamError>>,
     /// Until when the token endpoint's refusal of our credentials is taken as the answer.
     refused_until: Mutex<Option<Instant>>,
+    /// Whether the warning that a realm was asked anonymously (it is not the upstream's own) was logged: once,
+    /// not once per token request.
+    foreign_realm_warned: std::sync::atomic::AtomicBool,
 }
 
 
@@ -252,6 +259,7 @@ impl Upstream {
             pacer: rate.filter(|r| *r > 0.0).map(crate::pace::Pacer::per_second),
             token_fetches: crate::flight::Group::default(),
             refused_until: Mutex::new(None),
+            foreign_realm_warned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -317,8 +325,8 @@ impl Upstream {
                 query.push(("scope".into(), c.params.get("scope").cloned().unwrap_or_else(|| scope.to_string())));
                 let req = self.client.get(&realm).query(&query);
                 let req = match self.basic_header() {
-                    Some(basic) => req.header(header::AUTHORIZATION, basic),
-                    None => req,
+                    Some(basic) if self.realm_is_ours(&realm) => req.header(header::AUTHORIZATION, basic),
+                    _ => req,
                 };
                 if let Some(refused) = refused {
                     let key = scope.to_string();
@@ -359,6 +367,21 @@ impl Upstream {
             }
             other => Err(UpstreamError::Unauthorized(format!("unsupported auth scheme {other}"))),
         }
+    }
+
+    /// Whether our credentials may go to the token realm `realm` (see `realm.rs`); warns once when they may not
+    /// (the token is then asked for anonymously, which suffices for public images).
+    fn realm_is_ours(&self, realm: &str) -> bool {
+        if realm::may_send_credentials(&self.config.url, realm, &self.config.token_realms) {
+            return true;
+        }
+        if !self.foreign_realm_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // The realm's host only: its query may carry anything.
+            let host = reqwest::Url::parse(realm).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
+            tracing::warn!(upstream = self.config.name, realm_host = %host,
+                "the token realm is neither the upstream's host nor its domain nor in token_realms; asking for tokens anonymously");
+        }
+        false
     }
 
     /// Sends `method path` for `repo` with pull rights, answering one auth challenge, and classifies failures.
