@@ -357,7 +357,12 @@ pub struct FileUpstream {
     /// Token realms (URLs or hosts) that may receive the credentials besides the upstream's host and domain.
     #[serde(default)]
     pub token_realms: Vec<String>,
+    /// Tag revalidations wait while the upstream's `ratelimit-remaining` is at most this (default 10).
+    pub ratelimit_reserve: Option<u64>,
 }
+
+/// Requests of an upstream's rate-limit window kept for fetches the cache cannot do without.
+pub const DEFAULT_RATELIMIT_RESERVE: u64 = 10;
 
 /// The `[cache]` table.
 #[derive(Debug, Default, Deserialize)]
@@ -399,6 +404,7 @@ pub fn upstream(
         ca: None,
         prefetch_on_head: false,
         token_realms: Vec::new(),
+        ratelimit_reserve: DEFAULT_RATELIMIT_RESERVE,
     })
 }
 
@@ -420,6 +426,7 @@ impl FileUpstream {
             crate::upstream::realm::check_allowed(realm).map_err(|e| anyhow::anyhow!("upstream {}: {e}", self.name))?;
         }
         u.token_realms = self.token_realms;
+        u.ratelimit_reserve = self.ratelimit_reserve.unwrap_or(DEFAULT_RATELIMIT_RESERVE);
         Ok(u)
     }
 }

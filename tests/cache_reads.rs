@@ -325,3 +325,118 @@ async fn a_redirect_to_another_host_carries_no_credentials() {
     assert!(!cdn_requests[0].authorization, "credentials went to the CDN: {cdn_requests:?}");
     assert_eq!(cdn_requests[0].body_bytes, blob.len() as u64);
 }
+
+// ---- rate-limit awareness ----------------------------------------------------------------------------------
+
+/// A tiny HTTP forwarder that adds Docker Hub's rate-limit headers (`ratelimit-limit: 100;w=21600` and
+/// `ratelimit-remaining: N;w=21600`, N settable) to every answer of `target`. Bodies are buffered: it is for
+/// manifests and small blobs.
+struct RateLimited {
+    addr: String,
+    remaining: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RateLimited {
+    async fn start(target: &str) -> RateLimited {
+        use axum::body::Body;
+        use axum::extract::{Request, State};
+        use axum::response::Response;
+        let remaining = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(100));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let state = (client, target.to_string(), remaining.clone());
+        type S = (reqwest::Client, String, std::sync::Arc<std::sync::atomic::AtomicU64>);
+        async fn forward(State((client, target, remaining)): State<S>, req: Request) -> Response {
+            let url = format!("http://{target}{}", req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+            let mut out = client.request(req.method().clone(), url);
+            for (k, v) in req.headers() {
+                if k != "host" {
+                    out = out.header(k, v);
+                }
+            }
+            let body = axum::body::to_bytes(req.into_body(), 64 << 20).await.unwrap();
+            let answer = out.body(body).send().await.unwrap();
+            let mut resp = Response::builder().status(answer.status().as_u16());
+            for (k, v) in answer.headers() {
+                resp = resp.header(k, v);
+            }
+            let left = remaining.load(std::sync::atomic::Ordering::SeqCst);
+            resp = resp.header("ratelimit-limit", "100;w=21600").header("ratelimit-remaining", format!("{left};w=21600"));
+            resp.body(Body::from(answer.bytes().await.unwrap())).unwrap()
+        }
+        let app = axum::Router::new().fallback(forward).with_state(state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        RateLimited { addr, remaining, task }
+    }
+
+    fn set_remaining(&self, n: u64) {
+        self.remaining.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for RateLimited {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Docker Hub's rate-limit headers are exported per upstream; once the remaining count is at most
+/// `ratelimit_reserve`, an expired tag is served from the cache with a `Warning` instead of being revalidated,
+/// while what the cache does not hold is still fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_rate_limit_defers_tag_revalidations() {
+    let upstream = Distribution::start();
+    let up = format!("http://{}", upstream.addr);
+    let v1 = common::oci::push_image(&up, "team/app", "v1", &[1000], 38).await;
+    let relay = Relay::start(&upstream.addr);
+    let limited = RateLimited::start(&relay.addr).await;
+    // tag_ttl_secs = 0: every pull of a tag revalidates it, unless that is deferred.
+    let config = write_config(&format!(
+        "[[upstream]]\nname = \"up\"\nurl = \"http://{}\"\ntag_ttl_secs = 0\nratelimit_reserve = 10\n",
+        limited.addr
+    ));
+    let bw = Breakwater::start_with(&["--config", config.path().to_str().unwrap()]);
+    let base = format!("http://{}", bw.addr);
+    let tag = bw.url("/v2/up/team/app/manifests/v1");
+    let pull = |warned: bool| {
+        let tag = tag.clone();
+        async move {
+            let resp = reqwest::Client::new().get(&tag).send().await.unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let warning = resp.headers().get("warning").map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(warning.is_some(), warned, "Warning: {warning:?}");
+            resp.headers()["docker-content-digest"].to_str().unwrap().to_string()
+        }
+    };
+
+    limited.set_remaining(50);
+    assert_eq!(pull(false).await, v1.digest);
+    assert_eq!(metric(&base, "breakwater_upstream_ratelimit_limit", &["upstream=\"up\""]).await, 100.0);
+    assert_eq!(metric(&base, "breakwater_upstream_ratelimit_remaining", &["upstream=\"up\""]).await, 50.0);
+    // Plenty left: the expired tag is revalidated (one HEAD), which also brings the new count.
+    limited.set_remaining(10);
+    relay.reset();
+    assert_eq!(pull(false).await, v1.digest);
+    assert_eq!(relay.count("HEAD", "/manifests/v1"), 1, "{:?}", relay.requests());
+    assert_eq!(metric(&base, "breakwater_upstream_ratelimit_remaining", &["upstream=\"up\""]).await, 10.0);
+
+    // At the reserve: the tag moves upstream, but the cache serves what it has without asking, with a Warning.
+    common::oci::push_image(&up, "team/app", "v1", &[1000], 39).await;
+    relay.reset();
+    for _ in 0..3 {
+        assert_eq!(pull(true).await, v1.digest);
+    }
+    assert_eq!(relay.count("", "/manifests/"), 0, "no revalidation spent: {:?}", relay.requests());
+    assert_eq!(metric(&base, "breakwater_cache_deferred_revalidations_total", &["upstream=\"up\""]).await, 3.0);
+
+    // What the cache does not hold is still fetched.
+    let v2 = common::oci::push_image(&up, "team/app", "v2", &[1000], 40).await;
+    let resp = reqwest::get(bw.url("/v2/up/team/app/manifests/v2")).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), v2.digest);
+    assert_eq!(relay.count("GET", "/manifests/v2"), 1);
+}

@@ -44,7 +44,8 @@ pub struct Cached {
 /// A manifest the proxy resolved: it is in the local repository `Cached::local` under `digest`.
 pub struct Resolved {
     pub digest: Digest,
-    /// Served from the cache because the upstream could not be asked (the response gets a `Warning`).
+    /// Served from the cache without the revalidation its TTL called for, because the upstream could not be asked
+    /// or its rate limit is nearly spent (the response gets a `Warning`).
     pub stale: bool,
 }
 
@@ -264,6 +265,14 @@ impl Proxy {
                     if self.fresh(c, t) {
                         count_cache("manifest", "hit");
                         return Ok(Resolved { digest: d.clone(), stale: false });
+                    }
+                    // Near the end of the upstream's rate-limit window a revalidation is the request to save:
+                    // the cached tag is served, with a `Warning`, since it was not checked.
+                    if c.upstream.ratelimit_low() {
+                        count_cache("manifest", "deferred");
+                        metrics::counter!("breakwater_cache_deferred_revalidations_total", "upstream" => c.upstream.name().to_string())
+                            .increment(1);
+                        return Ok(Resolved { digest: d.clone(), stale: true });
                     }
                 }
                 match self.fetch_manifest(c, t.as_str(), Some(t), held.clone(), accept).await {

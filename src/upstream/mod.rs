@@ -61,6 +61,26 @@ pub struct UpstreamConfig {
     /// Token realms (URLs, or hosts) besides the upstream's own host and registrable domain that may receive
     /// the upstream's credentials: for a registry whose token service lives on another company domain.
     pub token_realms: Vec<String>,
+    /// Tag revalidations are deferred (the cached tag is served) while the upstream's `ratelimit-remaining`
+    /// is at most this: the last requests of a rate-limit window are kept for what the cache does not hold.
+    pub ratelimit_reserve: u64,
+}
+
+/// What an upstream last said of its rate limit (Docker Hub's `ratelimit-limit` / `ratelimit-remaining`).
+#[derive(Debug, Clone, Copy)]
+struct RateLimitSeen {
+    remaining: u64,
+    at: Instant,
+}
+
+/// How long a low `ratelimit-remaining` defers revalidations at least (then one request looks again); an
+/// upstream's tag TTL is used when longer.
+const RATELIMIT_MEMORY: Duration = Duration::from_secs(60);
+
+/// The count of a rate-limit header: `100;w=21600` (Docker Hub, after the IETF RateLimit draft) or `100`.
+fn ratelimit_count(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let v = headers.get(name)?.to_str().ok()?;
+    v.split([';', ',']).next()?.trim().parse().ok()
 }
 
 /// Why an upstream request did not give what was asked.
@@ -130,6 +150,8 @@ pub struct Upstream {
     /// Whether the warning that a realm was asked anonymously (it is not the upstream's own) was logged: once,
     /// not once per token request.
     foreign_realm_warned: std::sync::atomic::AtomicBool,
+    /// The last `ratelimit-remaining` the upstream sent, and when.
+    ratelimit: Mutex<Option<RateLimitSeen>>,
 }
 
 
@@ -260,6 +282,7 @@ impl Upstream {
             token_fetches: crate::flight::Group::default(),
             refused_until: Mutex::new(None),
             foreign_realm_warned: std::sync::atomic::AtomicBool::new(false),
+            ratelimit: Mutex::new(None),
         })
     }
 
@@ -473,6 +496,7 @@ impl Upstream {
             };
             let status = resp.status();
             self.count(&method, status.as_str());
+            self.observe_ratelimit(resp.headers());
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
                 let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match challenge {
@@ -507,6 +531,27 @@ impl Upstream {
             };
         }
         Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
+    }
+
+    /// Records the rate-limit headers of an answer: as gauges, and the remaining count for `ratelimit_low`.
+    fn observe_ratelimit(&self, headers: &HeaderMap) {
+        let upstream = self.config.name.clone();
+        if let Some(limit) = ratelimit_count(headers, "ratelimit-limit") {
+            metrics::gauge!("breakwater_upstream_ratelimit_limit", "upstream" => upstream.clone()).set(limit as f64);
+        }
+        if let Some(remaining) = ratelimit_count(headers, "ratelimit-remaining") {
+            metrics::gauge!("breakwater_upstream_ratelimit_remaining", "upstream" => upstream).set(remaining as f64);
+            *self.ratelimit.lock().unwrap_or_else(|p| p.into_inner()) = Some(RateLimitSeen { remaining, at: Instant::now() });
+        }
+    }
+
+    /// Whether the upstream said recently that at most `ratelimit_reserve` requests remain in its window, so a
+    /// request that can be done without (a tag revalidation) should be. "Recently" is the tag TTL, at least
+    /// `RATELIMIT_MEMORY`: after that one request is spent to learn the count again (every answer carries it).
+    pub fn ratelimit_low(&self) -> bool {
+        let seen = *self.ratelimit.lock().unwrap_or_else(|p| p.into_inner());
+        let memory = self.config.tag_ttl.max(RATELIMIT_MEMORY);
+        seen.is_some_and(|s| s.remaining <= self.config.ratelimit_reserve && s.at.elapsed() < memory)
     }
 
     /// How long requests are held off by a `Retry-After`, if they are.
@@ -809,6 +854,20 @@ mod tests {
             format!("{MANIFEST_ACCEPT}, */*, application/vnd.example+json")
         );
         assert_eq!(manifest_accept(&["bad\nvalue".to_string()]).to_str().unwrap(), MANIFEST_ACCEPT);
+    }
+
+    #[test]
+    fn ratelimit_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
+        h.insert("ratelimit-remaining", HeaderValue::from_static(" 7 ;w=21600"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-limit"), Some(100));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), Some(7));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), Some(0));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("lots"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), None);
+        assert_eq!(ratelimit_count(&h, "absent"), None);
     }
 
     #[test]
