@@ -372,16 +372,14 @@ impl Proxy {
                 let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
                 return Ok(ProxiedBlob::Flight(flight, size));
             }
-            // Cached for another repository: content is shared, only the link is new (as for a GET).
-            Some(Join::Stored(size)) => {
-                if self.registry.link_blob(&c.local, digest, size).await.is_ok() {
-                    count_cache("blob", "hit");
-                    self.touch(digest).await;
-                    return Ok(ProxiedBlob::Stored(size));
-                }
-                // Evicted meanwhile: the upstream says whether it exists.
+            // Cached for another repository: content is shared, only the link is new (as for a GET). If the link
+            // fails, the bytes were evicted meanwhile, and the upstream says whether the blob exists.
+            Some(Join::Stored(size)) if self.registry.link_blob(&c.local, digest, size).await.is_ok() => {
+                count_cache("blob", "hit");
+                self.touch(digest).await;
+                return Ok(ProxiedBlob::Stored(size));
             }
-            None => {}
+            Some(Join::Stored(_)) | None => {}
         }
         self.head_upstream(c, digest).await.map(ProxiedBlob::Upstream)
     }
