@@ -125,7 +125,7 @@ async fn token(bw: &Breakwater, basic: &str) -> String {
     let url = bw.url(&format!("/auth/token?service=breakwater&scope=repository:{REPO}:pull"));
     let r = reqwest::Client::new().get(url).header("authorization", basic).send().await.expect("token");
     assert_eq!(r.status().as_u16(), 200, "token");
-    let v: serde_json::Value = r.json().await.expect("token JSON");
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.expect("token body")).expect("token JSON");
     v["token"].as_str().expect("a token").to_string()
 }
 

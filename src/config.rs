@@ -378,7 +378,18 @@ pub struct FileUpstream {
     /// Repository globs that may be proxied (others are `NAME_UNKNOWN`); empty or absent: every repository.
     #[serde(default)]
     pub repositories: Vec<String>,
+    /// A HEAD of an uncached blob starts its download too (default: answered by an upstream HEAD alone).
+    #[serde(default)]
+    pub prefetch_on_head: bool,
+    /// Token realms (URLs or hosts) that may receive the credentials besides the upstream's host and domain.
+    #[serde(default)]
+    pub token_realms: Vec<String>,
+    /// Tag revalidations wait while the upstream's `ratelimit-remaining` is at most this (default 10).
+    pub ratelimit_reserve: Option<u64>,
 }
+
+/// Requests of an upstream's rate-limit window kept for fetches the cache cannot do without.
+pub const DEFAULT_RATELIMIT_RESERVE: u64 = 10;
 
 /// The `[cache]` table.
 #[derive(Debug, Default, Deserialize)]
@@ -419,6 +430,9 @@ pub fn upstream(
         token_entries: crate::bounded::DEFAULT_ENTRIES,
         ca: None,
         repositories: Vec::new(),
+        prefetch_on_head: false,
+        token_realms: Vec::new(),
+        ratelimit_reserve: DEFAULT_RATELIMIT_RESERVE,
     })
 }
 
@@ -438,6 +452,12 @@ impl FileUpstream {
         // Checked here, so that a bad pattern is a configuration error rather than a failure at start-up.
         crate::pattern::glob_set(&self.repositories).map_err(|e| anyhow::anyhow!("upstream {}: repositories: {e}", self.name))?;
         u.repositories = self.repositories;
+        u.prefetch_on_head = self.prefetch_on_head;
+        for realm in &self.token_realms {
+            crate::upstream::realm::check_allowed(realm).map_err(|e| anyhow::anyhow!("upstream {}: {e}", self.name))?;
+        }
+        u.token_realms = self.token_realms;
+        u.ratelimit_reserve = self.ratelimit_reserve.unwrap_or(DEFAULT_RATELIMIT_RESERVE);
         Ok(u)
     }
 }

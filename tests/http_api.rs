@@ -1932,3 +1932,102 @@ async fn tags_list_with_a_large_n() {
         assert!(next.is_none(), "GET {path}: nothing remains, so no Link");
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Spec corners (issue 9, item 5)
+// ---------------------------------------------------------------------------------------------------------------
+
+/// A closing PUT whose `Content-Range` does not continue the upload is refused like such a PATCH: 416 with the
+/// upload's current `Range`, nothing appended, and the session still open for the client to resume.
+#[tokio::test]
+async fn closing_put_with_a_gap_is_refused_and_the_session_survives() {
+    let r = Reg::start();
+    let data = bytes_of(91, 100);
+    let digest = sha256(&data);
+    let mut loc = r.start_upload("corners/put-range").await;
+    let resp = r.patch_chunk(&loc, Some("0-49"), &data[..50]).await;
+    assert_eq!(resp.status().as_u16(), 202);
+    loc = r.abs(&must_header(resp.headers(), "location"));
+
+    for (range, chunk) in [("60-99", &data[60..]), ("40-99", &data[40..])] {
+        let resp = r
+            .send(
+                Method::PUT,
+                &with_query(&loc, &format!("digest={digest}")),
+                &[("content-type", "application/octet-stream"), ("content-range", range)],
+                Some(chunk.to_vec()),
+            )
+            .await;
+        assert_eq!(header(resp.headers(), "range").as_deref(), Some("0-49"), "closing PUT {range}: Range of the 416");
+        expect_error(resp, 416, "BLOB_UPLOAD_INVALID").await;
+    }
+    let (status, range) = r.upload_status(&loc).await;
+    assert_eq!((status, range.as_deref()), (204, Some("0-49")), "nothing was appended; the session is open");
+
+    let resp = r
+        .send(
+            Method::PUT,
+            &with_query(&loc, &format!("digest={digest}")),
+            &[("content-type", "application/octet-stream"), ("content-range", "50-99")],
+            Some(data[50..].to_vec()),
+        )
+        .await;
+    assert_eq!(resp.status().as_u16(), 201, "the closing PUT that continues the upload");
+    assert_eq!(r.blob_bytes("corners/put-range", &digest).await, data);
+}
+
+/// distribution-spec 1.1: a push by digest with `tag` query parameters tags the manifest with each, and answers an
+/// `OCI-Tag` field for each accepted tag.
+#[tokio::test]
+async fn push_by_digest_with_tags() {
+    let r = Reg::start();
+    let img = r.push_image("corners/tags", "base", 92).await;
+    let other = manifest_bytes(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &img.config),
+        "layers": [],
+        "annotations": {"pushed": "with tags"},
+    }));
+    let digest = sha256(&other);
+    let url = r.url(&format!("/v2/corners/tags/manifests/{digest}?tag=1.2.3&tag=1.2&tag=latest"));
+    let resp = r.send(Method::PUT, &url, &[("content-type", OCI_MANIFEST)], Some(other.clone())).await;
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(must_header(resp.headers(), "docker-content-digest"), digest);
+    let tags: Vec<String> = resp
+        .headers()
+        .get_all("oci-tag")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(',').map(|t| t.trim().to_string()).collect::<Vec<_>>())
+        .collect();
+    assert_eq!(tags, ["1.2.3", "1.2", "latest"]);
+    for tag in ["1.2.3", "1.2", "latest"] {
+        r.assert_manifest("corners/tags", tag, OCI_MANIFEST, &other).await;
+    }
+    let (listed, _) = r.list_page("/v2/corners/tags/tags/list", "tags").await;
+    assert_eq!(listed, ["1.2", "1.2.3", "base", "latest"]);
+
+    // An invalid tag refuses the push before anything is stored.
+    let third = manifest_bytes(&json!({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": descriptor(OCI_CONFIG, &img.config), "layers": [],
+        "annotations": {"pushed": "with a bad tag"},
+    }));
+    let third_digest = sha256(&third);
+    let url = r.url(&format!("/v2/corners/tags/manifests/{third_digest}?tag=ok&tag=-bad"));
+    let resp = r.send(Method::PUT, &url, &[("content-type", OCI_MANIFEST)], Some(third)).await;
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(r.get_manifest("corners/tags", &third_digest).await.status().as_u16(), 404);
+    assert_eq!(r.get_manifest("corners/tags", "ok").await.status().as_u16(), 404);
+}
+
+/// A range whose last byte comes before its first names no byte: 416 with `Content-Range: bytes */SIZE`, as from
+/// distribution, not the whole blob.
+#[tokio::test]
+async fn backwards_range_is_unsatisfiable() {
+    let r = Reg::start();
+    let data = bytes_of(93, 1000);
+    let digest = r.push_blob("corners/range", &data).await;
+    let resp = r.get_with(&format!("/v2/corners/range/blobs/{digest}"), &[("range", "bytes=500-0")]).await;
+    assert_eq!(header(resp.headers(), "content-range").as_deref(), Some("bytes */1000"));
+    expect_error(resp, 416, "RANGE_INVALID").await;
+}

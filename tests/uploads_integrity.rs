@@ -371,21 +371,8 @@ async fn a_failed_session_start_leaves_no_upload_file() {
 // ---- the replication client's resume offset -------------------------------------------------------------------
 
 fn upstream(url: &str) -> breakwater::upstream::Upstream {
-    breakwater::upstream::Upstream::new(breakwater::upstream::UpstreamConfig {
-        name: "dst".into(),
-        url: url.into(),
-        username: None,
-        password: None,
-        tag_ttl: Duration::from_secs(60),
-        timeout: Duration::from_secs(60),
-        default: false,
-        library_shorthand: false,
-        requests_per_sec: None,
-        token_entries: breakwater::bounded::DEFAULT_ENTRIES,
-        ca: None,
-        repositories: Vec::new(),
-    })
-    .unwrap()
+    let config = breakwater::config::upstream("dst", url, 60, 60, false, Some(false)).unwrap();
+    breakwater::upstream::Upstream::new(config).unwrap()
 }
 
 fn stream_of(data: &[u8]) -> breakwater::storage::ByteStream {

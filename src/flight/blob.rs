@@ -147,6 +147,17 @@ impl BlobFlights {
         self.inflight.lock().await.contains_key(digest)
     }
 
+    /// `digest` from the flight already running or from storage, without starting a flight: `None` when neither
+    /// has it (a HEAD asks the upstream then, rather than download what it only wants the size of).
+    pub async fn peek(&self, digest: &Digest) -> Result<Option<Join>, StorageError> {
+        let inflight = self.inflight.lock().await;
+        if let Some(f) = inflight.get(digest) {
+            return Ok(Some(Join::Flight { flight: Arc::clone(f), joined: true }));
+        }
+        // Under the lock for the same reason as in `join`: a finishing flight is in storage before it leaves.
+        Ok(self.store.size(digest).await?.map(Join::Stored))
+    }
+
     /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
     pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
         let mut inflight = self.inflight.lock().await;

@@ -12,6 +12,7 @@ fn status(e: &RegistryError) -> StatusCode {
         RegistryError::BlobUnknown
         | RegistryError::BlobUploadUnknown
         | RegistryError::ManifestUnknown
+        | RegistryError::ManifestNotAcceptable(_)
         | RegistryError::NameUnknown
         | RegistryError::Storage(S::NotFound) => StatusCode::NOT_FOUND,
         RegistryError::UploadOutOfOrder { .. }
@@ -19,6 +20,7 @@ fn status(e: &RegistryError) -> StatusCode {
         | RegistryError::RangeInvalid(_)
         | RegistryError::Storage(S::Busy) => StatusCode::RANGE_NOT_SATISFIABLE,
         RegistryError::ManifestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        RegistryError::TooManyTags(_) => StatusCode::URI_TOO_LONG,
         RegistryError::Unsupported(_) => StatusCode::METHOD_NOT_ALLOWED,
         RegistryError::Denied(_) => StatusCode::FORBIDDEN,
         RegistryError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,

@@ -3,6 +3,7 @@
 //! Architecture invariant: this module holds no registry policy. It parses requests, calls `Registry`, and
 //! writes the answers (headers, bodies, error JSON) the spec asks for.
 
+pub(crate) mod accept;
 mod api;
 mod auth;
 mod error;

@@ -9,7 +9,9 @@ pub enum RangeRequest {
     /// answer with the full representation).
     Full,
     Partial(ByteRange),
-    /// Syntactically valid but outside the blob: 416.
+    /// Outside the blob, or a range whose last byte comes before its first (`bytes=500-0`): 416. RFC 9110 would
+    /// let a server ignore the latter as invalid and send the whole blob, but a client asking for a window
+    /// never wants the whole blob instead (a resuming client would append it), and distribution answers 416.
     Unsatisfiable,
 }
 
@@ -38,9 +40,9 @@ pub fn parse(header: Option<&str>, size: u64) -> RangeRequest {
             Some(_) => RangeRequest::Unsatisfiable,
             None => RangeRequest::Full,
         },
-        // bytes=A-B, B inclusive and clamped to the end.
+        // bytes=A-B, B inclusive and clamped to the end; B before A names no byte at all.
         (false, false) => match (parse_num(first), parse_num(last)) {
-            (Some(a), Some(b)) if a > b => RangeRequest::Full,
+            (Some(a), Some(b)) if a > b => RangeRequest::Unsatisfiable,
             (Some(a), Some(b)) if a < size => RangeRequest::Partial(ByteRange { start: a, end: b.min(size - 1) + 1 }),
             (Some(_), Some(_)) => RangeRequest::Unsatisfiable,
             _ => RangeRequest::Full,
@@ -69,7 +71,8 @@ mod tests {
         assert_eq!(parse(Some("bytes=10-20"), 10), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=-0"), 10), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=0-"), 0), RangeRequest::Unsatisfiable);
-        assert_eq!(parse(Some("bytes=5-2"), 10), RangeRequest::Full);
+        assert_eq!(parse(Some("bytes=5-2"), 10), RangeRequest::Unsatisfiable);
+        assert_eq!(parse(Some("bytes=500-0"), 1000), RangeRequest::Unsatisfiable);
         assert_eq!(parse(Some("bytes=0-1,3-4"), 10), RangeRequest::Full);
         assert_eq!(parse(Some("items=0-1"), 10), RangeRequest::Full);
         assert_eq!(parse(Some("bytes=x-1"), 10), RangeRequest::Full);

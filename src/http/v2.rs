@@ -10,13 +10,14 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use futures_util::TryStreamExt;
 
+use super::accept::Accept;
 use super::range::{self, RangeRequest};
 use super::route::{self, Route};
 use super::{upload_range, App};
 use crate::auth::Identity;
 use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
-use crate::oci::{Digest, Reference, RepoName, MAX_MANIFEST_BYTES};
+use crate::oci::{Digest, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
 use crate::proxy::{Cached, ProxiedBlob, ReferrersPage, TagPage, Target};
 use crate::registry::RegistryError;
 use crate::storage::ByteStream;
@@ -39,6 +40,9 @@ const DEFAULT_TAGS_PAGE: u64 = MAX_PAGE;
 const MAX_REFERRERS_PAGE: u64 = 100;
 /// Bound on the bytes of the descriptors in one referrers answer; a page stops early (with a `Link`) beyond it.
 const MAX_REFERRERS_BYTES: usize = 4 * 1024 * 1024;
+/// Most tags one manifest push may add with `?tag=` (the spec asks for at least 10): each is a write, and a bound
+/// keeps one request's work bounded whatever the URI's length.
+const MAX_PUSH_TAGS: usize = 100;
 
 pub async fn handle(
     State(app): State<Arc<App>>,
@@ -98,11 +102,13 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Manifest { name, reference }, "GET" | "HEAD") => {
             let requested = manifest_ref(reference)?;
+            let accept = Accept::from_headers(headers);
+            let by_tag = matches!(requested, Reference::Tag(_));
             let (repo, reference, stale) = match app.proxy.target(name, ns)? {
                 Target::Local(repo) => (repo, requested, false),
-                Target::Cached(c) => resolve_cached(app, &c, &requested).await?,
+                Target::Cached(c) => resolve_cached(app, &c, &requested, &accept).await?,
                 Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &requested).await {
-                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested).await?,
+                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested, &accept).await?,
                     _ => (repo, requested, false),
                 },
             };
@@ -112,6 +118,13 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                 let man = reg.manifest(&repo, &reference).await?;
                 (man.record, Body::from(man.bytes))
             };
+            // Content negotiation, as distribution does it: a tag whose manifest is of a type the client does not
+            // accept is unknown to that client (an old client that takes only Docker schema2 must not be handed an
+            // OCI manifest it cannot read). A digest names exactly one set of bytes, so it is served whatever the
+            // Accept (distribution does the same; clients fetch an index's children by digest).
+            if by_tag && !accept.accepts(&record.media_type) {
+                return Err(RegistryError::ManifestNotAcceptable(record.media_type));
+            }
             Ok(with_stale(manifest_response(&record.media_type, &record.digest, record.size, body), stale))
         }
         (Route::Manifest { name, reference }, "PUT") => {
@@ -124,10 +137,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                 }
             })?;
             let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+            let tags = push_tags(uri, &reference)?;
             let pushed = reg.put_manifest(&repo, &reference, content_type, bytes).await?;
+            reg.tag_manifest_all(&repo, &pushed.digest, &tags).await?;
             let mut resp = created(&format!("/v2/{repo}/manifests/{}", pushed.digest), &pushed.digest);
             if let Some(subject) = pushed.subject {
                 resp.headers_mut().insert("oci-subject", header_value(&subject.to_string()));
+            }
+            // One `OCI-Tag` field per tag: the spec asks for a field for each accepted tag (RFC 9110 lets a
+            // client read repeated fields as one comma-separated list, so either form means the same).
+            for tag in &tags {
+                resp.headers_mut().append("oci-tag", header_value(tag.as_str()));
             }
             Ok(resp)
         }
@@ -136,17 +156,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
-            let digest = digest_param(digest)?;
+            let (digest, head) = (digest_param(digest)?, m == "HEAD");
             let source = match app.proxy.target(name, ns)? {
                 Target::Local(repo) => BlobSource::Stored(reg.blob_size(&repo, &digest).await?),
-                Target::Cached(c) => app.proxy.blob(&c, &digest).await?.into(),
+                Target::Cached(c) => proxied_blob(app, &c, &digest, head).await?,
                 Target::LocalOrCached(repo, c) => match reg.blob_size(&repo, &digest).await {
                     Ok(size) => BlobSource::Stored(size),
-                    Err(RegistryError::BlobUnknown) => app.proxy.blob(&c, &digest).await?.into(),
+                    Err(RegistryError::BlobUnknown) => proxied_blob(app, &c, &digest, head).await?,
                     Err(e) => return Err(e),
                 },
             };
-            serve_blob(app, &digest, source, headers, m == "HEAD").await
+            serve_blob(app, &digest, source, headers, head).await
         }
         (Route::Blob { name, digest }, "DELETE") => {
             reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
@@ -176,18 +196,15 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Upload { name, id }, "PATCH") => {
             let repo = writable(app, name)?;
-            let range = content_range(headers)?;
-            let declared = headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
+            let (range, declared) = (content_range(headers)?, content_length(headers));
             let size = reg.upload_chunk(&repo, id, range, declared, body_stream(body)).await?;
             Ok(upload_response(StatusCode::ACCEPTED, &repo, id, size))
         }
         (Route::Upload { name, id }, "PUT") => {
             let repo = writable(app, name)?;
             let digest = digest_param(query.get("digest").map(String::as_str).unwrap_or(""))?;
-            reg.finish_upload(&repo, id, &digest, Some(body_stream(body))).await?;
+            let (range, declared) = (content_range(headers)?, content_length(headers));
+            reg.finish_upload(&repo, id, &digest, range, declared, Some(body_stream(body))).await?;
             Ok(created(&format!("/v2/{repo}/blobs/{digest}"), &digest))
         }
         (Route::Upload { name, id }, "DELETE") => {
@@ -282,15 +299,23 @@ fn writable(app: &App, name: &str) -> Result<RepoName> {
 
 /// Resolves a manifest through the cache; returns the local repository that now holds it, its digest there, and
 /// whether it is served stale.
-async fn resolve_cached(app: &App, c: &Cached, reference: &Reference) -> Result<(RepoName, Reference, bool)> {
-    let resolved = app.proxy.manifest(c, reference).await?;
+async fn resolve_cached(app: &App, c: &Cached, reference: &Reference, accept: &Accept) -> Result<(RepoName, Reference, bool)> {
+    let resolved = app.proxy.manifest(c, reference, accept.ranges()).await?;
     Ok((c.local.clone(), Reference::Digest(resolved.digest), resolved.stale))
+}
+
+/// A blob through the cache: a HEAD asks the proxy's HEAD path, which downloads nothing; a GET its download.
+async fn proxied_blob(app: &App, c: &Cached, digest: &Digest, head: bool) -> Result<BlobSource> {
+    let blob = if head { app.proxy.blob_head(c, digest).await? } else { app.proxy.blob(c, digest).await? };
+    Ok(blob.into())
 }
 
 /// Where a blob's bytes come from.
 enum BlobSource {
     Stored(u64),
     Flight(Arc<BlobFlight>, u64),
+    /// Nowhere here: only its size is known, from the upstream (answers a HEAD only).
+    SizeOnly(u64),
 }
 
 impl From<ProxiedBlob> for BlobSource {
@@ -298,6 +323,7 @@ impl From<ProxiedBlob> for BlobSource {
         match b {
             ProxiedBlob::Stored(size) => BlobSource::Stored(size),
             ProxiedBlob::Flight(f, size) => BlobSource::Flight(f, size),
+            ProxiedBlob::Upstream(size) => BlobSource::SizeOnly(size),
         }
     }
 }
@@ -434,6 +460,32 @@ fn manifest_response(media_type: &str, digest: &Digest, size: u64, body: Body) -
     resp
 }
 
+/// The request's declared body length, if it declared one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Tags a manifest push asks for besides its reference (`PUT /v2/<name>/manifests/<digest>?tag=A&tag=B`,
+/// distribution spec 1.1): only for a push by digest, which is where the spec defines them (a push by tag has
+/// its tag already); at most `MAX_PUSH_TAGS`, each a valid tag, or the push is refused before anything is stored.
+fn push_tags(uri: &Uri, reference: &Reference) -> Result<Vec<Tag>> {
+    if !matches!(reference, Reference::Digest(_)) {
+        return Ok(Vec::new());
+    }
+    let pairs: Vec<(String, String)> = Query::try_from_uri(uri).map(|q| q.0).unwrap_or_default();
+    let mut tags: Vec<Tag> = Vec::new();
+    for (_, t) in pairs.iter().filter(|(k, _)| k == "tag") {
+        if tags.len() == MAX_PUSH_TAGS {
+            return Err(RegistryError::TooManyTags(MAX_PUSH_TAGS));
+        }
+        let tag: Tag = t.parse()?;
+        if !tags.contains(&tag) {
+            tags.push(tag);
+        }
+    }
+    Ok(tags)
+}
+
 /// A PATCH's `Content-Range: <start>-<end>` (inclusive); `None` for a streamed chunk without one. Whether the
 /// range makes sense (start before end, where the upload is) is the registry's to judge.
 pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
@@ -451,7 +503,7 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
 
 async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
     let size = match &source {
-        BlobSource::Stored(size) | BlobSource::Flight(_, size) => *size,
+        BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, window) = match range::parse(range_header, size) {
@@ -470,6 +522,9 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
         BlobSource::Flight(flight, _) => Body::from_stream(
             flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
         ),
+        // Only the HEAD path gives a size without bytes; a GET reaching here is a bug, refused rather than
+        // answered with fewer bytes than its Content-Length.
+        BlobSource::SizeOnly(_) => return Err(RegistryError::UpstreamUnavailable("the blob is not cached".into())),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -49,7 +49,8 @@ pub struct Cached {
 /// A manifest the proxy resolved: it is in the local repository `Cached::local` under `digest`.
 pub struct Resolved {
     pub digest: Digest,
-    /// Served from the cache because the upstream could not be asked (the response gets a `Warning`).
+    /// Served from the cache without the revalidation its TTL called for, because the upstream could not be asked
+    /// or its rate limit is nearly spent (the response gets a `Warning`).
     pub stale: bool,
 }
 
@@ -57,6 +58,9 @@ pub struct Resolved {
 pub enum ProxiedBlob {
     Stored(u64),
     Flight(Arc<BlobFlight>, u64),
+    /// Known only from an upstream HEAD, with this size: enough for a HEAD, which is the only request answered so
+    /// (nothing is cached; a GET starts the download).
+    Upstream(u64),
 }
 
 /// The key of a manifest flight: one upstream request at a time per (upstream, repository, reference).
@@ -65,11 +69,27 @@ type ManifestKey = (String, String, String);
 /// How a manifest flight ended; shared by value with every waiter.
 type ManifestOutcome = std::result::Result<Digest, UpstreamError>;
 
+/// The key of a blob HEAD: one upstream HEAD at a time per (upstream, repository, digest). The repository is in
+/// the key (unlike a download's, keyed by digest alone) because the answer is about the blob *in that
+/// repository*: a 404 in one repository says nothing about another, and it is remembered per repository.
+type BlobHeadKey = (String, String, Digest);
+
+/// How a blob HEAD ended: the blob's size upstream.
+type BlobHeadOutcome = std::result::Result<u64, UpstreamError>;
+
+/// The `missing` map's reference for a blob: distinct from a manifest's digest reference, since a digest
+/// missing as a manifest may exist as a blob (and the other way round).
+fn blob_reference(digest: &Digest) -> String {
+    format!("blob {digest}")
+}
+
 pub struct Proxy {
     registry: Arc<Registry>,
     upstreams: Vec<Arc<Upstream>>,
     flights: Arc<BlobFlights>,
     manifests: Group<ManifestKey, ManifestOutcome>,
+    /// Upstream HEADs of blobs in progress, shared by every HEAD of the same blob meanwhile.
+    blob_heads: Group<BlobHeadKey, BlobHeadOutcome>,
     /// When each cached tag was last confirmed upstream; a tag is trusted for its upstream's TTL after that.
     /// In memory: after a restart (or once forgotten) a tag is revalidated once, which costs one HEAD.
     validated: BoundedMap<(RepoName, Tag), Instant>,
@@ -133,6 +153,7 @@ impl Proxy {
             upstreams: upstreams.into_iter().map(Arc::new).collect(),
             flights,
             manifests: Group::default(),
+            blob_heads: Group::default(),
             validated: BoundedMap::new("tag_validations", memory_entries, Some(longest_ttl)),
             missing: BoundedMap::new("not_found", memory_entries, Some(negative_ttl)),
             negative_ttl,
@@ -248,15 +269,17 @@ impl Proxy {
         self.validated.insert((c.local.clone(), tag.clone()), Instant::now());
     }
 
-    /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`.
-    pub async fn manifest(&self, c: &Cached, reference: &Reference) -> Result<Resolved> {
+    /// Resolves a manifest reference through the cache: after this, the manifest is in `c.local`. `accept` is
+    /// what the client's `Accept` listed, forwarded upstream besides the types the cache stores (see
+    /// `fetch_manifest`); whether the client may be served the result is the caller's to judge.
+    pub async fn manifest(&self, c: &Cached, reference: &Reference, accept: &[String]) -> Result<Resolved> {
         match reference {
             Reference::Digest(d) => {
                 if self.registry.manifest_record(&c.local, reference).await.is_ok() {
                     count_cache("manifest", "hit");
                     return Ok(Resolved { digest: d.clone(), stale: false });
                 }
-                self.fetch_manifest(c, &d.to_string(), None, None).await.map(|digest| Resolved { digest, stale: false })
+                self.fetch_manifest(c, &d.to_string(), None, None, accept).await.map(|digest| Resolved { digest, stale: false })
             }
             Reference::Tag(t) => {
                 let held = self.registry.resolve_tag(&c.local, t).await?;
@@ -265,8 +288,16 @@ impl Proxy {
                         count_cache("manifest", "hit");
                         return Ok(Resolved { digest: d.clone(), stale: false });
                     }
+                    // Near the end of the upstream's rate-limit window a revalidation is the request to save:
+                    // the cached tag is served, with a `Warning`, since it was not checked.
+                    if c.upstream.ratelimit_low() {
+                        count_cache("manifest", "deferred");
+                        metrics::counter!("breakwater_cache_deferred_revalidations_total", "upstream" => c.upstream.name().to_string())
+                            .increment(1);
+                        return Ok(Resolved { digest: d.clone(), stale: true });
+                    }
                 }
-                match self.fetch_manifest(c, t.as_str(), Some(t), held.clone()).await {
+                match self.fetch_manifest(c, t.as_str(), Some(t), held.clone(), accept).await {
                     Ok(digest) => {
                         self.mark_fresh(c, t);
                         Ok(Resolved { digest, stale: false })
@@ -288,18 +319,34 @@ impl Proxy {
 
     /// One coalesced upstream exchange for a manifest reference. With `held` (the digest the cache has for the
     /// tag), a HEAD revalidates it and the manifest is only downloaded if it changed.
-    async fn fetch_manifest(&self, c: &Cached, reference: &str, tag: Option<&Tag>, held: Option<Digest>) -> Result<Digest> {
+    ///
+    /// Content negotiation: the upstream is always asked with every manifest type the cache stores (OCI and
+    /// Docker schema2, image and index), followed by whatever else the client's `Accept` listed. So the answer
+    /// is the manifest as the upstream holds it, never a representation converted down for one client (Docker
+    /// Hub answers a client that takes no lists with one platform's manifest, and a HEAD with that manifest's
+    /// digest): the cache keeps one digest per tag and it must be right for every client. That is also why the
+    /// flight's key has no `Accept` in it: clients asking at once share one request and one answer, and each is
+    /// then served or refused by the media type it accepts (`http::v2`). A joiner's extra types are not sent
+    /// (the first request's are); they could only matter for types the cache cannot store anyway.
+    async fn fetch_manifest(
+        &self,
+        c: &Cached,
+        reference: &str,
+        tag: Option<&Tag>,
+        held: Option<Digest>,
+        accept: &[String],
+    ) -> Result<Digest> {
         if self.is_missing(&c.local, reference) {
             count_cache("manifest", "negative");
             return Err(RegistryError::ManifestUnknown);
         }
         let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
-        let (registry, cached, reference_owned, tag_owned) =
-            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned());
+        let (registry, cached, reference_owned, tag_owned, accept) =
+            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned(), accept.to_vec());
         let (outcome, joined) = self.manifests.join(key, move || async move {
                 let Cached { upstream, remote, local } = cached;
                 if let Some(held) = held {
-                    let head = upstream.manifest(&remote, &reference_owned, true).await?;
+                    let head = upstream.manifest_accepting(&remote, &reference_owned, true, &accept).await?;
                     if head.digest == held {
                         return Ok(held);
                     }
@@ -309,7 +356,7 @@ impl Proxy {
                         }
                     }
                 }
-                let m = upstream.manifest(&remote, &reference_owned, false).await?;
+                let m = upstream.manifest_accepting(&remote, &reference_owned, false, &accept).await?;
                 let bytes = m.bytes.clone().unwrap_or_default();
                 registry
                     .cache_manifest(&local, &m.digest, &m.media_type, bytes, tag_owned.as_ref())
@@ -329,12 +376,75 @@ impl Proxy {
         }
     }
 
+    /// A HEAD of a blob through the cache: from storage or a download in flight if either has it, else from one
+    /// coalesced upstream HEAD, which downloads nothing (unless the upstream has `prefetch_on_head`, which
+    /// answers a HEAD like a GET: from the download it starts).
+    pub async fn blob_head(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
+        if c.upstream.config.prefetch_on_head {
+            return self.blob(c, digest).await;
+        }
+        if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
+            count_cache("blob", "hit");
+            self.touch(digest).await;
+            return Ok(ProxiedBlob::Stored(size));
+        }
+        match self.flights.peek(digest).await? {
+            Some(Join::Flight { flight, .. }) => {
+                count_cache("blob", "coalesced");
+                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
+                return Ok(ProxiedBlob::Flight(flight, size));
+            }
+            // Cached for another repository: content is shared, only the link is new (as for a GET). If the link
+            // fails, the bytes were evicted meanwhile, and the upstream says whether the blob exists.
+            Some(Join::Stored(size)) if self.registry.link_blob(&c.local, digest, size).await.is_ok() => {
+                count_cache("blob", "hit");
+                self.touch(digest).await;
+                return Ok(ProxiedBlob::Stored(size));
+            }
+            Some(Join::Stored(_)) | None => {}
+        }
+        self.head_upstream(c, digest).await.map(ProxiedBlob::Upstream)
+    }
+
+    /// One coalesced upstream HEAD of a blob; a 404 is remembered for the negative TTL like a manifest's.
+    async fn head_upstream(&self, c: &Cached, digest: &Digest) -> Result<u64> {
+        if self.is_missing(&c.local, &blob_reference(digest)) {
+            count_cache("blob_head", "negative");
+            return Err(RegistryError::BlobUnknown);
+        }
+        let key = (c.upstream.name().to_string(), c.remote.to_string(), digest.clone());
+        let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
+        let (outcome, joined) = self.blob_heads.join(key, move || async move { upstream.blob_head(&remote, &d).await });
+        count_cache("blob_head", if joined { "coalesced" } else { "miss" });
+        match outcome.await.unwrap_or_else(|e| Err(e.into())) {
+            Ok(size) => Ok(size),
+            Err(e) => {
+                if e == UpstreamError::NotFound {
+                    self.mark_missing(&c.local, &blob_reference(digest));
+                }
+                Err(client_error(&c.upstream, e, RegistryError::BlobUnknown))
+            }
+        }
+    }
+
+    /// The client's error for a failed flight; a 404 upstream is remembered for the negative TTL.
+    fn flight_failed(&self, c: &Cached, digest: &Digest, e: FlightError) -> RegistryError {
+        if e == FlightError::NotFound {
+            self.mark_missing(&c.local, &blob_reference(digest));
+        }
+        flight_error(c, e)
+    }
+
     /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
     pub async fn blob(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
         if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
             count_cache("blob", "hit");
             self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(size));
+        }
+        if self.is_missing(&c.local, &blob_reference(digest)) {
+            count_cache("blob", "negative");
+            return Err(RegistryError::BlobUnknown);
         }
         let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
         let fetch: Fetcher = Arc::new(move |offset| {
@@ -366,7 +476,7 @@ impl Proxy {
             }
             Join::Flight { flight, joined } => {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });
-                let size = flight.size().await.map_err(|e| flight_error(c, e))?;
+                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
                 let (proxy, local, f) = (Arc::clone(self), c.local.clone(), Arc::clone(&flight));
                 // Among the server's tasks, so that a shutdown waits for it: a blob stored without its link and
                 // cache record would be an orphan that only an offline `fsck --repair` removes.

@@ -27,6 +27,10 @@ pub enum RegistryError {
     ManifestTooLarge,
     #[error("manifest unknown")]
     ManifestUnknown,
+    /// The tag names a manifest of a media type the client did not accept: to that client it is unknown (as
+    /// distribution answers), with the reason in the message.
+    #[error("the manifest is {0}, which the request's Accept does not include")]
+    ManifestNotAcceptable(String),
     #[error("{0}")]
     NameInvalid(String),
     #[error("repository name not known to registry")]
@@ -37,6 +41,9 @@ pub enum RegistryError {
     PaginationInvalid(String),
     #[error("the operation is unsupported: {0}")]
     Unsupported(String),
+    /// A manifest push asked for more tags (`?tag=`) than one request may add.
+    #[error("at most {0} tags may be pushed with one manifest")]
+    TooManyTags(usize),
     #[error("{0}")]
     Denied(String),
     #[error("{0}")]
@@ -61,12 +68,13 @@ impl RegistryError {
             RegistryError::ManifestBlobUnknown(_) => "MANIFEST_BLOB_UNKNOWN",
             RegistryError::ManifestInvalid(_) => "MANIFEST_INVALID",
             RegistryError::ManifestTooLarge => "SIZE_INVALID",
-            RegistryError::ManifestUnknown => "MANIFEST_UNKNOWN",
+            RegistryError::ManifestUnknown | RegistryError::ManifestNotAcceptable(_) => "MANIFEST_UNKNOWN",
             RegistryError::NameInvalid(_) => "NAME_INVALID",
             RegistryError::NameUnknown => "NAME_UNKNOWN",
             RegistryError::RangeInvalid(_) => "RANGE_INVALID",
             RegistryError::PaginationInvalid(_) => "PAGINATION_NUMBER_INVALID",
-            RegistryError::Unsupported(_) => "UNSUPPORTED",
+            // The spec has no code for it; the spec lets a registry answer 414 to too many tags.
+            RegistryError::Unsupported(_) | RegistryError::TooManyTags(_) => "UNSUPPORTED",
             RegistryError::Denied(_) => "DENIED",
             // Not a spec code: the spec has none for a gateway failure; clients only show the message.
             RegistryError::UpstreamUnavailable(_) => "UNAVAILABLE",

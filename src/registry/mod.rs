@@ -161,21 +161,26 @@ impl Registry {
         body: ByteStream,
     ) -> Result<u64> {
         let (claim, offset) = self.claim_upload(repo, id).await?;
-        if let Some((start, end)) = range {
-            // Client input: an end before the start, or at u64::MAX, has no length; refused, never wrapped.
-            let len = end.checked_sub(start).and_then(|l| l.checked_add(1));
-            let fits = len.is_some_and(|len| declared_len.is_none_or(|d| d == len));
-            if start != offset || !fits {
-                return Err(RegistryError::UploadOutOfOrder { offset });
-            }
-        }
+        continues(range, declared_len, offset)?;
         let (size, _claim) = self.store.upload_append(claim, body).await?;
         Ok(size)
     }
 
     /// Completes upload `id` with an optional last chunk; the blob becomes visible only if it matches `digest`.
-    pub async fn finish_upload(&self, repo: &RepoName, id: &str, digest: &Digest, last: Option<ByteStream>) -> Result<()> {
-        let (mut claim, _) = self.claim_upload(repo, id).await?;
+    /// A last chunk with a `range` must continue the upload like any chunk (`upload_chunk`): one that does not
+    /// is refused before anything is appended, and the session stays open for the client to resume, rather
+    /// than being appended at the wrong offset and failing the digest check, which would lose the session.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        range: Option<(u64, u64)>,
+        declared_len: Option<u64>,
+        last: Option<ByteStream>,
+    ) -> Result<()> {
+        let (mut claim, offset) = self.claim_upload(repo, id).await?;
+        continues(range, declared_len, offset)?;
         let _referencing = self.locks.referencing([digest]).await;
         if let Some(body) = last {
             claim = self.store.upload_append(claim, body).await?.1;
@@ -357,6 +362,15 @@ impl Registry {
         Ok(self.meta.put_manifest(repo, &record, tag).await?)
     }
 
+    /// Points each of `tags` at manifest `digest` of `repo` (a push by digest with `?tag=`), in order; the first
+    /// failure stops it (tags set before it stay, as if pushed one request each).
+    pub async fn tag_manifest_all(&self, repo: &RepoName, digest: &Digest, tags: &[Tag]) -> Result<()> {
+        for tag in tags {
+            self.tag_manifest(repo, digest, tag).await?;
+        }
+        Ok(())
+    }
+
     /// Points `tag` at a manifest `repo` already holds.
     pub async fn tag_manifest(&self, repo: &RepoName, digest: &Digest, tag: &Tag) -> Result<()> {
         let record = self.meta.manifest(repo, digest).await?.ok_or(RegistryError::ManifestUnknown)?;
@@ -408,6 +422,21 @@ impl Registry {
     pub async fn ready(&self) -> bool {
         self.meta.repo_exists(&"readiness-probe".parse().expect("valid name")).await.is_ok()
     }
+}
+
+/// Checks that a chunk with `Content-Range` `range` (inclusive) begins exactly where the upload ends (`offset`)
+/// and, when its length is declared (`Content-Length`), is as long as its range.
+fn continues(range: Option<(u64, u64)>, declared_len: Option<u64>, offset: u64) -> Result<()> {
+    let Some((start, end)) = range else {
+        return Ok(());
+    };
+    // Client input: an end before the start, or at u64::MAX, has no length; refused, never wrapped.
+    let len = end.checked_sub(start).and_then(|l| l.checked_add(1));
+    let fits = len.is_some_and(|len| declared_len.is_none_or(|d| d == len));
+    if start != offset || !fits {
+        return Err(RegistryError::UploadOutOfOrder { offset });
+    }
+    Ok(())
 }
 
 /// A manifest's annotations as the JSON text the metadata store keeps for the referrers API.

@@ -11,6 +11,7 @@ pub(crate) mod challenge;
 mod harbor;
 mod push;
 mod referrers;
+pub mod realm;
 
 pub use catalog::{AllTags, Page as ListPage};
 pub use harbor::HARBOR_PAGE;
@@ -57,6 +58,34 @@ pub struct UpstreamConfig {
     /// Repository globs (`crate::pattern`) that may be proxied from this registry; empty means all. Other names
     /// are unknown to the cache, so a public cache is not an open relay to everything the upstream serves.
     pub repositories: Vec<String>,
+    /// Whether a HEAD of an uncached blob starts its download (and is answered from it), as before HEADs were
+    /// answered by an upstream HEAD: for clients that HEAD every blob just before they GET it, where starting
+    /// early saves a round trip. Off by default: a HEAD alone (an existence check, `docker manifest inspect`,
+    /// a replication's "is it there already") must not pull gigabytes that nobody asked for.
+    pub prefetch_on_head: bool,
+    /// Token realms (URLs, or hosts) besides the upstream's own host and registrable domain that may receive
+    /// the upstream's credentials: for a registry whose token service lives on another company domain.
+    pub token_realms: Vec<String>,
+    /// Tag revalidations are deferred (the cached tag is served) while the upstream's `ratelimit-remaining`
+    /// is at most this: the last requests of a rate-limit window are kept for what the cache does not hold.
+    pub ratelimit_reserve: u64,
+}
+
+/// What an upstream last said of its rate limit (Docker Hub's `ratelimit-limit` / `ratelimit-remaining`).
+#[derive(Debug, Clone, Copy)]
+struct RateLimitSeen {
+    remaining: u64,
+    at: Instant,
+}
+
+/// How long a low `ratelimit-remaining` defers revalidations at least (then one request looks again); an
+/// upstream's tag TTL is used when longer.
+const RATELIMIT_MEMORY: Duration = Duration::from_secs(60);
+
+/// The count of a rate-limit header: `100;w=21600` (Docker Hub, after the IETF RateLimit draft) or `100`.
+fn ratelimit_count(headers: &HeaderMap, name: &str) -> Option<u64> {
+    let v = headers.get(name)?.to_str().ok()?;
+    v.split([';', ',']).next()?.trim().parse().ok()
 }
 
 /// Why an upstream request did not give what was asked.
@@ -125,6 +154,11 @@ pub struct Upstream {
     refused_until: Mutex<Option<Instant>>,
     /// `config.repositories` compiled; `None` when every repository may be proxied.
     allowed: Option<globset::GlobSet>,
+    /// Whether the warning that a realm was asked anonymously (it is not the upstream's own) was logged: once,
+    /// not once per token request.
+    foreign_realm_warned: std::sync::atomic::AtomicBool,
+    /// The last `ratelimit-remaining` the upstream sent, and when.
+    ratelimit: Mutex<Option<RateLimitSeen>>,
 }
 
 
@@ -136,6 +170,20 @@ impl fmt::Debug for Upstream {
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// `MANIFEST_ACCEPT` followed by the media ranges of `extra` it does not list already; a range that is not a
+/// valid header value (it came from one, so it should be) is left out.
+fn manifest_accept(extra: &[String]) -> HeaderValue {
+    let mut value = MANIFEST_ACCEPT.to_string();
+    for range in extra {
+        let known = MANIFEST_ACCEPT.split(',').any(|t| t.trim() == range);
+        if !known && HeaderValue::from_str(range).is_ok() {
+            value.push_str(", ");
+            value.push_str(range);
+        }
+    }
+    HeaderValue::from_str(&value).unwrap_or_else(|_| HeaderValue::from_static(MANIFEST_ACCEPT))
+}
 
 /// How long an upstream's `Retry-After` may hold us off at most (a broken header must not disable the cache).
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
@@ -245,6 +293,8 @@ impl Upstream {
             token_fetches: crate::flight::Group::default(),
             refused_until: Mutex::new(None),
             allowed,
+            foreign_realm_warned: std::sync::atomic::AtomicBool::new(false),
+            ratelimit: Mutex::new(None),
         })
     }
 
@@ -315,8 +365,8 @@ impl Upstream {
                 query.push(("scope".into(), c.params.get("scope").cloned().unwrap_or_else(|| scope.to_string())));
                 let req = self.client.get(&realm).query(&query);
                 let req = match self.basic_header() {
-                    Some(basic) => req.header(header::AUTHORIZATION, basic),
-                    None => req,
+                    Some(basic) if self.realm_is_ours(&realm) => req.header(header::AUTHORIZATION, basic),
+                    _ => req,
                 };
                 if let Some(refused) = refused {
                     let key = scope.to_string();
@@ -357,6 +407,21 @@ impl Upstream {
             }
             other => Err(UpstreamError::Unauthorized(format!("unsupported auth scheme {other}"))),
         }
+    }
+
+    /// Whether our credentials may go to the token realm `realm` (see `realm.rs`); warns once when they may not
+    /// (the token is then asked for anonymously, which suffices for public images).
+    fn realm_is_ours(&self, realm: &str) -> bool {
+        if realm::may_send_credentials(&self.config.url, realm, &self.config.token_realms) {
+            return true;
+        }
+        if !self.foreign_realm_warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // The realm's host only: its query may carry anything.
+            let host = reqwest::Url::parse(realm).ok().and_then(|u| u.host_str().map(str::to_string)).unwrap_or_default();
+            tracing::warn!(upstream = self.config.name, realm_host = %host,
+                "the token realm is neither the upstream's host nor its domain nor in token_realms; asking for tokens anonymously");
+        }
+        false
     }
 
     /// Sends `method path` for `repo` with pull rights, answering one auth challenge, and classifies failures.
@@ -448,6 +513,7 @@ impl Upstream {
             };
             let status = resp.status();
             self.count(&method, status.as_str());
+            self.observe_ratelimit(resp.headers());
             if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
                 let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
                 match challenge {
@@ -484,6 +550,27 @@ impl Upstream {
         Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
     }
 
+    /// Records the rate-limit headers of an answer: as gauges, and the remaining count for `ratelimit_low`.
+    fn observe_ratelimit(&self, headers: &HeaderMap) {
+        let upstream = self.config.name.clone();
+        if let Some(limit) = ratelimit_count(headers, "ratelimit-limit") {
+            metrics::gauge!("breakwater_upstream_ratelimit_limit", "upstream" => upstream.clone()).set(limit as f64);
+        }
+        if let Some(remaining) = ratelimit_count(headers, "ratelimit-remaining") {
+            metrics::gauge!("breakwater_upstream_ratelimit_remaining", "upstream" => upstream).set(remaining as f64);
+            *self.ratelimit.lock().unwrap_or_else(|p| p.into_inner()) = Some(RateLimitSeen { remaining, at: Instant::now() });
+        }
+    }
+
+    /// Whether the upstream said recently that at most `ratelimit_reserve` requests remain in its window, so a
+    /// request that can be done without (a tag revalidation) should be. "Recently" is the tag TTL, at least
+    /// `RATELIMIT_MEMORY`: after that one request is spent to learn the count again (every answer carries it).
+    pub fn ratelimit_low(&self) -> bool {
+        let seen = *self.ratelimit.lock().unwrap_or_else(|p| p.into_inner());
+        let memory = self.config.tag_ttl.max(RATELIMIT_MEMORY);
+        seen.is_some_and(|s| s.remaining <= self.config.ratelimit_reserve && s.at.elapsed() < memory)
+    }
+
     /// How long requests are held off by a `Retry-After`, if they are.
     pub fn retry_after_remaining(&self) -> Option<Duration> {
         let t = (*self.not_before.lock().unwrap_or_else(|p| p.into_inner()))?;
@@ -493,8 +580,20 @@ impl Upstream {
     /// GETs (or HEADs) the manifest `reference` of `repo`. A GET's bytes are verified against the digest the
     /// reference names, or hashed to find it.
     pub async fn manifest(&self, repo: &RepoName, reference: &str, head: bool) -> Result<RemoteManifest, UpstreamError> {
+        self.manifest_accepting(repo, reference, head, &[]).await
+    }
+
+    /// [`Upstream::manifest`], accepting the media ranges `extra` (a client's `Accept`, forwarded) after every
+    /// type breakwater stores, which always come first so that the answer is one it can keep.
+    pub async fn manifest_accepting(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        head: bool,
+        extra: &[String],
+    ) -> Result<RemoteManifest, UpstreamError> {
         let mut h = HeaderMap::new();
-        h.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        h.insert(header::ACCEPT, manifest_accept(extra));
         let method = if head { Method::HEAD } else { Method::GET };
         let resp = self.send(method, repo, &format!("/v2/{repo}/manifests/{reference}"), h).await?;
         let media_type = resp
@@ -536,6 +635,22 @@ impl Upstream {
             crate::oci::ManifestInfo::parse(&bytes, None).map(|m| m.media_type).map_err(UpstreamError::Invalid)?
         };
         Ok(RemoteManifest { digest, media_type, bytes: Some(bytes) })
+    }
+
+    /// HEADs blob `digest` of `repo`: its size, without its bytes. A `Docker-Content-Digest` other than `digest`
+    /// is an invalid answer (the size would be another blob's).
+    pub async fn blob_head(&self, repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+        let resp = self.send(Method::HEAD, repo, &format!("/v2/{repo}/blobs/{digest}"), HeaderMap::new()).await?;
+        let named = resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok());
+        if let Some(named) = named.filter(|n| n.trim() != digest.to_string()) {
+            return Err(UpstreamError::Invalid(format!("HEAD of {digest} answered the digest {named}")));
+        }
+        // Read from the header itself: for a HEAD, reqwest's `content_length` is that of the (empty) body.
+        resp.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| UpstreamError::Invalid(format!("HEAD of {digest} without a Content-Length")))
     }
 
     /// GETs blob `digest` of `repo` from byte `offset` on. The body is streamed; a silence longer than the
@@ -745,6 +860,31 @@ mod tests {
         assert_eq!(origin("http://a:5000/v2/x?y=z"), "http://a:5000");
         assert_eq!(origin("https://a"), "https://a");
         assert_ne!(origin("http://a:5000/u"), origin("http://a:5001/u"));
+    }
+
+    #[test]
+    fn manifest_accept_puts_the_stored_types_first_and_adds_the_clients() {
+        assert_eq!(manifest_accept(&[]).to_str().unwrap(), MANIFEST_ACCEPT);
+        let extra = ["*/*".to_string(), DOCKER_MANIFEST.to_string(), "application/vnd.example+json".to_string()];
+        assert_eq!(
+            manifest_accept(&extra).to_str().unwrap(),
+            format!("{MANIFEST_ACCEPT}, */*, application/vnd.example+json")
+        );
+        assert_eq!(manifest_accept(&["bad\nvalue".to_string()]).to_str().unwrap(), MANIFEST_ACCEPT);
+    }
+
+    #[test]
+    fn ratelimit_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
+        h.insert("ratelimit-remaining", HeaderValue::from_static(" 7 ;w=21600"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-limit"), Some(100));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), Some(7));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("0"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), Some(0));
+        h.insert("ratelimit-remaining", HeaderValue::from_static("lots"));
+        assert_eq!(ratelimit_count(&h, "ratelimit-remaining"), None);
+        assert_eq!(ratelimit_count(&h, "absent"), None);
     }
 
     #[test]
