@@ -72,7 +72,7 @@ struct ForeignClaims {
 #[derive(Debug, Clone)]
 pub struct Verified {
     pub sub: String,
-    pub access: Arc<Vec<AccessEntry>>,
+    pub access: Arc<super::scope::Grants>,
     exp: u64,
 }
 
@@ -130,7 +130,7 @@ impl ExternalIssuer {
             match jsonwebtoken::decode::<ForeignClaims>(token, &k.key, &v) {
                 Ok(data) => {
                     let c = data.claims;
-                    let verified = Verified { sub: c.sub, access: Arc::new(c.access), exp: c.exp };
+                    let verified = Verified { sub: c.sub, access: Arc::new(super::scope::Grants::of(&c.access)), exp: c.exp };
                     self.verified.insert(token.to_string(), verified.clone());
                     return Ok(verified);
                 }
@@ -202,7 +202,7 @@ mod tests {
         let now = super::super::token::now_secs();
         let sign = |k: &rcgen::KeyPair, c| encode(&Header::new(Algorithm::ES256), &c, &EncodingKey::from_ec_pem(k.serialize_pem().as_bytes()).unwrap()).unwrap();
         let good = ext.verify(&sign(&key, claims("registry.test", "auth.test", now + 60))).unwrap();
-        assert_eq!((good.sub.as_str(), good.access.len()), ("ci", 1));
+        assert_eq!((good.sub.as_str(), good.access.actions("a")), ("ci", super::super::scope::Actions::of(&[super::super::scope::Action::Pull])));
         assert!(ext.verify(&sign(&other, claims("registry.test", "auth.test", now + 60))).is_err(), "another key");
         assert!(ext.verify(&sign(&key, claims("elsewhere", "auth.test", now + 60))).is_err(), "another service");
         assert!(ext.verify(&sign(&key, claims("registry.test", "someone", now + 60))).is_err(), "another issuer");

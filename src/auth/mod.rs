@@ -124,7 +124,7 @@ pub struct Identity {
     pub subject: Subject,
     /// The `access` claim of the bearer token used; `None` when the request carried a password (or nothing),
     /// whose rights are the policy's.
-    pub token_access: Option<Arc<Vec<AccessEntry>>>,
+    pub token_access: Option<Arc<scope::Grants>>,
 }
 
 /// A granted token, as the token endpoint answers it.
@@ -242,7 +242,7 @@ impl Auth {
         if own.is_refresh() {
             return Err(AuthError::BadToken("a refresh token is not an access token".into()));
         }
-        Ok(Identity { subject: self.subject_of(&own.sub), token_access: Some(Arc::new(own.access.clone())) })
+        Ok(Identity { subject: self.subject_of(&own.sub), token_access: Some(Arc::clone(&own.grants)) })
     }
 
     /// A token this server did not sign: the other server's, if one is configured and it verifies.
@@ -253,16 +253,27 @@ impl Auth {
         Ok(Identity { subject, token_access: Some(v.access) })
     }
 
-    /// The subject a token names, with the groups its user has now (a token carries no groups: what it grants
-    /// was decided when it was issued; the groups only decide whether a missing scope is worth a new token).
+    /// The subject a token names. A token carries no groups (what it grants was decided when it was issued), so
+    /// none are looked up here, on every request: `policy_actions` looks them up when a refusal needs them.
     fn subject_of(&self, sub: &str) -> Subject {
         if sub.is_empty() {
             Subject::anonymous()
         } else if sub.starts_with(robots::PREFIX) {
             Subject { name: sub.to_string(), groups: Vec::new(), kind: SubjectKind::Robot(Vec::new()) }
         } else {
-            Subject { name: sub.to_string(), groups: self.users.groups(sub).unwrap_or_default(), kind: SubjectKind::User }
+            Subject { name: sub.to_string(), groups: Vec::new(), kind: SubjectKind::User }
         }
+    }
+
+    /// What the policy allows the subject of `id` on `repo` now (with its user's current groups when it came
+    /// with a token): whether a token lacking a scope is worth a new token (401) or a refusal (403).
+    pub fn policy_actions(&self, id: &Identity, repo: &str) -> Actions {
+        if id.token_access.is_some() && matches!(id.subject.kind, SubjectKind::User) {
+            let mut s = id.subject.clone();
+            s.groups = self.users.groups(&s.name).unwrap_or_default();
+            return self.policy.actions(&s, repo);
+        }
+        self.policy.actions(&id.subject, repo)
     }
 
     /// The identity behind a request's credentials: a token (in token mode; or a password, accepted in both
@@ -282,7 +293,7 @@ impl Auth {
     /// The actions `id` may take on `repo`: what its token grants, or else what the policy allows it.
     pub fn actions(&self, id: &Identity, repo: &str) -> Actions {
         match &id.token_access {
-            Some(access) => access.iter().fold(Actions::NONE, |a, e| a.union(e.repository_actions(repo))),
+            Some(grants) => grants.actions(repo),
             None => self.policy.actions(&id.subject, repo),
         }
     }
@@ -290,7 +301,7 @@ impl Auth {
     /// Whether `id` may list the catalog (which is then filtered to what the subject may pull).
     pub fn may_list_catalog(&self, id: &Identity) -> bool {
         match &id.token_access {
-            Some(access) => access.iter().any(AccessEntry::is_catalog),
+            Some(grants) => grants.catalog(),
             None => !id.subject.is_anonymous() || self.policy.anonymous_may_pull(),
         }
     }

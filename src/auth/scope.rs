@@ -151,16 +151,39 @@ impl AccessEntry {
         }
     }
 
-    /// The actions this entry grants on repository `name`.
-    pub fn repository_actions(&self, name: &str) -> Actions {
-        if self.kind != "repository" || self.name != name {
-            return Actions::NONE;
-        }
-        Actions::parse_list(&self.actions.join(","))
-    }
-
     pub fn is_catalog(&self) -> bool {
         self.kind == "registry" && self.name == "catalog" && self.actions.iter().any(|a| a == "*")
+    }
+}
+
+/// What an `access` claim grants, parsed once when its token is verified (a request then looks it up without
+/// parsing or allocating).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grants {
+    repos: Vec<(String, Actions)>,
+    catalog: bool,
+}
+
+impl Grants {
+    pub fn of(access: &[AccessEntry]) -> Grants {
+        let mut g = Grants::default();
+        for e in access {
+            if e.is_catalog() {
+                g.catalog = true;
+            } else if e.kind == "repository" {
+                g.repos.push((e.name.clone(), Actions::parse_list(&e.actions.join(","))));
+            }
+        }
+        g
+    }
+
+    /// The actions granted on repository `name` (the union of its entries).
+    pub fn actions(&self, name: &str) -> Actions {
+        self.repos.iter().filter(|(n, _)| n == name).fold(Actions::NONE, |a, (_, x)| a.union(*x))
+    }
+
+    pub fn catalog(&self) -> bool {
+        self.catalog
     }
 }
 
@@ -187,11 +210,16 @@ mod tests {
     }
 
     #[test]
-    fn access_entries_grant_only_their_repository() {
+    fn access_entries_grant_only_their_repository_once_parsed() {
         let e = AccessEntry::from_scope(&Scope::parse("repository:a/b:pull,delete").unwrap());
-        assert_eq!(e.repository_actions("a/b"), Actions::of(&[Action::Pull, Action::Delete]));
-        assert_eq!(e.repository_actions("a/bc"), Actions::NONE);
+        let g = Grants::of(std::slice::from_ref(&e));
+        assert_eq!(g.actions("a/b"), Actions::of(&[Action::Pull, Action::Delete]));
+        assert_eq!(g.actions("a/bc"), Actions::NONE);
         assert!(!e.is_catalog());
         assert!(AccessEntry::from_scope(&Scope::Catalog).is_catalog());
+        let g = Grants::of(&[e.clone(), AccessEntry::from_scope(&Scope::parse("repository:a/b:push").unwrap()), AccessEntry::from_scope(&Scope::Catalog)]);
+        assert_eq!(g.actions("a/b"), Actions::ALL);
+        assert_eq!(g.actions("a"), Actions::NONE);
+        assert!(g.catalog() && !Grants::of(&[e]).catalog());
     }
 }

@@ -35,6 +35,9 @@ pub struct Claims {
     pub access: Vec<AccessEntry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub typ: Option<String>,
+    /// `access`, parsed: filled in when the token is verified (never signed or read from a token).
+    #[serde(skip)]
+    pub grants: Arc<super::scope::Grants>,
 }
 
 impl Claims {
@@ -121,6 +124,7 @@ impl Tokens {
             nbf: now.saturating_sub(LEEWAY_SECS),
             iat: now,
             jti: uuid::Uuid::new_v4().to_string(),
+            grants: Arc::new(super::scope::Grants::of(&access)),
             access,
             typ,
         };
@@ -145,7 +149,9 @@ impl Tokens {
         v.leeway = LEEWAY_SECS;
         v.validate_nbf = true;
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map_err(|e| TokenError::Invalid(e.to_string()))?;
-        let claims = Arc::new(data.claims);
+        let mut claims = data.claims;
+        claims.grants = Arc::new(super::scope::Grants::of(&claims.access));
+        let claims = Arc::new(claims);
         self.verified.insert(token.to_string(), Arc::clone(&claims));
         Ok(claims)
     }

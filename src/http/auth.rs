@@ -125,7 +125,7 @@ impl Challenge<'_> {
             return Err(self.unauthorized(None, "authentication required"));
         }
         let subject_may = match self.need {
-            Need::Repo { name, action } => self.auth.policy().actions(&id.subject, name).contains(*action),
+            Need::Repo { name, action } => self.auth.policy_actions(id, name).contains(*action),
             Need::Catalog => true,
             _ => false,
         };
