@@ -144,6 +144,7 @@ async fn the_spec_answers_401_with_a_challenge_and_403_when_not_allowed() {
     let (status, headers, body) = req("GET", &bw.url("/v2/"), None, None).await;
     assert_eq!((status, error_code(&body).as_str()), (401, "UNAUTHORIZED"));
     assert_eq!(challenge(&headers), format!("Bearer realm=\"http://{}/auth/token\",service=\"breakwater\"", bw.addr));
+    assert_eq!(headers["docker-distribution-api-version"], "registry/2.0", "Docker reads it from the 401");
     let (status, headers, _) = req("GET", &bw.url("/v2/team/app/manifests/v1"), None, None).await;
     assert_eq!(status, 401);
     assert!(challenge(&headers).ends_with(",scope=\"repository:team/app:pull\""), "{}", challenge(&headers));

@@ -74,15 +74,22 @@ pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     let challenge = Challenge { auth: &auth, scheme: app.scheme(), host: host(&req), need: &need };
     let id = match auth.identify(&creds, from).await {
         Ok(id) => id,
-        Err(e) => return challenge.refuse(&e, matches!(creds, Credentials::Bearer(_))),
+        Err(e) => return api_version(challenge.refuse(&e, matches!(creds, Credentials::Bearer(_)))),
     };
     if let Err(resp) = challenge.check(&id) {
-        return resp;
+        return api_version(resp);
     }
     let subject = id.subject.display().to_string();
     req.extensions_mut().insert(id);
     let resp = next.run(req).await;
     audit(&subject, &method, &path, &resp);
+    resp
+}
+
+/// A refusal carries `Docker-Distribution-API-Version` like every `/v2/` answer: Docker's client reads it from
+/// the 401 of its first `/v2/` request to know it speaks to a v2 registry.
+fn api_version(mut resp: Response) -> Response {
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
     resp
 }
 
