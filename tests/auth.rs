@@ -334,8 +334,41 @@ async fn failed_logins_are_limited_per_user() {
     }
     // Past the limit even the right password is refused for a while, at the token endpoint and on the API.
     assert_eq!(token(&bw, Some(BOB), &[]).await.0, 429);
-    let (status, _, body) = req("GET", &bw.url("/v2/"), Some(&basic(BOB.0, BOB.1)), None).await;
+    let (status, headers, body) = req("GET", &bw.url("/v2/"), Some(&basic(BOB.0, BOB.1)), None).await;
     assert_eq!((status, error_code(&body).as_str()), (429, "TOOMANYREQUESTS"));
+    assert_eq!(headers["retry-after"], "60");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_count_for_token_holders_as_for_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = htpasswd(dir.path(), &[ALICE, BOB]);
+    let cfg = dir.path().join("bw.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[auth]\nhtpasswd = \"{}\"\nadmin_groups = [\"ops\"]\n\n[auth.groups]\nops = [\"alice\"]\nreaders = [\"bob\"]\n\n\
+             [[auth.access]]\nrepositories = [\"**\"]\nusers = [\"alice\"]\nactions = [\"pull\", \"push\"]\n\n\
+             [[auth.access]]\nrepositories = [\"shared/**\"]\ngroups = [\"readers\"]\nactions = [\"pull\"]\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let bw = Breakwater::start_with(&["--config", cfg.to_str().unwrap()]);
+    let alice = basic(ALICE.0, ALICE.1);
+    push(&bw, "shared/lib", "v1", &alice, 8).await;
+    push(&bw, "private/app", "v1", &alice, 9).await;
+    // bob's rights come from his group `readers` (pull of shared/**), alice's admin rights from `ops`.
+    let (_, t) = token(&bw, Some(BOB), &["registry:catalog:*", "repository:shared/lib:pull", "repository:private/app:pull"]).await;
+    assert_eq!(access_of(t["token"].as_str().unwrap()).as_array().unwrap().len(), 2, "catalog and shared/lib");
+    let (_, _, body) = req("GET", &bw.url("/v2/_catalog"), Some(&bearer(&t)), None).await;
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["repositories"], serde_json::json!(["shared/lib"]));
+    assert_eq!(req("GET", &bw.url("/api/replication"), Some(&bearer(&t)), None).await.0, 403);
+    let (_, admin) = token(&bw, Some(ALICE), &[]).await;
+    assert_eq!(req("GET", &bw.url("/api/replication"), Some(&bearer(&admin)), None).await.0, 200, "admin through a group, with a token");
+    assert_eq!(req("GET", &bw.url("/v2/shared/lib/manifests/v1"), Some(&bearer(&t)), None).await.0, 200);
+    let (status, _, body) = req("GET", &bw.url("/v2/private/app/manifests/v1"), Some(&bearer(&t)), None).await;
+    assert_eq!((status, error_code(&body).as_str()), (403, "DENIED"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

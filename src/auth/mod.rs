@@ -265,15 +265,20 @@ impl Auth {
         }
     }
 
-    /// What the policy allows the subject of `id` on `repo` now (with its user's current groups when it came
-    /// with a token): whether a token lacking a scope is worth a new token (401) or a refusal (403).
-    pub fn policy_actions(&self, id: &Identity, repo: &str) -> Actions {
-        if id.token_access.is_some() && matches!(id.subject.kind, SubjectKind::User) {
-            let mut s = id.subject.clone();
+    /// The subject of `id` as the policy sees it now: a user who came with a token gets their current groups
+    /// (a token carries none). For the few decisions that read the policy past the token: admin rights, the
+    /// catalog's filter, and whether a token lacking a scope is worth a new token (401) or a refusal (403).
+    pub fn current_subject(&self, id: &Identity) -> Subject {
+        let mut s = id.subject.clone();
+        if id.token_access.is_some() && matches!(s.kind, SubjectKind::User) {
             s.groups = self.users.groups(&s.name).unwrap_or_default();
-            return self.policy.actions(&s, repo);
         }
-        self.policy.actions(&id.subject, repo)
+        s
+    }
+
+    /// What the policy allows the subject of `id` on `repo` now.
+    pub fn policy_actions(&self, id: &Identity, repo: &str) -> Actions {
+        self.policy.actions(&self.current_subject(id), repo)
     }
 
     /// The identity behind a request's credentials: a token (in token mode; or a password, accepted in both
@@ -306,13 +311,13 @@ impl Auth {
         }
     }
 
-    /// Whether the subject (not its token) may pull `repo`: what the filtered catalog shows.
+    /// Whether `subject` (from `current_subject`, not a token) may pull `repo`: what the filtered catalog shows.
     pub fn subject_may_pull(&self, subject: &Subject, repo: &str) -> bool {
         self.policy.actions(subject, repo).contains(Action::Pull)
     }
 
     pub fn is_admin(&self, id: &Identity) -> bool {
-        self.policy.is_admin(&id.subject)
+        self.policy.is_admin(&self.current_subject(id))
     }
 
     /// The intersection of what `subject` asked for and what the policy allows them; scopes granted nothing

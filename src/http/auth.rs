@@ -144,9 +144,7 @@ impl Challenge<'_> {
 
     fn refuse(&self, e: &AuthError, bearer: bool) -> Response {
         match e {
-            AuthError::TooManyFailures => {
-                (StatusCode::TOO_MANY_REQUESTS, json_type(), error_body("TOOMANYREQUESTS", &e.to_string())).into_response()
-            }
+            AuthError::TooManyFailures => too_many(e),
             AuthError::Missing | AuthError::BadCredentials | AuthError::BadToken(_) => {
                 self.unauthorized(bearer.then_some("invalid_token"), &e.to_string())
             }
@@ -195,6 +193,13 @@ impl Challenge<'_> {
             _ => None,
         }
     }
+}
+
+/// 429 after too many failed logins, with the window's length as `Retry-After`.
+fn too_many(e: &AuthError) -> Response {
+    let retry = crate::auth::FAILURE_WINDOW.as_secs().to_string();
+    (StatusCode::TOO_MANY_REQUESTS, [(header::CONTENT_TYPE, "application/json".to_string()), (header::RETRY_AFTER, retry)], error_body("TOOMANYREQUESTS", &e.to_string()))
+        .into_response()
 }
 
 fn json_type() -> [(header::HeaderName, &'static str); 1] {
@@ -348,7 +353,7 @@ fn wrong_service(auth: &Auth, asked: Option<&str>) -> Option<Response> {
 
 fn token_refused(auth: &Auth, e: &AuthError) -> Response {
     if let AuthError::TooManyFailures = e {
-        return (StatusCode::TOO_MANY_REQUESTS, json_type(), error_body("TOOMANYREQUESTS", &e.to_string())).into_response();
+        return too_many(e);
     }
     let mut resp = (StatusCode::UNAUTHORIZED, json_type(), error_body("UNAUTHORIZED", &e.to_string())).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("Basic realm=\"{}\"", auth.service())) {

@@ -255,6 +255,7 @@ async fn catalog_page(app: &App, identity: Option<&Identity>, last: Option<&str>
         let cursor = page.items.last().cloned();
         return Ok((page, cursor));
     };
+    let subject = auth.current_subject(id);
     let mut out = Page { items: Vec::new(), more: false };
     let mut cursor = last.map(str::to_string);
     for _ in 0..MAX_FILTERED_PAGES {
@@ -266,7 +267,7 @@ async fn catalog_page(app: &App, identity: Option<&Identity>, last: Option<&str>
                 return Ok((out, cursor));
             }
             cursor = Some(name.clone());
-            if auth.subject_may_pull(&id.subject, &name) {
+            if auth.subject_may_pull(&subject, &name) {
                 out.items.push(name);
             }
         }
