@@ -243,6 +243,7 @@ async fn a_push_racing_the_eviction_of_its_layer_never_leaves_a_manifest_without
         match proxy.blob(&cached, &layer).await.unwrap() {
             ProxiedBlob::Flight(f, _) => f.finished().await.unwrap(),
             ProxiedBlob::Stored(_) => panic!("iteration {i}: the layer was not cached yet"),
+            ProxiedBlob::Upstream(_) => panic!("iteration {i}: a GET is answered by a download, never by an upstream HEAD"),
         }
         let (evicting, release) = tokio::time::timeout(Duration::from_secs(60), entered.recv())
             .await
