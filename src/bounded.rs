@@ -43,7 +43,13 @@ where
         BoundedMap { kind, cache: b.build() }
     }
 
-    pub fn get(&self, key: &K) -> Option<V> {
+    /// The value under `key`, looked up by anything the key borrows as (a `&str` for a `String` key: no copy
+    /// of the key per lookup).
+    pub fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.cache.get(key)
     }
 
@@ -51,7 +57,11 @@ where
         self.cache.insert(key, value);
     }
 
-    pub fn remove(&self, key: &K) {
+    pub fn remove<Q>(&self, key: &Q)
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.cache.invalidate(key);
     }
 

@@ -109,7 +109,7 @@ impl ExternalIssuer {
     /// issuer, and it has not expired.
     pub fn verify(&self, token: &str) -> Result<Verified, String> {
         let now = super::token::now_secs();
-        if let Some(v) = self.verified.get(&token.to_string()) {
+        if let Some(v) = self.verified.get(token) {
             if v.exp > now {
                 return Ok(v);
             }

@@ -136,11 +136,11 @@ impl Tokens {
 
     /// The claims of `token` if this server signed it, for this service, and it has not expired.
     pub fn verify(&self, token: &str) -> Result<Arc<Claims>, TokenError> {
-        if let Some(c) = self.verified.get(&token.to_string()) {
+        if let Some(c) = self.verified.get(token) {
             if c.exp > now_secs() {
                 return Ok(c);
             }
-            self.verified.remove(&token.to_string());
+            self.verified.remove(token);
             return Err(TokenError::Invalid("expired".into()));
         }
         let mut v = Validation::new(Algorithm::EdDSA);
