@@ -151,13 +151,19 @@ struct MappedSlices {
     map: Arc<memmap2::Mmap>,
     /// What is still to be sent, a view of `map` (so `map.len() - rest.len()` is where it starts).
     rest: Bytes,
+    /// Whether the stream has let the runtime run other tasks since its last slice. It does between slices: a
+    /// socket on loopback takes megabytes at once, and without a yield one connection would hold a runtime
+    /// thread for all of them while other clients wait for their first bytes (the blocking-pool reads this
+    /// replaced yielded at every chunk by themselves).
+    yielded: bool,
 }
 
 impl MappedSlices {
     fn new(map: memmap2::Mmap) -> MappedSlices {
         let map = Arc::new(map);
         let rest = Bytes::from_owner(SharedMap(Arc::clone(&map)));
-        let stream = MappedSlices { map, rest };
+        // The first slice goes out at once: a first byte never waits for the yield.
+        let stream = MappedSlices { map, rest, yielded: true };
         stream.read_ahead(0, 2 * READ_AHEAD);
         stream
     }
@@ -175,10 +181,17 @@ impl MappedSlices {
 impl futures_util::Stream for MappedSlices {
     type Item = io::Result<Bytes>;
 
-    fn poll_next(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         if self.rest.is_empty() {
             return Poll::Ready(None);
         }
+        if !self.yielded {
+            // A task that wakes itself is put at the back of the run queue: the others run first.
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
         let n = SERVE_SLICE.min(self.rest.len());
         let slice = self.rest.split_to(n);
         // At each READ_AHEAD boundary, the advice moves on by READ_AHEAD: it stays one to two of them ahead.
@@ -651,6 +664,40 @@ mod tests {
             let got = collect(store.read(&d, Some(ByteRange { start, end })).await.unwrap()).await;
             assert_eq!(got, &content[start as usize..end as usize], "bytes {start}..{end}");
         }
+    }
+
+    /// Between two slices the stream yields once, waking itself (so the task goes to the back of the run queue);
+    /// the first slice comes at once.
+    #[tokio::test]
+    async fn mapped_slices_yield_between_slices() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl futures_util::task::ArcWake for Count {
+            fn wake_by_ref(me: &Arc<Self>) {
+                me.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        let (d, content) = stored(&store, 2 * SERVE_SLICE + 1).await;
+        let mut body = store.read(&d, None).await.unwrap();
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(Arc::clone(&count));
+        let mut cx = Context::from_waker(&waker);
+        let mut got = Vec::new();
+        let mut polls = Vec::new();
+        loop {
+            match body.as_mut().poll_next(&mut cx) {
+                Poll::Ready(Some(part)) => {
+                    got.extend_from_slice(&part.unwrap());
+                    polls.push('S');
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending => polls.push('P'),
+            }
+        }
+        assert_eq!(polls.iter().collect::<String>(), "SPSPS");
+        assert_eq!(count.0.load(std::sync::atomic::Ordering::SeqCst), 2, "each yield wakes the task");
+        assert_eq!(got, content);
     }
 
     /// A window the file does not hold is an error, never a map read past the file's end (which would fault).
