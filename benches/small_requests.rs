@@ -1,5 +1,7 @@
-//! Small, hot requests (issue 10, item 6): a manifest GET by tag and a manifest HEAD by digest from 64 concurrent
-//! keep-alive connections, breakwater against Debian's `docker-registry` (distribution 2.8.2), in one run.
+//! Small, hot requests (issue 10, item 6): a manifest GET by tag and by digest from 64 concurrent keep-alive
+//! connections, breakwater against Debian's `docker-registry` (distribution 2.8.2), in one run. (The issue asks for
+//! HEAD by digest too; wrk cannot drive HEAD: its parser waits for the body a `Content-Length` announces, so every
+//! connection hangs after its first answer.)
 //!
 //! Run with `cargo bench --bench small_requests` (needs `wrk`, Debian's package). Environment:
 //! - `BENCH_SECS`: seconds per measurement (default `10`);
@@ -17,7 +19,6 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::path::Path;
 use std::process::Command;
 
 const REPO: &str = "bench/small";
@@ -43,20 +44,17 @@ fn main() {
         // The same bytes pushed to both: the same digest.
         digest = image.digest;
     }
-    let head = dir.path().join("head.lua");
-    std::fs::write(&head, "wrk.method = \"HEAD\"\n").expect("head.lua");
-
     let kinds = [
-        ("manifest GET by tag", format!("/v2/{REPO}/manifests/v1"), None),
-        ("manifest HEAD by digest", format!("/v2/{REPO}/manifests/{digest}"), Some(head.as_path())),
+        ("manifest GET by tag", format!("/v2/{REPO}/manifests/v1")),
+        ("manifest GET by digest", format!("/v2/{REPO}/manifests/{digest}")),
     ];
     let mut results: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); bases.len()]; kinds.len()];
     for round in 0..repeat {
-        for (k, (kind, path, script)) in kinds.iter().enumerate() {
+        for (k, (kind, path)) in kinds.iter().enumerate() {
             for i in 0..bases.len() {
                 let s = (i + round) % bases.len();
                 let (name, base) = &bases[s];
-                let rps = wrk(&format!("{base}{path}"), *script, connections, secs);
+                let rps = wrk(&format!("{base}{path}"), connections, secs);
                 println!("round {} {kind:<24} {name:<18} {rps:>10.0} req/s  (load {})", round + 1, support::loadavg());
                 results[k][s].push(rps);
             }
@@ -64,7 +62,7 @@ fn main() {
     }
     println!("load    : {} (1, 5, 15 min) after", support::loadavg());
     println!("\nmedians ({repeat} rounds of {secs}s, {connections} connections):");
-    for (k, (kind, _, _)) in kinds.iter().enumerate() {
+    for (k, (kind, _)) in kinds.iter().enumerate() {
         let anchor = support::pct(&mut results[k][1], 50.0);
         for (s, (name, _)) in bases.iter().enumerate() {
             let m = support::pct(&mut results[k][s], 50.0);
@@ -73,15 +71,11 @@ fn main() {
     }
 }
 
-/// Requests per second wrk measured against `url` (with the Lua `script`, if any), refusing a run with errors or
-/// non-2xx answers.
-fn wrk(url: &str, script: Option<&Path>, connections: usize, secs: u64) -> f64 {
+/// Requests per second wrk measured against `url`, refusing a run with errors or non-2xx answers.
+fn wrk(url: &str, connections: usize, secs: u64) -> f64 {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]);
     cmd.args(["-H", &format!("Accept: {}", common::oci::OCI_MANIFEST)]);
-    if let Some(s) = script {
-        cmd.arg("-s").arg(s);
-    }
     let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "wrk failed: {text}");
