@@ -1,9 +1,12 @@
-//! Serving one large blob to concurrent clients: breakwater vs Debian's `docker-registry` (distribution 2.8).
+//! Serving one large blob to concurrent clients: breakwater vs Debian's `docker-registry` (distribution 2.8) and,
+//! as the ceiling of serving a file from page cache, nginx with `sendfile` (when an nginx binary is found).
 //!
 //! Run with `cargo bench --bench blob_serve`. Environment:
 //! - `BENCH_CLIENTS`: comma-separated client counts (default `1,50`);
 //! - `BENCH_BLOB_MB`: blob size in MB of 10^6 bytes (default `200`);
-//! - `BENCH_REPEAT`: how many times each client count is measured (default `5`; every repetition is printed, then medians).
+//! - `BENCH_REPEAT`: how many times each client count is measured (default `5`; every repetition is printed, then medians);
+//! - `BENCH_NGINX`: the nginx binary (default `/usr/sbin/nginx`; Debian's `nginx` package, which need not be
+//!   installed: `apt-get download nginx && dpkg-deb -x nginx_*.deb DIR` gives `DIR/usr/sbin/nginx`); `none` skips it.
 //!
 //! For each registry: push one pseudo-random blob (POST to open an upload session, then a monolithic
 //! `PUT <location>&digest=...` with the whole body), do one warm-up GET (sha256 checked) so both serve from page
@@ -12,7 +15,8 @@
 //! count; client 0 of every run also checks the sha256 of what it read (hashed on a separate thread fed through a bounded
 //! channel, so that hashing does not serialize with reading the socket). The server's peak RSS during a run is its
 //! VmHWM after the peak was reset through `/proc/<pid>/clear_refs` before the run (cross-checked by sampling
-//! VmRSS every 20 ms); CPU time comes from `/proc/<pid>/stat`. Wall time runs from starting the N requests to the last
+//! VmRSS every 20 ms, and RssAnon, the process's own memory without mapped files' page cache); CPU time comes from
+//! `/proc/<pid>/stat`. nginx is a master and its workers: its figures are their sums. Wall time runs from starting the N requests to the last
 //! body byte of the slowest client; aggregate throughput is the bytes all clients read divided by that wall time.
 
 #[path = "../tests/common/mod.rs"]
@@ -28,8 +32,8 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use support::{
-    check_digest, cpu_seconds, find_pid_by_cmdline, hex, machine, machine_busy_seconds, mib_or_na, nproc, pct, read_body,
-    reset_hwm, spawn_hasher, vm_kib,
+    check_digest, cpu_seconds, find_pid_by_cmdline, hex, loadavg, machine, machine_busy_seconds, mib_or_na, nproc, pct,
+    read_body, reset_hwm, source_state, spawn_hasher, vm_kib,
 };
 
 const REPO: &str = "bench/blob";
@@ -52,6 +56,8 @@ fn main() {
 
     println!("== blob_serve: one {blob_mb} MB blob to concurrent clients ==");
     println!("machine : {}", machine());
+    println!("source  : {}", source_state());
+    println!("load    : {} (1, 5, 15 min) at the start", loadavg());
     println!(
         "blob    : {size} bytes ({blob_mb} MB, xorshift64 pseudo-random, generated in {gen_s:.2}s), {digest} (hashed in {hash_s:.2}s)"
     );
@@ -69,21 +75,31 @@ fn main() {
     let bw = common::Breakwater::start();
     let dist = common::Distribution::start();
     let dist_config = dist.dir.path().join("config.yml");
-    let servers = [
-        Server::new("breakwater", &bw.addr, bw.pid(), &digest),
+    let mut servers = vec![
+        Server::new("breakwater", &bw.addr, vec![bw.pid()], &digest),
         Server::new(
             "distribution 2.8.2",
             &dist.addr,
-            find_pid_by_cmdline(&dist_config.display().to_string()).expect("pid of docker-registry"),
+            vec![find_pid_by_cmdline(&dist_config.display().to_string()).expect("pid of docker-registry")],
             &digest,
         ),
     ];
     for server in &servers {
         prepare(&rt, server, &blob, &digest, &mut failures);
     }
+    // nginx is given the blob as a file (it has no push): it serves what the registries stored, the same bytes.
+    let nginx = Nginx::start(&blob, &digest);
+    if let Some(ng) = &nginx {
+        servers.push(Server::new("nginx (sendfile)", &ng.addr, ng.pids(), &digest));
+        let server = servers.last().expect("just pushed");
+        println!("-- {} at {} (pids {:?})", server.name, server.base, server.pids);
+        prepare_warm(&rt, server, size as u64, &digest, &mut failures);
+    }
     for &n in &clients {
         for rep in 1..=repeat {
-            let order: Vec<&Server> = if rep % 2 == 1 { servers.iter().collect() } else { servers.iter().rev().collect() };
+            // Each repetition starts with the next server, so that no server always runs first (or last).
+            let mut order: Vec<&Server> = servers.iter().collect();
+            order.rotate_left((rep - 1) % servers.len());
             for server in order {
                 rows.push(measure(&rt, server, n, rep, size as u64, &digest, &mut failures));
             }
@@ -91,16 +107,17 @@ fn main() {
     }
     drop(bw);
     drop(dist);
+    drop(nginx);
     rows.sort_by_key(|r| (servers.iter().position(|s| s.name == r.server), r.n, r.rep));
 
     println!();
     println!("Results ({blob_mb} MB blob; MB = 10^6 bytes, MiB = 2^20 bytes; times in seconds unless marked ms)");
     println!();
-    println!("| server | clients | rep | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB (VmHWM) | sampled max RSS MiB | server CPU s | bench-process CPU s | other CPU s | bodies ok |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| server | clients | rep | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB (VmHWM) | sampled max RSS MiB | sampled max RssAnon MiB | server CPU s | bench-process CPU s | other CPU s | load 1 min | bodies ok |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {}/{} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
             r.server,
             r.n,
             r.rep,
@@ -113,9 +130,11 @@ fn main() {
             r.done_p99,
             mib_or_na(r.hwm),
             r.sampled_max_kib as f64 / 1024.0,
+            r.sampled_anon_kib as f64 / 1024.0,
             r.server_cpu,
             r.client_cpu,
             r.other_cpu,
+            r.load,
             r.ok,
             r.n
         );
@@ -124,9 +143,9 @@ fn main() {
     println!("Medians over the {repeat} repetitions (peak RSS: the largest of the repetitions)");
     println!();
     println!(
-        "| server | clients | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB | server CPU s | server CPU s per GB served | other CPU s |"
+        "| server | clients | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB | peak RssAnon MiB | server CPU s | server CPU s per GB served | other CPU s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for server in &servers {
         for &n in &clients {
             let runs: Vec<&Row> = rows.iter().filter(|r| r.server == server.name && r.n == n).collect();
@@ -135,8 +154,9 @@ fn main() {
                 median(&mut v)
             };
             let peak = runs.iter().filter_map(|r| r.hwm).max().unwrap_or(0) as f64 / 1024.0;
+            let anon = runs.iter().map(|r| r.sampled_anon_kib).max().unwrap_or(0) as f64 / 1024.0;
             println!(
-                "| {} | {n} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {peak:.1} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {n} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {peak:.1} | {anon:.1} | {:.2} | {:.2} | {:.2} |",
                 server.name,
                 med(&|r| r.wall),
                 med(&|r| r.mbps),
@@ -152,6 +172,7 @@ fn main() {
         }
     }
     println!();
+    println!("load at the end: {} (1, 5, 15 min)", loadavg());
     println!("p99 uses the nearest-rank method: with 50 clients it is the slowest client; with 1 client p50 = p99 = that client.");
     println!(
         "CPU columns are user+system seconds during the run: the server process, this bench process (all clients), and the rest of \
@@ -181,32 +202,124 @@ struct Row {
     done_p99: f64,
     hwm: Option<u64>,
     sampled_max_kib: u64,
+    /// The largest RssAnon sampled: the server's own memory (heap, stacks), without page cache of mapped files.
+    sampled_anon_kib: u64,
     server_cpu: f64,
     client_cpu: f64,
     other_cpu: f64,
+    /// The 1-minute load average at the end of the run: how busy the machine was.
+    load: String,
     ok: usize,
 }
 
 struct Server {
     name: &'static str,
     base: String,
-    pid: u32,
+    /// The processes that serve: one, or nginx's master and workers (whose figures are summed).
+    pids: Vec<u32>,
     url: String,
 }
 
 impl Server {
-    fn new(name: &'static str, addr: &str, pid: u32, digest: &str) -> Self {
+    fn new(name: &'static str, addr: &str, pids: Vec<u32>, digest: &str) -> Self {
         let base = format!("http://{addr}");
         let url = format!("{base}/v2/{REPO}/blobs/{digest}");
-        Server { name, base, pid, url }
+        Server { name, base, pids, url }
+    }
+
+    fn cpu(&self) -> f64 {
+        self.pids.iter().map(|&p| cpu_seconds(p)).sum()
+    }
+
+    /// A `/proc/PID/status` field summed over the server's processes; `None` if any cannot be read.
+    fn kib(&self, field: &str) -> Option<u64> {
+        self.pids.iter().map(|&p| vm_kib(p, field)).sum()
+    }
+}
+
+/// nginx serving the blob as a static file with `sendfile`, as the ceiling of serving from page cache on this
+/// machine: a master and one worker per CPU, on a free loopback port, everything in its own temporary directory.
+struct Nginx {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    /// Starts nginx over a copy of `blob` named by its digest, or `None` (with a note) if there is no binary.
+    fn start(blob: &[u8], digest: &str) -> Option<Nginx> {
+        let bin = std::env::var("BENCH_NGINX").unwrap_or_else(|_| "/usr/sbin/nginx".into());
+        if bin == "none" || !std::path::Path::new(&bin).exists() {
+            println!("-- nginx: no binary at {bin} (BENCH_NGINX), not measured");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).expect("nginx blob dir");
+        std::fs::write(blobs.join(digest), blob).expect("nginx blob file");
+        let addr = format!("127.0.0.1:{}", common::free_port());
+        let d = dir.path().display();
+        // Every path nginx would default to (temp dirs, pid, logs) points into the temporary directory, so that an
+        // unpacked, uninstalled package runs too.
+        let conf = format!(
+            "daemon off; master_process on; worker_processes auto; pid {d}/nginx.pid; error_log {d}/error.log warn;
+             events {{ worker_connections 4096; }}
+             http {{ access_log off; sendfile on; tcp_nopush on; keepalive_timeout 60;
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fastcgi;
+               uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+               server {{ listen {addr}; location /v2/{REPO}/blobs/ {{ alias {d}/blobs/; types {{ }} default_type application/octet-stream; }} }}
+             }}
+"
+        );
+        std::fs::write(dir.path().join("nginx.conf"), conf).expect("nginx.conf");
+        let child = std::process::Command::new(&bin)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-c")
+            .arg(dir.path().join("nginx.conf"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nginx");
+        common::wait_for_port(&addr);
+        Some(Nginx { child, addr, _dir: dir })
+    }
+
+    /// The master and its workers.
+    fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let mut pids = vec![master];
+        // The workers fork right after the master binds; give them a moment to show up.
+        for _ in 0..50 {
+            let workers = support::children_of(master);
+            if !workers.is_empty() {
+                pids.extend(workers);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pids
+    }
+}
+
+impl Drop for Nginx {
+    /// SIGTERM, not SIGKILL: a killed master would leave its workers running (and serving) as orphans; a
+    /// terminated one stops them and exits after they have.
+    fn drop(&mut self) {
+        let term = std::process::Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        if !term.is_ok_and(|s| s.success()) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
     }
 }
 
 /// Pushes the blob and does the warm-up GET (which also checks the sha256 of what the server returns).
 fn prepare(rt: &tokio::runtime::Runtime, server: &Server, blob: &Bytes, digest: &str, failures: &mut Vec<String>) {
-    let Server { name, base, pid, url } = server;
-    let (name, pid, size) = (*name, *pid, blob.len() as u64);
-    println!("-- {name} at {base} (pid {pid})");
+    let Server { name, base, .. } = server;
+    let (name, size) = (*name, blob.len() as u64);
+    println!("-- {name} at {base} (pids {:?})", server.pids);
 
     let t = Instant::now();
     rt.block_on(push(base, blob.clone(), digest)).unwrap_or_else(|e| panic!("{name}: push failed: {e}"));
@@ -214,9 +327,14 @@ fn prepare(rt: &tokio::runtime::Runtime, server: &Server, blob: &Bytes, digest: 
     println!(
         "   push (POST + monolithic PUT): {up:.2}s, {:.0} MB/s; server VmHWM after push {} MiB",
         size as f64 / 1e6 / up,
-        mib_or_na(vm_kib(pid, "VmHWM"))
+        mib_or_na(server.kib("VmHWM"))
     );
+    prepare_warm(rt, server, size, digest, failures);
+}
 
+/// The warm-up GET, which also checks the sha256 of what the server returns.
+fn prepare_warm(rt: &tokio::runtime::Runtime, server: &Server, size: u64, digest: &str, failures: &mut Vec<String>) {
+    let (name, url) = (server.name, &server.url);
     let t = Instant::now();
     let warm = rt.block_on(run_clients(url, 1, size, digest));
     let w = &warm[0];
@@ -239,23 +357,26 @@ fn measure(
     digest: &str,
     failures: &mut Vec<String>,
 ) -> Row {
-    let Server { name, pid, url, .. } = server;
-    let (name, pid) = (*name, *pid);
-    let hwm_reset = reset_hwm(pid);
-    let cpu0 = cpu_seconds(pid);
+    let (name, url) = (server.name, &server.url);
+    let hwm_reset = server.pids.iter().all(|&p| reset_hwm(p));
+    let cpu0 = server.cpu();
     let self0 = cpu_seconds(std::process::id());
     let busy0 = machine_busy_seconds();
     let procs0 = all_process_cpu();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
-        let stop = stop.clone();
+        let (stop, pids) = (stop.clone(), server.pids.clone());
         std::thread::spawn(move || {
-            let mut max = 0;
-            while !stop.load(Ordering::Relaxed) {
-                max = max.max(vm_kib(pid, "VmRSS").unwrap_or(0));
+            let sum = |field: &str| pids.iter().map(|&p| vm_kib(p, field).unwrap_or(0)).sum::<u64>();
+            let (mut rss, mut anon) = (0, 0);
+            loop {
+                rss = rss.max(sum("VmRSS"));
+                anon = anon.max(sum("RssAnon"));
+                if stop.load(Ordering::Relaxed) {
+                    return (rss, anon);
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            max.max(vm_kib(pid, "VmRSS").unwrap_or(0))
         })
     };
 
@@ -265,13 +386,15 @@ fn measure(
     let wall = results.iter().map(|r| r.done).fold(0.0, f64::max);
 
     stop.store(true, Ordering::Relaxed);
-    let sampled_max_kib = sampler.join().unwrap();
-    let hwm = if hwm_reset { vm_kib(pid, "VmHWM") } else { None };
-    let server_cpu = cpu_seconds(pid) - cpu0;
+    let (sampled_max_kib, sampled_anon_kib) = sampler.join().unwrap();
+    let hwm = if hwm_reset { server.kib("VmHWM") } else { None };
+    let server_cpu = server.cpu() - cpu0;
     let client_cpu = cpu_seconds(std::process::id()) - self0;
     // CPU time that neither the server nor the bench process used: other work on the machine disturbing the run.
     let other_cpu = (machine_busy_seconds() - busy0 - server_cpu - client_cpu).max(0.0);
-    let others = top_other_processes(&procs0, &all_process_cpu(), &[pid, std::process::id()]);
+    let mut skip = server.pids.clone();
+    skip.push(std::process::id());
+    let others = top_other_processes(&procs0, &all_process_cpu(), &skip);
 
     let mut ok = 0;
     for (i, r) in results.iter().enumerate() {
@@ -295,14 +418,16 @@ fn measure(
         done_p99: pct(&mut done, 99.0),
         hwm,
         sampled_max_kib,
+        sampled_anon_kib,
         server_cpu,
         client_cpu,
         other_cpu,
+        load: loadavg().split_whitespace().next().unwrap_or("?").to_string(),
         ok,
     };
     println!(
         "   {name:<18} N={n:>3} rep {rep}: wall {:.2}s, {:.0} MB/s ({:.2} Gbit/s), TTFB p50/p99 {:.1}/{:.1} ms, \
-         done p50/p99 {:.2}/{:.2}s, peak RSS {} MiB, server CPU {:.2}s, other CPU {:.2}s, {ok}/{n} ok",
+         done p50/p99 {:.2}/{:.2}s, peak RSS {} MiB, RssAnon {:.1} MiB, server CPU {:.2}s, other CPU {:.2}s, load {}, {ok}/{n} ok",
         row.wall,
         row.mbps,
         row.mbps * 8.0 / 1000.0,
@@ -311,8 +436,10 @@ fn measure(
         row.done_p50,
         row.done_p99,
         mib_or_na(hwm),
+        sampled_anon_kib as f64 / 1024.0,
         server_cpu,
         other_cpu,
+        row.load,
     );
     if !others.is_empty() {
         println!("           other processes busy during the run: {others}");

@@ -1880,6 +1880,39 @@ async fn large_blob_streams_and_ranges() {
     assert!(resp.bytes().await.unwrap().as_ref() == &data[a..=b]);
 }
 
+/// Stored blobs are served as slices of a memory map (256 KiB each, `SERVE_SLICE` in `storage/local.rs`), and
+/// windows of at most 64 KiB (`SMALL_WINDOW`) are read whole instead: ranges at and across those boundaries, and
+/// at offsets that are not on a page, give exactly their bytes, and the whole blob its digest.
+#[tokio::test]
+async fn ranges_at_serving_slice_boundaries() {
+    const SLICE: usize = 256 * 1024;
+    const SMALL: usize = 64 * 1024;
+    let r = Reg::start();
+    let data = bytes_of(89, 5 * SLICE + 17);
+    let digest = r.push_blob("slices", &data).await;
+    let got = r.blob_bytes("slices", &digest).await;
+    assert!(got == data, "whole blob differs");
+    assert_eq!(sha256(&got), digest);
+    let last = data.len() - 1;
+    let cases = [
+        (0, SMALL - 1),
+        (0, SMALL),
+        (1, SMALL + 1),
+        (SLICE - 1, SLICE),
+        (SLICE, 2 * SLICE - 1),
+        (SLICE - 1, 4 * SLICE + 1),
+        (4097, 4097 + SMALL),
+        (4 * SLICE + 3, last),
+        (last, last),
+    ];
+    for (a, b) in cases {
+        let resp = r.get_with(&format!("/v2/slices/blobs/{digest}"), &[("range", &format!("bytes={a}-{b}"))]).await;
+        assert_eq!(resp.status().as_u16(), 206, "bytes={a}-{b}");
+        assert_eq!(must_header(resp.headers(), "content-length"), (b - a + 1).to_string(), "bytes={a}-{b}");
+        assert!(resp.bytes().await.unwrap().as_ref() == &data[a..=b], "bytes={a}-{b}: wrong bytes");
+    }
+}
+
 #[tokio::test]
 async fn interrupted_patch_can_be_resumed_from_the_reported_offset() {
     let r = Reg::start();

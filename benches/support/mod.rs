@@ -162,6 +162,16 @@ pub fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
     None
 }
 
+/// The processes whose parent is `pid` (nginx's workers under its master).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        // Field 4 (the parent's pid) is the second after the state.
+        .filter(|&p| stat_fields(&format!("/proc/{p}/stat")).and_then(|f| f.get(1).copied()) == Some(u64::from(pid)))
+        .collect()
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Statistics.
 
