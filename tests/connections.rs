@@ -128,11 +128,14 @@ async fn get_head(s: &mut TcpStream, method: &str, path: &str) -> String {
 /// The inode of the server's end of the connection whose client end is `client` (from /proc/net/tcp).
 fn server_socket_inode(client: &TcpStream) -> String {
     let port = client.local_addr().unwrap().port();
+    let server_port = client.peer_addr().unwrap().port();
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let port_of = |addr: &str| addr.rsplit(':').next().map(|p| u16::from_str_radix(p, 16).unwrap());
     for line in table.lines().skip(1) {
         let cols: Vec<&str> = line.split_whitespace().collect();
-        let remote_port = cols[2].rsplit(':').next().map(|p| u16::from_str_radix(p, 16).unwrap());
-        if remote_port == Some(port) {
+        // Both ends must match, and the entry must be a live socket: a TIME_WAIT entry of an earlier connection
+        // that used the same ephemeral port (or another server's socket) has inode 0 or other ends.
+        if port_of(cols[1]) == Some(server_port) && port_of(cols[2]) == Some(port) && cols[9] != "0" {
             return cols[9].to_string();
         }
     }
