@@ -67,7 +67,8 @@ fn main() {
             for i in 0..servers.len() {
                 let s = (i + round) % servers.len();
                 let (name, bw) = &servers[s];
-                let rps = wrk(&bw.url(path), headers[s].as_deref(), connections, secs);
+                let auth: Vec<String> = headers[s].iter().map(|a| format!("Authorization: {a}")).collect();
+                let rps = support::wrk(&bw.url(path), &auth, connections, secs);
                 println!("round {} {kind:<16} {name:<6} {rps:>10.0} req/s", round + 1);
                 results[k][s].push(rps);
             }
@@ -127,22 +128,4 @@ async fn token(bw: &Breakwater, basic: &str) -> String {
     assert_eq!(r.status().as_u16(), 200, "token");
     let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.expect("token body")).expect("token JSON");
     v["token"].as_str().expect("a token").to_string()
-}
-
-/// Requests per second wrk measured against `url`, refusing a run with errors or non-2xx answers.
-fn wrk(url: &str, auth: Option<&str>, connections: usize, secs: u64) -> f64 {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]);
-    if let Some(a) = auth {
-        cmd.args(["-H", &format!("Authorization: {a}")]);
-    }
-    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "wrk failed: {text}");
-    assert!(!text.contains("Non-2xx"), "non-2xx answers from {url}:\n{text}");
-    assert!(!text.contains("Socket errors"), "socket errors against {url}:\n{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
 }

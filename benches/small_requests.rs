@@ -20,7 +20,6 @@ mod common;
 #[path = "support/mod.rs"]
 mod support;
 
-use std::process::Command;
 
 const REPO: &str = "bench/small";
 
@@ -57,7 +56,7 @@ fn main() {
                 let s = (i + round) % bases.len();
                 let (name, base) = &bases[s];
                 let url = format!("{base}{path}");
-                let rps = if kind.contains("HEAD") { rt.block_on(heads(&url, connections, secs)) } else { wrk(&url, connections, secs) };
+                let rps = if kind.contains("HEAD") { rt.block_on(heads(&url, connections, secs)) } else { support::wrk(&url, &[format!("Accept: {}", common::oci::OCI_MANIFEST)], connections, secs) };
                 println!("round {} {kind:<24} {name:<18} {rps:>10.0} req/s  (load {})", round + 1, support::loadavg());
                 results[k][s].push(rps);
             }
@@ -99,20 +98,4 @@ async fn heads(url: &str, connections: usize, secs: u64) -> f64 {
         total += t.await.expect("HEAD task");
     }
     total as f64 / start.elapsed().as_secs_f64()
-}
-
-/// Requests per second wrk measured against `url`, refusing a run with errors or non-2xx answers.
-fn wrk(url: &str, connections: usize, secs: u64) -> f64 {
-    let mut cmd = Command::new("wrk");
-    cmd.args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]);
-    cmd.args(["-H", &format!("Accept: {}", common::oci::OCI_MANIFEST)]);
-    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "wrk failed: {text}");
-    assert!(!text.contains("Non-2xx"), "non-2xx answers from {url}:\n{text}");
-    assert!(!text.contains("Socket errors"), "socket errors against {url}:\n{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
 }

@@ -285,3 +285,23 @@ pub async fn check_digest(hasher: Option<tokio::task::JoinHandle<String>>, want:
         }
     }
 }
+
+/// Requests per second `wrk` (Debian's package) measured against `url` with `-t2`, `connections` keep-alive
+/// connections for `secs`, sending `headers` (`Name: value`); a run with a non-2xx answer or a socket error is
+/// refused, so a figure is never one of errors served fast.
+pub fn wrk(url: &str, headers: &[String], connections: usize, secs: u64) -> f64 {
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{connections}"), &format!("-d{secs}s"), "--latency"]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().expect("wrk (apt-get install wrk)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "wrk failed: {text}");
+    assert!(!text.contains("Non-2xx"), "non-2xx answers from {url}:\n{text}");
+    assert!(!text.contains("Socket errors"), "socket errors against {url}:\n{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
+}
