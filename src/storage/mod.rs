@@ -6,6 +6,7 @@
 //! (storing its digest again discards the newcomer) nor written to (see `UploadClaim`).
 
 mod local;
+mod s3;
 
 use std::collections::HashSet;
 use std::io;
@@ -19,6 +20,7 @@ use futures_util::Stream;
 use crate::oci::Digest;
 
 pub use local::LocalStore;
+pub use s3::{S3Settings, S3Store};
 
 /// A stream of bytes moving through breakwater: a request body coming in or a blob going out.
 pub type ByteStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
@@ -87,7 +89,7 @@ impl Drop for UploadClaim {
     }
 }
 
-/// Where blob bytes live. One implementation per backend (local disk now, S3-compatible later); the registry
+/// Where blob bytes live. One implementation per backend (`LocalStore`, `S3Store`); the registry
 /// logic only sees this trait.
 ///
 /// Uploads are part of the store because their bytes are: a backend keeps partial uploads where it can later
@@ -99,6 +101,12 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Streams a committed blob, or the window `range` of it (which the caller has checked against the size).
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError>;
+
+    /// A URL where a client may fetch committed blob `digest` itself, for a short while (an object store's
+    /// presigned URL), when the store is set to redirect downloads; `None` when its bytes go through breakwater.
+    async fn redirect(&self, _digest: &Digest) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
 
     /// Stores a whole blob from a stream; it becomes visible only if its digest is `expected`. If the store
     /// holds `expected` already, the stored file stays and what was received is discarded (content is stored

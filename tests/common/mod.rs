@@ -9,6 +9,7 @@ pub mod images;
 pub mod oci;
 pub mod pg;
 pub mod relay;
+pub mod s3;
 pub mod synthetic;
 
 use std::io::{BufRead, BufReader};

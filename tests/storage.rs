@@ -1,0 +1,267 @@
+//! The storage suite: the same cases against each `BlobStore` backend, local disk and a real S3 server (s3s-fs,
+//! which checks signatures), through the library's own types.
+
+mod common;
+
+use std::io;
+use std::sync::Arc;
+
+use breakwater::oci::{Algorithm, Digest};
+use breakwater::secret::Secret;
+use breakwater::storage::{BlobStore, ByteRange, ByteStream, LocalStore, S3Settings, S3Store, StorageError};
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use common::s3::{S3Server, ACCESS_KEY, BUCKET, SECRET_KEY};
+
+/// A backend under test, with what keeps it alive (its directory or its server).
+struct Backend {
+    store: Arc<dyn BlobStore>,
+    /// Opens another store over the same bytes: what a restart, or a second instance, sees.
+    reopen: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn BlobStore>>>,
+    _keep: Box<dyn std::any::Any>,
+}
+
+async fn local() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&path).await.unwrap());
+    let reopen = Box::new(move || {
+        let path = path.clone();
+        Box::pin(async move { Arc::new(LocalStore::open(&path).await.unwrap()) as Arc<dyn BlobStore> }) as _
+    });
+    Backend { store, reopen, _keep: Box::new(dir) }
+}
+
+/// S3 settings for `server`, with the smallest part size S3 allows (so that a test's few MiB span parts).
+fn settings(server: &S3Server, redirect: bool) -> S3Settings {
+    let mut s = S3Settings::from_url(&format!("s3://{BUCKET}/suite")).unwrap();
+    s.endpoint = Some(server.endpoint.clone());
+    s.region = Some("us-east-1".into());
+    s.access_key_id = Some(ACCESS_KEY.into());
+    s.secret_access_key = Some(Secret::from(SECRET_KEY.to_string()));
+    s.part_size = 5 * 1024 * 1024;
+    s.redirect = redirect;
+    s
+}
+
+async fn s3() -> Backend {
+    let server = S3Server::start();
+    let s = settings(&server, false);
+    let store: Arc<dyn BlobStore> = Arc::new(S3Store::open(&s).await.unwrap());
+    let reopen = Box::new(move || {
+        let s = s.clone();
+        Box::pin(async move { Arc::new(S3Store::open(&s).await.unwrap()) as Arc<dyn BlobStore> }) as _
+    });
+    Backend { store, reopen, _keep: Box::new(server) }
+}
+
+fn stream(parts: Vec<io::Result<Bytes>>) -> ByteStream {
+    Box::pin(futures_util::stream::iter(parts))
+}
+
+/// `data` as a body of `chunk`-byte pieces.
+fn chunked(data: &[u8], chunk: usize) -> ByteStream {
+    stream(data.chunks(chunk).map(|c| Ok(Bytes::copy_from_slice(c))).collect())
+}
+
+async fn collect(s: ByteStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut s = s;
+    while let Some(b) = s.next().await {
+        out.extend_from_slice(&b.unwrap());
+    }
+    out
+}
+
+/// Pseudo-random bytes (incompressible, and different per seed).
+fn data(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    (0..len).map(|_| rng.u8(..)).collect()
+}
+
+const MIB: usize = 1024 * 1024;
+
+async fn put_verifies_and_reads_ranges(b: Backend) {
+    for len in [11, 3 * MIB, 12 * MIB + 7] {
+        let bytes = data(len, len as u64);
+        let d = Digest::of(Algorithm::Sha256, &bytes);
+        assert_eq!(b.store.put(&d, chunked(&bytes, 64 * 1024 + 3)).await.unwrap(), len as u64);
+        assert_eq!(b.store.size(&d).await.unwrap(), Some(len as u64));
+        assert_eq!(collect(b.store.read(&d, None).await.unwrap()).await, bytes);
+        let r = ByteRange { start: len as u64 / 3, end: len as u64 - 1 };
+        assert_eq!(collect(b.store.read(&d, Some(r)).await.unwrap()).await, &bytes[r.start as usize..r.end as usize]);
+        // Stored once: putting it again keeps the size and the bytes.
+        assert_eq!(b.store.put(&d, chunked(&bytes, MIB)).await.unwrap(), len as u64);
+        assert_eq!(collect((b.reopen)().await.read(&d, None).await.unwrap()).await, bytes);
+    }
+}
+
+async fn mismatch_and_broken_body_leave_nothing_visible(b: Backend) {
+    for len in [100, 11 * MIB] {
+        let bytes = data(len, 7);
+        let d = Digest::of(Algorithm::Sha256, &bytes);
+        let mut wrong = bytes.clone();
+        wrong[len / 2] ^= 1;
+        let err = b.store.put(&d, chunked(&wrong, MIB)).await.unwrap_err();
+        assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err:?}");
+        let mut parts: Vec<io::Result<Bytes>> = bytes[..len - 10].chunks(MIB).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        parts.push(Err(io::Error::other("client went away")));
+        assert!(matches!(b.store.put(&d, stream(parts)).await.unwrap_err(), StorageError::Body(_)));
+        assert_eq!(b.store.size(&d).await.unwrap(), None);
+        assert_eq!((b.reopen)().await.size(&d).await.unwrap(), None);
+        assert!(matches!(b.store.read(&d, None).await.err(), Some(StorageError::NotFound)));
+    }
+}
+
+async fn chunked_upload_spans_parts_and_restarts(b: Backend) {
+    // 13 MiB in uneven chunks: parts are cut across chunk boundaries, and the tail carries over between requests.
+    let bytes = data(13 * MIB + 5, 3);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    b.store.upload_start("u-1").await.unwrap();
+    let mut offset = 0;
+    let mut store = Arc::clone(&b.store);
+    for (i, piece) in bytes.chunks(3 * MIB + 1).enumerate() {
+        let claim = store.upload_claim("u-1").unwrap();
+        let (size, _claim) = store.upload_append(claim, chunked(piece, 100_000)).await.unwrap();
+        offset += piece.len() as u64;
+        assert_eq!(size, offset);
+        if i == 2 {
+            // A restart (or another instance) in the middle of the session sees its bytes.
+            store = (b.reopen)().await;
+            assert_eq!(store.upload_size("u-1").await.unwrap(), Some(offset));
+        }
+    }
+    // A wrong digest discards the session; nothing becomes visible.
+    let wrong = Digest::of(Algorithm::Sha256, b"something else");
+    let claim = store.upload_claim("u-1").unwrap();
+    assert!(matches!(store.upload_commit(claim, &wrong).await.unwrap_err(), StorageError::DigestMismatch { .. }));
+    assert_eq!(store.size(&wrong).await.unwrap(), None);
+    assert_eq!(store.upload_size("u-1").await.unwrap(), None);
+    // The right one, again from the start.
+    store.upload_start("u-2").await.unwrap();
+    let claim = store.upload_claim("u-2").unwrap();
+    let (_, claim) = store.upload_append(claim, chunked(&bytes[..MIB], 4096)).await.unwrap();
+    let (_, claim) = store.upload_append(claim, chunked(&bytes[MIB..], MIB)).await.unwrap();
+    assert_eq!(store.upload_commit(claim, &d).await.unwrap(), bytes.len() as u64);
+    assert_eq!(collect(store.read(&d, None).await.unwrap()).await, bytes);
+    assert_eq!(store.upload_size("u-2").await.unwrap(), None);
+}
+
+async fn broken_chunk_keeps_what_arrived(b: Backend) {
+    let bytes = data(6 * MIB, 11);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    b.store.upload_start("u-3").await.unwrap();
+    let claim = b.store.upload_claim("u-3").unwrap();
+    let mut parts: Vec<io::Result<Bytes>> = bytes[..4 * MIB].chunks(MIB).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    parts.push(Err(io::Error::other("cut")));
+    assert!(matches!(b.store.upload_append(claim, stream(parts)).await.unwrap_err(), StorageError::Body(_)));
+    let kept = b.store.upload_size("u-3").await.unwrap().unwrap();
+    assert_eq!(kept, 4 * MIB as u64);
+    let claim = b.store.upload_claim("u-3").unwrap();
+    let (_, claim) = b.store.upload_append(claim, chunked(&bytes[kept as usize..], MIB)).await.unwrap();
+    assert_eq!(b.store.upload_commit(claim, &d).await.unwrap(), bytes.len() as u64);
+    assert_eq!(collect(b.store.read(&d, None).await.unwrap()).await, bytes);
+}
+
+async fn claims_serialise_and_abort_discards(b: Backend) {
+    b.store.upload_start("u-4").await.unwrap();
+    let claim = b.store.upload_claim("u-4").unwrap();
+    assert!(matches!(b.store.upload_claim("u-4").unwrap_err(), StorageError::Busy));
+    let (_, claim) = b.store.upload_append(claim, chunked(&data(6 * MIB, 1), MIB)).await.unwrap();
+    b.store.upload_abort(claim).await.unwrap();
+    assert_eq!(b.store.upload_size("u-4").await.unwrap(), None);
+    // Ids that are not ours never reach a path or key.
+    assert!(b.store.upload_size("../etc").await.unwrap_or(None).is_none());
+}
+
+async fn adopt_and_delete(b: Backend) {
+    let bytes = data(7 * MIB, 5);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    let spool = tempfile::tempdir().unwrap();
+    let file = spool.path().join("fill");
+    std::fs::write(&file, &bytes).unwrap();
+    assert_eq!(b.store.adopt_file(&d, &file).await.unwrap(), bytes.len() as u64);
+    assert!(!file.exists(), "the spool file is consumed");
+    assert_eq!(collect(b.store.read(&d, None).await.unwrap()).await, bytes);
+    b.store.delete(&d).await.unwrap();
+    assert_eq!(b.store.size(&d).await.unwrap(), None);
+    assert_eq!((b.reopen)().await.size(&d).await.unwrap(), None);
+    b.store.delete(&d).await.unwrap();
+}
+
+macro_rules! on_each_backend {
+    ($($case:ident),* $(,)?) => {
+        mod local_disk {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(super::local().await).await })*
+        }
+        mod s3 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() { super::$case(super::s3().await).await })*
+        }
+    };
+}
+
+on_each_backend!(
+    put_verifies_and_reads_ranges,
+    mismatch_and_broken_body_leave_nothing_visible,
+    chunked_upload_spans_parts_and_restarts,
+    broken_chunk_keeps_what_arrived,
+    claims_serialise_and_abort_discards,
+    adopt_and_delete,
+);
+
+// ---- S3 only ------------------------------------------------------------------------------------------------
+
+/// Everything a finished or discarded write leaves in the bucket: only blobs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_leaves_only_blobs_behind() {
+    let server = S3Server::start();
+    let store = S3Store::open(&settings(&server, false)).await.unwrap();
+    let big = data(11 * MIB, 9);
+    let d = Digest::of(Algorithm::Sha256, &big);
+    store.put(&d, chunked(&big, MIB)).await.unwrap();
+    let mut wrong = big.clone();
+    wrong[0] ^= 1;
+    let _ = store.put(&Digest::of(Algorithm::Sha256, b"x"), chunked(&wrong, MIB)).await.unwrap_err();
+    store.upload_start("u-5").await.unwrap();
+    let claim = store.upload_claim("u-5").unwrap();
+    let (_, claim) = store.upload_append(claim, chunked(&big, MIB)).await.unwrap();
+    store.upload_commit(claim, &d).await.unwrap();
+    // The abort of a mismatched put runs in the background; let it land.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(server.keys(), vec![format!("suite/blobs/sha256/{}", d.hex())]);
+}
+
+/// A redirect URL is presigned: it fetches the blob without credentials, and a tampered one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_redirect_urls_are_presigned() {
+    let server = S3Server::start();
+    let store = S3Store::open(&settings(&server, true)).await.unwrap();
+    let bytes = data(MIB, 2);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    store.put(&d, chunked(&bytes, 65536)).await.unwrap();
+    let url = store.redirect(&d).await.unwrap().expect("a redirect URL");
+    let got = reqwest::get(&url).await.unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    let tampered = url.replace(d.hex(), &Digest::of(Algorithm::Sha256, b"other").hex().to_string());
+    assert_eq!(reqwest::get(&tampered).await.unwrap().status(), 403);
+    let off = S3Store::open(&settings(&server, false)).await.unwrap();
+    assert_eq!(off.redirect(&d).await.unwrap(), None);
+}
+
+/// Wrong credentials and an unreachable endpoint fail at open, with the store's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_open_checks_credentials_and_endpoint() {
+    let server = S3Server::start();
+    let mut bad = settings(&server, false);
+    bad.secret_access_key = Some(Secret::from("wrong".to_string()));
+    let err = S3Store::open(&bad).await.err().expect("wrong secret refused").to_string();
+    assert!(err.contains("403") || err.to_lowercase().contains("signature"), "{err}");
+    let mut gone = settings(&server, false);
+    gone.endpoint = Some(format!("http://127.0.0.1:{}", common::free_port()));
+    let err = S3Store::open(&gone).await.err().expect("unreachable endpoint refused").to_string();
+    assert!(!err.is_empty());
+}
