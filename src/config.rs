@@ -22,8 +22,10 @@ pub enum LogFormat {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// Root of the content store, and of the SQLite database when no metadata URL is given.
+    /// The SQLite database when no metadata URL is given, the cache's spool, and the local content store by default.
     pub data: PathBuf,
+    /// Where blob bytes live.
+    pub storage: StorageConfig,
     /// `sqlite://...` or `postgres://...` (a PostgreSQL URL may hold a password).
     pub metadata: Secret,
     pub log_format: LogFormat,
@@ -108,6 +110,90 @@ pub struct FileConfig {
     pub allow_shadowing: Vec<String>,
     #[serde(default)]
     pub tls: FileTls,
+    #[serde(default)]
+    pub storage: FileStorage,
+}
+
+/// Where blob bytes live, resolved.
+#[derive(Debug, Clone)]
+pub enum StorageConfig {
+    /// A directory on local disk (`DATA/content` by default).
+    Local(PathBuf),
+    S3(crate::storage::S3Settings),
+}
+
+/// The `[storage]` table. Settings beyond `url` are for S3; the AWS environment variables (`AWS_ENDPOINT_URL`,
+/// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, ...) fill in what it does not say.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStorage {
+    /// `file://DIR` or `s3://BUCKET/PREFIX`.
+    pub url: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// Path-style addressing [default: on when an endpoint is given].
+    pub path_style: Option<bool>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<Secret>,
+    /// Blob GETs answer 307 to a presigned URL of the object.
+    pub redirect: Option<bool>,
+    pub redirect_expiry_secs: Option<u64>,
+    /// Bytes per multipart part, in MiB (at least 5, S3's minimum) [default: 8].
+    pub part_size_mib: Option<usize>,
+}
+
+/// Resolves the blob store from `--storage` (or `[storage] url`) and the rest of `[storage]`.
+pub fn storage(flag: Option<String>, file: FileStorage, data: &Path) -> anyhow::Result<StorageConfig> {
+    let url = flag.or(file.url);
+    let s3_only = file.endpoint.is_some()
+        || file.region.is_some()
+        || file.path_style.is_some()
+        || file.access_key_id.is_some()
+        || file.secret_access_key.is_some()
+        || file.redirect.is_some()
+        || file.redirect_expiry_secs.is_some()
+        || file.part_size_mib.is_some();
+    let url = match url {
+        None => {
+            if s3_only {
+                anyhow::bail!("[storage] has S3 settings but no s3:// url (--storage s3://BUCKET/PREFIX)");
+            }
+            return Ok(StorageConfig::Local(data.join("content")));
+        }
+        Some(url) => url,
+    };
+    if let Some(dir) = url.strip_prefix("file://") {
+        if s3_only {
+            anyhow::bail!("--storage {url}: [storage]'s S3 settings apply to s3:// storage only");
+        }
+        if dir.is_empty() {
+            anyhow::bail!("--storage file://DIR needs a directory");
+        }
+        return Ok(StorageConfig::Local(PathBuf::from(dir)));
+    }
+    if !url.starts_with("s3://") {
+        anyhow::bail!("--storage {url}: expected file://DIR or s3://BUCKET/PREFIX");
+    }
+    let mut s = crate::storage::S3Settings::from_url(&url).map_err(anyhow::Error::msg)?;
+    s.endpoint = file.endpoint;
+    s.region = file.region;
+    s.path_style = file.path_style;
+    if file.access_key_id.is_some() != file.secret_access_key.is_some() {
+        anyhow::bail!("[storage] access_key_id and secret_access_key go together");
+    }
+    s.access_key_id = file.access_key_id;
+    s.secret_access_key = file.secret_access_key;
+    s.redirect = file.redirect.unwrap_or(false);
+    if let Some(secs) = file.redirect_expiry_secs {
+        s.redirect_expiry = Duration::from_secs(secs.clamp(1, 7 * 24 * 3600));
+    }
+    if let Some(mib) = file.part_size_mib {
+        if !(5..=5120).contains(&mib) {
+            anyhow::bail!("[storage] part_size_mib = {mib}: S3 parts are 5 to 5120 MiB");
+        }
+        s.part_size = mib * 1024 * 1024;
+    }
+    Ok(StorageConfig::S3(s))
 }
 
 /// The `[auth]` table.
@@ -542,9 +628,13 @@ from_username = "reader"
 from_password = "from-secret-3"
 to_username = "writer"
 to_password = "to-secret-4"
+[storage]
+url = "s3://bucket/prefix"
+access_key_id = "AKIDEXAMPLE"
+secret_access_key = "s3-secret-5"
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
-        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4"];
+        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5"];
         let check = |what: &str, debug: String| {
             assert!(debug.contains("***"), "{what}: the redaction shows: {debug}");
             for s in secrets {
@@ -557,7 +647,9 @@ to_password = "to-secret-4"
         let policy = file.replication[0].policy("http://127.0.0.1:5000").unwrap();
         check("Policy", format!("{policy:?}"));
         check("Policy (alternate form)", format!("{policy:#?}"));
+        let storage = storage(None, file.storage, Path::new(DEFAULT_DATA)).unwrap();
         let config = Config {
+            storage,
             listen: DEFAULT_LISTEN.parse().unwrap(),
             data: PathBuf::from(DEFAULT_DATA),
             metadata: file.metadata.clone().unwrap(),
@@ -581,6 +673,28 @@ to_password = "to-secret-4"
         assert_eq!(policy.to.password.as_deref(), Some("to-secret-4"));
         assert_eq!(config.upstreams[0].password.as_deref(), Some("up-secret-2"));
         assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
+        let StorageConfig::S3(s3) = &config.storage else { panic!("[storage] url is s3://") };
+        assert_eq!(s3.secret_access_key.as_deref(), Some("s3-secret-5"));
+    }
+
+    #[test]
+    fn storage_urls_resolve_or_are_refused() {
+        let data = Path::new("/srv/bw");
+        let none = || FileStorage::default();
+        assert!(matches!(storage(None, none(), data).unwrap(), StorageConfig::Local(p) if p == data.join("content")));
+        assert!(matches!(storage(Some("file:///mnt/blobs".into()), none(), data).unwrap(), StorageConfig::Local(p) if p == Path::new("/mnt/blobs")));
+        let StorageConfig::S3(s) = storage(Some("s3://bkt/a/b/".into()), none(), data).unwrap() else { panic!("s3") };
+        assert_eq!((s.bucket.as_str(), s.prefix.as_str(), s.redirect), ("bkt", "a/b", false));
+        for bad in ["s3://", "gs://bkt", "file://", "/plain/path"] {
+            assert!(storage(Some(bad.into()), none(), data).is_err(), "{bad}");
+        }
+        let s3_settings = || FileStorage { endpoint: Some("http://minio:9000".into()), ..Default::default() };
+        assert!(storage(None, s3_settings(), data).is_err(), "S3 settings without an s3:// url");
+        assert!(storage(Some("file:///x".into()), s3_settings(), data).is_err());
+        let small = FileStorage { part_size_mib: Some(4), ..Default::default() };
+        assert!(storage(Some("s3://bkt".into()), small, data).is_err());
+        let half = FileStorage { access_key_id: Some("id".into()), ..Default::default() };
+        assert!(storage(Some("s3://bkt".into()), half, data).is_err());
     }
 
     #[test]

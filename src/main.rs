@@ -368,6 +368,10 @@ struct ServeArgs {
     /// Metadata store URL: sqlite://PATH or postgres://USER@HOST/DB [default: SQLite in the data directory].
     #[arg(long, env = "BREAKWATER_METADATA")]
     metadata: Option<String>,
+    /// Where blob bytes live: file://DIR, or s3://BUCKET/PREFIX (an S3-compatible store; endpoint, region and
+    /// credentials from [storage] or the AWS_* environment) [default: file://DATA/content].
+    #[arg(long, env = "BREAKWATER_STORAGE")]
+    storage: Option<String>,
     /// Log format on stderr [default: text].
     #[arg(long, env = "BREAKWATER_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -498,7 +502,9 @@ impl ServeArgs {
         let mut allow_shadowing = file.allow_shadowing;
         allow_shadowing.extend(self.allow_shadowing);
         let tls = config::tls(self.tls_cert.or(file.tls.cert), self.tls_key.or(file.tls.key))?;
+        let storage = config::storage(self.storage, file.storage, &data)?;
         Ok(Config {
+            storage,
             tls,
             connections,
             upload_ttl: std::time::Duration::from_secs(upload_ttl),
@@ -547,6 +553,9 @@ struct FsckArgs {
     /// Metadata store URL [default: SQLite in the data directory].
     #[arg(long, env = "BREAKWATER_METADATA")]
     metadata: Option<String>,
+    /// The server's blob store, file://DIR [default: file://DATA/content].
+    #[arg(long, env = "BREAKWATER_STORAGE")]
+    storage: Option<String>,
     /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are caches, whose manifests
     /// may lack blobs not pulled yet.
     #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
@@ -573,8 +582,11 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
     let mut cache_namespaces: Vec<String> = file.upstream.iter().map(|u| u.name.clone()).collect();
     cache_namespaces.extend(args.upstreams.iter().map(|u| u.split_once('=').map_or(u.as_str(), |(name, _)| name).to_string()));
     let (data, metadata) = store_location(args.data.or(file.data), args.metadata.map(Into::into).or(file.metadata));
-    let root = data.join("content");
-    anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no content/blobs)", data.display());
+    let root = match config::storage(args.storage, file.storage, &data)? {
+        config::StorageConfig::Local(root) => root,
+        config::StorageConfig::S3(s) => anyhow::bail!("fsck checks local stores only so far, not s3://{}/{}", s.bucket, s.prefix),
+    };
+    anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no blobs/)", root.display());
     // Offline (no server holds the store), a repair may remove unreferenced bytes; the lock also keeps a server
     // from starting until the repair is done.
     let lock = if args.repair { StoreLock::exclusive(&root)? } else { None };

@@ -13,7 +13,7 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 use crate::shutdown::Tasks;
 use crate::upstream::Upstream;
-use crate::storage::LocalStore;
+use crate::storage::{LocalStore, S3Store};
 
 /// Opens the stores named by `config` and returns the HTTP application. `local_url` is where this instance
 /// answers (replication policies reach `local` there). Every background task (schedules, runs, flights, purge,
@@ -25,13 +25,7 @@ pub async fn build(
     tasks: &Tasks,
 ) -> anyhow::Result<Arc<App>> {
     std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
-    // Held for the server's lifetime (by the sweep task): an offline `fsck --repair` cannot start meanwhile.
-    let content = config.data.join("content");
-    std::fs::create_dir_all(&content).with_context(|| format!("creating {}", content.display()))?;
-    let store_lock = crate::fsck::StoreLock::shared(&content)?;
-    let store = LocalStore::open(&config.data.join("content"))
-        .await
-        .with_context(|| format!("opening the content store in {}", config.data.display()))?;
+    let (store, backend) = open_store(&config.storage).await?;
     let meta = crate::meta::open(&config.metadata).await.context("opening the metadata store")?;
     for p in &config.replication {
         p.policy(local_url).with_context(|| format!("replication policy {}", p.name))?;
@@ -39,7 +33,6 @@ pub async fn build(
     let replication =
         crate::replicate::Scheduler::new(config.replication.clone(), Arc::clone(&meta), local_url.to_string(), tasks.clone());
     replication.spawn_schedules();
-    let store: Arc<dyn crate::storage::BlobStore> = Arc::new(store);
     let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::clone(&meta), config.delete_enabled));
     {
         // Abandoned upload sessions are discarded, checked as often as a tenth of their lifetime (at most hourly).
@@ -59,21 +52,28 @@ pub async fn build(
             }),
         );
     }
-    let flights = BlobFlights::new(store, config.data.join("content").join("spool"), tasks.clone())
-        .await
-        .context("preparing the cache's spool directory")?;
-    crate::fsck::spawn_sweep(
-        crate::fsck::SweepContext {
-            root: content,
-            meta: Arc::clone(&meta),
-            flights: Arc::clone(&flights),
-            cache_namespaces: config.upstreams.iter().map(|u| u.name.clone()).collect(),
-            lock: store_lock,
-            grace: config.sweep_grace,
-        },
-        config.sweep_interval,
-        tasks,
-    );
+    // Flights spool on local disk whatever the store: next to a local store's blobs (a commit is then a rename),
+    // in the data directory otherwise (a commit uploads the verified file).
+    let spool = match &backend {
+        Backend::Local { root, .. } => root.join("spool"),
+        Backend::S3(_) => config.data.join("spool"),
+    };
+    let flights = BlobFlights::new(store, spool, tasks.clone()).await.context("preparing the cache's spool directory")?;
+    match backend {
+        Backend::Local { root, lock } => crate::fsck::spawn_sweep(
+            crate::fsck::SweepContext {
+                root,
+                meta: Arc::clone(&meta),
+                flights: Arc::clone(&flights),
+                cache_namespaces: config.upstreams.iter().map(|u| u.name.clone()).collect(),
+                lock,
+                grace: config.sweep_grace,
+            },
+            config.sweep_interval,
+            tasks,
+        ),
+        Backend::S3(store) => spawn_s3_sweep(store, config, tasks),
+    }
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
         let name = u.name.clone();
@@ -110,6 +110,49 @@ pub async fn build(
         );
     }
     Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some() }))
+}
+
+/// What the housekeeping of a blob store needs beyond the `BlobStore` trait.
+enum Backend {
+    /// A directory, with the shared lock that keeps an offline `fsck --repair` out while the server runs (held
+    /// by the sweep task).
+    Local { root: std::path::PathBuf, lock: crate::fsck::StoreLock },
+    S3(S3Store),
+}
+
+/// Opens the blob store `storage` names.
+async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Result<(Arc<dyn crate::storage::BlobStore>, Backend)> {
+    match storage {
+        crate::config::StorageConfig::Local(root) => {
+            std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+            let lock = crate::fsck::StoreLock::shared(root)?;
+            let store = LocalStore::open(root).await.with_context(|| format!("opening the content store in {}", root.display()))?;
+            Ok((Arc::new(store), Backend::Local { root: root.clone(), lock }))
+        }
+        crate::config::StorageConfig::S3(s) => {
+            let store = S3Store::open(s).await.with_context(|| format!("opening the S3 store s3://{}/{}", s.bucket, s.prefix))?;
+            Ok((Arc::new(store.clone()), Backend::S3(store)))
+        }
+    }
+}
+
+/// The object store's own sweep: whole-blob writes that a crash cut short are aborted once older than the upload
+/// lifetime (no live push lasts that long). Upload sessions go with their rows (`purge_uploads`).
+fn spawn_s3_sweep(store: S3Store, config: &Config, tasks: &Tasks) {
+    let grace = config.upload_ttl;
+    tasks.spawn(
+        "object store sweep",
+        crate::shutdown::every(config.sweep_interval, tasks.closing(), move || {
+            let store = store.clone();
+            async move {
+                match store.sweep_abandoned(grace).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(aborted = n, "aborted abandoned multipart uploads"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping the object store failed"),
+                }
+            }
+        }),
+    );
 }
 
 /// Serves `app` on `listener` within `limits`, over TLS when `tls` is given (its certificate reloaded on SIGHUP

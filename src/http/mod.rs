@@ -81,10 +81,9 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
 }
 
 async fn readyz(State(app): State<Arc<App>>) -> Response {
-    if app.registry.ready().await {
-        "ready\n".into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "metadata store unavailable\n").into_response()
+    match app.registry.unready().await {
+        None => "ready\n".into_response(),
+        Some(what) => (StatusCode::SERVICE_UNAVAILABLE, format!("{what}\n")).into_response(),
     }
 }
 

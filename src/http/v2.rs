@@ -506,6 +506,16 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
     let size = match &source {
         BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
+    if let (BlobSource::Stored(_), false) = (&source, head) {
+        if let Some(url) = app.registry.blob_redirect(digest).await? {
+            // The store serves the bytes (and the client's Range) itself; the access check was ours, just made.
+            let mut resp = StatusCode::TEMPORARY_REDIRECT.into_response();
+            let h = resp.headers_mut();
+            h.insert(header::LOCATION, header_value(&url));
+            h.insert(DIGEST_HEADER, header_value(&digest.to_string()));
+            return Ok(resp);
+        }
+    }
     let range_header = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let (status, window) = match range::parse(range_header, size) {
         RangeRequest::Full => (StatusCode::OK, None),

@@ -78,6 +78,11 @@ impl Registry {
         })
     }
 
+    /// Where the client may fetch stored blob `digest` from the store itself, if the store redirects downloads.
+    pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>> {
+        Ok(self.store.redirect(digest).await?)
+    }
+
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<()> {
         self.check_deletes()?;
         if self.meta.unlink_blob(repo, digest).await? {
@@ -418,9 +423,16 @@ impl Registry {
         Ok(self.meta.referrers(repo, subject, artifact_type, last.as_deref(), n).await?)
     }
 
-    /// Whether the stores answer (for `/readyz`).
-    pub async fn ready(&self) -> bool {
-        self.meta.repo_exists(&"readiness-probe".parse().expect("valid name")).await.is_ok()
+    /// Which store does not answer, if one does not (for `/readyz`).
+    pub async fn unready(&self) -> Option<&'static str> {
+        if self.meta.repo_exists(&"readiness-probe".parse().expect("valid name")).await.is_err() {
+            return Some("metadata store unavailable");
+        }
+        if let Err(e) = self.store.check().await {
+            tracing::warn!(error = %e, "the blob store does not answer");
+            return Some("blob store unavailable");
+        }
+        None
     }
 }
 

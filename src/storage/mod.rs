@@ -118,6 +118,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// (discarded if `digest` is stored already). No handle may still write to it.
     async fn adopt_file(&self, digest: &Digest, path: &Path) -> Result<u64, StorageError>;
 
+    /// Whether the store answers (for start-up and `/readyz`): an object store with these credentials, say.
+    async fn check(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// Removes a committed blob. Removing an absent blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 

@@ -130,6 +130,8 @@ fn store_error(e: object_store::Error) -> StorageError {
     }
 }
 
+/// A handle on the store; clones share the client, the upload claims and the size cache.
+#[derive(Clone)]
 pub struct S3Store {
     inner: Arc<Inner>,
 }
@@ -150,11 +152,6 @@ impl S3Store {
         let store = S3Store { inner: Arc::new(inner) };
         store.check().await?;
         Ok(store)
-    }
-
-    /// Whether the store answers with these credentials (start-up and `/readyz`).
-    pub async fn check(&self) -> Result<(), StorageError> {
-        self.inner.check().await
     }
 
     /// See `Inner::sweep_abandoned`.
@@ -235,6 +232,11 @@ impl Inner {
             Some(m) => m.clone(),
             None => {
                 let m = self.s3.create_multipart(&data).await.map_err(store_error)?;
+                // Recorded at once in the saved state (whose sizes, of before this request, are still true): a
+                // crash from here on leaves an upload that the session's abort or purge finds and aborts.
+                let mut saved = self.load_state(id).await?;
+                saved.multipart = Some(m.clone());
+                self.save_state(id, &saved).await?;
                 state.multipart = Some(m.clone());
                 m
             }
@@ -554,6 +556,10 @@ impl BlobStore for S3Store {
         };
         let _ = tokio::fs::remove_file(path).await;
         Ok(size)
+    }
+
+    async fn check(&self) -> Result<(), StorageError> {
+        self.inner.check().await
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {

@@ -59,6 +59,13 @@ impl Breakwater {
         Self::spawn_env(tempfile::tempdir().expect("tempdir"), extra, env, "breakwater=info", Stdio::from(file))
     }
 
+    /// A registry on an existing data directory with extra flags and environment variables, logging to `log`
+    /// (appended to, so that a restart's lines follow the first run's).
+    pub fn start_env_in(data: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)], log: &Path) -> Self {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("open log file");
+        Self::spawn_env(data, extra, env, "breakwater=info", Stdio::from(file))
+    }
+
     fn spawn(data: tempfile::TempDir, extra: &[&str], rust_log: &str, stderr: Stdio) -> Self {
         Self::spawn_env(data, extra, &[], rust_log, stderr)
     }

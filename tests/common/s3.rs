@@ -34,14 +34,29 @@ impl S3Server {
         S3Server { child, endpoint: format!("http://{addr}"), root }
     }
 
-    /// `serve` flags for a breakwater on this server, under key prefix `prefix`.
-    pub fn flags(&self, prefix: &str) -> Vec<String> {
-        vec!["--storage".into(), format!("s3://{BUCKET}/{prefix}"), "--s3-endpoint".into(), self.endpoint.clone()]
+    /// The storage URL of key prefix `prefix` in the bucket.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{BUCKET}/{prefix}")
     }
 
-    /// The environment that carries the credentials (as a user would set them).
-    pub fn env(&self) -> Vec<(&'static str, &'static str)> {
-        vec![("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY), ("AWS_REGION", "us-east-1")]
+    /// The standard AWS environment that points a client at this server, as a user would set it.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY.into()),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted (s3s-fs keeps one `.upload-ID.json` each).
+    pub fn multipart_in_progress(&self) -> usize {
+        std::fs::read_dir(self.root.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+            .count()
     }
 
     /// Every object key under the bucket (relative paths of its files).
