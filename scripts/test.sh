@@ -42,4 +42,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   done
 fi
 
+# The S3 server of the storage tests (tests/storage.rs, tests/s3.rs): s3s-fs checks SigV4 signatures. Built once
+# into ~/.cargo/bin (about two minutes); 0.14.1 is the last release that builds with this toolchain.
+if ! have s3s-fs || [ "$(s3s-fs --version 2>/dev/null)" != "s3s-fs 0.14.1" ]; then
+  echo "test.sh: installing s3s-fs 0.14.1" >&2
+  cargo install s3s-fs@0.14.1 --features binary --locked
+fi
+
 exec cargo test --locked "$@"

@@ -604,6 +604,8 @@ mod tests {
             }
             auth(parsed.auth, AuthFlags::default(), Path::new("/var/lib/breakwater"), 10)
                 .unwrap_or_else(|e| panic!("README example's [auth] does not resolve: {e}\n{text}"));
+            storage(None, parsed.storage, Path::new("/var/lib/breakwater"))
+                .unwrap_or_else(|e| panic!("README example's [storage] does not resolve: {e}\n{text}"));
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");

@@ -270,6 +270,16 @@ async fn storage_errors_at_start_up_and_in_readyz() {
     assert!(!out.status.success());
     assert!(err.contains("opening the S3 store") && err.to_lowercase().contains("connect"), "{err}");
 
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--storage", "s3://no-such-bucket/x", "--data"])
+        .arg(tmp.path())
+        .envs(s3.env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("s3://no-such-bucket/x") && err.contains("NoSuchBucket"), "{err}");
+
     let bw = start(&s3, "errs", &[], &tmp.path().join("bw.log"));
     let (status, body) = get(&bw.url("/readyz")).await.unwrap();
     assert_eq!((status, body.as_slice()), (200, b"ready\n".as_slice()));

@@ -163,7 +163,8 @@ impl S3Store {
 impl Inner {
     /// Whether the store answers with these credentials (start-up and `/readyz`).
     pub async fn check(&self) -> Result<(), StorageError> {
-        self.s3.list_with_delimiter(Some(&self.key("uploads"))).await.map_err(store_error)?;
+        // Every error is reported whole (a missing bucket is the store's "not found", not a missing blob).
+        self.s3.list_with_delimiter(Some(&self.key("uploads"))).await.map_err(|e| StorageError::Io(io::Error::other(e)))?;
         Ok(())
     }
 
