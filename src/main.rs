@@ -2,7 +2,8 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -29,6 +30,64 @@ enum Command {
     Fsck(FsckArgs),
     /// Robot tokens for CI: create (prints the secret once), list, revoke.
     Token(TokenArgs),
+    /// Copy the blobs of a local store into another store (e.g. S3), resumably: run it again to continue.
+    MigrateStorage(MigrateArgs),
+}
+
+#[derive(clap::Args)]
+struct MigrateArgs {
+    /// The local store to copy from: file://DIR (a server's is DATA/content).
+    #[arg(long)]
+    from: String,
+    /// The store to copy into: s3://BUCKET/PREFIX or file://DIR.
+    #[arg(long)]
+    to: String,
+    /// A TOML configuration file whose [storage] table has the destination's S3 settings (endpoint, region,
+    /// credentials); the AWS_* environment otherwise.
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Copies at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<std::process::ExitCode> {
+    use breakwater::storage::{BlobStore, LocalStore, S3Store};
+    use std::io::IsTerminal;
+    init_logging(LogFormat::Text);
+    let root = PathBuf::from(args.from.strip_prefix("file://").context("--from must be file://DIR")?);
+    anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no blobs/)", root.display());
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    file.storage.url = None;
+    let to: Arc<dyn BlobStore> = match config::storage(Some(args.to.clone()), file.storage, Path::new("."))? {
+        config::StorageConfig::Local(dir) => {
+            anyhow::ensure!(dir != root, "--from and --to are the same store");
+            Arc::new(LocalStore::open(&dir).await.with_context(|| format!("opening {}", dir.display()))?)
+        }
+        config::StorageConfig::S3(s) => Arc::new(S3Store::open(&s).await.with_context(|| format!("opening {}", args.to))?),
+    };
+    let bar = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new_spinner() } else { indicatif::ProgressBar::hidden() };
+    let report = breakwater::storage::migrate::migrate(&root, to, args.concurrency, |r| {
+        bar.set_message(format!("{} copied ({} bytes), {} already there, {} failed", r.copied, r.bytes_copied, r.skipped, r.failed.len()));
+        bar.tick();
+    })
+    .await?;
+    bar.finish_and_clear();
+    for (digest, why) in &report.failed {
+        println!("failed {digest}: {why}");
+    }
+    println!(
+        "copied {} blobs ({} bytes), {} already in {}, {} failed",
+        report.copied,
+        report.bytes_copied,
+        report.skipped,
+        args.to,
+        report.failed.len()
+    );
+    Ok(if report.failed.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
 }
 
 #[derive(clap::Args)]
@@ -753,5 +812,6 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Replicate(args) => replicate(*args).await,
         Command::Fsck(args) => fsck(args).await,
         Command::Token(args) => token(args).await,
+        Command::MigrateStorage(args) => migrate_storage(args).await,
     }
 }

@@ -8,7 +8,7 @@ use std::io::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::images::{self, build_image, build_multiarch, layout_image_blobs, oci_ref, run, scratch, skopeo, skopeo_copy, skopeo_raw};
+use common::images::{self, build_image, build_multiarch, layout_image_blobs, oci_ref, run, scratch, skopeo_copy, skopeo_raw};
 use common::oci::{get, pseudo_random, push_blob, sha256};
 use common::relay::Relay;
 use common::s3::S3Server;
@@ -286,4 +286,60 @@ async fn storage_errors_at_start_up_and_in_readyz() {
     drop(s3);
     let (status, body) = get(&bw.url("/readyz")).await.unwrap();
     assert_eq!((status, String::from_utf8_lossy(&body).trim()), (503, "blob store unavailable"));
+}
+
+/// `migrate-storage` copies a local store into S3, verifying every blob: a corrupt source file is reported and
+/// not copied, a second run copies only what is missing, and a server on the S3 copy (same metadata) serves the
+/// image with its digests.
+#[test]
+fn migrate_storage_copies_a_local_store_resumably() {
+    let s3 = S3Server::start();
+    let tmp = scratch();
+    let tmp = tmp.path();
+    let local = Breakwater::start();
+    let layout = tmp.join("src");
+    let digest = build_image(&layout, "v1", images::host_arch(), &[("a.bin", pseudo_random(7 << 20, 1))]);
+    skopeo_copy(tmp, &[], &oci_ref(&layout, "v1"), &docker(&local.addr, "team/app", "v1"));
+    skopeo_copy(tmp, &[], &oci_ref(&layout, "v1"), &docker(&local.addr, "other/app", "v1"));
+    let data = local.stop();
+    let content = data.path().join("content");
+
+    // Rot one blob on the source disk (the layer), keeping its original bytes to put back.
+    let blobs = layout_image_blobs(&layout, &digest);
+    let layer = blobs.last().unwrap().trim_start_matches("sha256:").to_string();
+    let layer_path = content.join("blobs/sha256").join(&layer[..2]).join(&layer);
+    let original = std::fs::read(&layer_path).unwrap();
+    let mut rotten = original.clone();
+    rotten[1000] ^= 0xff;
+    std::fs::write(&layer_path, &rotten).unwrap();
+
+    let migrate = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+            .args(["migrate-storage", "--to", &s3.url("mig"), "--from"])
+            .arg(format!("file://{}", content.display()))
+            .envs(s3.env())
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let stored = blobs.len() + 1; // the image's blobs and its manifest
+    let (ok, out) = migrate();
+    assert!(!ok, "a corrupt blob fails the run: {out}");
+    assert!(out.contains(&format!("failed sha256:{layer}")) && out.contains("corrupt"), "{out}");
+    assert!(out.contains(&format!("copied {} blobs", stored - 1)), "{out}");
+    assert!(!blob_keys(&s3, "mig").iter().any(|k| k.ends_with(&layer)), "the corrupt blob was not copied");
+
+    std::fs::write(&layer_path, &original).unwrap();
+    let (ok, out) = migrate();
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("copied 1 blobs ({} bytes), {} already in", original.len(), stored - 1)), "{out}");
+    assert_eq!(blob_keys(&s3, "mig").len(), stored);
+
+    // The same metadata over the S3 copy: both repositories serve the image.
+    let bw = start_in(&s3, "mig", data, &[], &tmp.join("bw.log"));
+    for repo in ["team/app", "other/app"] {
+        let out = tmp.join(repo.replace('/', "-"));
+        skopeo_copy(tmp, &[], &docker(&bw.addr, repo, "v1"), &oci_ref(&out, "v1"));
+        assert_eq!(common::images::layout_digest(&out, "v1"), digest);
+    }
 }

@@ -6,6 +6,7 @@
 //! (storing its digest again discards the newcomer) nor written to (see `UploadClaim`).
 
 mod local;
+pub mod migrate;
 mod s3;
 
 use std::collections::HashSet;
