@@ -72,7 +72,7 @@ pub async fn build(
             config.sweep_interval,
             tasks,
         ),
-        Backend::S3(store) => spawn_s3_sweep(store, config, tasks),
+        Backend::S3(store) => spawn_s3_sweep(store, Arc::clone(&meta), config, tasks),
     }
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
@@ -136,16 +136,21 @@ async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Result<(A
     }
 }
 
-/// The object store's own sweep: whole-blob writes that a crash cut short are aborted once older than the upload
-/// lifetime (no live push lasts that long). Upload sessions go with their rows (`purge_uploads`).
-fn spawn_s3_sweep(store: S3Store, config: &Config, tasks: &Tasks) {
+/// The object store's own sweep, for what a crash leaves there once older than the upload lifetime (no live push
+/// lasts that long): whole-blob writes cut short, and sessions whose row is gone (sessions with a row go with it,
+/// `purge_uploads`). A session whose row cannot be read is left for the next pass.
+fn spawn_s3_sweep(store: S3Store, meta: Arc<dyn crate::meta::Meta>, config: &Config, tasks: &Tasks) {
     let grace = config.upload_ttl;
     tasks.spawn(
         "object store sweep",
         crate::shutdown::every(config.sweep_interval, tasks.closing(), move || {
-            let store = store.clone();
+            let (store, meta) = (store.clone(), Arc::clone(&meta));
             async move {
-                match store.sweep_abandoned(grace).await {
+                let live = |id: String| {
+                    let meta = Arc::clone(&meta);
+                    async move { !matches!(meta.upload_repo(&id).await, Ok(None)) }
+                };
+                match store.sweep_abandoned(grace, live).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(aborted = n, "aborted abandoned multipart uploads"),
                     Err(e) => tracing::warn!(error = %e, "sweeping the object store failed"),

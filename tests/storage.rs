@@ -265,3 +265,22 @@ async fn s3_open_checks_credentials_and_endpoint() {
     let err = S3Store::open(&gone).await.err().expect("unreachable endpoint refused").to_string();
     assert!(!err.is_empty());
 }
+
+/// The object store sweep removes a session that has no row any more (its parts included) and keeps live ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_sweep_removes_sessions_without_a_row() {
+    let server = S3Server::start();
+    let store = S3Store::open(&settings(&server, false)).await.unwrap();
+    for id in ["orphan", "alive"] {
+        store.upload_start(id).await.unwrap();
+        let claim = store.upload_claim(id).unwrap();
+        store.upload_append(claim, chunked(&data(7 * MIB, 4), MIB)).await.unwrap();
+    }
+    assert_eq!(server.multipart_in_progress(), 2);
+    let live = |id: String| async move { id == "alive" };
+    assert_eq!(store.sweep_abandoned(std::time::Duration::ZERO, live).await.unwrap(), 1);
+    assert_eq!(store.upload_size("orphan").await.unwrap(), None);
+    assert_eq!(store.upload_size("alive").await.unwrap(), Some(7 * MIB as u64));
+    assert_eq!(server.multipart_in_progress(), 1);
+    assert!(server.keys().iter().all(|k| !k.contains("orphan")), "{:?}", server.keys());
+}

@@ -154,9 +154,14 @@ impl S3Store {
         Ok(store)
     }
 
-    /// See `Inner::sweep_abandoned`.
-    pub async fn sweep_abandoned(&self, grace: Duration) -> Result<u64, StorageError> {
-        self.inner.sweep_abandoned(grace).await
+    /// Cleans what a crash or a lost request left in `uploads/`, once older than `grace` (which must exceed the
+    /// longest push): whole-blob writes cut short, and upload sessions that `live` says have no session row.
+    pub async fn sweep_abandoned<F, Fut>(&self, grace: Duration, live: F) -> Result<u64, StorageError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        self.inner.sweep_abandoned(grace, live).await
     }
 }
 
@@ -404,34 +409,57 @@ impl Inner {
         Ok(size)
     }
 
-    /// Aborts whole-blob writes whose journal is older than `grace` (a crash or a kill cut them short; a live
-    /// one is never that old, as a part is sent at least every few seconds... of its own journal's age it knows
-    /// nothing, so `grace` must exceed the longest push). Returns how many were aborted.
-    pub async fn sweep_abandoned(&self, grace: Duration) -> Result<u64, StorageError> {
-        let cutoff = chrono_cutoff(grace);
+    /// Cleans what a crash or a lost request left in `uploads/`, once older than `grace` (which must exceed the
+    /// longest push: a journal's age is that of its write): whole-blob writes, whose multipart upload is aborted by
+    /// their journal, and upload sessions that `live` says have no session row any more (a crash between the row's
+    /// removal and the objects'). Returns how many were cleaned.
+    async fn sweep_abandoned<F, Fut>(&self, grace: Duration, live: F) -> Result<u64, StorageError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let cutoff = unix_seconds_ago(grace);
         let mut listing = self.s3.list(Some(&self.key("uploads")));
-        let mut aborted = 0;
+        let mut cleaned = 0;
         while let Some(meta) = listing.try_next().await.map_err(store_error)? {
-            let name = meta.location.filename().unwrap_or_default().to_string();
-            if !name.starts_with("put-") || meta.last_modified.timestamp() > cutoff {
+            if meta.last_modified.timestamp() > cutoff {
                 continue;
             }
-            if let Ok(got) = self.s3.get(&meta.location).await {
-                if let Ok(bytes) = got.bytes().await {
-                    if let Ok(j) = serde_json::from_slice::<PutJournal>(&bytes) {
-                        let _ = self.s3.abort_multipart(&Key::from(j.key), &j.multipart).await;
-                    }
+            let name = meta.location.filename().unwrap_or_default().to_string();
+            if name.starts_with("put-") {
+                self.abort_journaled(&meta.location).await;
+                cleaned += 1;
+            } else if name == "state" {
+                let parts: Vec<_> = meta.location.parts().collect();
+                let Some(id) = parts.len().checked_sub(2).map(|i| parts[i].as_ref().to_string()) else { continue };
+                if live(id.clone()).await {
+                    continue;
+                }
+                // Under the session's claim, like any request on it; one in progress keeps it.
+                let Ok(_claim) = self.sessions.claim(&id) else { continue };
+                if let Ok(state) = self.load_state(&id).await {
+                    self.remove_session(&id, &state).await;
+                    cleaned += 1;
                 }
             }
-            let _ = self.s3.delete(&meta.location).await;
-            aborted += 1;
         }
-        Ok(aborted)
+        Ok(cleaned)
+    }
+
+    async fn abort_journaled(&self, journal: &Key) {
+        if let Ok(got) = self.s3.get(journal).await {
+            if let Ok(bytes) = got.bytes().await {
+                if let Ok(j) = serde_json::from_slice::<PutJournal>(&bytes) {
+                    let _ = self.s3.abort_multipart(&Key::from(j.key), &j.multipart).await;
+                }
+            }
+        }
+        let _ = self.s3.delete(journal).await;
     }
 }
 
 /// Unix seconds `grace` ago.
-fn chrono_cutoff(grace: Duration) -> i64 {
+fn unix_seconds_ago(grace: Duration) -> i64 {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     now.saturating_sub(grace).as_secs() as i64
 }
