@@ -6,7 +6,9 @@
 //! - `BENCH_CHUNK_MB`: the PATCH size of a chunked push, in MB (default `10`);
 //! - `BENCH_REPEAT`: rounds; each round pushes with both modes to both servers, in rotating order, and pulls the
 //!   blob back from both (default `3`);
-//! - `BENCH_PULL`: `0` skips the pulls (default `1`).
+//! - `BENCH_PULL`: `0` skips the pulls (default `1`);
+//! - `BENCH_BASELINE_BIN`: another breakwater binary (say, built from an earlier commit) measured in the same run
+//!   as `breakwater (baseline)`, for before/after figures under the same load.
 //!
 //! The blob is 16 MiB of xorshift64 pseudo-random bytes repeated to the size (so the bench never holds more than
 //! 16 MiB of it, whatever the size); its sha256 is computed once, before any push. The modes:
@@ -71,7 +73,7 @@ fn main() {
     let bw = common::Breakwater::start_logged(&[], "warn", &logs.path().join("breakwater.log"));
     let dist = common::Distribution::start();
     let dist_config = dist.dir.path().join("config.yml").display().to_string();
-    let servers = [
+    let mut servers = vec![
         Server { name: "breakwater", base: format!("http://{}", bw.addr), pid: bw.pid() },
         Server {
             name: "distribution 2.8.2",
@@ -79,6 +81,10 @@ fn main() {
             pid: find_pid_by_cmdline(&dist_config).expect("pid of docker-registry"),
         },
     ];
+    let baseline = std::env::var("BENCH_BASELINE_BIN").ok().filter(|s| !s.is_empty()).map(|bin| Baseline::start(&bin));
+    if let Some(b) = &baseline {
+        servers.push(Server { name: "breakwater (baseline)", base: format!("http://{}", b.addr), pid: b.child.id() });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build().expect("client");
 
@@ -104,6 +110,7 @@ fn main() {
     }
     drop(bw);
     drop(dist);
+    drop(baseline);
 
     print_tables(&rows, &servers, size, repeat);
     println!();
@@ -116,6 +123,40 @@ fn main() {
             println!("  {f}");
         }
         std::process::exit(1);
+    }
+}
+
+/// Another breakwater binary, started like the harness starts the one built from this tree.
+struct Baseline {
+    child: std::process::Child,
+    addr: String,
+    _data: tempfile::TempDir,
+}
+
+impl Baseline {
+    fn start(bin: &str) -> Baseline {
+        use std::io::BufRead as _;
+        let data = tempfile::tempdir().expect("tempdir");
+        let mut child = std::process::Command::new(bin)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data.path())
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("BENCH_BASELINE_BIN {bin}: {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("listen line");
+        let addr = line.trim().rsplit("://").next().expect("listen address").to_string();
+        println!("baseline: {bin} at {addr}");
+        Baseline { child, addr, _data: data }
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -153,12 +194,16 @@ struct Row {
     anon_kib: u64,
     rss_kib: u64,
     load: String,
+    /// Seconds of the final PUT of a chunked push (the commit alone).
+    commit: Option<f64>,
     error: Option<String>,
 }
 
 /// Runs `work` while sampling the server's memory, and takes its CPU time and the machine's around it.
-fn measure(server: &Server, kind: Kind, round: usize, size: u64, work: impl FnOnce() -> Result<(), String>) -> Row {
+fn measure(server: &Server, kind: Kind, round: usize, size: u64, work: impl FnOnce() -> Result<Option<f64>, String>) -> Row {
     let cpu0 = cpu_seconds(server.pid);
+    let sys0 = sys_seconds(server.pid);
+    let flt0 = minor_faults(server.pid);
     let self0 = cpu_seconds(std::process::id());
     let busy0 = machine_busy_seconds();
     let stop = Arc::new(AtomicBool::new(false));
@@ -182,6 +227,8 @@ fn measure(server: &Server, kind: Kind, round: usize, size: u64, work: impl FnOn
     stop.store(true, Ordering::Relaxed);
     let (rss_kib, anon_kib) = sampler.join().expect("sampler");
     let server_cpu = cpu_seconds(server.pid) - cpu0;
+    let server_sys = sys_seconds(server.pid) - sys0;
+    let faults = minor_faults(server.pid).saturating_sub(flt0);
     let bench_cpu = cpu_seconds(std::process::id()) - self0;
     let other_cpu = (machine_busy_seconds() - busy0 - server_cpu - bench_cpu).max(0.0);
     let load = loadavg().split_whitespace().next().unwrap_or("?").to_string();
@@ -195,23 +242,37 @@ fn measure(server: &Server, kind: Kind, round: usize, size: u64, work: impl FnOn
         anon_kib,
         rss_kib,
         load,
+        commit: outcome.as_ref().ok().copied().flatten(),
         error: outcome.err(),
     };
     println!(
-        "round {round} {:<22} {:<18} {:>7.2}s {:>6.0} MB/s  server CPU {:.2}s ({:.2} s/GB)  RssAnon {:.1} MiB  RSS {:.1} MiB  other CPU {:.2}s  load {}{}",
+        "round {round} {:<22} {:<21} {:>7.2}s {:>6.0} MB/s  server CPU {:.2}s ({:.2} s/GB, of it system {:.2}s, {} minor faults)  RssAnon {:.1} MiB  RSS {:.1} MiB  other CPU {:.2}s  load {}{}{}",
         row.kind,
         row.server,
         wall,
         size as f64 / 1e6 / wall,
         server_cpu,
         server_cpu / (size as f64 / 1e9),
+        server_sys,
+        faults,
         anon_kib as f64 / 1024.0,
         rss_kib as f64 / 1024.0,
         other_cpu,
         row.load,
+        row.commit.map_or(String::new(), |c| format!("  final PUT (commit) {c:.2}s")),
         row.error.as_ref().map_or(String::new(), |e| format!("  FAILED: {e}")),
     );
     row
+}
+
+/// stime of the process (all threads), in seconds: the kernel's share of its CPU time (copies, page faults).
+fn sys_seconds(pid: u32) -> f64 {
+    support::stat_fields(&format!("/proc/{pid}/stat")).and_then(|f| f.get(15 - 3).copied()).map_or(f64::NAN, |t| t as f64 / support::CLK_TCK)
+}
+
+/// Minor page faults of the process so far (each a page of fresh memory or of a mapped file touched).
+fn minor_faults(pid: u32) -> u64 {
+    support::stat_fields(&format!("/proc/{pid}/stat")).and_then(|f| f.get(10 - 3).copied()).unwrap_or(0)
 }
 
 fn print_tables(rows: &[Row], servers: &[Server], size: u64, repeat: usize) {
@@ -219,8 +280,8 @@ fn print_tables(rows: &[Row], servers: &[Server], size: u64, repeat: usize) {
     println!();
     println!("Medians over {repeat} rounds (MB = 10^6 bytes; peak memory: the largest of the rounds)");
     println!();
-    println!("| what | server | MB/s | wall s | server CPU s/GB | peak RssAnon MiB | peak RSS MiB | other CPU s |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!("| what | server | MB/s | wall s | final PUT (commit) s | server CPU s/GB | peak RssAnon MiB | peak RSS MiB | other CPU s |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut kinds: Vec<&str> = Vec::new();
     for r in rows {
         if !kinds.contains(&r.kind.as_str()) {
@@ -232,8 +293,10 @@ fn print_tables(rows: &[Row], servers: &[Server], size: u64, repeat: usize) {
             let runs: Vec<&Row> = rows.iter().filter(|r| r.kind == kind && r.server == s.name).collect();
             let med = |f: &dyn Fn(&Row) -> f64| median(&mut runs.iter().map(|r| f(r)).collect::<Vec<_>>());
             let wall = med(&|r| r.wall);
+            let commits: Vec<f64> = runs.iter().filter_map(|r| r.commit).collect();
+            let commit = if commits.is_empty() { "-".to_string() } else { format!("{:.2}", median(&mut commits.clone())) };
             println!(
-                "| {kind} | {} | {:.0} | {wall:.2} | {:.2} | {:.1} | {:.1} | {:.2} |",
+                "| {kind} | {} | {:.0} | {wall:.2} | {commit} | {:.2} | {:.1} | {:.1} | {:.2} |",
                 s.name,
                 gb * 1000.0 / wall,
                 med(&|r| r.server_cpu) / gb,
@@ -265,7 +328,9 @@ fn print_tables(rows: &[Row], servers: &[Server], size: u64, repeat: usize) {
     println!("({} logical CPUs shared by the server, this bench process and whatever else runs)", nproc());
 }
 
-async fn run(kind: Kind, client: &reqwest::Client, base: &str, pattern: &Bytes, size: u64, digest: &str) -> Result<(), String> {
+/// One push or pull; for a chunked push, the seconds its last request (the commit, a PUT without a body) took.
+async fn run(kind: Kind, client: &reqwest::Client, base: &str, pattern: &Bytes, size: u64, digest: &str) -> Result<Option<f64>, String> {
+    let mut commit = None;
     match kind {
         Kind::Monolithic => {
             let location = start(client, base).await?;
@@ -279,16 +344,19 @@ async fn run(kind: Kind, client: &reqwest::Client, base: &str, pattern: &Bytes, 
                 location = patch(client, base, &location, body(pattern, offset, end), offset, end).await?;
                 offset = end;
             }
+            // The PUT without a body is the commit alone: verifying (or re-hashing) and making the blob durable.
+            let t = Instant::now();
             finish(client, base, &location, digest, None, 0).await?;
+            commit = Some(t.elapsed().as_secs_f64());
         }
-        Kind::Pull => return pull(client, base, size, digest).await,
+        Kind::Pull => return pull(client, base, size, digest).await.map(|()| None),
     }
     let resp = client.head(format!("{base}/v2/{REPO}/blobs/{digest}")).send().await.map_err(|e| e.to_string())?;
     let cl = resp.headers().get("content-length").and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok());
     if resp.status().as_u16() != 200 || cl != Some(size) {
         return Err(format!("HEAD after push: status {}, content-length {cl:?}", resp.status()));
     }
-    Ok(())
+    Ok(commit)
 }
 
 /// The bytes `[from, to)` of the blob as a request body of `SEND_CHUNK` slices of the pattern (no copies).
