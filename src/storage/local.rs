@@ -248,7 +248,7 @@ struct Sink<T> {
 
 /// A `Sink` between writes (with a spare batch to refill), or away on a blocking thread writing one.
 enum Pump<T> {
-    Idle(Sink<T>, Batch),
+    Idle(Box<Sink<T>>, Batch),
     Busy(tokio::task::JoinHandle<(Sink<T>, Batch, io::Result<()>)>),
 }
 
@@ -317,7 +317,7 @@ impl<T: Send + 'static> Pump<T> {
     /// The sink, once no write of it is in flight.
     async fn idle(self) -> Result<(Sink<T>, Batch), StorageError> {
         match self {
-            Pump::Idle(sink, spare) => Ok((sink, spare)),
+            Pump::Idle(sink, spare) => Ok((*sink, spare)),
             Pump::Busy(h) => match h.await {
                 Ok((sink, spare, Ok(()))) => Ok((sink, spare)),
                 Ok((_, _, Err(e))) => Err(e.into()),
@@ -346,7 +346,7 @@ fn write_all_vectored(file: &mut std::fs::File, batch: &[Bytes]) -> io::Result<(
 /// blocking thread while the next arrives. Returns the sink once all that arrived is written, with the body's
 /// error if it broke (what arrived before the break is written too: an upload keeps it, for a resume).
 async fn pump<T: Send + 'static>(sink: Sink<T>, mut body: ByteStream) -> Result<(Sink<T>, Option<StorageError>), StorageError> {
-    let mut pump = Pump::Idle(sink, Batch::new());
+    let mut pump = Pump::Idle(Box::new(sink), Batch::new());
     let (mut batch, mut batched) = (Batch::new(), 0usize);
     let mut failure = None;
     while let Some(chunk) = body.next().await {
@@ -439,11 +439,14 @@ impl BlobStore for LocalStore {
         let staged = self.staging();
         let file = std::fs::File::create(&staged.0)?;
         let sink = Sink::new(file, 0, Some(Running::new(expected.algorithm())), ());
-        let (sink, failure) = pump(sink, body).await?;
+        let (mut sink, failure) = pump(sink, body).await?;
         if let Some(e) = failure {
             return Err(e);
         }
-        let running = sink.running.as_ref().expect("a put hashes every write").clone();
+        // A put's sink hashes every write it made (only a failed write, which ended the pump, drops the state).
+        let Some(running) = sink.running.take() else {
+            return Err(StorageError::Io(io::Error::other("a put lost its running digest")));
+        };
         let (size, actual) = (running.hashed, running.hasher.finish());
         if &actual != expected {
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
