@@ -1854,6 +1854,33 @@ async fn state_survives_restart_and_kill() {
     r.assert_manifest("persist/app", "v2", OCI_MANIFEST, &img2.manifest).await;
 }
 
+/// A chunked upload interrupted by a restart and finished after it: the new process carries no digest of the
+/// bytes received before (it hashes the stored upload at commit), and the blob is exactly the bytes pushed, under
+/// their digest, while a wrong digest is refused.
+#[tokio::test]
+async fn an_upload_resumed_after_a_restart_commits_the_bytes_on_disk() {
+    let r = Reg::start();
+    let blob = bytes_of(88, 3 * 1024 * 1024 + 17);
+    let (a, b) = blob.split_at(1024 * 1024 + 5);
+    let locs = [r.start_upload("resume/app").await, r.start_upload("resume/app").await];
+    for loc in &locs {
+        let resp = r.patch_chunk(loc, Some(&format!("0-{}", a.len() - 1)), a).await;
+        assert_eq!(resp.status().as_u16(), 202);
+    }
+    let Reg { bw, c } = r;
+    let r = Reg { bw: common::Breakwater::start_in(bw.stop(), &[]), c };
+    for (loc, digest, want) in [(&locs[0], sha256(&blob), 201), (&locs[1], sha256(b"something else"), 400)] {
+        let loc = r.url(&r.link_path(loc));
+        let resp = r.patch_chunk(&loc, Some(&format!("{}-{}", a.len(), blob.len() - 1)), b).await;
+        assert_eq!(resp.status().as_u16(), 202, "PATCH after the restart");
+        let loc = r.abs(&must_header(resp.headers(), "location"));
+        let resp = r.send(Method::PUT, &with_query(&loc, &format!("digest={digest}")), &[], None).await;
+        assert_eq!(resp.status().as_u16(), want, "commit as {digest}");
+    }
+    assert!(r.blob_bytes("resume/app", &sha256(&blob)).await == blob, "the blob is the bytes pushed");
+    assert_eq!(r.blob_status("resume/app", &sha256(b"something else")).await, 404);
+}
+
 #[tokio::test]
 async fn large_blob_streams_and_ranges() {
     let r = Reg::start();

@@ -94,7 +94,9 @@ impl serde::Serialize for Digest {
     }
 }
 
-/// Computes a digest incrementally as bytes stream past, so that nothing has to be held in memory.
+/// Computes a digest incrementally as bytes stream past, so that nothing has to be held in memory. `Clone`, so
+/// that a running state can be kept between the requests of an upload (`storage::carry`).
+#[derive(Clone)]
 pub enum Hasher {
     Sha256(sha2::Sha256),
     Sha512(sha2::Sha512),

@@ -15,9 +15,9 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::fs::{self, File};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio_util::io::ReaderStream;
 
+use super::carry::{Carry, Running};
 use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim, UploadSessions};
 use crate::oci::Digest;
 
@@ -32,13 +32,21 @@ const SERVE_SLICE: usize = 256 * 1024;
 /// (between one and two of these ahead), so that the copy into the socket, on a runtime thread, finds its pages
 /// there instead of waiting for the disk. A multiple of `SERVE_SLICE`.
 const READ_AHEAD: usize = 4 * SERVE_SLICE;
-/// Buffer of the writes and hashing that store a blob: few at a time, so larger for fewer syscalls.
+/// How much of a request body is gathered into one write (a `writev` of hyper's buffers, then hashed) of a blob or
+/// an upload, on a blocking thread while the next batch arrives: large for few trips to the blocking pool; at
+/// most two batches (and a chunk) are held per request body.
 const WRITE_CHUNK: usize = 256 * 1024;
+/// How much of a blob is written before its writeback is started (`Sink::start_writeback`).
+const WRITEBACK_AHEAD: u64 = 8 * 1024 * 1024;
+/// The read buffer of a commit that has to hash its upload from disk.
+const HASH_READ: usize = 1024 * 1024;
 
 pub struct LocalStore {
     root: PathBuf,
     /// Which upload sessions a request is working on (one request at a time per session).
     sessions: UploadSessions,
+    /// The running digests of upload sessions, so that a commit need not read its upload back.
+    carry: Carry,
 }
 
 impl LocalStore {
@@ -53,7 +61,7 @@ impl LocalStore {
         while let Some(e) = entries.next_entry().await? {
             let _ = fs::remove_file(e.path()).await;
         }
-        Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default() })
+        Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() })
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -220,26 +228,137 @@ impl Drop for Staged {
     }
 }
 
-/// Copies `body` to the end of `file`, feeding `hasher` if given. Returns the number of bytes written, or the
-/// body's error after flushing what arrived.
-async fn drain_into(
-    file: File,
-    mut body: ByteStream,
-    mut hasher: Option<&mut crate::oci::Hasher>,
-) -> Result<(u64, File), (StorageError, u64)> {
-    let mut out = BufWriter::with_capacity(WRITE_CHUNK, file);
-    let mut written = 0u64;
+/// A batch of body chunks written with one vectored write: the chunks are hyper's buffers, never copied.
+type Batch = Vec<Bytes>;
+
+/// A file being filled from a request body, with the running digest of what it holds (when known) and `held`,
+/// what must live exactly as long as a write to the file can still land (an upload's claim). It only ever writes
+/// synchronously, on a blocking thread that owns it for the duration of the write: a write is never left in
+/// flight by a dropped future, and `held` (dropped after the file, by field order) goes only when none can land.
+struct Sink<T> {
+    file: std::fs::File,
+    /// The file's end, and where the part not yet handed to writeback starts (`start_writeback`).
+    end: u64,
+    unflushed: u64,
+    /// Fed each batch after its write succeeded, so it covers exactly the bytes in the file; `None` once that is
+    /// not known (a write failed midway) or was never known (an upload resumed without a carried digest).
+    running: Option<Running>,
+    held: T,
+}
+
+/// A `Sink` between writes (with a spare batch to refill), or away on a blocking thread writing one.
+enum Pump<T> {
+    Idle(Box<Sink<T>>, Batch),
+    Busy(tokio::task::JoinHandle<(Sink<T>, Batch, io::Result<()>)>),
+}
+
+impl<T: Send + 'static> Sink<T> {
+    /// Writes `batch`, then hashes it, on a blocking thread. If the caller's future is dropped meanwhile, the
+    /// thread finishes and then drops the sink (and with it what it holds).
+    fn write(mut self, mut batch: Batch) -> Pump<T> {
+        Pump::Busy(tokio::task::spawn_blocking(move || {
+            let r = write_all_vectored(&mut self.file, &batch);
+            if r.is_ok() {
+                self.end += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+                self.start_writeback();
+            }
+            match (&r, self.running.as_mut()) {
+                (Ok(()), Some(running)) => batch.iter().for_each(|b| running.update(b)),
+                // What reached the file is unknown: no digest can be carried past it.
+                (Err(_), _) => self.running = None,
+                (Ok(()), None) => {}
+            }
+            batch.clear();
+            (self, batch, r)
+        }))
+    }
+
+    /// A file whose end is `end`, filled from there on.
+    fn new(file: std::fs::File, end: u64, running: Option<Running>, held: T) -> Sink<T> {
+        Sink { file, end, unflushed: end, running, held }
+    }
+
+    /// Once `WRITEBACK_AHEAD` bytes were written since the last time, asks the kernel to start writing them to
+    /// disk (`SYNC_FILE_RANGE_WRITE`: it starts the writeback and does not wait for it, except for a full device
+    /// queue, which only slows this blocking thread to the disk's pace). Without it the dirty pages of a large
+    /// blob would wait for the fsync before the commit, which then writes them all while the client waits. Only
+    /// advice: a failure changes nothing but speed, since the commit's fsync makes the file durable whatever.
+    fn start_writeback(&mut self) {
+        let len = self.end - self.unflushed;
+        if len < WRITEBACK_AHEAD {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd as _;
+            let (Ok(from), Ok(len)) = (i64::try_from(self.unflushed), i64::try_from(len)) else { return };
+            // SAFETY: a plain syscall on a file descriptor this sink owns; it reads no memory of ours.
+            unsafe { libc::sync_file_range(self.file.as_raw_fd(), from, len, libc::SYNC_FILE_RANGE_WRITE) };
+        }
+        self.unflushed = self.end;
+    }
+
+    /// The file's size, read on a blocking thread like the writes.
+    async fn size(self) -> Result<(u64, Sink<T>), StorageError> {
+        let joined = tokio::task::spawn_blocking(move || {
+            let r = self.file.metadata().map(|m| m.len());
+            (self, r)
+        })
+        .await;
+        match joined {
+            Ok((s, Ok(len))) => Ok((len, s)),
+            Ok((_, Err(e))) => Err(e.into()),
+            Err(e) => Err(StorageError::Io(io::Error::other(format!("write thread failed: {e}")))),
+        }
+    }
+}
+
+impl<T: Send + 'static> Pump<T> {
+    /// The sink, once no write of it is in flight.
+    async fn idle(self) -> Result<(Sink<T>, Batch), StorageError> {
+        match self {
+            Pump::Idle(sink, spare) => Ok((*sink, spare)),
+            Pump::Busy(h) => match h.await {
+                Ok((sink, spare, Ok(()))) => Ok((sink, spare)),
+                Ok((_, _, Err(e))) => Err(e.into()),
+                Err(e) => Err(StorageError::Io(io::Error::other(format!("write thread failed: {e}")))),
+            },
+        }
+    }
+}
+
+/// Writes every byte of `batch` to `file`, with as few `writev` calls as the kernel allows.
+fn write_all_vectored(file: &mut std::fs::File, batch: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<io::IoSlice<'_>> = batch.iter().filter(|b| !b.is_empty()).map(|b| io::IoSlice::new(b)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Copies `body` to the end of the sink's file, in batches of `WRITE_CHUNK`, one batch written (and hashed) on a
+/// blocking thread while the next arrives. Returns the sink once all that arrived is written, with the body's
+/// error if it broke (what arrived before the break is written too: an upload keeps it, for a resume).
+async fn pump<T: Send + 'static>(sink: Sink<T>, mut body: ByteStream) -> Result<(Sink<T>, Option<StorageError>), StorageError> {
+    let mut pump = Pump::Idle(Box::new(sink), Batch::new());
+    let (mut batch, mut batched) = (Batch::new(), 0usize);
     let mut failure = None;
     while let Some(chunk) = body.next().await {
         match chunk {
             Ok(bytes) => {
-                if let Some(h) = hasher.as_deref_mut() {
-                    h.update(&bytes);
+                batched += bytes.len();
+                batch.push(bytes);
+                if batched >= WRITE_CHUNK {
+                    let (sink, spare) = pump.idle().await?;
+                    pump = sink.write(std::mem::replace(&mut batch, spare));
+                    batched = 0;
                 }
-                if let Err(e) = out.write_all(&bytes).await {
-                    return Err((StorageError::Io(e), written));
-                }
-                written += bytes.len() as u64;
             }
             Err(e) => {
                 failure = Some(StorageError::Body(e));
@@ -247,52 +366,51 @@ async fn drain_into(
             }
         }
     }
-    if let Err(e) = out.flush().await {
-        return Err((StorageError::Io(e), written));
-    }
-    match failure {
-        Some(e) => Err((e, written)),
-        None => Ok((written, out.into_inner())),
+    let (sink, _) = pump.idle().await?;
+    let (sink, _) = if batch.is_empty() { (sink, batch) } else { sink.write(batch).idle().await? };
+    Ok((sink, failure))
+}
+
+/// Hashes the file at `path` under `algorithm` on a blocking thread; with the number of bytes hashed.
+async fn hash_file(path: PathBuf, algorithm: crate::oci::Algorithm) -> Result<(Digest, u64), StorageError> {
+    let hashed = tokio::task::spawn_blocking(move || -> io::Result<(Digest, u64)> {
+        let mut file = std::fs::File::open(path)?;
+        let mut hasher = algorithm.hasher();
+        let mut buf = vec![0u8; HASH_READ];
+        let mut size = 0u64;
+        loop {
+            let n = match io::Read::read(&mut file, &mut buf) {
+                Ok(0) => return Ok((hasher.finish(), size)),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+    })
+    .await;
+    match hashed {
+        Ok(Ok(h)) => Ok(h),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(StorageError::Io(io::Error::other(format!("hash thread failed: {e}")))),
     }
 }
 
-/// The append handle of an upload, bound to its session's claim. It only ever writes synchronously, on a
-/// blocking thread that owns it for the duration of the write: a write is never left in flight by a dropped
-/// future, and the claim (dropped after the file, by field order) is released only when none can land.
-struct Appender {
-    file: std::fs::File,
-    claim: UploadClaim,
-}
-
-impl Appender {
-    /// Writes `buf` on a blocking thread and hands both back. If the caller's future is dropped meanwhile, the
-    /// thread finishes the write and then drops the appender (and with it the claim).
-    async fn write(mut self, mut buf: Vec<u8>) -> Result<(Appender, Vec<u8>), StorageError> {
-        let joined = tokio::task::spawn_blocking(move || {
-            let r = self.file.write_all(&buf);
-            buf.clear();
-            (self, buf, r)
-        })
-        .await;
-        match joined {
-            Ok((a, buf, Ok(()))) => Ok((a, buf)),
-            Ok((_, _, Err(e))) => Err(e.into()),
-            Err(e) => Err(StorageError::Io(io::Error::other(format!("append thread failed: {e}")))),
-        }
-    }
-
-    /// The file's size, read on a blocking thread like the writes.
-    async fn size(self) -> Result<(u64, Appender), StorageError> {
-        let joined = tokio::task::spawn_blocking(move || {
-            let r = self.file.metadata().map(|m| m.len());
-            (self, r)
-        })
-        .await;
-        match joined {
-            Ok((a, Ok(len))) => Ok((len, a)),
-            Ok((_, Err(e))) => Err(e.into()),
-            Err(e) => Err(StorageError::Io(io::Error::other(format!("append thread failed: {e}")))),
-        }
+/// Makes the file at `path` durable (an fsync, on a blocking thread); with its size.
+async fn sync_file(path: PathBuf) -> Result<u64, StorageError> {
+    let synced = tokio::task::spawn_blocking(move || -> io::Result<u64> {
+        let file = std::fs::File::open(path)?;
+        file.sync_all()?;
+        Ok(file.metadata()?.len())
+    })
+    .await;
+    match synced {
+        Ok(Ok(size)) => Ok(size),
+        Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound),
+        Ok(Err(e)) => Err(e.into()),
+        Err(e) => Err(StorageError::Io(io::Error::other(format!("sync thread failed: {e}")))),
     }
 }
 
@@ -319,16 +437,23 @@ impl BlobStore for LocalStore {
         // Created in place (not on the blocking pool, where a cancelled caller's create could land after the
         // guard's removal): whatever happens to this future from here on, the guard removes the staging file.
         let staged = self.staging();
-        let file = File::from_std(std::fs::File::create(&staged.0)?);
-        let mut hasher = expected.algorithm().hasher();
-        let (size, file) = drain_into(file, body, Some(&mut hasher)).await.map_err(|(e, _)| e)?;
-        let actual = hasher.finish();
+        let file = std::fs::File::create(&staged.0)?;
+        let sink = Sink::new(file, 0, Some(Running::new(expected.algorithm())), ());
+        let (mut sink, failure) = pump(sink, body).await?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        // A put's sink hashes every write it made (only a failed write, which ended the pump, drops the state).
+        let Some(running) = sink.running.take() else {
+            return Err(StorageError::Io(io::Error::other("a put lost its running digest")));
+        };
+        let (size, actual) = (running.hashed, running.hasher.finish());
         if &actual != expected {
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
-        // Waits for the buffered writes too, so none is in flight when the file is linked under its digest.
-        file.sync_all().await?;
-        drop(file);
+        // Every write has landed (the sink is back): the fsync covers them all before the file gets its name.
+        let synced = tokio::task::spawn_blocking(move || sink.file.sync_all()).await;
+        synced.map_err(|e| StorageError::Io(io::Error::other(format!("sync thread failed: {e}"))))??;
         self.install(staged, expected).await?;
         Ok(size)
     }
@@ -376,68 +501,50 @@ impl BlobStore for LocalStore {
         self.sessions.claim(id)
     }
 
-    async fn upload_append(&self, claim: UploadClaim, mut body: ByteStream) -> Result<(u64, UploadClaim), StorageError> {
+    async fn upload_append(&self, claim: UploadClaim, body: ByteStream) -> Result<(u64, UploadClaim), StorageError> {
         let path = self.upload_path(claim.id())?;
-        let opened = tokio::task::spawn_blocking(move || std::fs::OpenOptions::new().append(true).open(path)).await;
-        let file = match opened {
+        let opened = tokio::task::spawn_blocking(move || -> io::Result<(std::fs::File, u64)> {
+            let file = std::fs::OpenOptions::new().append(true).open(path)?;
+            let size = file.metadata()?.len();
+            Ok((file, size))
+        })
+        .await;
+        let (file, size) = match opened {
             Ok(Ok(f)) => f,
             Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(StorageError::Io(io::Error::other(format!("open thread failed: {e}")))),
         };
-        let mut appender = Appender { file, claim };
-        let mut buf = Vec::with_capacity(WRITE_CHUNK);
-        let mut failure = None;
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(bytes) => {
-                    buf.extend_from_slice(&bytes);
-                    if buf.len() >= WRITE_CHUNK {
-                        (appender, buf) = appender.write(buf).await?;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(StorageError::Body(e));
-                    break;
-                }
-            }
+        // The digest of what the session holds, if this instance hashed all of it; the append continues it.
+        let running = self.carry.resume(claim.id(), size);
+        let (sink, failure) = pump(Sink::new(file, size, running, claim), body).await?;
+        let (size, mut sink) = sink.size().await?;
+        if let Some(running) = sink.running.take() {
+            // What arrived before a broken body is in the file and was hashed: the state covers it either way.
+            self.carry.keep(sink.held.id(), size, running);
         }
-        // What arrived is kept, also when the body broke: the client may ask for the offset and resume.
-        let (appender, _) = appender.write(buf).await?;
-        let (size, appender) = appender.size().await?;
         match failure {
             Some(e) => Err(e),
-            None => Ok((size, appender.claim)),
+            None => Ok((size, sink.held)),
         }
     }
 
     async fn upload_commit(&self, claim: UploadClaim, expected: &Digest) -> Result<u64, StorageError> {
         let path = self.upload_path(claim.id())?;
-        let mut file = match File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
-            Err(e) => return Err(e.into()),
+        // Durable first: the fsync waits for the writeback of what the appends wrote, which is most of a commit's
+        // time, and gives the size the carried digest must cover.
+        let size = sync_file(path.clone()).await?;
+        // The digest computed while the bytes arrived, if this instance saw all of them arrive; otherwise (a
+        // restart, an evicted entry, a write that failed midway, sha512) the stored bytes are hashed, as they
+        // may have arrived over many requests and restarts.
+        let (actual, size) = match self.carry.finish(claim.id(), size, expected) {
+            Some(d) => (d, size),
+            None => hash_file(path.clone(), expected.algorithm()).await?,
         };
-        // The upload may have arrived over many requests, possibly across restarts, so its digest is computed here
-        // from the bytes on disk rather than from state kept in memory.
-        let mut hasher = expected.algorithm().hasher();
-        let mut buf = vec![0u8; WRITE_CHUNK];
-        let mut size = 0u64;
-        loop {
-            let n = file.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        let actual = hasher.finish();
         if &actual != expected {
             let _ = fs::remove_file(&path).await;
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
-        file.sync_all().await?;
-        drop(file);
         // Out of `uploads/` before it gets a name under `blobs/`, and still under the claim: no request can open
         // it for appending any more.
         let staged = self.stage(&path)?;
@@ -446,6 +553,7 @@ impl BlobStore for LocalStore {
     }
 
     async fn upload_abort(&self, claim: UploadClaim) -> Result<(), StorageError> {
+        self.carry.forget(claim.id());
         match fs::remove_file(self.upload_path(claim.id())?).await {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NotFound),
             Err(e) => Err(e.into()),
@@ -530,6 +638,124 @@ mod tests {
         assert!(matches!(store.upload_size("../x").await, Err(StorageError::NotFound)));
         assert!(matches!(store.upload_claim("../x"), Err(StorageError::NotFound)));
         assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    /// Appends each of `parts` to session `id` as a request of its own; returns the claim and the size.
+    async fn append_all(store: &LocalStore, id: &str, parts: &[&[u8]]) -> (UploadClaim, u64) {
+        let mut claim = store.upload_claim(id).unwrap();
+        let mut size = 0;
+        for p in parts {
+            (size, claim) = store.upload_append(claim, stream(vec![Ok(Bytes::copy_from_slice(p))])).await.unwrap();
+        }
+        (claim, size)
+    }
+
+    /// The digest a commit checks is the one computed while the bytes arrived: the commit does not read the
+    /// upload back. Shown by changing the file's bytes behind the store's back after the appends: the commit
+    /// still finds the digest of what was appended (before, it re-read the file and found the changed bytes).
+    #[tokio::test]
+    async fn a_commit_uses_the_digest_computed_while_the_bytes_arrived() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        store.upload_start("u").await.unwrap();
+        let (claim, size) = append_all(&store, "u", &[b"abc", b"def"]).await;
+        assert_eq!(size, 6);
+        std::fs::write(dir.path().join("uploads").join("u"), b"xxxxxx").unwrap();
+        let d = Digest::of(Algorithm::Sha256, b"abcdef");
+        assert_eq!(store.upload_commit(claim, &d).await.unwrap(), 6, "the commit hashed the file instead");
+        assert!(store.carry.is_empty(), "a committed session's digest is not kept");
+    }
+
+    /// After a restart (a new store over the same directory) nothing carries the digest of what the session
+    /// holds: the appends that follow do not hash, and the commit hashes the stored bytes, so it sees exactly what
+    /// is on disk, right or wrong.
+    #[tokio::test]
+    async fn after_a_restart_the_commit_hashes_the_stored_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = LocalStore::open(dir.path()).await.unwrap();
+        for id in ["resumed", "changed"] {
+            before.upload_start(id).await.unwrap();
+        }
+        drop(append_all(&before, "resumed", &[b"abc"]).await);
+        drop(append_all(&before, "changed", &[b"abcdef"]).await);
+        drop(before);
+
+        let after = LocalStore::open(dir.path()).await.unwrap();
+        let (claim, size) = append_all(&after, "resumed", &[b"def", b"ghi"]).await;
+        assert_eq!(size, 9);
+        let d = Digest::of(Algorithm::Sha256, b"abcdefghi");
+        assert_eq!(after.upload_commit(claim, &d).await.unwrap(), 9);
+        assert_eq!(collect(after.read(&d, None).await.unwrap()).await, b"abcdefghi");
+
+        // The bytes on disk are what the commit checks: changed ones fail it.
+        std::fs::write(dir.path().join("uploads").join("changed"), b"xxxxxx").unwrap();
+        let claim = after.upload_claim("changed").unwrap();
+        let err = after.upload_commit(claim, &Digest::of(Algorithm::Sha256, b"abcdef")).await.unwrap_err();
+        assert!(matches!(err, StorageError::DigestMismatch { .. }), "{err}");
+    }
+
+    /// A PATCH whose body breaks keeps what arrived, and the digest carried covers exactly those bytes: the
+    /// resumed upload commits under the digest of all the bytes, and the blob is those bytes.
+    #[tokio::test]
+    async fn after_a_broken_body_the_bytes_kept_are_the_bytes_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        store.upload_start("b").await.unwrap();
+        let claim = store.upload_claim("b").unwrap();
+        // More than a batch before the break, and a part of one: both written, both hashed.
+        let first = Bytes::from(vec![7u8; WRITE_CHUNK + 5]);
+        let broken = stream(vec![Ok(first.clone()), Ok(Bytes::from("tail")), Err(io::Error::other("client went away"))]);
+        assert!(matches!(store.upload_append(claim, broken).await.unwrap_err(), StorageError::Body(_)));
+        let kept = store.upload_size("b").await.unwrap().unwrap();
+        assert_eq!(kept, first.len() as u64 + 4);
+
+        let (claim, size) = append_all(&store, "b", &[b"rest"]).await;
+        let mut all = first.to_vec();
+        all.extend_from_slice(b"tailrest");
+        assert_eq!(size, all.len() as u64);
+        let d = Digest::of(Algorithm::Sha256, &all);
+        assert_eq!(store.upload_commit(claim, &d).await.unwrap(), size);
+        assert_eq!(collect(store.read(&d, None).await.unwrap()).await, all);
+    }
+
+    /// Bodies of many chunks of uneven sizes, across batch boundaries, land whole and in order, through an upload
+    /// of several appends and through a put.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uneven_chunks_land_whole_and_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut all = Vec::new();
+        let mut requests: Vec<Vec<Bytes>> = Vec::new();
+        for _ in 0..4 {
+            let mut parts = Vec::new();
+            for _ in 0..40 {
+                let len = (next() % (WRITE_CHUNK as u64 / 3)) as usize;
+                let part: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+                all.extend_from_slice(&part);
+                parts.push(Bytes::from(part));
+            }
+            requests.push(parts);
+        }
+        store.upload_start("many").await.unwrap();
+        let mut claim = store.upload_claim("many").unwrap();
+        for parts in &requests {
+            claim = store.upload_append(claim, stream(parts.iter().cloned().map(Ok).collect())).await.unwrap().1;
+        }
+        let d = Digest::of(Algorithm::Sha256, &all);
+        assert_eq!(store.upload_commit(claim, &d).await.unwrap(), all.len() as u64);
+        assert_eq!(collect(store.read(&d, None).await.unwrap()).await, all);
+
+        let d512 = Digest::of(Algorithm::Sha512, &all);
+        let body = stream(requests.concat().into_iter().map(Ok).collect());
+        assert_eq!(store.put(&d512, body).await.unwrap(), all.len() as u64);
+        assert_eq!(collect(store.read(&d512, None).await.unwrap()).await, all);
     }
 
     #[tokio::test]
