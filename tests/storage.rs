@@ -284,3 +284,43 @@ async fn s3_sweep_removes_sessions_without_a_row() {
     assert_eq!(server.multipart_in_progress(), 1);
     assert!(server.keys().iter().all(|k| !k.contains("orphan")), "{:?}", server.keys());
 }
+
+/// A chunked upload's digest is computed while its bytes arrive: the commit does not read the parts back (bytes
+/// changed behind the store's back after the appends go unnoticed, which is how the test sees it), while a store
+/// without that running digest (a restart, another instance) hashes the stored parts and refuses changed bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_commit_uses_the_digest_computed_while_bytes_arrived() {
+    let server = S3Server::start();
+    let bytes = data(12 * MIB, 8);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    // Flips one byte in every stored part of every multipart upload in progress (s3s-fs keeps them as files).
+    let tamper = || {
+        for e in std::fs::read_dir(server.root.path()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().contains(".part-") {
+                let mut b = std::fs::read(e.path()).unwrap();
+                b[100] ^= 1;
+                std::fs::write(e.path(), b).unwrap();
+            }
+        }
+    };
+    for (id, restart) in [("carried", false), ("rehashed", true)] {
+        let mut store = S3Store::open(&settings(&server, false)).await.unwrap();
+        store.upload_start(id).await.unwrap();
+        let claim = store.upload_claim(id).unwrap();
+        let (_, claim) = store.upload_append(claim, chunked(&bytes[..7 * MIB], MIB)).await.unwrap();
+        let (_, claim) = store.upload_append(claim, chunked(&bytes[7 * MIB..], MIB)).await.unwrap();
+        drop(claim);
+        tamper();
+        if restart {
+            store = S3Store::open(&settings(&server, false)).await.unwrap();
+        }
+        let claim = store.upload_claim(id).unwrap();
+        let outcome = store.upload_commit(claim, &d).await;
+        if restart {
+            assert!(matches!(outcome, Err(StorageError::DigestMismatch { .. })), "{outcome:?}");
+        } else {
+            assert_eq!(outcome.unwrap(), bytes.len() as u64);
+            store.delete(&d).await.unwrap();
+        }
+    }
+}

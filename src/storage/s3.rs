@@ -32,6 +32,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use super::carry::Carry;
 use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim, UploadSessions};
 use crate::bounded::BoundedMap;
 use crate::oci::Digest;
@@ -121,6 +122,9 @@ struct Inner {
     sizes: BoundedMap<Digest, u64>,
     redirect: Option<Duration>,
     part_size: usize,
+    /// The digests of sessions computed while their bytes arrive, so that a commit need not read the upload
+    /// back from the store (see `carry`).
+    carry: Carry,
 }
 
 fn store_error(e: object_store::Error) -> StorageError {
@@ -148,6 +152,7 @@ impl S3Store {
             sizes: BoundedMap::new("s3_blob_sizes", crate::bounded::DEFAULT_ENTRIES, None),
             redirect: settings.redirect.then_some(settings.redirect_expiry),
             part_size: settings.part_size.max(MIN_PART_SIZE),
+            carry: Carry::default(),
         };
         let store = S3Store { inner: Arc::new(inner) };
         store.check().await?;
@@ -258,10 +263,16 @@ impl Inner {
         let mut state = self.load_state(id).await?;
         let mut buf = self.load_tail(id, &state).await?;
         let old_tail = (state.tail > 0).then_some(state.size);
+        // Fed every byte received: all of them are in the saved state at the end, or an error returns early and
+        // the running digest is dropped (the commit then hashes the stored bytes).
+        let mut running = self.carry.resume(id, state.size);
         let mut failure = None;
         while let Some(chunk) = body.next().await {
             match chunk {
                 Ok(bytes) => {
+                    if let Some(r) = running.as_mut() {
+                        r.update(&bytes);
+                    }
                     buf.extend_from_slice(&bytes);
                     while buf.len() >= self.part_size {
                         // The tail went into this part: from here on it is in a part, not in the tail object.
@@ -284,6 +295,9 @@ impl Inner {
             self.s3.put(&key, PutPayload::from(buf.freeze())).await.map_err(store_error)?;
         }
         self.save_state(id, &state).await?;
+        if let Some(r) = running {
+            self.carry.keep(id, state.size, r);
+        }
         if let Some(old) = old_tail.filter(|&old| state.tail == 0 || old != state.size) {
             let _ = self.s3.delete(&self.session_key(id, &format!("tail-{old}"))?).await;
         }
@@ -296,6 +310,7 @@ impl Inner {
     /// Verifies session `id` against `expected` and stores it under its digest; the session's objects go either way.
     async fn commit(&self, id: &str, expected: &Digest) -> Result<u64, StorageError> {
         let mut state = self.load_state(id).await?;
+        let carried = self.carry.finish(id, state.size, expected);
         let tail = self.load_tail(id, &state).await?.freeze();
         let result = if state.multipart.is_none() {
             // Smaller than a part: the whole upload is the tail, in memory.
@@ -304,28 +319,27 @@ impl Inner {
             if !tail.is_empty() {
                 self.send_part(id, &mut state, tail).await?;
             }
-            self.commit_multipart(id, &state, expected).await
+            self.commit_multipart(id, &state, expected, carried).await
         };
         self.remove_session(id, &state).await;
         result
     }
 
-    async fn commit_multipart(&self, id: &str, state: &SessionState, expected: &Digest) -> Result<u64, StorageError> {
+    async fn commit_multipart(
+        &self,
+        id: &str,
+        state: &SessionState,
+        expected: &Digest,
+        carried: Option<Digest>,
+    ) -> Result<u64, StorageError> {
         let data = self.session_key(id, "data")?;
         let multipart = state.multipart.clone().unwrap_or_default();
         let parts = state.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
         self.s3.complete_multipart(&data, &multipart, parts).await.map_err(store_error)?;
-        // The digest of bytes that arrived over many requests, possibly on other instances or before a restart,
-        // is computed from the stored object.
-        let mut hasher = expected.algorithm().hasher();
-        let mut size = 0u64;
-        let mut stream = self.s3.get(&data).await.map_err(store_error)?.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(store_error)?;
-            hasher.update(&chunk);
-            size += chunk.len() as u64;
-        }
-        let actual = hasher.finish();
+        let (actual, size) = match carried {
+            Some(digest) => (digest, state.size),
+            None => self.hash_object(&data, expected).await?,
+        };
         if &actual != expected {
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
@@ -336,8 +350,23 @@ impl Inner {
         Ok(size)
     }
 
+    /// The digest (under `like`'s algorithm) and size of the object at `key`, read back from the store: for the
+    /// bytes of a session that arrived on other instances, before a restart, or whose running digest was lost.
+    async fn hash_object(&self, key: &Key, like: &Digest) -> Result<(Digest, u64), StorageError> {
+        let mut hasher = like.algorithm().hasher();
+        let mut size = 0u64;
+        let mut stream = self.s3.get(key).await.map_err(store_error)?.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(store_error)?;
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+        }
+        Ok((hasher.finish(), size))
+    }
+
     /// Removes what session `id` left in the store (best effort: the sweep finds what a failure here leaves).
     async fn remove_session(&self, id: &str, state: &SessionState) {
+        self.carry.forget(id);
         let Ok(data) = self.session_key(id, "data") else { return };
         if let Some(m) = &state.multipart {
             // Fails harmlessly once the upload was completed.
