@@ -7,6 +7,8 @@
 //! - `BENCH_REPEAT`: rounds; each round pushes with both modes to both servers, in rotating order, and pulls the
 //!   blob back from both (default `3`);
 //! - `BENCH_PULL`: `0` skips the pulls (default `1`);
+//! - `BENCH_S3`: `1` also measures a breakwater whose blobs live in a local s3s-fs (`--storage s3://...`; issue 11:
+//!   its RssAnon during a multi-GB push bounds what a multipart upload holds);
 //! - `BENCH_BASELINE_BIN`: another breakwater binary (say, built from an earlier commit) measured in the same run
 //!   as `breakwater (baseline)`, for before/after figures under the same load.
 //!
@@ -85,6 +87,17 @@ fn main() {
     if let Some(b) = &baseline {
         servers.push(Server { name: "breakwater (baseline)", base: format!("http://{}", b.addr), pid: b.child.id() });
     }
+    let s3 = (support::env_parse::<u8>("BENCH_S3", 0) != 0).then(common::s3::S3Server::start);
+    let bw_s3 = s3.as_ref().map(|s3| {
+        let env = s3.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let url = s3.url("bench");
+        let log = logs.path().join("breakwater-s3.log");
+        common::Breakwater::start_env_in(tempfile::tempdir().expect("tempdir"), &["--storage", &url], &env, &log)
+    });
+    if let Some(b) = &bw_s3 {
+        servers.push(Server { name: "breakwater on S3 (s3s-fs)", base: format!("http://{}", b.addr), pid: b.pid() });
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(3600)).build().expect("client");
 
@@ -111,6 +124,8 @@ fn main() {
     drop(bw);
     drop(dist);
     drop(baseline);
+    drop(bw_s3);
+    drop(s3);
 
     print_tables(&rows, &servers, size, repeat);
     println!();

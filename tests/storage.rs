@@ -324,3 +324,24 @@ async fn s3_commit_uses_the_digest_computed_while_bytes_arrived() {
         }
     }
 }
+
+/// A stored blob is never written over: putting it again (a second push of the same layer) only hashes the body,
+/// and a wrong body for a stored digest is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_a_stored_blob_is_not_rewritten() {
+    let server = S3Server::start();
+    let store = S3Store::open(&settings(&server, false)).await.unwrap();
+    let big = data(11 * MIB, 12);
+    let d = Digest::of(Algorithm::Sha256, &big);
+    store.put(&d, chunked(&big, MIB)).await.unwrap();
+    let file = server.root.path().join(BUCKET).join(format!("suite/blobs/sha256/{}", d.hex()));
+    let before = std::fs::metadata(&file).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert_eq!(store.put(&d, chunked(&big, MIB)).await.unwrap(), big.len() as u64);
+    let mut wrong = big.clone();
+    wrong[9 * MIB] ^= 1;
+    assert!(matches!(store.put(&d, chunked(&wrong, MIB)).await.unwrap_err(), StorageError::DigestMismatch { .. }));
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), before, "the object was written again");
+    assert_eq!(server.multipart_in_progress(), 0);
+    assert_eq!(collect(store.read(&d, None).await.unwrap()).await, big);
+}

@@ -401,15 +401,26 @@ impl Inner {
         let mut hasher = expected.algorithm().hasher();
         let mut buf = BytesMut::with_capacity(self.part_size + 64 * 1024);
         let mut upload: Option<JournaledUpload> = None;
+        // Set when the blob turns out to be stored already: the rest is only hashed (the client must still send
+        // the right bytes), never written over the stored object.
+        let mut stored = false;
         let mut size = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(StorageError::Body)?;
             hasher.update(&chunk);
             size += chunk.len() as u64;
+            if stored {
+                continue;
+            }
             buf.extend_from_slice(&chunk);
             while buf.len() >= self.part_size {
                 let part = buf.split_to(self.part_size).freeze();
                 if upload.is_none() {
+                    if self.exists(expected).await?.is_some() {
+                        stored = true;
+                        buf.clear();
+                        break;
+                    }
                     upload = Some(JournaledUpload::start(self, expected).await?);
                 }
                 if let Some(u) = upload.as_mut() {
@@ -422,6 +433,7 @@ impl Inner {
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
         match upload {
+            None if stored => {}
             None => {
                 if self.exists(expected).await?.is_none() {
                     self.s3.put(&self.blob_key(expected), PutPayload::from(buf.freeze())).await.map_err(store_error)?;
