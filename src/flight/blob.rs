@@ -5,9 +5,11 @@
 //! client 2 ─┼─> BlobFlights::join ───┤                      ├─> verify digest, adopt into storage
 //! client N ─┘    one fetch task      └─ watch: Progress ────┘
 //! ```
-//! The fetch task appends to the spool and publishes how many bytes are there; each client reads the spool
-//! through its own file handle up to that mark, then waits for the next change. So late joiners replay from
-//! disk, a slow client only slows itself, and memory per client is one read buffer whatever N is.
+//! The fetch task appends to the spool and publishes how many bytes are there; each client maps the spool's
+//! published prefix (through its own file handle) and hands hyper slices of the map, then waits for the next
+//! change. So late joiners replay from disk (page cache), a slow client only slows itself, and a client costs no
+//! buffer of ours whatever N is: its slices are page cache, shared with every other reader, not the process's
+//! anonymous memory.
 //!
 //! A flight outlives the clients that wait on it (it fills the cache), but not the server: at shutdown, after
 //! the HTTP drain, its download is cancelled and it ends as a failed flight does, its spool removed. Only the
@@ -24,7 +26,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Mutex};
 
 use crate::oci::Digest;
@@ -35,8 +37,10 @@ use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 const PUBLISH_BYTES: usize = 256 * 1024;
 /// ...unless this long has passed since the last announcement, so a slow upstream still streams promptly.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
-/// One read per client per wake-up; the only per-client memory a flight costs.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much of the mapped spool one slice handed to hyper holds, as for stored blobs (`storage::local`): a
+/// slice costs no memory, and between two slices the reader yields, so that a socket that takes megabytes at
+/// once does not hold a runtime thread while other clients wait for their first bytes.
+const SERVE_SLICE: usize = 256 * 1024;
 /// How many times a broken download is resumed (with `Range`) before the flight fails.
 const RESUME_ATTEMPTS: u32 = 3;
 
@@ -376,7 +380,9 @@ impl BlobFlight {
         let size = self.size().await?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size });
         let mut rx = self.progress.clone();
-        let file = match File::open(&self.spool).await {
+        // Opened in place: one metadata operation, where a trip to the blocking pool would put this client's first
+        // byte behind a full round of the run queue.
+        let file = match std::fs::File::open(&self.spool) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The spool has just been moved into storage (or removed after a failure).
@@ -389,31 +395,54 @@ impl BlobFlight {
             }
             Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
         };
-        let Some(mut file) = file else {
+        let Some(file) = file else {
             return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));
         };
-        if range.start > 0 {
-            file.seek(io::SeekFrom::Start(range.start))
-                .await
-                .map_err(|e| FlightError::Failed(format!("seeking the spool: {e}").into()))?;
-        }
-        let state = ReadState { file, pos: range.start, end: range.end, size, rx, buf: vec![0; READ_CHUNK] };
+        let state = ReadState { file, pos: range.start, end: range.end, size, rx, rest: Bytes::new(), yielded: true };
         Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
     }
 }
 
 struct ReadState {
-    file: File,
+    /// The spool, through this client's own handle (it stays valid when the spool is renamed into storage or
+    /// removed).
+    file: std::fs::File,
+    /// The first byte not yet mapped.
     pos: u64,
     end: u64,
     size: u64,
     rx: watch::Receiver<Progress>,
-    buf: Vec<u8>,
+    /// What is mapped and not yet handed out: a view of a map of `[.., pos)`.
+    rest: Bytes,
+    /// Whether the task has let others run since its last slice.
+    yielded: bool,
+}
+
+/// Maps `[from, to)` of the spool (a non-empty range the download has written) as `Bytes`, unmapped when the
+/// last slice of it is dropped.
+fn map_spool(file: &std::fs::File, from: u64, to: u64) -> io::Result<Bytes> {
+    let len = usize::try_from(to - from).map_err(io::Error::other)?;
+    // SAFETY: a map is sound while nothing writes to or truncates the file under it. A spool's bytes below the
+    // published `written` are written once and never again: the download only appends (a resumed download skips
+    // what it has), the file was created empty before the flight was visible, and what follows its end is an
+    // unlink (a failed flight) or a link into storage (a stored blob is never written: the storage invariant),
+    // neither of which touches a mapped page. `written` is published only after the write has completed, so
+    // the range is within the file.
+    let map = unsafe { memmap2::MmapOptions::new().offset(from).len(len).map(file)? };
+    Ok(Bytes::from_owner(map))
 }
 
 async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Option<ReadState>)> {
     let mut st = state?;
     loop {
+        if !st.rest.is_empty() {
+            if !st.yielded {
+                tokio::task::yield_now().await;
+            }
+            st.yielded = false;
+            let slice = st.rest.split_to(SERVE_SLICE.min(st.rest.len()));
+            return Some((Ok(slice), Some(st)));
+        }
         if st.pos >= st.end {
             return None;
         }
@@ -431,17 +460,17 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
             return Some((Err(io::Error::other(reason)), None));
         }
         if readable > st.pos {
-            let want = ((readable - st.pos) as usize).min(st.buf.len());
-            return match st.file.read(&mut st.buf[..want]).await {
-                Ok(0) => Some((Err(io::Error::other("spool shorter than announced")), None)),
-                Ok(n) => {
-                    st.pos += n as u64;
-                    let bytes = Bytes::copy_from_slice(&st.buf[..n]);
-                    Some((Ok(bytes), Some(st)))
+            match map_spool(&st.file, st.pos, readable) {
+                Ok(mapped) => {
+                    st.pos = readable;
+                    st.rest = mapped;
+                    continue;
                 }
-                Err(e) => Some((Err(e), None)),
-            };
+                Err(e) => return Some((Err(e), None)),
+            }
         }
+        // Fresh from a wait, the next slice goes out at once: other tasks ran meanwhile.
+        st.yielded = true;
         if st.rx.changed().await.is_err() {
             // The task is gone; its last word is still readable.
             let p = st.rx.borrow().clone();
@@ -559,6 +588,65 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the panicked flight still holds its digest");
+    }
+
+    /// A fetcher serving `blob` in `chunk`-byte pieces, pausing after each, so that readers find the spool
+    /// growing under them.
+    fn trickling(blob: Bytes, chunk: usize) -> Fetcher {
+        Arc::new(move |offset| {
+            let blob = blob.slice(offset as usize..);
+            Box::pin(async move {
+                let total = Some(offset + blob.len() as u64);
+                let pieces: Vec<io::Result<Bytes>> = (0..blob.len()).step_by(chunk).map(|i| Ok(blob.slice(i..(i + chunk).min(blob.len())))).collect();
+                let body: ByteStream = Box::pin(futures_util::stream::iter(pieces).then(|p| async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    p
+                }));
+                Ok(FetchBody { total, from_offset: offset > 0, body })
+            })
+        })
+    }
+
+    /// Readers of a flight in progress (the whole blob, ranges, one that joins late) get exactly their bytes while
+    /// the spool grows, in slices of at most `SERVE_SLICE` (views of the mapped spool, not copies).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_of_a_growing_spool_get_exact_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
+        let blob = Bytes::from((0..3 * SERVE_SLICE + 12_345).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+        let digest = Digest::of(Algorithm::Sha256, &blob);
+        let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 40_000)).await.unwrap() else {
+            panic!("not stored")
+        };
+        let len = blob.len() as u64;
+        let ranges = [None, Some((0, 1)), Some((5, 100_000)), Some((len - 10, len)), Some((SERVE_SLICE as u64 - 3, len))];
+        let mut readers = Vec::new();
+        for (i, r) in ranges.into_iter().enumerate() {
+            let flight = Arc::clone(&flight);
+            readers.push(tokio::spawn(async move {
+                if i == 4 {
+                    // Joins once part of the spool is there: maps a prefix, then what follows.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let range = r.map(|(start, end)| ByteRange { start, end });
+                let mut stream = flight.reader(range).await.unwrap();
+                let (mut out, mut largest) = (Vec::new(), 0);
+                while let Some(c) = stream.next().await {
+                    let c = c.unwrap();
+                    largest = largest.max(c.len());
+                    out.extend_from_slice(&c);
+                }
+                (r, out, largest)
+            }));
+        }
+        for reader in readers {
+            let (r, out, largest) = tokio::time::timeout(Duration::from_secs(30), reader).await.expect("no hang").unwrap();
+            let (start, end) = r.unwrap_or((0, len));
+            assert_eq!(out, &blob[start as usize..end as usize], "range {r:?}");
+            assert!(largest <= SERVE_SLICE, "slices of at most SERVE_SLICE, got {largest}");
+        }
+        flight.finished().await.unwrap();
     }
 
     #[tokio::test]
