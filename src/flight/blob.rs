@@ -26,7 +26,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::fs::File;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::{watch, Mutex};
 
 use crate::oci::Digest;
@@ -119,6 +118,10 @@ pub struct BlobFlights {
     spool_dir: PathBuf,
     /// A tokio mutex because the miss path checks storage (async) under it: see `join`.
     inflight: Mutex<HashMap<Digest, Arc<BlobFlight>>>,
+    /// The requests for a digest that arrive together share one pass through `inflight` (`join_or_start`): a
+    /// herd of hundreds queued on the mutex would be let through one per round of the run queue, each round
+    /// longer than the last as the ones let through start streaming.
+    starts: super::Group<Digest, Result<Started, Arc<str>>>,
     /// The server's background tasks: flights run among them, and stop when they are cancelled.
     tasks: crate::shutdown::Tasks,
 }
@@ -133,7 +136,7 @@ impl BlobFlights {
         while let Some(e) = entries.next_entry().await? {
             let _ = tokio::fs::remove_file(e.path()).await;
         }
-        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), tasks }))
+        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), starts: super::Group::default(), tasks }))
     }
 
     /// The tasks flights run among; for work that must follow a flight to its end (linking what it cached).
@@ -163,15 +166,33 @@ impl BlobFlights {
     }
 
     /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
+    /// Exactly one caller is told it started a new flight (`joined: false`).
     pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
+        let (flights, d) = (Arc::clone(self), digest.clone());
+        let (shared, joined_pass) = self
+            .starts
+            .run(digest.clone(), move || async move {
+                flights.join_or_start(&d, fetch).await.map_err(|e| Arc::<str>::from(e.to_string()))
+            })
+            .await;
+        match shared {
+            Ok(Ok(Started::Stored(size))) => Ok(Join::Stored(size)),
+            // The caller whose pass started the flight is its starter; the others of that pass joined it.
+            Ok(Ok(Started::Flight { flight, new })) => Ok(Join::Flight { flight, joined: !new || joined_pass }),
+            Ok(Err(e)) => Err(StorageError::Io(io::Error::other(e.to_string()))),
+            Err(e) => Err(StorageError::Io(io::Error::other(e.to_string()))),
+        }
+    }
+
+    async fn join_or_start(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Started, StorageError> {
         let mut inflight = self.inflight.lock().await;
         if let Some(f) = inflight.get(digest) {
-            return Ok(Join::Flight { flight: Arc::clone(f), joined: true });
+            return Ok(Started::Flight { flight: Arc::clone(f), new: false });
         }
         // Checked under the lock: a finishing flight adopts its blob into storage *before* it leaves the map
         // (also under the lock), so a miss here cannot race with a flight that just finished.
         if let Some(size) = self.store.size(digest).await? {
-            return Ok(Join::Stored(size));
+            return Ok(Started::Stored(size));
         }
         let spool = self.spool_dir.join(format!("{}-{}", digest.hex(), uuid::Uuid::new_v4().simple()));
         let file = File::create(&spool).await?;
@@ -215,8 +236,16 @@ impl BlobFlights {
             inflight.remove(&digest);
             metrics::gauge!("breakwater_flights_in_progress").decrement(1.0);
         });
-        Ok(Join::Flight { flight, joined: false })
+        Ok(Started::Flight { flight, new: true })
     }
+}
+
+/// What one pass through `BlobFlights::inflight` found, shared by the requests of that pass.
+#[derive(Clone)]
+enum Started {
+    Stored(u64),
+    /// `new`: this pass started the flight.
+    Flight { flight: Arc<BlobFlight>, new: bool },
 }
 
 /// Downloads into `file`, resuming after breaks, and verifies size and digest. Readers see bytes as they land.
@@ -239,8 +268,10 @@ impl From<String> for Stop {
     }
 }
 
-async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), Stop> {
-    let mut hasher = digest.algorithm().hasher();
+async fn download_inner(digest: &Digest, file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), Stop> {
+    let mut writer = SpoolWriter::start(file.into_std().await, digest.algorithm().hasher(), tx.clone());
+    // Bytes handed to the writer, which writes every one of them or fails the flight: where a resumed request
+    // starts.
     let mut written = 0u64;
     let mut total: Option<u64> = None;
     let mut failures = 0u32;
@@ -279,7 +310,7 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    flush(&mut file, &mut pending, &mut written, tx).await?;
+                    writer.write(&mut pending, &mut written).await?;
                     failures += 1;
                     last_error = format!("upstream body broke at byte {written}: {e}");
                     tracing::info!(%digest, written, "upstream body broke; resuming with a range request");
@@ -298,15 +329,14 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
                     return Err(Stop::Failed(format!("upstream sent more than the {t} bytes it announced")));
                 }
             }
-            hasher.update(&chunk);
             pending.extend_from_slice(&chunk);
             metrics::counter!("breakwater_upstream_blob_bytes_total").increment(chunk.len() as u64);
             if pending.len() >= PUBLISH_BYTES || last_publish.elapsed() >= PUBLISH_INTERVAL {
-                flush(&mut file, &mut pending, &mut written, tx).await?;
+                writer.write(&mut pending, &mut written).await?;
                 last_publish = Instant::now();
             }
         }
-        flush(&mut file, &mut pending, &mut written, tx).await?;
+        writer.write(&mut pending, &mut written).await?;
         if let Some(t) = total {
             if written != t {
                 failures += 1;
@@ -316,7 +346,8 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
         }
         break;
     }
-    let actual = hasher.finish();
+    // Every byte handed over is written (and announced) once the writer has finished.
+    let actual = writer.finish().await?.finish();
     if &actual != digest {
         return Err(Stop::Failed(format!("upstream content has digest {actual}, not {digest}")));
     }
@@ -324,20 +355,65 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
     Ok(())
 }
 
-/// Writes what is pending to the spool and tells the readers.
-async fn flush(file: &mut File, pending: &mut BytesMut, written: &mut u64, tx: &watch::Sender<Progress>) -> Result<(), String> {
-    if pending.is_empty() {
-        return Ok(());
+/// Batches of at most about `PUBLISH_BYTES` that may wait for a flight's writer: what a flight holds in memory
+/// beyond its spool, whatever the number of its clients.
+const WRITE_QUEUE: usize = 8;
+
+/// Writes a flight's bytes to its spool, and hashes them, on a thread of the blocking pool, and announces each
+/// write to the readers when it has landed (in page cache, where every other handle on the file reads it).
+/// Off the runtime because the download must keep its pace while hundreds of clients are served: an async
+/// write is a trip to the blocking pool and back per batch, and coming back costs a round of a run queue full
+/// of busy downloads (which had a 100 MB/s download crawl at a few MB/s under an 800-client herd); the hashing
+/// is CPU the serving threads then keep.
+struct SpoolWriter {
+    batches: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    done: Option<tokio::task::JoinHandle<Result<crate::oci::Hasher, String>>>,
+}
+
+impl SpoolWriter {
+    fn start(mut file: std::fs::File, mut hasher: crate::oci::Hasher, progress: watch::Sender<Progress>) -> SpoolWriter {
+        let (batches, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            while let Some(batch) = rx.blocking_recv() {
+                hasher.update(&batch);
+                file.write_all(&batch).map_err(|e| format!("writing the spool failed: {e}"))?;
+                let n = batch.len() as u64;
+                progress.send_modify(|p| p.written += n);
+            }
+            Ok(hasher)
+        });
+        SpoolWriter { batches: Some(batches), done: Some(done) }
     }
-    let io = |e: io::Error| format!("writing the spool failed: {e}");
-    file.write_all(pending).await.map_err(io)?;
-    // After flush the bytes are in the kernel's page cache, where other handles on the file can read them.
-    file.flush().await.map_err(io)?;
-    *written += pending.len() as u64;
-    pending.clear();
-    let w = *written;
-    tx.send_modify(|p| p.written = w);
-    Ok(())
+
+    /// Hands what is pending to the writer (it counts as `written` from now: it will be written, or the flight
+    /// fails).
+    async fn write(&mut self, pending: &mut BytesMut, written: &mut u64) -> Result<(), String> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let batch = pending.split().freeze();
+        let n = batch.len() as u64;
+        let sent = match &self.batches {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer stopped: its error says why.
+            return Err(self.finish().await.err().unwrap_or_else(|| "the spool writer stopped".into()));
+        }
+        *written += n;
+        Ok(())
+    }
+
+    /// Waits for every batch handed over to be written; the hash of all of them.
+    async fn finish(&mut self) -> Result<crate::oci::Hasher, String> {
+        drop(self.batches.take());
+        match self.done.take() {
+            Some(done) => done.await.map_err(|e| format!("the spool writer failed: {e}"))?,
+            None => Err("the spool writer stopped".into()),
+        }
+    }
 }
 
 impl BlobFlight {
