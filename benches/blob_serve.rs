@@ -5,6 +5,9 @@
 //! - `BENCH_CLIENTS`: comma-separated client counts (default `1,50`);
 //! - `BENCH_BLOB_MB`: blob size in MB of 10^6 bytes (default `200`);
 //! - `BENCH_REPEAT`: how many times each client count is measured (default `5`; every repetition is printed, then medians);
+//! - `BENCH_DRIVER`: `reqwest` (default: the clients are tasks of this process, which time every first byte) or
+//!   `h2load` (the issue's client: `h2load --h1 -c N -n N`, one C process on `BENCH_H2LOAD_THREADS` threads,
+//!   default 1, which reports first bytes as min / max / mean only; its body bytes are counted, not hashed);
 //! - `BENCH_NGINX`: the nginx binary (default `/usr/sbin/nginx`; Debian's `nginx` package, which need not be
 //!   installed: `apt-get download nginx && dpkg-deb -x nginx_*.deb DIR` gives `DIR/usr/sbin/nginx`); `none` skips it.
 //!
@@ -113,11 +116,11 @@ fn main() {
     println!();
     println!("Results ({blob_mb} MB blob; MB = 10^6 bytes, MiB = 2^20 bytes; times in seconds unless marked ms)");
     println!();
-    println!("| server | clients | rep | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB (VmHWM) | sampled max RSS MiB | sampled max RssAnon MiB | server CPU s | bench-process CPU s | other CPU s | load 1 min | bodies ok |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| server | clients | rep | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | TTFB mean ms | TTFB max ms | done p50 s | done p99 s | server peak RSS MiB (VmHWM) | sampled max RSS MiB | sampled max RssAnon MiB | server CPU s | bench-process CPU s | other CPU s | load 1 min | bodies ok |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
             r.server,
             r.n,
             r.rep,
@@ -126,6 +129,8 @@ fn main() {
             r.mbps * 8.0 / 1000.0,
             r.ttfb_p50 * 1000.0,
             r.ttfb_p99 * 1000.0,
+            r.ttfb_mean * 1000.0,
+            r.ttfb_max * 1000.0,
             r.done_p50,
             r.done_p99,
             mib_or_na(r.hwm),
@@ -143,9 +148,9 @@ fn main() {
     println!("Medians over the {repeat} repetitions (peak RSS: the largest of the repetitions)");
     println!();
     println!(
-        "| server | clients | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | done p50 s | done p99 s | server peak RSS MiB | peak RssAnon MiB | server CPU s | server CPU s per GB served | other CPU s |"
+        "| server | clients | wall s | aggregate MB/s | Gbit/s | TTFB p50 ms | TTFB p99 ms | TTFB mean ms | TTFB max ms | done p50 s | done p99 s | server peak RSS MiB | peak RssAnon MiB | server CPU s | server CPU s per GB served | other CPU s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for server in &servers {
         for &n in &clients {
             let runs: Vec<&Row> = rows.iter().filter(|r| r.server == server.name && r.n == n).collect();
@@ -156,13 +161,15 @@ fn main() {
             let peak = runs.iter().filter_map(|r| r.hwm).max().unwrap_or(0) as f64 / 1024.0;
             let anon = runs.iter().map(|r| r.sampled_anon_kib).max().unwrap_or(0) as f64 / 1024.0;
             println!(
-                "| {} | {n} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.2} | {:.2} | {peak:.1} | {anon:.1} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {n} | {:.2} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {peak:.1} | {anon:.1} | {:.2} | {:.2} | {:.2} |",
                 server.name,
                 med(&|r| r.wall),
                 med(&|r| r.mbps),
                 med(&|r| r.mbps) * 8.0 / 1000.0,
                 med(&|r| r.ttfb_p50 * 1000.0),
                 med(&|r| r.ttfb_p99 * 1000.0),
+                med(&|r| r.ttfb_mean * 1000.0),
+                med(&|r| r.ttfb_max * 1000.0),
                 med(&|r| r.done_p50),
                 med(&|r| r.done_p99),
                 med(&|r| r.server_cpu),
@@ -198,6 +205,9 @@ struct Row {
     mbps: f64,
     ttfb_p50: f64,
     ttfb_p99: f64,
+    ttfb_mean: f64,
+    /// The slowest client's first byte.
+    ttfb_max: f64,
     done_p50: f64,
     done_p99: f64,
     hwm: Option<u64>,
@@ -210,6 +220,84 @@ struct Row {
     /// The 1-minute load average at the end of the run: how busy the machine was.
     load: String,
     ok: usize,
+}
+
+/// What one run's clients saw, from either driver.
+struct Outcome {
+    wall: f64,
+    bytes: u64,
+    ok: usize,
+    errors: Vec<String>,
+    ttfb_p50: f64,
+    ttfb_p99: f64,
+    ttfb_mean: f64,
+    ttfb_max: f64,
+    done_p50: f64,
+    done_p99: f64,
+}
+
+fn h2load_driver() -> bool {
+    match std::env::var("BENCH_DRIVER").as_deref() {
+        Ok("h2load") => true,
+        Ok("reqwest") | Err(_) => false,
+        Ok(other) => panic!("BENCH_DRIVER: reqwest or h2load, not {other}"),
+    }
+}
+
+impl Outcome {
+    fn reqwest(rt: &tokio::runtime::Runtime, url: &str, n: usize, size: u64, digest: &str) -> Outcome {
+        let results = rt.block_on(run_clients(url, n, size, digest));
+        let mut errors = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            if let Some(e) = &r.error {
+                errors.push(format!("client {i}: {e} (read {} of {size} bytes)", r.bytes));
+            }
+        }
+        let mut ttfb: Vec<f64> = results.iter().filter_map(|r| r.ttfb).collect();
+        let mut done: Vec<f64> = results.iter().map(|r| r.done).collect();
+        Outcome {
+            // Wall time: from the moment the N requests are started until the last body byte of the slowest client
+            // (the sha256 check that follows is not counted).
+            wall: done.iter().copied().fold(0.0, f64::max),
+            bytes: results.iter().map(|r| r.bytes).sum(),
+            ok: n - errors.len(),
+            errors,
+            ttfb_mean: ttfb.iter().sum::<f64>() / ttfb.len().max(1) as f64,
+            ttfb_max: ttfb.iter().copied().fold(0.0, f64::max),
+            ttfb_p50: pct(&mut ttfb, 50.0),
+            ttfb_p99: pct(&mut ttfb, 99.0),
+            done_p50: pct(&mut done, 50.0),
+            done_p99: pct(&mut done, 99.0),
+        }
+    }
+
+    /// h2load reports no percentiles: p50/p99 are NaN, "done" is its time-for-request mean and max.
+    fn h2load(url: &str, n: usize, size: u64) -> Outcome {
+        let threads = support::env_parse("BENCH_H2LOAD_THREADS", 1usize);
+        let r = match support::h2load(url, n, threads) {
+            Ok(r) => r,
+            Err(e) => {
+                let nan = f64::NAN;
+                return Outcome { wall: nan, bytes: 0, ok: 0, errors: vec![e], ttfb_p50: nan, ttfb_p99: nan, ttfb_mean: nan, ttfb_max: nan, done_p50: nan, done_p99: nan };
+            }
+        };
+        let mut errors = Vec::new();
+        if r.succeeded != n as u64 || r.data_bytes != n as u64 * size {
+            errors.push(format!("h2load: {} of {n} succeeded, {} failed, {} body bytes of {}", r.succeeded, r.failed, r.data_bytes, n as u64 * size));
+        }
+        Outcome {
+            wall: r.wall,
+            bytes: r.data_bytes,
+            ok: r.succeeded as usize,
+            errors,
+            ttfb_p50: f64::NAN,
+            ttfb_p99: f64::NAN,
+            ttfb_mean: r.ttfb[2],
+            ttfb_max: r.ttfb[1],
+            done_p50: r.request[2],
+            done_p99: r.request[1],
+        }
+    }
 }
 
 struct Server {
@@ -380,10 +468,7 @@ fn measure(
         })
     };
 
-    let results = rt.block_on(run_clients(url, n, size, digest));
-    // Wall time: from the moment the N requests are started until the last body byte of the slowest client
-    // (the sha256 check that follows is not counted).
-    let wall = results.iter().map(|r| r.done).fold(0.0, f64::max);
+    let outcome = if h2load_driver() { Outcome::h2load(url, n, size) } else { Outcome::reqwest(rt, url, n, size, digest) };
 
     stop.store(true, Ordering::Relaxed);
     let (sampled_max_kib, sampled_anon_kib) = sampler.join().unwrap();
@@ -396,26 +481,22 @@ fn measure(
     skip.push(std::process::id());
     let others = top_other_processes(&procs0, &all_process_cpu(), &skip);
 
-    let mut ok = 0;
-    for (i, r) in results.iter().enumerate() {
-        match &r.error {
-            None => ok += 1,
-            Some(e) => failures.push(format!("{name} N={n} rep {rep} client {i}: {e} (read {} of {size} bytes)", r.bytes)),
-        }
+    for e in &outcome.errors {
+        failures.push(format!("{name} N={n} rep {rep}: {e}"));
     }
-    let total: u64 = results.iter().map(|r| r.bytes).sum();
-    let mut ttfb: Vec<f64> = results.iter().filter_map(|r| r.ttfb).collect();
-    let mut done: Vec<f64> = results.iter().map(|r| r.done).collect();
+    let ok = outcome.ok;
     let row = Row {
         server: name,
         n,
         rep,
-        wall,
-        mbps: total as f64 / 1e6 / wall,
-        ttfb_p50: pct(&mut ttfb, 50.0),
-        ttfb_p99: pct(&mut ttfb, 99.0),
-        done_p50: pct(&mut done, 50.0),
-        done_p99: pct(&mut done, 99.0),
+        wall: outcome.wall,
+        mbps: outcome.bytes as f64 / 1e6 / outcome.wall,
+        ttfb_p50: outcome.ttfb_p50,
+        ttfb_p99: outcome.ttfb_p99,
+        ttfb_mean: outcome.ttfb_mean,
+        ttfb_max: outcome.ttfb_max,
+        done_p50: outcome.done_p50,
+        done_p99: outcome.done_p99,
         hwm,
         sampled_max_kib,
         sampled_anon_kib,
@@ -426,13 +507,15 @@ fn measure(
         ok,
     };
     println!(
-        "   {name:<18} N={n:>3} rep {rep}: wall {:.2}s, {:.0} MB/s ({:.2} Gbit/s), TTFB p50/p99 {:.1}/{:.1} ms, \
+        "   {name:<18} N={n:>3} rep {rep}: wall {:.2}s, {:.0} MB/s ({:.2} Gbit/s), TTFB p50/p99/mean/max {:.1}/{:.1}/{:.1}/{:.1} ms, \
          done p50/p99 {:.2}/{:.2}s, peak RSS {} MiB, RssAnon {:.1} MiB, server CPU {:.2}s, other CPU {:.2}s, load {}, {ok}/{n} ok",
         row.wall,
         row.mbps,
         row.mbps * 8.0 / 1000.0,
         row.ttfb_p50 * 1000.0,
         row.ttfb_p99 * 1000.0,
+        row.ttfb_mean * 1000.0,
+        row.ttfb_max * 1000.0,
         row.done_p50,
         row.done_p99,
         mib_or_na(hwm),
@@ -537,7 +620,7 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
     if v.len() % 2 == 1 {
         v[m]

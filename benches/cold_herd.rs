@@ -93,6 +93,9 @@ struct Row {
     settle: f64,
     settled: bool,
     hwm_kib: Option<u64>,
+    /// The largest RssAnon sampled (every 20 ms) during the case: the proxy's own memory, without the page cache
+    /// of files it maps.
+    anon_kib: u64,
     proxy_cpu: f64,
     bench_cpu: f64,
     upstream_cpu: f64,
@@ -189,11 +192,11 @@ fn main() {
         if throttle == 0 { "unthrottled".to_string() } else { format!("{:.0} MB/s per connection", throttle as f64 / 1e6) }
     );
     println!();
-    println!("| proxy | N | cache | upstream blob GETs | upstream blob HEADs | other upstream requests | blob bytes from upstream (x blob) | upstream sent 1x blob by s | all N done s | TTFB p50 ms | TTFB p99 ms | proxy peak RSS MiB | proxy CPU s | bench CPU s | upstream CPU s | other CPU s | load 1/5/15 | bodies ok |");
-    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    println!("| proxy | N | cache | upstream blob GETs | upstream blob HEADs | other upstream requests | blob bytes from upstream (x blob) | upstream sent 1x blob by s | all N done s | TTFB p50 ms | TTFB p99 ms | proxy peak RSS MiB | proxy peak RssAnon MiB | proxy CPU s | bench CPU s | upstream CPU s | other CPU s | load 1/5/15 | bodies ok |");
+    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
     for r in &rows {
         println!(
-            "| {} | {} | {} | {}{} | {} | {} | {:.2} GB ({:.2}x){} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
+            "| {} | {} | {} | {}{} | {} | {} | {:.2} GB ({:.2}x){} | {} | {} | {:.1} | {:.1} | {} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {}/{} |",
             r.proxy.name(),
             r.n,
             if r.warm { "warm (re-run)" } else { "cold" },
@@ -209,6 +212,7 @@ fn main() {
             r.ttfb_p50 * 1000.0,
             r.ttfb_p99 * 1000.0,
             mib_or_na(r.hwm_kib),
+            r.anon_kib as f64 / 1024.0,
             r.proxy_cpu,
             r.bench_cpu,
             r.upstream_cpu,
@@ -278,6 +282,42 @@ fn main() {
                     );
                 }
             }
+        }
+    }
+
+    // Issue 10's targets: the cold herd against the same N served warm by the same process, and the one upstream
+    // download's pace against one client reading straight from the upstream (the unloaded pace).
+    println!();
+    println!("Targets (issue 10, items 2, 3 and 4):");
+    for &proxy in &proxies {
+        for cold in rows.iter().filter(|r| r.proxy == proxy && !r.warm) {
+            let Some(warm) = rows.iter().find(|r| r.proxy == proxy && r.warm && r.n == cold.n) else { continue };
+            println!("  {} N={}:", proxy.name(), cold.n);
+            println!(
+                "    TTFB p99 cold {:.1} ms vs warm {:.1} ms: {:.2}x (target <= 2x: {})",
+                cold.ttfb_p99 * 1000.0,
+                warm.ttfb_p99 * 1000.0,
+                cold.ttfb_p99 / warm.ttfb_p99,
+                verdict(cold.ttfb_p99 <= 2.0 * warm.ttfb_p99)
+            );
+            if let (Some(c), Some(w)) = (cold.wall, warm.wall) {
+                println!("    all done cold {c:.2}s vs warm {w:.2}s: {:.2}x (target <= 1.1x: {})", c / w, verdict(c <= 1.1 * w));
+            }
+            if let (Some(up), None) = (cold.upstream_1x, &direct[0].error) {
+                let pace = direct[0].done / up;
+                println!(
+                    "    the upstream download took {up:.2}s against {:.2}s unloaded: {pace:.2}x its unloaded pace (target >= 0.9x: {})",
+                    direct[0].done,
+                    verdict(pace >= 0.9)
+                );
+            }
+            println!(
+                "    peak RssAnon cold {:.1} MiB ({:.1} MB), warm {:.1} MiB (target <= 64 MB at N=800: {})",
+                cold.anon_kib as f64 / 1024.0,
+                cold.anon_kib as f64 * 1024.0 / 1e6,
+                warm.anon_kib as f64 / 1024.0,
+                verdict((cold.anon_kib.max(warm.anon_kib) as f64 * 1024.0) <= 64e6)
+            );
         }
     }
 
@@ -385,6 +425,14 @@ fn measure(
             }
             None
         });
+        let sampler = scope.spawn(|| {
+            let mut anon = 0;
+            while watching.load(Ordering::Relaxed) {
+                anon = anon.max(vm_kib(pid, "RssAnon").unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            anon
+        });
         let results = rt.block_on(run_clients(url, n, size, digest, timeout));
         let finished = results.iter().filter(|r| !r.timed_out).count();
         let ok = results.iter().filter(|r| r.error.is_none()).count();
@@ -408,6 +456,7 @@ fn measure(
         std::thread::sleep(Duration::from_millis(200));
         watching.store(false, Ordering::Relaxed);
         let upstream_1x = watcher.join().expect("watcher");
+        let anon_kib = sampler.join().expect("sampler");
 
         let hwm_kib = vm_kib(pid, "VmHWM");
         let proxy_cpu = cpu_seconds(pid) - cpu0;
@@ -467,6 +516,7 @@ fn measure(
             settle,
             settled,
             hwm_kib,
+            anon_kib,
             proxy_cpu,
             bench_cpu,
             upstream_cpu,
@@ -481,7 +531,7 @@ fn measure(
 fn print_case(r: &Row) {
     println!(
         "-- {} N={}{}: {}, TTFB p50/p99 {:.1}/{:.1} ms; upstream: {} blob GETs{}, {} blob HEADs, other {}, {} blob bytes read ({}; {:.2}x the blob; {} bytes in all responses; {} blob GETs aborted){}; \
-         peak RSS {} MiB; CPU proxy {:.2}s, bench {:.2}s, upstream {:.2}s, other {:.2}s; load {}; {}/{} ok",
+         peak RSS {} MiB, RssAnon {:.1} MiB; CPU proxy {:.2}s, bench {:.2}s, upstream {:.2}s, other {:.2}s; load {}; {}/{} ok",
         r.proxy.name(),
         r.n,
         if r.warm { " (warm re-run)" } else { " cold" },
@@ -499,6 +549,7 @@ fn print_case(r: &Row) {
         r.aborted_upstream,
         if r.settled { format!(", upstream quiet {:.2}s after the last client", r.settle) } else { format!(", upstream still busy {:.0}s after the clients", r.settle) },
         mib_or_na(r.hwm_kib),
+        r.anon_kib as f64 / 1024.0,
         r.proxy_cpu,
         r.bench_cpu,
         r.upstream_cpu,

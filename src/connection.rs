@@ -109,16 +109,47 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let (router, stopped, tls) = (router.clone(), stopped.clone(), tls.clone());
-        tokio::spawn(async move {
-            serve_one(stream, router, limits, tls, stopped).await;
-            drop(permit);
-        });
+        let spawn = |stream: TcpStream, permit: tokio::sync::OwnedSemaphorePermit| {
+            let (router, stopped, tls) = (router.clone(), stopped.clone(), tls.clone());
+            tokio::spawn(async move {
+                serve_one(stream, router, limits, tls, stopped).await;
+                drop(permit);
+            });
+        };
+        spawn(stream, permit);
+        accept_waiting(&listener, &permits, spawn);
     }
     drop(listener);
     let _ = stop.send(true);
     // Every connection holds a permit until it has closed.
     let _ = permits.acquire_many(max).await;
+}
+
+/// Connections taken from the backlog at most per wake-up of the accept loop.
+const ACCEPT_BATCH: usize = 256;
+
+/// Accepts, without waiting, the connections already waiting in the backlog (at most [`ACCEPT_BATCH`], each with a
+/// free permit), and hands each to `spawn`. The accept loop is one task among the connections it has accepted:
+/// each time it waits, it goes to the back of the run queue behind every busy download, so taking one
+/// connection per turn (or the runtime's cooperative budget's worth) would let a herd of hundreds wait in the
+/// backlog for many turns, their first bytes with it. Unconstrained by that budget, because the point is to
+/// empty the backlog in one turn; bounded, so that the loop still lets the others run.
+fn accept_waiting(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    spawn: impl Fn(TcpStream, tokio::sync::OwnedSemaphorePermit),
+) {
+    use futures_util::FutureExt;
+    for _ in 0..ACCEPT_BATCH {
+        let Ok(permit) = Arc::clone(permits).try_acquire_owned() else { return };
+        // `now_or_never` polls once: a connection in the backlog is taken, an empty backlog ends the batch (and
+        // the loop's next `accept` waits for readiness with its own waker).
+        match tokio::task::unconstrained(listener.accept()).now_or_never() {
+            Some(Ok((stream, _))) => spawn(stream, permit),
+            // An error is left to the loop's next `accept`, which handles it (or it was a transient one).
+            Some(Err(_)) | None => return,
+        }
+    }
 }
 
 /// A failed `accept`: a connection that died in the backlog is nothing; running out of descriptors is waited

@@ -305,3 +305,80 @@ pub fn wrk(url: &str, headers: &[String], connections: usize, secs: u64) -> f64 
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no Requests/sec in wrk's output:\n{text}"))
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// h2load (Debian's nghttp2-client), the client for the 800-connection herd: one C process, so that the
+// clients cost the machine far less CPU than as many reqwest tasks would.
+
+/// What `h2load --h1 -c N -n N URL` reported: counts, bytes, and its time statistics (seconds).
+#[derive(Debug, Clone, Default)]
+pub struct H2load {
+    pub wall: f64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Body bytes received, all requests together.
+    pub data_bytes: u64,
+    /// Time to first byte, from the start of each client's connect: min, max, mean, sd.
+    pub ttfb: [f64; 4],
+    /// Time for a whole request (to its last byte): min, max, mean, sd.
+    pub request: [f64; 4],
+    pub connect: [f64; 4],
+}
+
+/// Runs h2load with `n` HTTP/1.1 connections, one GET of `url` each, on `threads` client threads.
+pub fn h2load(url: &str, n: usize, threads: usize) -> Result<H2load, String> {
+    let out = std::process::Command::new("h2load")
+        .args(["--h1", "-c", &n.to_string(), "-n", &n.to_string(), "-t", &threads.to_string(), "-T", "300", url])
+        .output()
+        .map_err(|e| format!("running h2load: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        return Err(format!("h2load exited with {}: {text}{}", out.status, String::from_utf8_lossy(&out.stderr)));
+    }
+    parse_h2load(&text).ok_or_else(|| format!("unparsable h2load output: {text}"))
+}
+
+/// A duration as h2load prints it (`812us`, `1.27ms`, `3.05s`), in seconds.
+fn h2load_secs(s: &str) -> Option<f64> {
+    let (num, scale) = if let Some(v) = s.strip_suffix("us") {
+        (v, 1e-6)
+    } else if let Some(v) = s.strip_suffix("ms") {
+        (v, 1e-3)
+    } else {
+        (s.strip_suffix('s')?, 1.0)
+    };
+    Some(num.parse::<f64>().ok()? * scale)
+}
+
+fn parse_h2load(text: &str) -> Option<H2load> {
+    let mut r = H2load::default();
+    let stats = |line: &str| -> Option<[f64; 4]> {
+        let v: Vec<f64> = line.split(':').nth(1)?.split_whitespace().take(4).map(h2load_secs).collect::<Option<_>>()?;
+        v.try_into().ok()
+    };
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            r.wall = h2load_secs(rest.split(',').next()?.trim())?;
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            for part in rest.split(',').map(str::trim) {
+                let (num, what) = part.split_once(' ')?;
+                match what {
+                    "succeeded" => r.succeeded = num.parse().ok()?,
+                    "failed" => r.failed = num.parse().ok()?,
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("traffic: ") {
+            // `..., 15.62GB (16000000000) data`: the exact count is in parentheses before "data".
+            let data = rest.rsplit(',').next()?;
+            r.data_bytes = data.split_once('(')?.1.split_once(')')?.0.parse().ok()?;
+        } else if line.starts_with("time to 1st byte:") {
+            r.ttfb = stats(line)?;
+        } else if line.starts_with("time for request:") {
+            r.request = stats(line)?;
+        } else if line.starts_with("time for connect:") {
+            r.connect = stats(line)?;
+        }
+    }
+    Some(r)
+}

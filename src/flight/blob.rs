@@ -5,9 +5,11 @@
 //! client 2 ─┼─> BlobFlights::join ───┤                      ├─> verify digest, adopt into storage
 //! client N ─┘    one fetch task      └─ watch: Progress ────┘
 //! ```
-//! The fetch task appends to the spool and publishes how many bytes are there; each client reads the spool
-//! through its own file handle up to that mark, then waits for the next change. So late joiners replay from
-//! disk, a slow client only slows itself, and memory per client is one read buffer whatever N is.
+//! The fetch task appends to the spool and publishes how many bytes are there; each client maps the spool's
+//! published prefix (through its own file handle) and hands hyper slices of the map, then waits for the next
+//! change. So late joiners replay from disk (page cache), a slow client only slows itself, and a client costs no
+//! buffer of ours whatever N is: its slices are page cache, shared with every other reader, not the process's
+//! anonymous memory.
 //!
 //! A flight outlives the clients that wait on it (it fills the cache), but not the server: at shutdown, after
 //! the HTTP drain, its download is cancelled and it ends as a failed flight does, its spool removed. Only the
@@ -24,7 +26,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{watch, Mutex};
 
 use crate::oci::Digest;
@@ -35,8 +36,10 @@ use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError};
 const PUBLISH_BYTES: usize = 256 * 1024;
 /// ...unless this long has passed since the last announcement, so a slow upstream still streams promptly.
 const PUBLISH_INTERVAL: Duration = Duration::from_millis(20);
-/// One read per client per wake-up; the only per-client memory a flight costs.
-const READ_CHUNK: usize = 64 * 1024;
+/// How much of the mapped spool one slice handed to hyper holds, as for stored blobs (`storage::local`): a
+/// slice costs no memory, and between two slices the reader yields, so that a socket that takes megabytes at
+/// once does not hold a runtime thread while other clients wait for their first bytes.
+const SERVE_SLICE: usize = 256 * 1024;
 /// How many times a broken download is resumed (with `Range`) before the flight fails.
 const RESUME_ATTEMPTS: u32 = 3;
 
@@ -115,6 +118,10 @@ pub struct BlobFlights {
     spool_dir: PathBuf,
     /// A tokio mutex because the miss path checks storage (async) under it: see `join`.
     inflight: Mutex<HashMap<Digest, Arc<BlobFlight>>>,
+    /// The requests for a digest that arrive together share one pass through `inflight` (`join_or_start`): a
+    /// herd of hundreds queued on the mutex would be let through one per round of the run queue, each round
+    /// longer than the last as the ones let through start streaming.
+    starts: super::Group<Digest, Result<Started, Arc<str>>>,
     /// The server's background tasks: flights run among them, and stop when they are cancelled.
     tasks: crate::shutdown::Tasks,
 }
@@ -129,7 +136,7 @@ impl BlobFlights {
         while let Some(e) = entries.next_entry().await? {
             let _ = tokio::fs::remove_file(e.path()).await;
         }
-        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), tasks }))
+        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), starts: super::Group::default(), tasks }))
     }
 
     /// The tasks flights run among; for work that must follow a flight to its end (linking what it cached).
@@ -159,15 +166,33 @@ impl BlobFlights {
     }
 
     /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
+    /// Exactly one caller is told it started a new flight (`joined: false`).
     pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
+        let (flights, d) = (Arc::clone(self), digest.clone());
+        let (shared, joined_pass) = self
+            .starts
+            .run(digest.clone(), move || async move {
+                flights.join_or_start(&d, fetch).await.map_err(|e| Arc::<str>::from(e.to_string()))
+            })
+            .await;
+        match shared {
+            Ok(Ok(Started::Stored(size))) => Ok(Join::Stored(size)),
+            // The caller whose pass started the flight is its starter; the others of that pass joined it.
+            Ok(Ok(Started::Flight { flight, new })) => Ok(Join::Flight { flight, joined: !new || joined_pass }),
+            Ok(Err(e)) => Err(StorageError::Io(io::Error::other(e.to_string()))),
+            Err(e) => Err(StorageError::Io(io::Error::other(e.to_string()))),
+        }
+    }
+
+    async fn join_or_start(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Started, StorageError> {
         let mut inflight = self.inflight.lock().await;
         if let Some(f) = inflight.get(digest) {
-            return Ok(Join::Flight { flight: Arc::clone(f), joined: true });
+            return Ok(Started::Flight { flight: Arc::clone(f), new: false });
         }
         // Checked under the lock: a finishing flight adopts its blob into storage *before* it leaves the map
         // (also under the lock), so a miss here cannot race with a flight that just finished.
         if let Some(size) = self.store.size(digest).await? {
-            return Ok(Join::Stored(size));
+            return Ok(Started::Stored(size));
         }
         let spool = self.spool_dir.join(format!("{}-{}", digest.hex(), uuid::Uuid::new_v4().simple()));
         let file = File::create(&spool).await?;
@@ -211,8 +236,16 @@ impl BlobFlights {
             inflight.remove(&digest);
             metrics::gauge!("breakwater_flights_in_progress").decrement(1.0);
         });
-        Ok(Join::Flight { flight, joined: false })
+        Ok(Started::Flight { flight, new: true })
     }
+}
+
+/// What one pass through `BlobFlights::inflight` found, shared by the requests of that pass.
+#[derive(Clone)]
+enum Started {
+    Stored(u64),
+    /// `new`: this pass started the flight.
+    Flight { flight: Arc<BlobFlight>, new: bool },
 }
 
 /// Downloads into `file`, resuming after breaks, and verifies size and digest. Readers see bytes as they land.
@@ -235,8 +268,10 @@ impl From<String> for Stop {
     }
 }
 
-async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), Stop> {
-    let mut hasher = digest.algorithm().hasher();
+async fn download_inner(digest: &Digest, file: File, fetch: &Fetcher, tx: &watch::Sender<Progress>) -> Result<(), Stop> {
+    let mut writer = SpoolWriter::start(file.into_std().await, digest.algorithm().hasher(), tx.clone());
+    // Bytes handed to the writer, which writes every one of them or fails the flight: where a resumed request
+    // starts.
     let mut written = 0u64;
     let mut total: Option<u64> = None;
     let mut failures = 0u32;
@@ -275,7 +310,7 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
             let chunk = match body.next().await {
                 Some(Ok(c)) => c,
                 Some(Err(e)) => {
-                    flush(&mut file, &mut pending, &mut written, tx).await?;
+                    writer.write(&mut pending, &mut written).await?;
                     failures += 1;
                     last_error = format!("upstream body broke at byte {written}: {e}");
                     tracing::info!(%digest, written, "upstream body broke; resuming with a range request");
@@ -294,15 +329,14 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
                     return Err(Stop::Failed(format!("upstream sent more than the {t} bytes it announced")));
                 }
             }
-            hasher.update(&chunk);
             pending.extend_from_slice(&chunk);
             metrics::counter!("breakwater_upstream_blob_bytes_total").increment(chunk.len() as u64);
             if pending.len() >= PUBLISH_BYTES || last_publish.elapsed() >= PUBLISH_INTERVAL {
-                flush(&mut file, &mut pending, &mut written, tx).await?;
+                writer.write(&mut pending, &mut written).await?;
                 last_publish = Instant::now();
             }
         }
-        flush(&mut file, &mut pending, &mut written, tx).await?;
+        writer.write(&mut pending, &mut written).await?;
         if let Some(t) = total {
             if written != t {
                 failures += 1;
@@ -312,7 +346,8 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
         }
         break;
     }
-    let actual = hasher.finish();
+    // Every byte handed over is written (and announced) once the writer has finished.
+    let actual = writer.finish().await?.finish();
     if &actual != digest {
         return Err(Stop::Failed(format!("upstream content has digest {actual}, not {digest}")));
     }
@@ -320,20 +355,65 @@ async fn download_inner(digest: &Digest, mut file: File, fetch: &Fetcher, tx: &w
     Ok(())
 }
 
-/// Writes what is pending to the spool and tells the readers.
-async fn flush(file: &mut File, pending: &mut BytesMut, written: &mut u64, tx: &watch::Sender<Progress>) -> Result<(), String> {
-    if pending.is_empty() {
-        return Ok(());
+/// Batches of at most about `PUBLISH_BYTES` that may wait for a flight's writer: what a flight holds in memory
+/// beyond its spool, whatever the number of its clients.
+const WRITE_QUEUE: usize = 8;
+
+/// Writes a flight's bytes to its spool, and hashes them, on a thread of the blocking pool, and announces each
+/// write to the readers when it has landed (in page cache, where every other handle on the file reads it).
+/// Off the runtime because the download must keep its pace while hundreds of clients are served: an async
+/// write is a trip to the blocking pool and back per batch, and coming back costs a round of a run queue full
+/// of busy downloads (which had a 100 MB/s download crawl at a few MB/s under an 800-client herd); the hashing
+/// is CPU the serving threads then keep.
+struct SpoolWriter {
+    batches: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    done: Option<tokio::task::JoinHandle<Result<crate::oci::Hasher, String>>>,
+}
+
+impl SpoolWriter {
+    fn start(mut file: std::fs::File, mut hasher: crate::oci::Hasher, progress: watch::Sender<Progress>) -> SpoolWriter {
+        let (batches, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITE_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            while let Some(batch) = rx.blocking_recv() {
+                hasher.update(&batch);
+                file.write_all(&batch).map_err(|e| format!("writing the spool failed: {e}"))?;
+                let n = batch.len() as u64;
+                progress.send_modify(|p| p.written += n);
+            }
+            Ok(hasher)
+        });
+        SpoolWriter { batches: Some(batches), done: Some(done) }
     }
-    let io = |e: io::Error| format!("writing the spool failed: {e}");
-    file.write_all(pending).await.map_err(io)?;
-    // After flush the bytes are in the kernel's page cache, where other handles on the file can read them.
-    file.flush().await.map_err(io)?;
-    *written += pending.len() as u64;
-    pending.clear();
-    let w = *written;
-    tx.send_modify(|p| p.written = w);
-    Ok(())
+
+    /// Hands what is pending to the writer (it counts as `written` from now: it will be written, or the flight
+    /// fails).
+    async fn write(&mut self, pending: &mut BytesMut, written: &mut u64) -> Result<(), String> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let batch = pending.split().freeze();
+        let n = batch.len() as u64;
+        let sent = match &self.batches {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer stopped: its error says why.
+            return Err(self.finish().await.err().unwrap_or_else(|| "the spool writer stopped".into()));
+        }
+        *written += n;
+        Ok(())
+    }
+
+    /// Waits for every batch handed over to be written; the hash of all of them.
+    async fn finish(&mut self) -> Result<crate::oci::Hasher, String> {
+        drop(self.batches.take());
+        match self.done.take() {
+            Some(done) => done.await.map_err(|e| format!("the spool writer failed: {e}"))?,
+            None => Err("the spool writer stopped".into()),
+        }
+    }
 }
 
 impl BlobFlight {
@@ -376,7 +456,9 @@ impl BlobFlight {
         let size = self.size().await?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size });
         let mut rx = self.progress.clone();
-        let file = match File::open(&self.spool).await {
+        // Opened in place: one metadata operation, where a trip to the blocking pool would put this client's first
+        // byte behind a full round of the run queue.
+        let file = match std::fs::File::open(&self.spool) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The spool has just been moved into storage (or removed after a failure).
@@ -389,31 +471,54 @@ impl BlobFlight {
             }
             Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
         };
-        let Some(mut file) = file else {
+        let Some(file) = file else {
             return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));
         };
-        if range.start > 0 {
-            file.seek(io::SeekFrom::Start(range.start))
-                .await
-                .map_err(|e| FlightError::Failed(format!("seeking the spool: {e}").into()))?;
-        }
-        let state = ReadState { file, pos: range.start, end: range.end, size, rx, buf: vec![0; READ_CHUNK] };
+        let state = ReadState { file, pos: range.start, end: range.end, size, rx, rest: Bytes::new(), yielded: true };
         Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
     }
 }
 
 struct ReadState {
-    file: File,
+    /// The spool, through this client's own handle (it stays valid when the spool is renamed into storage or
+    /// removed).
+    file: std::fs::File,
+    /// The first byte not yet mapped.
     pos: u64,
     end: u64,
     size: u64,
     rx: watch::Receiver<Progress>,
-    buf: Vec<u8>,
+    /// What is mapped and not yet handed out: a view of a map of `[.., pos)`.
+    rest: Bytes,
+    /// Whether the task has let others run since its last slice.
+    yielded: bool,
+}
+
+/// Maps `[from, to)` of the spool (a non-empty range the download has written) as `Bytes`, unmapped when the
+/// last slice of it is dropped.
+fn map_spool(file: &std::fs::File, from: u64, to: u64) -> io::Result<Bytes> {
+    let len = usize::try_from(to - from).map_err(io::Error::other)?;
+    // SAFETY: a map is sound while nothing writes to or truncates the file under it. A spool's bytes below the
+    // published `written` are written once and never again: the download only appends (a resumed download skips
+    // what it has), the file was created empty before the flight was visible, and what follows its end is an
+    // unlink (a failed flight) or a link into storage (a stored blob is never written: the storage invariant),
+    // neither of which touches a mapped page. `written` is published only after the write has completed, so
+    // the range is within the file.
+    let map = unsafe { memmap2::MmapOptions::new().offset(from).len(len).map(file)? };
+    Ok(Bytes::from_owner(map))
 }
 
 async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Option<ReadState>)> {
     let mut st = state?;
     loop {
+        if !st.rest.is_empty() {
+            if !st.yielded {
+                tokio::task::yield_now().await;
+            }
+            st.yielded = false;
+            let slice = st.rest.split_to(SERVE_SLICE.min(st.rest.len()));
+            return Some((Ok(slice), Some(st)));
+        }
         if st.pos >= st.end {
             return None;
         }
@@ -431,17 +536,17 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
             return Some((Err(io::Error::other(reason)), None));
         }
         if readable > st.pos {
-            let want = ((readable - st.pos) as usize).min(st.buf.len());
-            return match st.file.read(&mut st.buf[..want]).await {
-                Ok(0) => Some((Err(io::Error::other("spool shorter than announced")), None)),
-                Ok(n) => {
-                    st.pos += n as u64;
-                    let bytes = Bytes::copy_from_slice(&st.buf[..n]);
-                    Some((Ok(bytes), Some(st)))
+            match map_spool(&st.file, st.pos, readable) {
+                Ok(mapped) => {
+                    st.pos = readable;
+                    st.rest = mapped;
+                    continue;
                 }
-                Err(e) => Some((Err(e), None)),
-            };
+                Err(e) => return Some((Err(e), None)),
+            }
         }
+        // Fresh from a wait, the next slice goes out at once: other tasks ran meanwhile.
+        st.yielded = true;
         if st.rx.changed().await.is_err() {
             // The task is gone; its last word is still readable.
             let p = st.rx.borrow().clone();
@@ -559,6 +664,65 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         panic!("the panicked flight still holds its digest");
+    }
+
+    /// A fetcher serving `blob` in `chunk`-byte pieces, pausing after each, so that readers find the spool
+    /// growing under them.
+    fn trickling(blob: Bytes, chunk: usize) -> Fetcher {
+        Arc::new(move |offset| {
+            let blob = blob.slice(offset as usize..);
+            Box::pin(async move {
+                let total = Some(offset + blob.len() as u64);
+                let pieces: Vec<io::Result<Bytes>> = (0..blob.len()).step_by(chunk).map(|i| Ok(blob.slice(i..(i + chunk).min(blob.len())))).collect();
+                let body: ByteStream = Box::pin(futures_util::stream::iter(pieces).then(|p| async move {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                    p
+                }));
+                Ok(FetchBody { total, from_offset: offset > 0, body })
+            })
+        })
+    }
+
+    /// Readers of a flight in progress (the whole blob, ranges, one that joins late) get exactly their bytes while
+    /// the spool grows, in slices of at most `SERVE_SLICE` (views of the mapped spool, not copies).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readers_of_a_growing_spool_get_exact_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
+        let blob = Bytes::from((0..3 * SERVE_SLICE + 12_345).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
+        let digest = Digest::of(Algorithm::Sha256, &blob);
+        let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 40_000)).await.unwrap() else {
+            panic!("not stored")
+        };
+        let len = blob.len() as u64;
+        let ranges = [None, Some((0, 1)), Some((5, 100_000)), Some((len - 10, len)), Some((SERVE_SLICE as u64 - 3, len))];
+        let mut readers = Vec::new();
+        for (i, r) in ranges.into_iter().enumerate() {
+            let flight = Arc::clone(&flight);
+            readers.push(tokio::spawn(async move {
+                if i == 4 {
+                    // Joins once part of the spool is there: maps a prefix, then what follows.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let range = r.map(|(start, end)| ByteRange { start, end });
+                let mut stream = flight.reader(range).await.unwrap();
+                let (mut out, mut largest) = (Vec::new(), 0);
+                while let Some(c) = stream.next().await {
+                    let c = c.unwrap();
+                    largest = largest.max(c.len());
+                    out.extend_from_slice(&c);
+                }
+                (r, out, largest)
+            }));
+        }
+        for reader in readers {
+            let (r, out, largest) = tokio::time::timeout(Duration::from_secs(30), reader).await.expect("no hang").unwrap();
+            let (start, end) = r.unwrap_or((0, len));
+            assert_eq!(out, &blob[start as usize..end as usize], "range {r:?}");
+            assert!(largest <= SERVE_SLICE, "slices of at most SERVE_SLICE, got {largest}");
+        }
+        flight.finished().await.unwrap();
     }
 
     #[tokio::test]

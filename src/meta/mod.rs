@@ -20,6 +20,9 @@ pub enum MetaError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("metadata store holds an invalid value: {0}")]
     Corrupt(String),
+    /// A query shared by concurrent callers failed (`sqlx::Error` cannot be cloned to each of them).
+    #[error("metadata store error: {0}")]
+    Shared(std::sync::Arc<str>),
 }
 
 /// What is known about a manifest stored in a repository (its bytes are in the blob store under `digest`).

@@ -1,6 +1,8 @@
 //! `Meta` over SQL, for SQLite and PostgreSQL alike.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -8,10 +10,39 @@ use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
 use super::{JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagRow, UploadRow};
+use crate::flight::Group;
 use crate::oci::{Digest, RepoName, Tag};
 
 pub struct SqlMeta {
     pool: AnyPool,
+    /// Concurrent `blob_linked` lookups of one (repository, digest) share one query. A herd of pulls of one blob
+    /// asks the same question hundreds of times at once; each query holds a pool connection for a few rounds of
+    /// the runtime's run queue (the answer, the connection's return, the next waiter's wake-up), which behind
+    /// hundreds of busy downloads made every herd's first bytes queue on the pool for seconds.
+    link_lookups: Group<LinkKey, Result<bool, Arc<str>>>,
+    /// Part of every lookup's key, moved on before and after each change of `blob_links` made here: a lookup
+    /// that starts after a change has begun never joins one that started before, so the sharing never answers
+    /// from before a change the caller could have seen complete (on this instance).
+    link_generation: Arc<AtomicU64>,
+}
+
+/// A `blob_linked` lookup: the generation of `blob_links`, the repository and the digest.
+type LinkKey = (u64, String, String);
+
+/// Moves the link generation on when created and again when dropped (the change done, failed or cancelled).
+struct LinkChange(Arc<AtomicU64>);
+
+impl LinkChange {
+    fn begin(generation: &Arc<AtomicU64>) -> LinkChange {
+        generation.fetch_add(1, Ordering::SeqCst);
+        LinkChange(Arc::clone(generation))
+    }
+}
+
+impl Drop for LinkChange {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 fn now() -> i64 {
@@ -116,7 +147,7 @@ impl SqlMeta {
         }
         let pool = options.connect(url).await?;
         super::schema::migrate(&pool, dialect).await?;
-        Ok(SqlMeta { pool })
+        Ok(SqlMeta { pool, link_lookups: Group::default(), link_generation: Arc::default() })
     }
 
     async fn ensure_repo<'c, E>(exec: E, repo: &RepoName) -> Result<(), MetaError>
@@ -135,6 +166,7 @@ impl SqlMeta {
 #[async_trait::async_trait]
 impl Meta for SqlMeta {
     async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), MetaError> {
+        let _change = LinkChange::begin(&self.link_generation);
         let mut tx = self.pool.begin().await?;
         Self::ensure_repo(&mut *tx, repo).await?;
         sqlx::query(
@@ -152,15 +184,29 @@ impl Meta for SqlMeta {
     }
 
     async fn blob_linked(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
-        let row = sqlx::query("SELECT 1 FROM blob_links WHERE repo = $1 AND digest = $2")
-            .bind(repo.as_str())
-            .bind(digest.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.is_some())
+        let key = (self.link_generation.load(Ordering::SeqCst), repo.as_str().to_string(), digest.to_string());
+        let pool = self.pool.clone();
+        let (repo, digest) = (key.1.clone(), key.2.clone());
+        let (shared, _joined) = self
+            .link_lookups
+            .run(key, move || async move {
+                let row = sqlx::query("SELECT 1 FROM blob_links WHERE repo = $1 AND digest = $2")
+                    .bind(repo)
+                    .bind(digest)
+                    .fetch_optional(&pool)
+                    .await
+                    .map_err(|e| Arc::<str>::from(e.to_string()))?;
+                Ok(row.is_some())
+            })
+            .await;
+        match shared {
+            Ok(linked) => linked.map_err(MetaError::Shared),
+            Err(e) => Err(MetaError::Shared(e.to_string().into())),
+        }
     }
 
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError> {
+        let _change = LinkChange::begin(&self.link_generation);
         let done = sqlx::query("DELETE FROM blob_links WHERE repo = $1 AND digest = $2")
             .bind(repo.as_str())
             .bind(digest.to_string())

@@ -64,10 +64,13 @@ impl Registry {
 
     /// The size of blob `digest` in `repo`.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64> {
-        if !self.meta.blob_linked(repo, digest).await? {
+        // Asked at once: each is a trip to another thread (the database's, the blocking pool's), and a trip costs
+        // a round of the run queue, which behind hundreds of busy downloads is the wait before a first byte.
+        let (linked, size) = futures_util::join!(self.meta.blob_linked(repo, digest), self.store.size(digest));
+        if !linked? {
             return Err(RegistryError::BlobUnknown);
         }
-        self.store.size(digest).await?.ok_or(RegistryError::BlobUnknown)
+        size?.ok_or(RegistryError::BlobUnknown)
     }
 
     /// Streams blob `digest` (or a window of it) from `repo`.
