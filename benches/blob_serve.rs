@@ -8,6 +8,9 @@
 //! - `BENCH_DRIVER`: `reqwest` (default: the clients are tasks of this process, which time every first byte) or
 //!   `h2load` (the issue's client: `h2load --h1 -c N -n N`, one C process on `BENCH_H2LOAD_THREADS` threads,
 //!   default 1, which reports first bytes as min / max / mean only; its body bytes are counted, not hashed);
+//! - `BENCH_S3`: `1` adds two breakwaters whose blobs live in a local s3s-fs (issue 11): one streaming the bytes
+//!   from the store, one answering `redirect = true` 307s that the clients follow to the store (their figures
+//!   are breakwater's process only: s3s-fs's CPU is not in them); with the reqwest driver only;
 //! - `BENCH_NGINX`: the nginx binary (default `/usr/sbin/nginx`; Debian's `nginx` package, which need not be
 //!   installed: `apt-get download nginx && dpkg-deb -x nginx_*.deb DIR` gives `DIR/usr/sbin/nginx`); `none` skips it.
 //!
@@ -87,6 +90,11 @@ fn main() {
             &digest,
         ),
     ];
+    let s3 = S3Bench::start();
+    if let Some(s3) = &s3 {
+        servers.push(Server::new("breakwater on S3, streamed", &s3.streamed.addr, vec![s3.streamed.pid()], &digest));
+        servers.push(Server::new("breakwater on S3, redirect", &s3.redirect.addr, vec![s3.redirect.pid()], &digest));
+    }
     for server in &servers {
         prepare(&rt, server, &blob, &digest, &mut failures);
     }
@@ -404,6 +412,37 @@ impl Drop for Nginx {
 }
 
 /// Pushes the blob and does the warm-up GET (which also checks the sha256 of what the server returns).
+/// An s3s-fs and two breakwaters storing their blobs there (under prefixes of their own), when `BENCH_S3=1`.
+struct S3Bench {
+    // Field order is drop order: the registries stop before their store.
+    streamed: common::Breakwater,
+    redirect: common::Breakwater,
+    _dir: tempfile::TempDir,
+    _server: common::s3::S3Server,
+}
+
+impl S3Bench {
+    fn start() -> Option<S3Bench> {
+        if support::env_parse::<u8>("BENCH_S3", 0) == 0 {
+            return None;
+        }
+        let server = common::s3::S3Server::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = server.env();
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let start = |prefix: &str, redirect: bool| {
+            let config = dir.path().join(format!("{prefix}.toml"));
+            let toml = format!("[storage]\nurl = \"{}\"\nredirect = {redirect}\n", server.url(prefix));
+            std::fs::write(&config, toml).expect("write config");
+            let log = dir.path().join(format!("{prefix}.log"));
+            let args = ["--config", config.to_str().expect("utf-8 path")];
+            common::Breakwater::start_env_in(tempfile::tempdir().expect("tempdir"), &args, &env, &log)
+        };
+        let (streamed, redirect) = (start("streamed", false), start("redirect", true));
+        Some(S3Bench { streamed, redirect, _dir: dir, _server: server })
+    }
+}
+
 fn prepare(rt: &tokio::runtime::Runtime, server: &Server, blob: &Bytes, digest: &str, failures: &mut Vec<String>) {
     let Server { name, base, .. } = server;
     let (name, size) = (*name, blob.len() as u64);
