@@ -22,7 +22,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::multipart::{MultipartStore, PartId};
@@ -224,20 +226,20 @@ impl Inner {
     }
 
     /// The bytes of session `id` not yet in a part.
-    async fn load_tail(&self, id: &str, state: &SessionState) -> Result<BytesMut, StorageError> {
-        let mut buf = BytesMut::with_capacity(self.part_size + 64 * 1024);
+    async fn load_tail(&self, id: &str, state: &SessionState) -> Result<Pending, StorageError> {
+        let mut buf = Pending::default();
         if state.tail > 0 {
             let tail = self.s3.get(&self.session_key(id, &format!("tail-{}", state.size))?).await.map_err(store_error)?.bytes().await.map_err(store_error)?;
             if tail.len() as u64 != state.tail {
                 return Err(StorageError::Io(io::Error::other(format!("upload {id}: tail holds {} bytes, state says {}", tail.len(), state.tail))));
             }
-            buf.extend_from_slice(&tail);
+            buf.push(tail);
         }
         Ok(buf)
     }
 
     /// Sends `part` as the next part of session `id`, creating its multipart upload on the first.
-    async fn send_part(&self, id: &str, state: &mut SessionState, part: Bytes) -> Result<(), StorageError> {
+    async fn send_part(&self, id: &str, state: &mut SessionState, part: PutPayload) -> Result<(), StorageError> {
         let data = self.session_key(id, "data")?;
         let multipart = match &state.multipart {
             Some(m) => m.clone(),
@@ -252,7 +254,7 @@ impl Inner {
                 m
             }
         };
-        let PartId { content_id } = self.s3.put_part(&data, &multipart, state.parts.len(), PutPayload::from(part)).await.map_err(store_error)?;
+        let PartId { content_id } = self.s3.put_part(&data, &multipart, state.parts.len(), part).await.map_err(store_error)?;
         state.parts.push(content_id);
         Ok(())
     }
@@ -273,11 +275,11 @@ impl Inner {
                     if let Some(r) = running.as_mut() {
                         r.update(&bytes);
                     }
-                    buf.extend_from_slice(&bytes);
+                    buf.push(bytes);
                     while buf.len() >= self.part_size {
                         // The tail went into this part: from here on it is in a part, not in the tail object.
-                        let part = buf.split_to(self.part_size).freeze();
-                        state.size += part.len() as u64 - state.tail;
+                        let part = buf.take(self.part_size);
+                        state.size += part.content_length() as u64 - state.tail;
                         state.tail = 0;
                         self.send_part(id, &mut state, part).await?;
                     }
@@ -292,7 +294,7 @@ impl Inner {
         state.tail = buf.len() as u64;
         if state.tail > 0 && old_tail != Some(state.size) {
             let key = self.session_key(id, &format!("tail-{}", state.size))?;
-            self.s3.put(&key, PutPayload::from(buf.freeze())).await.map_err(store_error)?;
+            self.s3.put(&key, buf.take_all()).await.map_err(store_error)?;
         }
         self.save_state(id, &state).await?;
         if let Some(r) = running {
@@ -311,13 +313,13 @@ impl Inner {
     async fn commit(&self, id: &str, expected: &Digest) -> Result<u64, StorageError> {
         let mut state = self.load_state(id).await?;
         let carried = self.carry.finish(id, state.size, expected);
-        let tail = self.load_tail(id, &state).await?.freeze();
+        let mut tail = self.load_tail(id, &state).await?;
         let result = if state.multipart.is_none() {
             // Smaller than a part: the whole upload is the tail, in memory.
             self.put_verified(expected, tail).await
         } else {
             if !tail.is_empty() {
-                self.send_part(id, &mut state, tail).await?;
+                self.send_part(id, &mut state, tail.take_all()).await?;
             }
             self.commit_multipart(id, &state, expected, carried).await
         };
@@ -381,14 +383,16 @@ impl Inner {
     }
 
     /// Stores `bytes`, held whole in memory, under `expected` if they hash to it.
-    async fn put_verified(&self, expected: &Digest, bytes: Bytes) -> Result<u64, StorageError> {
-        let actual = Digest::of(expected.algorithm(), &bytes);
+    async fn put_verified(&self, expected: &Digest, mut bytes: Pending) -> Result<u64, StorageError> {
+        let mut hasher = expected.algorithm().hasher();
+        bytes.chunks.iter().for_each(|c| hasher.update(c));
+        let actual = hasher.finish();
         if &actual != expected {
             return Err(StorageError::DigestMismatch { expected: expected.clone(), actual });
         }
         let size = bytes.len() as u64;
         if self.exists(expected).await?.is_none() {
-            self.s3.put(&self.blob_key(expected), PutPayload::from(bytes)).await.map_err(store_error)?;
+            self.s3.put(&self.blob_key(expected), bytes.take_all()).await.map_err(store_error)?;
             self.sizes.insert(expected.clone(), size);
         }
         Ok(size)
@@ -399,7 +403,7 @@ impl Inner {
     /// verified the bytes already (a cache fill).
     async fn stream_to(&self, expected: &Digest, mut body: ByteStream, verify: bool) -> Result<u64, StorageError> {
         let mut hasher = expected.algorithm().hasher();
-        let mut buf = BytesMut::with_capacity(self.part_size + 64 * 1024);
+        let mut buf = Pending::default();
         let mut upload: Option<JournaledUpload> = None;
         // Set when the blob turns out to be stored already: the rest is only hashed (the client must still send
         // the right bytes), never written over the stored object.
@@ -412,13 +416,13 @@ impl Inner {
             if stored {
                 continue;
             }
-            buf.extend_from_slice(&chunk);
+            buf.push(chunk);
             while buf.len() >= self.part_size {
-                let part = buf.split_to(self.part_size).freeze();
+                let part = buf.take(self.part_size);
                 if upload.is_none() {
                     if self.exists(expected).await?.is_some() {
                         stored = true;
-                        buf.clear();
+                        buf = Pending::default();
                         break;
                     }
                     upload = Some(JournaledUpload::start(self, expected).await?);
@@ -436,12 +440,12 @@ impl Inner {
             None if stored => {}
             None => {
                 if self.exists(expected).await?.is_none() {
-                    self.s3.put(&self.blob_key(expected), PutPayload::from(buf.freeze())).await.map_err(store_error)?;
+                    self.s3.put(&self.blob_key(expected), buf.take_all()).await.map_err(store_error)?;
                 }
             }
             Some(mut u) => {
                 if !buf.is_empty() {
-                    u.send(buf.freeze()).await?;
+                    u.send(buf.take_all()).await?;
                 }
                 u.complete().await?;
             }
@@ -505,6 +509,52 @@ fn unix_seconds_ago(grace: Duration) -> i64 {
     now.saturating_sub(grace).as_secs() as i64
 }
 
+/// Bytes waiting to become a part (or a tail, or a small blob): the request body's own buffers, never copied
+/// into one (a part goes out as the list of them), so a push holds about one part of them and no reallocated
+/// copies of it.
+#[derive(Default)]
+struct Pending {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Pending {
+    fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The first `n` bytes (at most `len`), splitting the chunk at the boundary without copying it.
+    fn take(&mut self, n: usize) -> PutPayload {
+        let mut out = Vec::new();
+        let mut need = n.min(self.len);
+        while need > 0 {
+            let Some(mut c) = self.chunks.pop_front() else { break };
+            if c.len() > need {
+                self.chunks.push_front(c.split_off(need));
+            }
+            need -= c.len();
+            self.len -= c.len();
+            out.push(c);
+        }
+        out.into_iter().collect()
+    }
+
+    fn take_all(&mut self) -> PutPayload {
+        self.take(self.len)
+    }
+}
+
 /// A multipart upload under a blob's final key, journaled so that a crash leaves it findable. Dropped before
 /// `complete` (an error, a mismatch, a cancelled request), it aborts the upload in the background: nothing of it
 /// ever becomes visible.
@@ -530,8 +580,8 @@ impl JournaledUpload {
         Ok(upload)
     }
 
-    async fn send(&mut self, part: Bytes) -> Result<(), StorageError> {
-        let id = self.s3.put_part(&self.key, &self.multipart, self.parts.len(), PutPayload::from(part)).await.map_err(store_error)?;
+    async fn send(&mut self, part: PutPayload) -> Result<(), StorageError> {
+        let id = self.s3.put_part(&self.key, &self.multipart, self.parts.len(), part).await.map_err(store_error)?;
         self.parts.push(id);
         Ok(())
     }
@@ -690,3 +740,27 @@ impl BlobStore for S3Store {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(p: PutPayload) -> Vec<u8> {
+        p.into_iter().flat_map(|b| b.to_vec()).collect()
+    }
+
+    #[test]
+    fn pending_parts_split_chunks_at_their_boundary_in_order() {
+        let mut p = Pending::default();
+        for c in [&b"abc"[..], b"", b"defgh", b"ij"] {
+            p.push(Bytes::copy_from_slice(c));
+        }
+        assert_eq!(p.len(), 10);
+        assert_eq!(bytes_of(p.take(4)), b"abcd");
+        assert_eq!(bytes_of(p.take(3)), b"efg");
+        assert_eq!(p.len(), 3);
+        assert_eq!(bytes_of(p.take(99)), b"hij", "a take beyond the end is the rest");
+        assert!(p.is_empty());
+        assert_eq!(bytes_of(p.take_all()), b"");
+    }
+}
