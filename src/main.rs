@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -52,7 +51,6 @@ struct MigrateArgs {
 }
 
 async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<std::process::ExitCode> {
-    use breakwater::storage::{BlobStore, LocalStore, S3Store};
     use std::io::IsTerminal;
     init_logging(LogFormat::Text);
     let root = PathBuf::from(args.from.strip_prefix("file://").context("--from must be file://DIR")?);
@@ -62,13 +60,11 @@ async fn migrate_storage(args: MigrateArgs) -> anyhow::Result<std::process::Exit
         None => FileConfig::default(),
     };
     file.storage.url = None;
-    let to: Arc<dyn BlobStore> = match config::storage(Some(args.to.clone()), file.storage, Path::new("."))? {
-        config::StorageConfig::Local(dir) => {
-            anyhow::ensure!(dir != root, "--from and --to are the same store");
-            Arc::new(LocalStore::open(&dir).await.with_context(|| format!("opening {}", dir.display()))?)
-        }
-        config::StorageConfig::S3(s) => Arc::new(S3Store::open(&s).await.with_context(|| format!("opening {}", args.to))?),
-    };
+    let dest = config::storage(Some(args.to.clone()), file.storage, Path::new("."))?;
+    if let config::StorageConfig::Local(dir) = &dest {
+        anyhow::ensure!(*dir != root, "--from and --to are the same store");
+    }
+    let (to, _backend) = breakwater::server::open_store(&dest).await?;
     let bar = if std::io::stderr().is_terminal() { indicatif::ProgressBar::new_spinner() } else { indicatif::ProgressBar::hidden() };
     let report = breakwater::storage::migrate::migrate(&root, to, args.concurrency, |r| {
         bar.set_message(format!("{} copied ({} bytes), {} already there, {} failed", r.copied, r.bytes_copied, r.skipped, r.failed.len()));

@@ -113,15 +113,16 @@ pub async fn build(
 }
 
 /// What the housekeeping of a blob store needs beyond the `BlobStore` trait.
-enum Backend {
+pub enum Backend {
     /// A directory, with the shared lock that keeps an offline `fsck --repair` out while the server runs (held
     /// by the sweep task).
     Local { root: std::path::PathBuf, lock: crate::fsck::StoreLock },
     S3(S3Store),
 }
 
-/// Opens the blob store `storage` names.
-async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Result<(Arc<dyn crate::storage::BlobStore>, Backend)> {
+/// Opens the blob store `storage` names (`serve`, and `migrate-storage`'s destination). Keep the `Backend` for as
+/// long as the store is used: a local one holds the store lock.
+pub async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Result<(Arc<dyn crate::storage::BlobStore>, Backend)> {
     match storage {
         crate::config::StorageConfig::Local(root) => {
             std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;

@@ -185,8 +185,7 @@ pub async fn cache(run: &mut Run<'_>) -> Result<(), FsckError> {
 
 /// Upload ids are UUIDs the registry made; anything else cannot name a file of `uploads/` (as in `LocalStore`).
 fn upload_path(opts: &Options, id: &str) -> Option<PathBuf> {
-    let valid = !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    valid.then(|| opts.root.join("uploads").join(id))
+    crate::storage::is_upload_id(id).then(|| opts.root.join("uploads").join(id))
 }
 
 /// Upload sessions whose file is gone, opened before the grace period.

@@ -43,6 +43,12 @@ pub enum StorageError {
     Io(#[from] io::Error),
 }
 
+/// Whether `id` can be an upload session id (ours are UUIDs: letters, digits, dashes). Ids come from request
+/// paths, so every backend checks this before an id reaches a path or a key.
+pub fn is_upload_id(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
 /// An inclusive-exclusive byte window of a blob: `[start, end)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {

@@ -192,9 +192,9 @@ impl Inner {
         self.key(&format!("blobs/{}/{}", d.algorithm().as_str(), d.hex()))
     }
 
-    /// Keys of upload session `id`; ids come from requests, so only ours (UUIDs: letters, digits, dashes) pass.
+    /// Keys of upload session `id`; ids come from requests, so only ours pass (`is_upload_id`).
     fn session_key(&self, id: &str, part: &str) -> Result<Key, StorageError> {
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !super::is_upload_id(id) {
             return Err(StorageError::NotFound);
         }
         Ok(self.key(&format!("uploads/{id}/{part}")))
