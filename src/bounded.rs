@@ -65,6 +65,19 @@ where
         self.cache.invalidate(key);
     }
 
+    /// Removes the entry under `key` only if `stale` says it is the one to go, deciding and removing in one step:
+    /// two callers that both found one stale entry cannot remove the fresh entry a third put there meanwhile.
+    pub fn remove_if(&self, key: &K, stale: impl FnOnce(&V) -> bool)
+    where
+        K: Clone,
+    {
+        use moka::ops::compute::Op;
+        self.cache.entry_by_ref(key).and_compute_with(|entry| match entry {
+            Some(e) if stale(e.value()) => Op::Remove,
+            _ => Op::Nop,
+        });
+    }
+
     /// Forgets every entry (what they were computed from changed).
     pub fn clear(&self) {
         self.cache.invalidate_all();
@@ -95,6 +108,17 @@ pub fn report(kind: &'static str, entries: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_if_removes_only_the_entry_it_is_told_is_stale() {
+        let m: BoundedMap<String, String> = BoundedMap::new("test", 10, None);
+        m.insert("k".into(), "fresh".into());
+        m.remove_if(&"k".to_string(), |v| v == "stale");
+        assert_eq!(m.get("k").as_deref(), Some("fresh"), "a fresh entry stays");
+        m.remove_if(&"k".to_string(), |v| v == "fresh");
+        assert_eq!(m.get("k"), None);
+        m.remove_if(&"absent".to_string(), |_| true);
+    }
 
     #[test]
     fn holds_at_most_its_capacity() {

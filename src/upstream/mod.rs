@@ -19,6 +19,7 @@ pub use push::Mount;
 pub use referrers::{fallback_tag, Referrers, RemoteReferrer};
 
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -149,7 +150,7 @@ pub struct Upstream {
     /// Spaces requests out to the configured rate, if any.
     pacer: Option<crate::pace::Pacer>,
     /// One token request per scope at a time, shared by every request that needs it.
-    token_fetches: crate::flight::Group<String, Result<(String, Duration), UpstreamError>>,
+    token_fetches: crate::flight::Group<String, Result<String, UpstreamError>>,
     /// Until when the token endpoint's refusal of our credentials is taken as the answer.
     refused_until: Mutex<Option<Instant>>,
     /// `config.repositories` compiled; `None` when every repository may be proxied.
@@ -200,6 +201,45 @@ const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// A token's lifetime from its `expires_in`: the spec's default of 60 s when absent, at least 10 s, at most
 /// `MAX_TOKEN_LIFETIME`.
+/// The token cached for `scope`, unless it has expired (each token has its own lifetime, so expiry is checked
+/// here rather than by the map).
+fn live_token(tokens: &BoundedMap<String, Token>, scope: &str) -> Option<Token> {
+    tokens.get(scope).filter(|t| t.expires > Instant::now())
+}
+
+/// The token for `scope` from a token request shared by every caller that needs one now (`fetch`, run only if
+/// no live token is cached by the time the shared run starts), cached for its lifetime before the run ends.
+///
+/// A caller looks in the cache and then joins the run in flight or starts one; between those two steps a run can
+/// cache its token and end. The run therefore looks in the cache again before it asks the token endpoint, so such
+/// a caller gets the cached token rather than a second request.
+async fn shared_token(
+    tokens: &Arc<BoundedMap<String, Token>>,
+    fetches: &crate::flight::Group<String, Result<String, UpstreamError>>,
+    scope: &str,
+    fetch: impl Future<Output = Result<(String, Duration), UpstreamError>> + Send + 'static,
+) -> Result<String, UpstreamError> {
+    let (tokens, key) = (Arc::clone(tokens), scope.to_string());
+    let (fetched, _) = fetches
+        .run(scope.to_string(), move || async move {
+            if let Some(t) = live_token(&tokens, &key) {
+                return Ok(t.value);
+            }
+            let (value, lifetime) = fetch.await?;
+            tokens.insert(key, Token { value: value.clone(), expires: renew_at(Instant::now(), lifetime) });
+            Ok(value)
+        })
+        .await;
+    fetched.unwrap_or_else(|e| Err(e.into()))
+}
+
+/// `Authorization: Bearer TOKEN`, marked sensitive (kept out of debug output).
+fn bearer(token: &str) -> Result<HeaderValue, UpstreamError> {
+    let mut v = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
 fn token_lifetime(expires_in: Option<u64>) -> Duration {
     Duration::from_secs(expires_in.unwrap_or(60).max(10)).min(MAX_TOKEN_LIFETIME)
 }
@@ -326,11 +366,7 @@ impl Upstream {
     }
 
     fn cached_token(&self, scope: &str) -> Option<HeaderValue> {
-        // Each token has its own lifetime, so expiry is checked here rather than by the map.
-        let t = self.tokens.get(&scope.to_string()).filter(|t| t.expires > Instant::now())?;
-        let mut v = HeaderValue::from_str(&format!("Bearer {}", t.value)).ok()?;
-        v.set_sensitive(true);
-        Some(v)
+        bearer(&live_token(&self.tokens, scope)?.value).ok()
     }
 
     /// Authorization to send up front for `scope`, from what earlier challenges taught us.
@@ -369,30 +405,16 @@ impl Upstream {
                     _ => req,
                 };
                 if let Some(refused) = refused {
-                    let key = scope.to_string();
-                    if self.tokens.get(&key).is_some_and(|t| refused.as_bytes() == format!("Bearer {}", t.value).as_bytes()) {
-                        self.tokens.remove(&key);
-                    }
+                    // Only the token that was refused goes: another request may have cached a fresh one already.
+                    self.tokens.remove_if(&scope.to_string(), |t| refused.as_bytes() == format!("Bearer {}", t.value).as_bytes());
                 }
                 // A request that was answered 401 just before another one obtained a token finds it here.
                 if let Some(v) = self.cached_token(scope) {
                     return Ok(v);
                 }
-                let (upstream, tokens, key) = (self.config.name.clone(), Arc::clone(&self.tokens), scope.to_string());
-                let timeout = self.config.timeout;
-                // Concurrent requests for one scope share one token request, which caches the token before it
-                // finishes, so no request can miss both the flight and the cache.
-                let (fetched, _) = self
-                    .token_fetches
-                    .run(scope.to_string(), move || async move {
-                        let (value, lifetime) = fetch_token(req, upstream, timeout).await?;
-                        let expires = renew_at(Instant::now(), lifetime);
-                        tokens.insert(key, Token { value: value.clone(), expires });
-                        Ok((value, lifetime))
-                    })
-                    .await;
-                let value = match fetched.unwrap_or_else(|e| Err(e.into())) {
-                    Ok((value, _)) => value,
+                let fetch = fetch_token(req, self.config.name.clone(), self.config.timeout);
+                let value = match shared_token(&self.tokens, &self.token_fetches, scope, fetch).await {
+                    Ok(value) => value,
                     Err(e) => {
                         if matches!(e, UpstreamError::Unauthorized(_)) {
                             // Do not knock again at once: a refused login per request is how accounts get locked.
@@ -401,9 +423,7 @@ impl Upstream {
                         return Err(e);
                     }
                 };
-                let mut v = HeaderValue::from_str(&format!("Bearer {value}")).map_err(|_| UpstreamError::Invalid("token is not a header value".into()))?;
-                v.set_sensitive(true);
-                Ok(v)
+                bearer(&value)
             }
             other => Err(UpstreamError::Unauthorized(format!("unsupported auth scheme {other}"))),
         }
@@ -854,6 +874,29 @@ fn base64(input: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_token_run_takes_a_token_cached_before_it_started() {
+        let tokens = Arc::new(BoundedMap::new("upstream_token", 10, None));
+        let fetches = crate::flight::Group::default();
+        let scope = "repository:team/app:pull";
+        // Cached by a run that ended after this caller found the cache empty and before it started its own run.
+        tokens.insert(scope.to_string(), Token { value: "cached".into(), expires: Instant::now() + Duration::from_secs(60) });
+        let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&asked);
+        let fetch = async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(("fresh".to_string(), Duration::from_secs(60)))
+        };
+        assert_eq!(shared_token(&tokens, &fetches, scope, fetch).await.unwrap(), "cached");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::SeqCst), 0, "the token endpoint was not asked again");
+
+        // An expired token is no answer: the endpoint is asked, and its token cached.
+        tokens.insert(scope.to_string(), Token { value: "old".into(), expires: Instant::now() });
+        let fetch = async { Ok(("fresh".to_string(), Duration::from_secs(60))) };
+        assert_eq!(shared_token(&tokens, &fetches, scope, fetch).await.unwrap(), "fresh");
+        assert_eq!(live_token(&tokens, scope).map(|t| t.value).as_deref(), Some("fresh"));
+    }
 
     #[test]
     fn origins() {

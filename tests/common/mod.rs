@@ -135,9 +135,60 @@ impl Drop for Breakwater {
     }
 }
 
-/// A free loopback port (bound then released; good enough for servers that cannot report their own port).
+/// A free loopback port (bound then released): free a moment ago, so another process may take it before the
+/// caller does. For a server, use [`spawn_listening`], which makes sure the server got it.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Starts a server that cannot report its own port on a free one: `command(port)` is spawned, and it is ready when
+/// the socket listening on `127.0.0.1:port` is the child's own. Between picking a port and the child binding it,
+/// another test's server can take it (the child then exits, or a check for "something listens" would be answered
+/// by a stranger, and the test would talk to another test's server until that one stops): then it starts again
+/// on another port. Returns the child and its port.
+pub fn spawn_listening(what: &str, mut command: impl FnMut(u16) -> Command) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = command(port).spawn().unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if child.try_wait().expect("try_wait").is_some() {
+                break; // It could not bind (the port was taken): another port.
+            }
+            if listener_inode(port).is_some_and(|inode| owns_socket(child.id(), inode)) {
+                return (child, port);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{what} does not listen on 127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.wait();
+    }
+    panic!("{what} did not start on any of 5 free ports");
+}
+
+/// The inode of the socket listening on `127.0.0.1:port` (or `0.0.0.0:port`), from `/proc/net/tcp`.
+fn listener_inode(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let ours = [format!("0100007F:{port:04X}"), format!("00000000:{port:04X}")];
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode; st 0A = LISTEN.
+        (f.len() > 9 && ours.iter().any(|o| o == f[1]) && f[3] == "0A").then(|| f[9].parse().ok()).flatten()
+    })
+}
+
+/// Whether process `pid` holds socket `inode` among its open files.
+fn owns_socket(pid: u32, inode: u64) -> bool {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == want))
 }
 
 /// Waits until something accepts TCP connections on `addr`.
@@ -167,26 +218,21 @@ impl Distribution {
     /// With `Some(url)`, distribution runs as a pull-through cache of `url`.
     pub fn start_proxy(remote: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-            dir.path().join("storage").display()
-        );
-        if let Some(remote) = remote {
-            config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
-        }
-        let config_path = dir.path().join("config.yml");
-        std::fs::write(&config_path, config).expect("write config");
-        let child = Command::new(registry_binary())
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn docker-registry (apt-get install docker-registry)");
-        wait_for_port(&addr);
-        Distribution { child, addr, dir }
+        let (child, port) = spawn_listening("docker-registry (apt-get install docker-registry)", |port| {
+            let mut config = format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("storage").display()
+            );
+            if let Some(remote) = remote {
+                config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+            }
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config).expect("write config");
+            let mut c = Command::new(registry_binary());
+            c.arg("serve").arg(&config_path).stdout(Stdio::null()).stderr(Stdio::null());
+            c
+        });
+        Distribution { child, addr: format!("127.0.0.1:{port}"), dir }
     }
 
     pub fn url(&self, path: &str) -> String {

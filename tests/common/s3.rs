@@ -21,17 +21,15 @@ impl S3Server {
     pub fn start() -> S3Server {
         let root = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(root.path().join(BUCKET)).expect("bucket dir");
-        let port = super::free_port();
-        let child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-            .arg(root.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked)");
-        let addr = format!("127.0.0.1:{port}");
-        super::wait_for_port(&addr);
-        S3Server { child, endpoint: format!("http://{addr}"), root }
+        let (child, port) = super::spawn_listening("s3s-fs (cargo install s3s-fs@0.14.1 --features binary --locked)", |port| {
+            let mut c = Command::new("s3s-fs");
+            c.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+                .arg(root.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            c
+        });
+        S3Server { child, endpoint: format!("http://127.0.0.1:{port}"), root }
     }
 
     /// The storage URL of key prefix `prefix` in the bucket.
