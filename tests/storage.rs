@@ -190,6 +190,43 @@ async fn adopt_and_delete(b: Backend) {
     b.store.delete(&d).await.unwrap();
 }
 
+async fn listing_pages_in_digest_order(b: Backend) {
+    let mut stored = Vec::new();
+    for seed in 0..23u64 {
+        let bytes = data(100 + seed as usize, 100 + seed);
+        let d = Digest::of(if seed % 5 == 0 { Algorithm::Sha512 } else { Algorithm::Sha256 }, &bytes);
+        b.store.put(&d, stream(vec![Ok(Bytes::from(bytes.clone()))])).await.unwrap();
+        stored.push((d, bytes.len() as u64));
+    }
+    // An upload in progress and a discarded write are not blobs.
+    b.store.upload_start("3f1c2a9e-0000-4000-8000-000000000001").await.unwrap();
+    let bad = data(50, 999);
+    let wrong = Digest::of(Algorithm::Sha256, b"something else");
+    assert!(b.store.put(&wrong, stream(vec![Ok(Bytes::from(bad))])).await.is_err());
+    stored.sort();
+    let before = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+
+    let mut listed = Vec::new();
+    let mut after: Option<Digest> = None;
+    loop {
+        let page = b.store.list(after.as_ref(), 4).await.unwrap();
+        assert!(page.len() <= 4);
+        let Some(last) = page.last() else { break };
+        after = Some(last.digest.clone());
+        listed.extend(page);
+    }
+    let got: Vec<(Digest, u64)> = listed.iter().map(|l| (l.digest.clone(), l.size)).collect();
+    assert_eq!(got, stored, "every blob once, in digest order, with its size");
+    assert!(listed.iter().all(|l| l.stored_at <= before && l.stored_at > before - std::time::Duration::from_secs(600)));
+    assert_eq!(b.store.list(None, 1000).await.unwrap().len(), stored.len());
+    let past_the_end = b.store.list(Some(&stored.last().unwrap().0), 10).await.unwrap();
+    assert!(past_the_end.is_empty());
+
+    b.store.delete(&stored[3].0).await.unwrap();
+    let after_delete = b.store.list(Some(&stored[2].0), 1).await.unwrap();
+    assert_eq!(after_delete[0].digest, stored[4].0, "a removed blob is not listed");
+}
+
 macro_rules! on_each_backend {
     ($($case:ident),* $(,)?) => {
         mod local_disk {
@@ -210,6 +247,7 @@ on_each_backend!(
     broken_chunk_keeps_what_arrived,
     claims_serialise_and_abort_discards,
     adopt_and_delete,
+    listing_pages_in_digest_order,
 );
 
 // ---- S3 only ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ use tokio::fs::{self, File};
 use tokio_util::io::ReaderStream;
 
 use super::carry::{Carry, Running};
-use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim, UploadSessions};
+use super::{BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, UploadClaim, UploadSessions};
 use crate::oci::Digest;
 
 /// Windows of a blob up to this size are read into memory whole instead of mapped: for a manifest or a config,
@@ -106,6 +106,65 @@ impl LocalStore {
         File::open(dir).await?.sync_all().await?;
         Ok(())
     }
+}
+
+/// Committed blobs under `blobs` (`<alg>/<hh>/<hex>`) in digest order after `after`, at most `limit` (see
+/// `BlobStore::list`). A page reads only the directories at and after `after`'s, so a walk reads each once or
+/// twice. Names that are not a digest in its right place are skipped (they are `fsck`'s to report).
+fn list_blobs(blobs: &Path, after: Option<&Digest>, limit: usize) -> io::Result<Vec<StoredBlob>> {
+    let mut out = Vec::new();
+    // Directory names sort as digests do: algorithm names in the order of `Algorithm`, lowercase hex.
+    let after = after.map(|d| (d.algorithm().as_str(), d.hex()));
+    for alg in sorted_names(blobs)? {
+        if after.is_some_and(|(a, _)| alg.as_str() < a) {
+            continue;
+        }
+        let within = after.filter(|(a, _)| *a == alg).map(|(_, hex)| hex);
+        for fan in sorted_names(&blobs.join(&alg))? {
+            if within.is_some_and(|hex| fan.as_str() < &hex[..2]) {
+                continue;
+            }
+            let dir = blobs.join(&alg).join(&fan);
+            for name in sorted_names(&dir)? {
+                if within.is_some_and(|hex| name.as_str() <= hex) {
+                    continue;
+                }
+                let Ok(digest) = format!("{alg}:{name}").parse::<Digest>() else { continue };
+                if digest.hex()[..2] != fan {
+                    continue;
+                }
+                let md = match std::fs::metadata(dir.join(&name)) {
+                    Ok(md) if md.is_file() => md,
+                    Ok(_) => continue,
+                    // Removed since the directory was read.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                out.push(StoredBlob { digest, size: md.len(), stored_at: md.modified()? });
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The names in `dir`, sorted byte-wise; none if it does not exist.
+fn sorted_names(dir: &Path) -> io::Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut names = Vec::new();
+    for e in entries {
+        if let Ok(name) = e?.file_name().into_string() {
+            names.push(name);
+        }
+    }
+    names.sort_unstable();
+    Ok(names)
 }
 
 /// Opens the window `range` of the stored blob at `path` (all of it without a range) as the stream a download
@@ -474,6 +533,12 @@ impl BlobStore for LocalStore {
             }
         }
         Ok(size)
+    }
+
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<StoredBlob>, StorageError> {
+        let (blobs, after) = (self.root.join("blobs"), after.cloned());
+        let listed = tokio::task::spawn_blocking(move || list_blobs(&blobs, after.as_ref(), limit)).await;
+        Ok(listed.map_err(|e| io::Error::other(format!("listing thread failed: {e}")))??)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {

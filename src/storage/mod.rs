@@ -56,6 +56,16 @@ pub struct ByteRange {
     pub end: u64,
 }
 
+/// A committed blob as a listing of the store shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// When its bytes were stored (a file's modification time, an object's `Last-Modified`): what a grace
+    /// period is measured from.
+    pub stored_at: std::time::SystemTime,
+}
+
 /// The upload sessions some request is working on. Each backend keeps one and grants claims from it.
 #[derive(Default)]
 pub struct UploadSessions {
@@ -130,6 +140,11 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn check(&self) -> Result<(), StorageError> {
         Ok(())
     }
+
+    /// Committed blobs in digest order (algorithm, then hex) after `after`, at most `limit`: a store of any size
+    /// is walked page by page in bounded memory (garbage collection, `fsck`). Names that are not a digest (a
+    /// stranger's file, say) are not listed.
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<StoredBlob>, StorageError>;
 
     /// Removes a committed blob. Removing an absent blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;

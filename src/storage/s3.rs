@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
 use super::carry::Carry;
-use super::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim, UploadSessions};
+use super::{BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, UploadClaim, UploadSessions};
 use crate::bounded::BoundedMap;
 use crate::oci::Digest;
 use crate::secret::Secret;
@@ -680,6 +680,25 @@ impl BlobStore for S3Store {
 
     async fn check(&self) -> Result<(), StorageError> {
         self.inner.check().await
+    }
+
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<StoredBlob>, StorageError> {
+        let blobs = self.inner.key("blobs");
+        // S3 lists keys in byte order, which is digest order under `blobs/<alg>/<hex>`; `start-after` begins a
+        // page past the last digest of the one before.
+        let offset = after.map_or_else(|| blobs.clone(), |d| self.inner.blob_key(d));
+        let mut listing = self.inner.s3.list_with_offset(Some(&blobs), &offset);
+        let mut out = Vec::new();
+        while let Some(meta) = listing.try_next().await.map_err(store_error)? {
+            let mut parts = meta.location.parts().skip(blobs.parts().count());
+            let (Some(alg), Some(hex), None) = (parts.next(), parts.next(), parts.next()) else { continue };
+            let Ok(digest) = format!("{}:{}", alg.as_ref(), hex.as_ref()).parse::<Digest>() else { continue };
+            out.push(StoredBlob { digest, size: meta.size, stored_at: meta.last_modified.into() });
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
