@@ -49,6 +49,8 @@ pub struct Config {
     pub allow_shadowing: Vec<String>,
     /// Serve HTTPS with this certificate and key; plain HTTP without.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Garbage collection inside the server.
+    pub gc: GcConfig,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -112,6 +114,44 @@ pub struct FileConfig {
     pub tls: FileTls,
     #[serde(default)]
     pub storage: FileStorage,
+    #[serde(default)]
+    pub gc: FileGc,
+}
+
+/// The `[gc]` table: garbage collection inside `serve` (on a schedule, and through `POST /api/gc`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileGc {
+    /// Collect every this many seconds; no scheduled collection without it.
+    pub interval_secs: Option<u64>,
+    /// Blobs stored and links made within this many seconds are left alone [default: 3600].
+    pub grace_secs: Option<u64>,
+    /// Remove manifests no tag points at (children of an index and referrers of a stored manifest stay).
+    pub delete_untagged: Option<bool>,
+}
+
+/// Garbage collection inside `serve`, resolved.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    /// How often a scheduled collection runs; `None`: only on request (`POST /api/gc`).
+    pub interval: Option<Duration>,
+    /// What a scheduled or requested collection does (`dry_run` false; a request may ask for a dry run).
+    pub options: crate::gc::Options,
+}
+
+impl FileGc {
+    /// The resolved settings; `cache_namespaces` are the upstreams' names.
+    pub fn resolve(&self, cache_namespaces: Vec<String>) -> GcConfig {
+        GcConfig {
+            interval: self.interval_secs.map(Duration::from_secs),
+            options: crate::gc::Options {
+                grace: self.grace_secs.map_or(crate::gc::DEFAULT_GRACE, Duration::from_secs),
+                dry_run: false,
+                delete_untagged: self.delete_untagged.unwrap_or(false),
+                cache_namespaces,
+            },
+        }
+    }
 }
 
 /// Where blob bytes live, resolved.

@@ -7,6 +7,7 @@ pub mod config;
 pub mod connection;
 pub mod flight;
 pub mod fsck;
+pub mod gc;
 pub mod http;
 pub mod meta;
 pub mod oci;

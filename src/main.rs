@@ -27,6 +27,8 @@ enum Command {
     Replicate(Box<ReplicateArgs>),
     /// Check a store (bytes against digests, records against bytes, leftovers); --repair fixes what it finds.
     Fsck(FsckArgs),
+    /// Remove unreferenced blobs (and, with delete_untagged, untagged manifests), online: safe while serve runs.
+    Gc(GcArgs),
     /// Robot tokens for CI: create (prints the secret once), list, revoke.
     Token(TokenArgs),
     /// Copy the blobs of a local store into another store (e.g. S3), resumably: run it again to continue.
@@ -558,6 +560,7 @@ impl ServeArgs {
         allow_shadowing.extend(self.allow_shadowing);
         let tls = config::tls(self.tls_cert.or(file.tls.cert), self.tls_key.or(file.tls.key))?;
         let storage = config::storage(self.storage, file.storage, &data)?;
+        let cache_namespaces = upstreams.iter().map(|u| u.name.clone()).collect();
         Ok(Config {
             storage,
             tls,
@@ -585,6 +588,7 @@ impl ServeArgs {
             metadata,
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             delete_enabled: !self.no_delete && file.delete_enabled.unwrap_or(true),
+            gc: file.gc.resolve(cache_namespaces),
         })
     }
 }
@@ -621,6 +625,93 @@ struct FsckArgs {
     /// Files and upload sessions younger than this many seconds are work in progress, not leftovers.
     #[arg(long, default_value_t = breakwater::fsck::DEFAULT_GRACE.as_secs())]
     grace_secs: u64,
+}
+
+/// Where a store is: what `serve` would open with the same flags, environment and configuration file.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// The server's TOML configuration file (its data directory, metadata store, storage and upstreams).
+    #[arg(long, env = "BREAKWATER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory of the store [default: ./breakwater-data].
+    #[arg(long, env = "BREAKWATER_DATA")]
+    data: Option<PathBuf>,
+    /// Metadata store URL [default: SQLite in the data directory].
+    #[arg(long, env = "BREAKWATER_METADATA")]
+    metadata: Option<String>,
+    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content].
+    #[arg(long, env = "BREAKWATER_STORAGE")]
+    storage: Option<String>,
+    /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are the cache's.
+    #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
+    upstreams: Vec<String>,
+}
+
+/// A store as `StoreArgs` name it, resolved: its configuration file, metadata URL, blob store and the names of
+/// the cache's namespaces.
+struct StoreLocation {
+    file: FileConfig,
+    metadata: Secret,
+    storage: config::StorageConfig,
+    cache_namespaces: Vec<String>,
+}
+
+impl StoreArgs {
+    fn resolve(self) -> anyhow::Result<StoreLocation> {
+        let mut file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let mut cache_namespaces: Vec<String> = file.upstream.iter().map(|u| u.name.clone()).collect();
+        cache_namespaces.extend(self.upstreams.iter().map(|u| u.split_once('=').map_or(u.as_str(), |(name, _)| name).to_string()));
+        let (data, metadata) = store_location(self.data.or(file.data.take()), self.metadata.map(Into::into).or(file.metadata.take()));
+        let storage = config::storage(self.storage, std::mem::take(&mut file.storage), &data)?;
+        Ok(StoreLocation { file, metadata, storage, cache_namespaces })
+    }
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Report what would be removed (and how many bytes); remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Blobs stored and links made within this many seconds are left alone [default: [gc] grace_secs, or 3600].
+    #[arg(long)]
+    grace_secs: Option<u64>,
+    /// Also remove manifests no tag points at (children of an index and referrers of a stored manifest stay)
+    /// [default: [gc] delete_untagged, or off].
+    #[arg(long)]
+    delete_untagged: bool,
+}
+
+async fn gc(args: GcArgs) -> anyhow::Result<std::process::ExitCode> {
+    init_logging(LogFormat::Text);
+    let store = args.store.resolve()?;
+    let mut options = store.file.gc.resolve(store.cache_namespaces).options;
+    options.dry_run = args.dry_run;
+    options.delete_untagged |= args.delete_untagged;
+    if let Some(secs) = args.grace_secs {
+        options.grace = std::time::Duration::from_secs(secs);
+    }
+    // The local store's shared lock: a running server holds it too, only `fsck --repair` excludes it.
+    let (blobs, _backend) = breakwater::server::open_store(&store.storage).await?;
+    let meta = breakwater::meta::open(&store.metadata).await.context("opening the metadata store")?;
+    let r = breakwater::gc::collect(blobs.as_ref(), meta.as_ref(), &options).await?;
+    let verb = if r.dry_run { "would remove" } else { "removed" };
+    println!("examined {} blobs; {verb} {} blobs ({} bytes) and {} untagged manifests", r.blobs_examined, r.blobs_removed, r.bytes_freed, r.manifests_removed);
+    if r.manifests_indexed > 0 || r.manifests_unreadable > 0 {
+        println!("read the references of {} older manifests ({} unreadable: their repositories' blobs were kept)", r.manifests_indexed, r.manifests_unreadable);
+    }
+    if r.pending_finished > 0 {
+        println!("finished {} removals an earlier collection left halfway", r.pending_finished);
+    }
+    if r.delete_failures > 0 {
+        println!("{} blobs could not be deleted (see the log); the next collection retries them", r.delete_failures);
+        return Ok(std::process::ExitCode::FAILURE);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// Problem lines printed per kind; beyond that they are counted (a huge damaged store must not flood the terminal).
@@ -807,6 +898,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
         Command::Fsck(args) => fsck(args).await,
+        Command::Gc(args) => gc(args).await,
         Command::Token(args) => token(args).await,
         Command::MigrateStorage(args) => migrate_storage(args).await,
     }

@@ -109,7 +109,30 @@ pub async fn build(
             }),
         );
     }
-    Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some() }))
+    if let Some(interval) = config.gc.interval {
+        spawn_gc(Arc::clone(&registry), config.gc.options.clone(), interval, tasks);
+    }
+    let gc = config.gc.options.clone();
+    Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some(), gc }))
+}
+
+/// Garbage collection every `interval`, the first at start-up. A collection while another instance or `breakwater
+/// gc` runs one is skipped, not waited for. Cancelled by a shutdown mid-run, it leaves marks that the next run
+/// finishes (and its lease, which lapses).
+fn spawn_gc(registry: Arc<Registry>, options: crate::gc::Options, interval: std::time::Duration, tasks: &Tasks) {
+    tasks.spawn(
+        "garbage collection",
+        crate::shutdown::every(interval, tasks.closing(), move || {
+            let (registry, options) = (Arc::clone(&registry), options.clone());
+            async move {
+                match registry.collect(&options).await {
+                    Ok(_) => {}
+                    Err(crate::gc::GcError::Busy) => tracing::info!("garbage collection skipped: another collector is running"),
+                    Err(e) => tracing::warn!(error = %e, "garbage collection failed"),
+                }
+            }
+        }),
+    );
 }
 
 /// What the housekeeping of a blob store needs beyond the `BlobStore` trait.

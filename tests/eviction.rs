@@ -146,6 +146,9 @@ impl BlobStore for HeldDeletes {
     async fn adopt_file(&self, d: &Digest, path: &Path) -> Result<u64, StorageError> {
         self.inner.adopt_file(d, path).await
     }
+    async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<breakwater::storage::StoredBlob>, StorageError> {
+        self.inner.list(after, limit).await
+    }
     async fn delete(&self, d: &Digest) -> Result<(), StorageError> {
         let (release, held) = oneshot::channel();
         if self.entered.send((d.clone(), release)).is_ok() {

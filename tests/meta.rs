@@ -82,17 +82,17 @@ async fn exercise(meta: Arc<dyn Meta>) {
     // Manifests, tags, re-tagging.
     let m1 = record("m1", None, None);
     let m2 = record("m2", None, None);
-    meta.put_manifest(&a, &m1, Some(&tag("v1"))).await.unwrap();
-    meta.put_manifest(&a, &m2, Some(&tag("latest"))).await.unwrap();
+    meta.put_manifest(&a, &m1, None, Some(&tag("v1"))).await.unwrap();
+    meta.put_manifest(&a, &m2, None, Some(&tag("latest"))).await.unwrap();
     assert_eq!(meta.resolve_tag(&a, &tag("v1")).await.unwrap(), Some(m1.digest.clone()));
     assert_eq!(meta.manifest(&a, &m1.digest).await.unwrap(), Some(m1.clone()));
     assert_eq!(meta.manifest(&b, &m1.digest).await.unwrap(), None);
-    meta.put_manifest(&a, &m1, Some(&tag("latest"))).await.unwrap();
+    meta.put_manifest(&a, &m1, None, Some(&tag("latest"))).await.unwrap();
     assert_eq!(meta.resolve_tag(&a, &tag("latest")).await.unwrap(), Some(m1.digest.clone()));
 
     // Tags sort byte-wise (uppercase before lowercase, '-' before digits), and page with `last`.
     for t in ["B", "a", "a-1", "a1", "Z9", "_x"] {
-        meta.put_manifest(&a, &m2, Some(&tag(t))).await.unwrap();
+        meta.put_manifest(&a, &m2, None, Some(&tag(t))).await.unwrap();
     }
     let all = meta.list_tags(&a, None, 100).await.unwrap();
     assert_eq!(all.items, ["B", "Z9", "_x", "a", "a-1", "a1", "latest", "v1"]);
@@ -116,8 +116,8 @@ async fn exercise(meta: Arc<dyn Meta>) {
     // Referrers, with the artifact type filter.
     let sig = record("sig", Some("m1"), Some("application/vnd.example.sig"));
     let sbom = record("sbom", Some("m1"), Some("application/vnd.example.sbom"));
-    meta.put_manifest(&a, &sig, None).await.unwrap();
-    meta.put_manifest(&a, &sbom, None).await.unwrap();
+    meta.put_manifest(&a, &sig, None, None).await.unwrap();
+    meta.put_manifest(&a, &sbom, None, None).await.unwrap();
     let all = meta.referrers(&a, &m1.digest, None, None, 100).await.unwrap();
     let mut want = vec![sig.clone(), sbom.clone()];
     want.sort_by(|x, y| x.digest.to_string().cmp(&y.digest.to_string()));

@@ -85,7 +85,7 @@ async fn exercise(meta: Arc<dyn Meta>) {
     // Manifest records and tags, paged.
     for r in ["x", "x-y", "x/y"] {
         for (c, t) in [("m1", "v1"), ("m2", "v2"), ("m3", "latest")] {
-            meta.put_manifest(&repo(r), &record(c), Some(&t.parse::<Tag>().unwrap())).await.unwrap();
+            meta.put_manifest(&repo(r), &record(c), None, Some(&t.parse::<Tag>().unwrap())).await.unwrap();
         }
     }
     let mut manifests = Vec::new();

@@ -221,7 +221,7 @@ async fn check_rows(meta: Arc<dyn Meta>) {
     // And the upgraded database takes writes, the new column included.
     meta.save_job(&JobRecord { retries: 2, status: "failed".into(), ..want }).await.unwrap();
     assert_eq!(meta.job("mirror").await.unwrap().unwrap().retries, 2);
-    meta.put_manifest(&app, &ManifestRecord { digest: digest("m2"), ..m1 }, Some(&"v2".parse().unwrap())).await.unwrap();
+    meta.put_manifest(&app, &ManifestRecord { digest: digest("m2"), ..m1 }, None, Some(&"v2".parse().unwrap())).await.unwrap();
     assert_eq!(meta.list_tags(&app, None, 10).await.unwrap().items, ["B", "a", "v1", "v2"]);
 }
 

@@ -587,6 +587,9 @@ mod tests {
             }
             self.inner.adopt_file(d, path).await
         }
+        async fn list(&self, after: Option<&Digest>, limit: usize) -> Result<Vec<crate::storage::StoredBlob>, StorageError> {
+            self.inner.list(after, limit).await
+        }
         async fn delete(&self, d: &Digest) -> Result<(), StorageError> {
             self.inner.delete(d).await
         }

@@ -7,6 +7,8 @@
 //!   tag) order after `last` (default and largest `n`: 100 and 1000), with `next` and a `Link` to the next page.
 //! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy,
 //!   503 once the server is shutting down.
+//! - `POST /api/gc` (`?dry_run=true` to only report): collects garbage with the `[gc]` settings and answers
+//!   with the report (200), or 409 while another collection runs on the metadata store.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,6 +32,21 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/api/replication/{name}", get(one))
         .route("/api/replication/{name}/failures", get(failures))
         .route("/api/replication/{name}/run", post(start))
+        .route("/api/gc", post(collect))
+}
+
+async fn collect(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let dry_run = match q.get("dry_run").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(other) => return error(StatusCode::BAD_REQUEST, format!("dry_run must be true or false, not {other:?}")),
+    };
+    let options = crate::gc::Options { dry_run, ..app.gc.clone() };
+    match app.registry.collect(&options).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ crate::gc::GcError::Busy) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 fn error(status: StatusCode, message: String) -> Response {

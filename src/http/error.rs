@@ -25,6 +25,7 @@ fn status(e: &RegistryError) -> StatusCode {
         RegistryError::Denied(_) => StatusCode::FORBIDDEN,
         RegistryError::UpstreamUnavailable(_) => StatusCode::BAD_GATEWAY,
         RegistryError::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+        RegistryError::Collecting(_) => StatusCode::SERVICE_UNAVAILABLE,
         RegistryError::BlobUploadInvalid(_)
         | RegistryError::DigestInvalid(_)
         | RegistryError::ManifestBlobUnknown(_)

@@ -37,6 +37,8 @@ pub struct App {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// Whether clients reach this server over TLS: the scheme of the token realm it sends them to.
     pub https: bool,
+    /// What `POST /api/gc` collects with (the `[gc]` settings).
+    pub gc: crate::gc::Options,
 }
 
 impl App {

@@ -5,6 +5,7 @@
 //! sharing one state) through sqlx's `Any` driver: the SQL is the same for both apart from the schema's column
 //! collation, so there is one body of queries to keep right rather than two.
 
+mod collect;
 mod schema;
 mod sql;
 
@@ -103,8 +104,10 @@ pub trait Meta: Send + Sync + 'static {
     /// Removes blob `digest` from `repo`; false if it was not there.
     async fn unlink_blob(&self, repo: &RepoName, digest: &Digest) -> Result<bool, MetaError>;
 
-    /// Stores a manifest record in `repo` and, if given, points `tag` at it, in one transaction.
-    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> Result<(), MetaError>;
+    /// Stores a manifest record in `repo` with the digests it refers to (`refs`: config, layers, an index's
+    /// children; `None` when the caller does not know them, e.g. re-tagging a stored manifest: a new record is
+    /// then left for the collector to index) and, if given, points `tag` at it, in one transaction.
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, refs: Option<&[Digest]>, tag: Option<&Tag>) -> Result<(), MetaError>;
     async fn manifest(&self, repo: &RepoName, digest: &Digest) -> Result<Option<ManifestRecord>, MetaError>;
     async fn resolve_tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, MetaError>;
     /// Removes a manifest and every tag pointing at it; false if it was not there.
@@ -195,6 +198,48 @@ pub trait Meta: Send + Sync + 'static {
     async fn bytes_referenced(&self, digest: &Digest) -> Result<bool, MetaError>;
     /// Every repository that holds a manifest record of `digest`.
     async fn manifest_repos(&self, digest: &Digest) -> Result<Vec<String>, MetaError>;
+
+    // ---- garbage collection (`crate::gc`; the protocol is described there) --------------------------------
+
+    /// Claims `digests` for a write that relies on their bytes from now until it has recorded its reference:
+    /// a collector leaves a digest claimed in the last `gc::CLAIM_HOLD` alone. Returns the digests a collector
+    /// is removing at this moment, which were not claimed (the caller waits for them, or gives up).
+    async fn claim(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError>;
+    /// Marks each of `digests` as being removed, unless something refers to it or it was claimed since
+    /// `cut.claims_before`; its stale links (older than `cut.links_before`, referred to by no manifest) go with
+    /// the mark. Returns the digests marked: their bytes may then be removed, then `gc_finish` called.
+    async fn gc_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError>;
+    /// The digests `gc_mark` would mark (for a dry run; nothing is written).
+    async fn gc_would_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError>;
+    /// Ends the removal of `digests` (their bytes are gone, or their removal failed and they stay unreferenced).
+    async fn gc_finish(&self, digests: &[Digest]) -> Result<(), MetaError>;
+    /// Digests marked as being removed whose removal did not finish (a collector stopped halfway).
+    async fn gc_pending(&self, limit: u64) -> Result<Vec<Digest>, MetaError>;
+    /// Forgets claims older than `before_ms` (they no longer protect anything).
+    async fn gc_prune_claims(&self, before_ms: i64) -> Result<u64, MetaError>;
+    /// Manifests whose references are not recorded yet (stored before the collector existed), after `after`.
+    async fn unindexed_manifests(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<ManifestRow>, MetaError>;
+    /// Records the references of a stored manifest (read from its bytes).
+    async fn index_manifest(&self, repo: &str, digest: &Digest, refs: &[Digest]) -> Result<(), MetaError>;
+    /// Manifests that no tag points at and that were stored before `cut.links_before`, after (repo, digest)
+    /// `after`: candidates of the untagged policy (`gc_remove_manifest` decides).
+    async fn untagged_manifests(&self, after: Option<(&str, &str)>, limit: u64, cut: Cutoffs) -> Result<Vec<(String, Digest)>, MetaError>;
+    /// Removes the untagged manifest `digest` of `repo` unless it is tagged, the child of an index in `repo`, a
+    /// referrer of a manifest `repo` holds, or claimed since `cut.claims_before`. With `dry_run`, only says.
+    async fn gc_remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError>;
+    /// Takes (or renews) lease `name` for `holder` until `ttl_ms` from now, unless another holder's lease is
+    /// live. Returns whether `holder` holds it.
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
+    /// Gives lease `name` up, if `holder` holds it.
+    async fn release(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+}
+
+/// The instants before which a collector's candidates count as old: links and manifests created before
+/// `links_before` (Unix seconds), claims made before `claims_before` (Unix milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cutoffs {
+    pub links_before: i64,
+    pub claims_before: i64,
 }
 
 /// A row of `blob_links`: `repo` holds blob `digest` (of `size` bytes).

@@ -31,12 +31,14 @@ const SQLITE: &[Step] = &[
     (1, "schema", include_str!("../../migrations/sqlite/0001_schema.sql")),
     (2, "replication retries", include_str!("../../migrations/sqlite/0002_replication_retries.sql")),
     (3, "robots", include_str!("../../migrations/sqlite/0003_robots.sql")),
+    (4, "garbage collection", include_str!("../../migrations/sqlite/0004_gc.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
     (1, "schema", include_str!("../../migrations/postgres/0001_schema.sql")),
     (2, "replication retries", include_str!("../../migrations/postgres/0002_replication_retries.sql")),
     (3, "robots", include_str!("../../migrations/postgres/0003_robots.sql")),
+    (4, "garbage collection", include_str!("../../migrations/postgres/0004_gc.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile

@@ -9,7 +9,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
-use super::{JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagRow, UploadRow};
+use super::{Cutoffs, JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagRow, UploadRow};
 use crate::flight::Group;
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -30,7 +30,7 @@ pub struct SqlMeta {
 type LinkKey = (u64, String, String);
 
 /// Moves the link generation on when created and again when dropped (the change done, failed or cancelled).
-struct LinkChange(Arc<AtomicU64>);
+pub(super) struct LinkChange(Arc<AtomicU64>);
 
 impl LinkChange {
     fn begin(generation: &Arc<AtomicU64>) -> LinkChange {
@@ -50,15 +50,15 @@ fn now() -> i64 {
 }
 
 /// Cache access times are kept in milliseconds: pulls a second apart must still order.
-fn now_millis() -> i64 {
+pub(super) fn now_millis() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-fn digest_of(s: String) -> Result<Digest, MetaError> {
+pub(super) fn digest_of(s: String) -> Result<Digest, MetaError> {
     Digest::from_str(&s).map_err(|_| MetaError::Corrupt(s))
 }
 
-fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
+pub(super) fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
     Ok(ManifestRecord {
         digest: digest_of(row.try_get("digest")?)?,
         media_type: row.try_get("media_type")?,
@@ -150,6 +150,15 @@ impl SqlMeta {
         Ok(SqlMeta { pool, link_lookups: Group::default(), link_generation: Arc::default() })
     }
 
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Moves the link generation on for a change of `blob_links` (see `link_generation`).
+    pub(super) fn link_change(&self) -> LinkChange {
+        LinkChange::begin(&self.link_generation)
+    }
+
     async fn ensure_repo<'c, E>(exec: E, repo: &RepoName) -> Result<(), MetaError>
     where
         E: sqlx::Executor<'c, Database = sqlx::Any>,
@@ -215,12 +224,12 @@ impl Meta for SqlMeta {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, tag: Option<&Tag>) -> Result<(), MetaError> {
+    async fn put_manifest(&self, repo: &RepoName, m: &ManifestRecord, refs: Option<&[Digest]>, tag: Option<&Tag>) -> Result<(), MetaError> {
         let mut tx = self.pool.begin().await?;
         Self::ensure_repo(&mut *tx, repo).await?;
         sqlx::query(
-            "INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (repo, digest) DO NOTHING",
+            "INSERT INTO manifests (repo, digest, media_type, size, subject, artifact_type, annotations, created_at, refs_indexed) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0) ON CONFLICT (repo, digest) DO NOTHING",
         )
         .bind(repo.as_str())
         .bind(m.digest.to_string())
@@ -232,6 +241,9 @@ impl Meta for SqlMeta {
         .bind(now())
         .execute(&mut *tx)
         .await?;
+        if let Some(refs) = refs {
+            Self::insert_refs(&mut tx, repo.as_str(), &m.digest, refs).await?;
+        }
         if let Some(tag) = tag {
             sqlx::query(
                 "INSERT INTO tags (repo, tag, digest, updated_at) VALUES ($1, $2, $3, $4) \
@@ -276,11 +288,9 @@ impl Meta for SqlMeta {
             .bind(digest.to_string())
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM tags WHERE repo = $1 AND digest = $2")
-            .bind(repo.as_str())
-            .bind(digest.to_string())
-            .execute(&mut *tx)
-            .await?;
+        for sql in ["DELETE FROM tags WHERE repo = $1 AND digest = $2", "DELETE FROM manifest_refs WHERE repo = $1 AND manifest = $2"] {
+            sqlx::query(sql).bind(repo.as_str()).bind(digest.to_string()).execute(&mut *tx).await?;
+        }
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
@@ -636,11 +646,13 @@ impl Meta for SqlMeta {
     }
 
     async fn bytes_referenced(&self, digest: &Digest) -> Result<bool, MetaError> {
-        // Three index lookups (blob_links_digest, manifests_digest, the cache's key); the first hit is enough.
+        // Four index lookups (blob_links_digest, manifests_digest, the cache's key, manifest_refs_digest); the
+        // first hit is enough.
         let row = sqlx::query(
             "SELECT 1 FROM blob_links WHERE digest = $1 UNION ALL SELECT 1 FROM manifests WHERE digest = $2 \
-             UNION ALL SELECT 1 FROM cache_blobs WHERE digest = $3 LIMIT 1",
+             UNION ALL SELECT 1 FROM cache_blobs WHERE digest = $3 UNION ALL SELECT 1 FROM manifest_refs WHERE digest = $4 LIMIT 1",
         )
+        .bind(digest.to_string())
         .bind(digest.to_string())
         .bind(digest.to_string())
         .bind(digest.to_string())
@@ -655,5 +667,53 @@ impl Meta for SqlMeta {
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
+    }
+
+    async fn claim(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError> {
+        self.claim_digests(digests).await
+    }
+
+    async fn gc_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
+        self.mark(digests, cut).await
+    }
+
+    async fn gc_would_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
+        self.would_mark(digests, cut).await
+    }
+
+    async fn gc_finish(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        self.finish(digests).await
+    }
+
+    async fn gc_pending(&self, limit: u64) -> Result<Vec<Digest>, MetaError> {
+        self.pending(limit).await
+    }
+
+    async fn gc_prune_claims(&self, before_ms: i64) -> Result<u64, MetaError> {
+        self.prune_claims(before_ms).await
+    }
+
+    async fn unindexed_manifests(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<ManifestRow>, MetaError> {
+        self.unindexed(after, limit).await
+    }
+
+    async fn index_manifest(&self, repo: &str, digest: &Digest, refs: &[Digest]) -> Result<(), MetaError> {
+        self.index(repo, digest, refs).await
+    }
+
+    async fn untagged_manifests(&self, after: Option<(&str, &str)>, limit: u64, cut: Cutoffs) -> Result<Vec<(String, Digest)>, MetaError> {
+        self.untagged(after, limit, cut).await
+    }
+
+    async fn gc_remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError> {
+        self.remove_manifest(repo, digest, cut, dry_run).await
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
+        self.take_lease(name, holder, ttl_ms).await
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        self.give_up_lease(name, holder).await
     }
 }

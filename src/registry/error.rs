@@ -50,6 +50,9 @@ pub enum RegistryError {
     UpstreamUnavailable(String),
     #[error("the upstream registry is rate-limiting requests; try again later")]
     TooManyRequests,
+    /// A collector is removing the bytes of a digest the request needs, and did not finish in time.
+    #[error("{0} is being garbage-collected; retry")]
+    Collecting(Digest),
     #[error(transparent)]
     Storage(StorageError),
     #[error(transparent)]
@@ -79,6 +82,7 @@ impl RegistryError {
             // Not a spec code: the spec has none for a gateway failure; clients only show the message.
             RegistryError::UpstreamUnavailable(_) => "UNAVAILABLE",
             RegistryError::TooManyRequests => "TOOMANYREQUESTS",
+            RegistryError::Collecting(_) => "UNAVAILABLE",
             RegistryError::Storage(StorageError::DigestMismatch { .. }) => "DIGEST_INVALID",
             RegistryError::Storage(StorageError::Body(_) | StorageError::Busy) => "BLOB_UPLOAD_INVALID",
             RegistryError::Storage(StorageError::NotFound) => "BLOB_UNKNOWN",

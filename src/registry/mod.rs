@@ -47,6 +47,10 @@ pub struct Registry {
 
 type Result<T> = std::result::Result<T, RegistryError>;
 
+/// How long a request waits for a collector to finish removing a digest it needs before it answers 503. A
+/// removal is one file or object delete; a collector that stopped halfway leaves its mark until the next run.
+const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Registry {
     pub fn new(store: Arc<dyn BlobStore>, meta: Arc<dyn Meta>, deletes_enabled: bool) -> Registry {
         Registry { store, meta, deletes_enabled, locks: DigestLocks::default() }
@@ -101,12 +105,13 @@ impl Registry {
     /// repository does; spec v1.1 allows that). Returns false when the caller must fall back to an upload.
     pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<bool> {
         let _referencing = self.locks.referencing([digest]).await;
+        self.claim([digest]).await?;
         if let Some(from) = from {
             if !self.meta.blob_linked(from, digest).await? {
                 return Ok(false);
             }
         }
-        match self.store.size(digest).await? {
+        match self.store.stat(digest).await? {
             Some(size) => {
                 self.meta.link_blob(repo, digest, size).await?;
                 Ok(true)
@@ -119,8 +124,7 @@ impl Registry {
     pub async fn put_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<()> {
         let _referencing = self.locks.referencing([digest]).await;
         let size = self.store.put(digest, body).await?;
-        self.meta.link_blob(repo, digest, size).await?;
-        Ok(())
+        self.link_stored(repo, digest, size).await
     }
 
     /// Opens an upload session in `repo` and returns its id. The row comes first: a file without a row would
@@ -196,9 +200,18 @@ impl Registry {
         let committed = self.store.upload_commit(claim, digest).await;
         // Whatever the outcome, the session is over: a mismatched upload is discarded by the store.
         self.meta.delete_upload(id).await?;
-        let size = committed?;
-        self.meta.link_blob(repo, digest, size).await?;
-        Ok(())
+        self.link_stored(repo, digest, committed?).await
+    }
+
+    /// Links blob `digest`, which a push has just stored (or found stored, keeping what was there), into `repo`.
+    /// A collector may have removed the bytes it found stored before the claim held: then the push failed, and
+    /// the client uploads again.
+    async fn link_stored(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
+        self.claim([digest]).await?;
+        if self.store.stat(digest).await?.is_none() {
+            return Err(RegistryError::BlobUploadInvalid(format!("{digest} was garbage-collected while it was uploaded; upload it again")));
+        }
+        Ok(self.meta.link_blob(repo, digest, size).await?)
     }
 
     pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<()> {
@@ -269,6 +282,9 @@ impl Registry {
             Reference::Tag(t) => (Digest::of(Algorithm::Sha256, &bytes), Some(t)),
         };
         let _referencing = self.locks.referencing(info.blobs.iter().chain(&info.children).chain([&digest])).await;
+        // Claimed before they are checked: from here a collector leaves them alone, and one that removed a blob
+        // just before has also removed its links, so the check below refuses the manifest.
+        self.claim(info.blobs.iter().chain(&info.children).chain([&digest])).await?;
         for blob in &info.blobs {
             if !self.blob_present(repo, blob).await? {
                 return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
@@ -291,7 +307,8 @@ impl Registry {
             artifact_type: info.artifact_type,
             annotations,
         };
-        self.meta.put_manifest(repo, &record, tag).await?;
+        let refs: Vec<Digest> = info.blobs.iter().chain(&info.children).cloned().collect();
+        self.meta.put_manifest(repo, &record, Some(&refs), tag).await?;
         Ok(PushedManifest { digest, subject: info.subject })
     }
 
@@ -338,7 +355,8 @@ impl Registry {
     /// meanwhile (the caller fetches it again).
     pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         let _referencing = self.locks.referencing([digest]).await;
-        if self.store.size(digest).await?.is_none() {
+        self.claim([digest]).await?;
+        if self.store.stat(digest).await?.is_none() {
             return Err(RegistryError::BlobUnknown);
         }
         Ok(self.meta.link_blob(repo, digest, size).await?)
@@ -358,6 +376,7 @@ impl Registry {
         let size = bytes.len() as u64;
         let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
         let _referencing = self.locks.referencing([digest]).await;
+        self.claim([digest]).await?;
         self.store.put(digest, body).await?;
         let record = ManifestRecord {
             digest: digest.clone(),
@@ -367,7 +386,8 @@ impl Registry {
             artifact_type: info.artifact_type,
             annotations: annotations_json(&info.annotations)?,
         };
-        Ok(self.meta.put_manifest(repo, &record, tag).await?)
+        let refs: Vec<Digest> = info.blobs.into_iter().chain(info.children).collect();
+        Ok(self.meta.put_manifest(repo, &record, Some(&refs), tag).await?)
     }
 
     /// Points each of `tags` at manifest `digest` of `repo` (a push by digest with `?tag=`), in order; the first
@@ -381,8 +401,15 @@ impl Registry {
 
     /// Points `tag` at a manifest `repo` already holds.
     pub async fn tag_manifest(&self, repo: &RepoName, digest: &Digest, tag: &Tag) -> Result<()> {
+        // Claimed first, so that the untagged policy cannot remove the record between the lookup and the tag.
+        self.claim([digest]).await?;
         let record = self.meta.manifest(repo, digest).await?.ok_or(RegistryError::ManifestUnknown)?;
-        Ok(self.meta.put_manifest(repo, &record, Some(tag)).await?)
+        Ok(self.meta.put_manifest(repo, &record, None, Some(tag)).await?)
+    }
+
+    /// Collects garbage from this registry's stores (see `crate::gc`).
+    pub async fn collect(&self, options: &crate::gc::Options) -> std::result::Result<crate::gc::Report, crate::gc::GcError> {
+        crate::gc::collect(self.store.as_ref(), self.meta.as_ref(), options).await
     }
 
     /// The cache's bookkeeping of what it fetched, for eviction.
@@ -465,7 +492,24 @@ impl Registry {
     /// Whether `repo` links blob `digest` and its bytes are in the content store. A link alone is not enough
     /// for a manifest to refer to a blob: bytes lost to a fault must not become a manifest nobody can pull.
     async fn blob_present(&self, repo: &RepoName, digest: &Digest) -> Result<bool> {
-        Ok(self.meta.blob_linked(repo, digest).await? && self.store.size(digest).await?.is_some())
+        Ok(self.meta.blob_linked(repo, digest).await? && self.store.stat(digest).await?.is_some())
+    }
+
+    /// Claims `digests` for this request (see `crate::gc`): until it has recorded its references, a collector
+    /// leaves them alone. While a collector is removing one, it waits for the removal to end (the caller then
+    /// finds the bytes gone), at most `CLAIM_WAIT`.
+    async fn claim<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> Result<()> {
+        let mut left: Vec<&Digest> = digests.into_iter().collect();
+        let deadline = std::time::Instant::now() + CLAIM_WAIT;
+        loop {
+            let refused = self.meta.claim(&left).await?;
+            let Some(first) = refused.first() else { return Ok(()) };
+            if std::time::Instant::now() >= deadline {
+                return Err(RegistryError::Collecting(first.clone()));
+            }
+            left.retain(|d| refused.contains(d));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// The exclusive lock eviction needs to remove `digest`'s bytes, unless a push or cache fill is making them

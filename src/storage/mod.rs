@@ -117,6 +117,12 @@ pub trait BlobStore: Send + Sync + 'static {
     /// The size of a committed blob, or `None` if it is not stored.
     async fn size(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
 
+    /// The size of a committed blob asked of the store itself, past any cache of sizes: for a write that must
+    /// know the bytes are there now (another process, a collector, may have removed them since they were cached).
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        self.size(digest).await
+    }
+
     /// Streams a committed blob, or the window `range` of it (which the caller has checked against the size).
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError>;
 

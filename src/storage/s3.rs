@@ -647,6 +647,11 @@ impl BlobStore for S3Store {
         self.inner.exists(digest).await
     }
 
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        self.inner.sizes.remove(digest);
+        self.inner.exists(digest).await
+    }
+
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
         if range.is_some_and(|r| r.start >= r.end) {
             return Ok(Box::pin(futures_util::stream::empty()));

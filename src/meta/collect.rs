@@ -1,0 +1,246 @@
+//! The SQL of garbage collection (`crate::gc` has the protocol): claims, marks, the references of manifests,
+//! the untagged policy's candidates and the collector's lease.
+//!
+//! Every decision about one digest happens in a transaction that first writes the digest's `blob_state` row:
+//! PostgreSQL then holds that row's lock until the commit, and SQLite its one write lock, so a claim and a mark of
+//! the same digest never interleave, and each sees what the other committed.
+
+use sqlx::Row;
+
+use super::sql::{digest_of, now_millis, record, SqlMeta};
+use super::{Cutoffs, ManifestRow, MetaError};
+use crate::oci::Digest;
+
+/// Creates `digest`'s `blob_state` row if needed and locks it for the transaction (the update changes nothing).
+const LOCK_ROW: &str = "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, 0, 0) \
+                        ON CONFLICT (digest) DO UPDATE SET deleting = blob_state.deleting";
+
+/// Whether anything refers to the bytes of `$1`..`$4`: a manifest record of it, a manifest that lists it, a cache
+/// record, or a link that is recent (created at or after `$5`) or in a repository with a manifest whose
+/// references are not recorded yet (which might list it).
+const REFERENCED: &str = "SELECT 1 FROM manifests WHERE digest = $1 \
+     UNION ALL SELECT 1 FROM manifest_refs WHERE digest = $2 \
+     UNION ALL SELECT 1 FROM cache_blobs WHERE digest = $3 \
+     UNION ALL SELECT 1 FROM blob_links l WHERE l.digest = $4 AND (l.created_at >= $5 \
+         OR EXISTS (SELECT 1 FROM manifests m WHERE m.repo = l.repo AND m.refs_indexed = 0)) \
+     LIMIT 1";
+
+/// Whether manifest `$2` of repository `$1` must stay whatever the untagged policy says: a tag points at it, an
+/// index of the repository lists it, or it refers to a manifest the repository holds (a live referrer).
+const MANIFEST_KEPT: &str = "SELECT 1 FROM tags WHERE repo = $1 AND digest = $2 \
+     UNION ALL SELECT 1 FROM manifest_refs WHERE repo = $3 AND digest = $4 \
+     UNION ALL SELECT 1 FROM manifests m JOIN manifests s ON s.repo = m.repo AND s.digest = m.subject \
+         WHERE m.repo = $5 AND m.digest = $6 \
+     LIMIT 1";
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+impl SqlMeta {
+    pub(super) async fn claim_digests(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError> {
+        let mut refused = Vec::new();
+        let mut tx = self.pool().begin().await?;
+        for d in digests {
+            // A digest being removed keeps its mark: the update's condition fails and nothing is written.
+            let done = sqlx::query(
+                "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, $2, 0) \
+                 ON CONFLICT (digest) DO UPDATE SET claimed_at = excluded.claimed_at WHERE blob_state.deleting = 0",
+            )
+            .bind(d.to_string())
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                refused.push((*d).clone());
+            }
+        }
+        tx.commit().await?;
+        Ok(refused)
+    }
+
+    /// Locks `digest`'s row and says whether it may be collected now: not being removed already, not claimed
+    /// since the cut-off, and referred to by nothing.
+    async fn collectable(tx: &mut Tx<'_>, digest: &Digest, cut: Cutoffs) -> Result<bool, MetaError> {
+        let d = digest.to_string();
+        sqlx::query(LOCK_ROW).bind(&d).execute(&mut **tx).await?;
+        let state = sqlx::query("SELECT claimed_at, deleting FROM blob_state WHERE digest = $1").bind(&d).fetch_one(&mut **tx).await?;
+        if state.try_get::<i64, _>(1)? != 0 || state.try_get::<i64, _>(0)? >= cut.claims_before {
+            return Ok(false);
+        }
+        let used = sqlx::query(REFERENCED)
+            .bind(&d)
+            .bind(&d)
+            .bind(&d)
+            .bind(&d)
+            .bind(cut.links_before)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(used.is_none())
+    }
+
+    pub(super) async fn mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
+        let _change = self.link_change();
+        let mut marked = Vec::new();
+        // One transaction for the batch: one commit (one fsync on SQLite) for many digests, while a push of one
+        // of them waits no longer than the batch takes.
+        let mut tx = self.pool().begin().await?;
+        for digest in digests {
+            if !Self::collectable(&mut tx, digest, cut).await? {
+                continue;
+            }
+            let d = digest.to_string();
+            // Only stale links are left (a recent one is a reference): they go with the bytes.
+            sqlx::query("DELETE FROM blob_links WHERE digest = $1").bind(&d).execute(&mut *tx).await?;
+            sqlx::query("UPDATE blob_state SET deleting = 1 WHERE digest = $1").bind(&d).execute(&mut *tx).await?;
+            marked.push(digest.clone());
+        }
+        tx.commit().await?;
+        Ok(marked)
+    }
+
+    pub(super) async fn would_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
+        // The same checks in a transaction that is rolled back: a dry run writes nothing.
+        let mut tx = self.pool().begin().await?;
+        let mut marked = Vec::new();
+        for digest in digests {
+            if Self::collectable(&mut tx, digest, cut).await? {
+                marked.push(digest.clone());
+            }
+        }
+        tx.rollback().await?;
+        Ok(marked)
+    }
+
+    pub(super) async fn finish(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        let mut tx = self.pool().begin().await?;
+        for d in digests {
+            sqlx::query("DELETE FROM blob_state WHERE digest = $1 AND deleting = 1").bind(d.to_string()).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn pending(&self, limit: u64) -> Result<Vec<Digest>, MetaError> {
+        let rows = sqlx::query("SELECT digest FROM blob_state WHERE deleting = 1 ORDER BY digest LIMIT $1")
+            .bind(limit as i64)
+            .fetch_all(self.pool())
+            .await?;
+        rows.into_iter().map(|r| digest_of(r.try_get(0)?)).collect()
+    }
+
+    pub(super) async fn prune_claims(&self, before_ms: i64) -> Result<u64, MetaError> {
+        let done = sqlx::query("DELETE FROM blob_state WHERE deleting = 0 AND claimed_at < $1").bind(before_ms).execute(self.pool()).await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn unindexed(&self, after: Option<(&str, &str)>, limit: u64) -> Result<Vec<ManifestRow>, MetaError> {
+        let (repo, digest) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT repo, digest, media_type, size, subject, artifact_type, annotations FROM manifests \
+             WHERE refs_indexed = 0 AND (repo, digest) > ($1, $2) ORDER BY repo, digest LIMIT $3",
+        )
+        .bind(repo)
+        .bind(digest)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(|r| Ok(ManifestRow { repo: r.try_get("repo")?, record: record(r)? })).collect()
+    }
+
+    /// Inserts the reference rows of manifest `digest` in `repo` and marks its references recorded.
+    pub(super) async fn insert_refs(tx: &mut Tx<'_>, repo: &str, digest: &Digest, refs: &[Digest]) -> Result<(), MetaError> {
+        for r in refs {
+            sqlx::query("INSERT INTO manifest_refs (repo, manifest, digest) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(repo)
+                .bind(digest.to_string())
+                .bind(r.to_string())
+                .execute(&mut **tx)
+                .await?;
+        }
+        sqlx::query("UPDATE manifests SET refs_indexed = 1 WHERE repo = $1 AND digest = $2")
+            .bind(repo)
+            .bind(digest.to_string())
+            .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn index(&self, repo: &str, digest: &Digest, refs: &[Digest]) -> Result<(), MetaError> {
+        let mut tx = self.pool().begin().await?;
+        Self::insert_refs(&mut tx, repo, digest, refs).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn untagged(&self, after: Option<(&str, &str)>, limit: u64, cut: Cutoffs) -> Result<Vec<(String, Digest)>, MetaError> {
+        let (repo, digest) = after.unwrap_or(("", ""));
+        let rows = sqlx::query(
+            "SELECT m.repo, m.digest FROM manifests m WHERE (m.repo, m.digest) > ($1, $2) AND m.created_at < $3 \
+             AND NOT EXISTS (SELECT 1 FROM tags t WHERE t.repo = m.repo AND t.digest = m.digest) \
+             ORDER BY m.repo, m.digest LIMIT $4",
+        )
+        .bind(repo)
+        .bind(digest)
+        .bind(cut.links_before)
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get::<String, _>(0)?, digest_of(r.try_get(1)?)?))).collect()
+    }
+
+    pub(super) async fn remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError> {
+        let d = digest.to_string();
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(LOCK_ROW).bind(&d).execute(&mut *tx).await?;
+        let claimed = sqlx::query("SELECT 1 FROM blob_state WHERE digest = $1 AND (claimed_at >= $2 OR deleting = 1)")
+            .bind(&d)
+            .bind(cut.claims_before)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let stored = sqlx::query("SELECT 1 FROM manifests WHERE repo = $1 AND digest = $2 AND created_at < $3")
+            .bind(repo)
+            .bind(&d)
+            .bind(cut.links_before)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let kept = sqlx::query(MANIFEST_KEPT)
+            .bind(repo)
+            .bind(&d)
+            .bind(repo)
+            .bind(&d)
+            .bind(repo)
+            .bind(&d)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if claimed.is_some() || stored.is_none() || kept.is_some() || dry_run {
+            tx.rollback().await?;
+            return Ok(claimed.is_none() && stored.is_some() && kept.is_none());
+        }
+        for sql in ["DELETE FROM manifests WHERE repo = $1 AND digest = $2", "DELETE FROM manifest_refs WHERE repo = $1 AND manifest = $2"] {
+            sqlx::query(sql).bind(repo).bind(&d).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
+        let now = now_millis();
+        let done = sqlx::query(
+            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+             WHERE leases.expires_at < $4 OR leases.holder = $5",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now.saturating_add(ttl_ms))
+        .bind(now)
+        .bind(holder)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub(super) async fn give_up_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2").bind(name).bind(holder).execute(self.pool()).await?;
+        Ok(())
+    }
+}
