@@ -707,6 +707,7 @@ secret_access_key = "s3-secret-5"
             auth: None,
             allow_shadowing: Vec::new(),
             tls: None,
+            gc: FileGc::default().resolve(Vec::new()),
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));

@@ -50,16 +50,13 @@ pub struct LocalStore {
 }
 
 impl LocalStore {
-    /// Opens (creating if needed) a store under `root`. Leftovers of writes interrupted by a crash are removed:
-    /// `tmp/` only ever holds writes in progress, and none is in progress at start-up.
+    /// Opens (creating if needed) a store under `root`. Several processes may have one store open at once (a
+    /// server, `breakwater gc`, `migrate-storage` reading it), so opening touches nothing in it: what a crash
+    /// left in `tmp/` is the reconciliation sweep's to remove once it is older than the grace period, never a
+    /// file another process is writing or committing at this moment.
     pub async fn open(root: &Path) -> io::Result<LocalStore> {
         for dir in ["blobs", "uploads", "tmp"] {
             fs::create_dir_all(root.join(dir)).await?;
-        }
-        let tmp = root.join("tmp");
-        let mut entries = fs::read_dir(&tmp).await?;
-        while let Some(e) = entries.next_entry().await? {
-            let _ = fs::remove_file(e.path()).await;
         }
         Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() })
     }
@@ -669,15 +666,18 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn interrupted_write_is_cleaned_at_open() {
+    async fn opening_a_store_leaves_another_process_writes_alone() {
         let dir = tempfile::tempdir().unwrap();
-        drop(LocalStore::open(dir.path()).await.unwrap());
-        // What a crash in the middle of `put` leaves: a staging file, never a file under blobs/.
-        std::fs::write(dir.path().join("tmp").join("leftover"), b"half a bl").unwrap();
         let store = LocalStore::open(dir.path()).await.unwrap();
-        assert_eq!(std::fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        // A write in progress in one process (its staging file), and the same store opened by another.
+        let staged = dir.path().join("tmp").join("in-progress");
+        std::fs::write(&staged, b"half a bl").unwrap();
+        let other = LocalStore::open(dir.path()).await.unwrap();
+        assert!(staged.exists(), "opening the store removed a write in progress");
+        // Nothing of it is visible as a blob, to either.
         let d = Digest::of(Algorithm::Sha256, b"half a blob");
         assert_eq!(store.size(&d).await.unwrap(), None);
+        assert_eq!(other.size(&d).await.unwrap(), None);
     }
 
     #[tokio::test]
