@@ -61,7 +61,13 @@ impl LocalStore {
         while let Some(e) = entries.next_entry().await? {
             let _ = fs::remove_file(e.path()).await;
         }
-        Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() })
+        Ok(Self::existing(root))
+    }
+
+    /// A handle on the store under `root` that creates and removes nothing, for `fsck` and its sweep: they check
+    /// what is there, and `tmp/` may hold the writes of a server running on it (or leftovers to report).
+    pub fn existing(root: &Path) -> LocalStore {
+        LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
