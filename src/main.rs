@@ -809,6 +809,9 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
     if server_running && report.counts.contains_key(&Kind::OrphanBlob) {
         println!("a server is running on this store: unreferenced blobs are removed only with it stopped");
     }
+    if args.repair && opts.local.is_none() && report.counts.contains_key(&Kind::OrphanBlob) {
+        println!("unreferenced blobs in object storage are left to garbage collection (`breakwater gc`)");
+    }
     // 2: everything found was repaired; 3: problems remain (not asked to repair, or not repairable).
     Ok(std::process::ExitCode::from(if report.repaired() == report.found() { 2 } else { 3 }))
 }

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 
 use super::{remove, Action, FsckError, Kind, Options, Run, PAGE};
 use crate::meta::Meta;
@@ -25,6 +25,13 @@ fn bad_name(repo: &str) -> Action {
     Action::Left(format!("{repo:?} is not a valid repository name"))
 }
 
+/// Whether the store holds each of `digests`, in order, looked up `concurrency` at a time: on object storage each
+/// lookup is a request, which would make a walk of the links one round trip per row.
+async fn stored(opts: &Options, digests: Vec<Digest>) -> Result<Vec<bool>, FsckError> {
+    let lookups = futures_util::stream::iter(digests).map(|d| async move { opts.has_blob(&d).await });
+    lookups.buffered(opts.concurrency.max(1)).try_collect().await
+}
+
 pub async fn links(run: &mut Run<'_>) -> Result<(), FsckError> {
     let (opts, meta) = (run.opts, run.meta);
     let mut after: Option<(String, String)> = None;
@@ -32,9 +39,10 @@ pub async fn links(run: &mut Run<'_>) -> Result<(), FsckError> {
         let page = meta.links_page(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), PAGE).await?;
         let Some(last) = page.last() else { return Ok(()) };
         after = Some((last.repo.clone(), last.digest.to_string()));
-        for link in page {
+        let stored = stored(opts, page.iter().map(|l| l.digest.clone()).collect()).await?;
+        for (link, stored) in page.into_iter().zip(stored) {
             run.report.checked.links += 1;
-            if opts.has_blob(&link.digest).await? {
+            if stored {
                 continue;
             }
             let what = format!("{}@{}: the repository links a blob whose bytes are missing", link.repo, link.digest);
@@ -177,9 +185,10 @@ pub async fn cache(run: &mut Run<'_>) -> Result<(), FsckError> {
         let page = meta.cache_page(after.as_deref(), PAGE).await?;
         let Some((last, _)) = page.last() else { return Ok(()) };
         after = Some(last.to_string());
-        for (digest, size) in page {
+        let stored = stored(opts, page.iter().map(|(d, _)| d.clone()).collect()).await?;
+        for ((digest, size), stored) in page.into_iter().zip(stored) {
             run.report.checked.cache_records += 1;
-            if opts.has_blob(&digest).await? {
+            if stored {
                 continue;
             }
             let what = format!("{digest} ({size} bytes): a cache record whose bytes are gone");
