@@ -603,27 +603,14 @@ fn store_location(data: Option<PathBuf>, metadata: Option<Secret>) -> (PathBuf, 
 
 #[derive(clap::Args)]
 struct FsckArgs {
-    /// The server's TOML configuration file (its data directory, metadata store and upstreams).
-    #[arg(long, env = "BREAKWATER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory of the store [default: ./breakwater-data].
-    #[arg(long, env = "BREAKWATER_DATA")]
-    data: Option<PathBuf>,
-    /// Metadata store URL [default: SQLite in the data directory].
-    #[arg(long, env = "BREAKWATER_METADATA")]
-    metadata: Option<String>,
-    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content]. S3 settings
-    /// come from --config's [storage] table and the AWS_* environment, as for `serve`.
-    #[arg(long, env = "BREAKWATER_STORAGE")]
-    storage: Option<String>,
-    /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are caches, whose manifests
-    /// may lack blobs not pulled yet.
-    #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
-    upstreams: Vec<String>,
+    // Where the store is, named as for `serve` and `gc`; the upstreams' repositories are caches, whose manifests may
+    // lack blobs nobody has pulled yet.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Fix what is found: quarantine corrupt blobs, remove records that point at nothing and leftovers.
     #[arg(long)]
     repair: bool,
-    /// Files and upload sessions younger than this many seconds are work in progress, not leftovers.
+    /// Blobs, files and upload sessions younger than this many seconds are work in progress, not leftovers.
     #[arg(long, default_value_t = breakwater::fsck::DEFAULT_GRACE.as_secs())]
     grace_secs: u64,
     /// Blobs hashed at once [default: one per core, at most 8, on local disk; 16 on object storage].
@@ -658,7 +645,8 @@ struct StoreArgs {
     /// Metadata store URL [default: SQLite in the data directory].
     #[arg(long, env = "BREAKWATER_METADATA")]
     metadata: Option<String>,
-    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content].
+    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content]. S3 settings
+    /// come from the configuration file's [storage] table and the AWS_* environment, as for `serve`.
     #[arg(long, env = "BREAKWATER_STORAGE")]
     storage: Option<String>,
     /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are the cache's.
@@ -740,14 +728,8 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
     use breakwater::fsck::{self, Kind, Options, Plan, Repair, StoreLock};
     use std::io::IsTerminal;
     init_logging(LogFormat::Text);
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let mut cache_namespaces: Vec<String> = file.upstream.iter().map(|u| u.name.clone()).collect();
-    cache_namespaces.extend(args.upstreams.iter().map(|u| u.split_once('=').map_or(u.as_str(), |(name, _)| name).to_string()));
-    let (data, metadata) = store_location(args.data.or(file.data), args.metadata.map(Into::into).or(file.metadata));
-    let (store, local) = fsck_store(&config::storage(args.storage, file.storage, &data)?).await?;
+    let location = args.store.resolve()?;
+    let (store, local) = fsck_store(&location.storage).await?;
     // Offline (no server holds the store), a repair may remove unreferenced bytes; the lock also keeps a server
     // from starting until the repair is done. Object storage has no such lock: its unreferenced blobs stay.
     let lock = match &local {
@@ -755,7 +737,7 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
         _ => None,
     };
     let server_running = args.repair && local.is_some() && lock.is_none();
-    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+    let meta = breakwater::meta::open(&location.metadata).await.context("opening the metadata store")?;
     let progress = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} files, {elapsed}").expect("valid template"));
@@ -768,7 +750,7 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
         concurrency: args.concurrency.unwrap_or_else(|| Options::default_concurrency(local.is_some())),
         store,
         local,
-        cache_namespaces,
+        cache_namespaces: location.cache_namespaces,
         grace: std::time::Duration::from_secs(args.grace_secs),
         plan: Plan {
             hash_blobs: true,
