@@ -165,8 +165,7 @@ enum Aside {
 async fn set_aside(opts: &Options, digest: &Digest) -> Result<Aside, FsckError> {
     let Some(root) = &opts.local else {
         // `BlobStore` has no rename, so an object is deleted, which cannot be undone: it is read again first, in
-        // case the first read came up short without an error (an object is never replaced, so a second read that
-        // hashes right means the first was wrong).
+        // case the first read came up short without an error; bytes that hash right the second time stay.
         if matches!(hash_object(opts.store.as_ref(), digest).await, Hashed::Bytes(actual, _) if actual == *digest) {
             return Ok(Aside::Kept("read again, its bytes hash to its digest; kept it"));
         }
