@@ -86,7 +86,10 @@ pub async fn walk(run: &mut Run<'_>, pass: Pass) -> Result<(), FsckError> {
             Outcome::Stray(_) | Outcome::Unreadable(_) if !first => {}
             Outcome::Stray(path) => stray(run, path).await?,
             Outcome::Unreadable(what) => {
-                let advice = if opts.local.is_some() { "fix the file's permissions or the disk" } else { "the store did not serve it; check again once it does" };
+                let advice = match opts.local {
+                    Some(_) => "fix the file's permissions or the disk",
+                    None => "the store did not serve it; check again once it does",
+                };
                 run.problem(Kind::Unreadable, what, || async { Ok(Action::Left(advice.into())) }).await?;
             }
             Outcome::Corrupt { digest, actual } => {
@@ -111,7 +114,13 @@ pub async fn walk(run: &mut Run<'_>, pass: Pass) -> Result<(), FsckError> {
 }
 
 /// Checks one blob for `pass`.
-async fn check(opts: &Options, meta: &dyn Meta, pass: Pass, digest: Digest, touched: Option<SystemTime>) -> Result<Outcome, FsckError> {
+async fn check(
+    opts: &Options,
+    meta: &dyn Meta,
+    pass: Pass,
+    digest: Digest,
+    touched: Option<SystemTime>,
+) -> Result<Outcome, FsckError> {
     match pass {
         Pass::Hash => Ok(match hash(opts, &digest).await {
             Hashed::Bytes(actual, bytes) if actual == digest => Outcome::Fine { bytes },
@@ -307,8 +316,9 @@ fn tree_listing(blobs: PathBuf) -> Listing<'static> {
     let lister = tokio::task::spawn_blocking(move || list(&dir, &tx));
     let listed = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|l| (Ok(l), rx)) });
     // A lister that died ends the listing early, which must fail the run rather than pass for a complete walk.
-    let ended = stream::once(async move { lister.await.map_err(|e| FsckError::Io { path: blobs, source: std::io::Error::other(e) }) })
-        .filter_map(|joined| async move { joined.err().map(Err) });
+    let joined =
+        async move { lister.await.map_err(|e| FsckError::Io { path: blobs, source: std::io::Error::other(e) }) };
+    let ended = stream::once(joined).filter_map(|joined| async move { joined.err().map(Err) });
     Box::pin(listed.chain(ended))
 }
 

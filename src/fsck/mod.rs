@@ -246,7 +246,10 @@ impl Options {
     /// Why unreferenced blobs stay if this run is to remove them, or `None` if it may.
     fn keeps_unreferenced(&self) -> Option<&'static str> {
         if self.local.is_none() {
-            Some("fsck never removes blobs from object storage, which several instances may share: garbage collection (`breakwater gc`) does")
+            Some(concat!(
+                "fsck never removes blobs from object storage, which several instances may share: ",
+                "garbage collection (`breakwater gc`) does"
+            ))
         } else if !self.plan.remove_unreferenced_bytes {
             Some("a server is running on this store; unreferenced bytes are removed only offline")
         } else {
