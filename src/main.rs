@@ -603,28 +603,34 @@ fn store_location(data: Option<PathBuf>, metadata: Option<Secret>) -> (PathBuf, 
 
 #[derive(clap::Args)]
 struct FsckArgs {
-    /// The server's TOML configuration file (its data directory, metadata store and upstreams).
-    #[arg(long, env = "BREAKWATER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory of the store [default: ./breakwater-data].
-    #[arg(long, env = "BREAKWATER_DATA")]
-    data: Option<PathBuf>,
-    /// Metadata store URL [default: SQLite in the data directory].
-    #[arg(long, env = "BREAKWATER_METADATA")]
-    metadata: Option<String>,
-    /// The server's blob store, file://DIR [default: file://DATA/content].
-    #[arg(long, env = "BREAKWATER_STORAGE")]
-    storage: Option<String>,
-    /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are caches, whose manifests
-    /// may lack blobs not pulled yet.
-    #[arg(long = "upstream", value_name = "NAME=URL", env = "BREAKWATER_UPSTREAMS", value_delimiter = ',')]
-    upstreams: Vec<String>,
+    // Where the store is, named as for `serve` and `gc`; the upstreams' repositories are caches, whose manifests may
+    // lack blobs nobody has pulled yet.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Fix what is found: quarantine corrupt blobs, remove records that point at nothing and leftovers.
     #[arg(long)]
     repair: bool,
-    /// Files and upload sessions younger than this many seconds are work in progress, not leftovers.
+    /// Blobs, files and upload sessions younger than this many seconds are work in progress, not leftovers.
     #[arg(long, default_value_t = breakwater::fsck::DEFAULT_GRACE.as_secs())]
     grace_secs: u64,
+    /// Blobs hashed at once [default: one per core, at most 8, on local disk; 16 on object storage].
+    #[arg(long)]
+    concurrency: Option<usize>,
+}
+
+/// The store `fsck` checks, and its directory if it is a local one. A local store is taken as it is (opening it
+/// as `serve` does would empty `tmp/`, whose files a running server may be writing, and which fsck reports);
+/// object storage is opened as `serve` opens it: the same settings, and its credentials checked at once.
+async fn fsck_store(
+    storage: &config::StorageConfig,
+) -> anyhow::Result<(std::sync::Arc<dyn breakwater::storage::BlobStore>, Option<PathBuf>)> {
+    match storage {
+        config::StorageConfig::Local(root) => {
+            anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no blobs/)", root.display());
+            Ok((std::sync::Arc::new(breakwater::storage::LocalStore::existing(root)), Some(root.clone())))
+        }
+        config::StorageConfig::S3(_) => Ok((breakwater::server::open_store(storage).await?.0, None)),
+    }
 }
 
 /// Where a store is: what `serve` would open with the same flags, environment and configuration file.
@@ -639,7 +645,8 @@ struct StoreArgs {
     /// Metadata store URL [default: SQLite in the data directory].
     #[arg(long, env = "BREAKWATER_METADATA")]
     metadata: Option<String>,
-    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content].
+    /// The server's blob store, file://DIR or s3://BUCKET/PREFIX [default: file://DATA/content]. S3 settings
+    /// come from the configuration file's [storage] table and the AWS_* environment, as for `serve`.
     #[arg(long, env = "BREAKWATER_STORAGE")]
     storage: Option<String>,
     /// The server's upstreams, NAME=URL or NAME (repeatable): their repositories are the cache's.
@@ -721,23 +728,16 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
     use breakwater::fsck::{self, Kind, Options, Plan, Repair, StoreLock};
     use std::io::IsTerminal;
     init_logging(LogFormat::Text);
-    let file = match &args.config {
-        Some(path) => FileConfig::load(path)?,
-        None => FileConfig::default(),
-    };
-    let mut cache_namespaces: Vec<String> = file.upstream.iter().map(|u| u.name.clone()).collect();
-    cache_namespaces.extend(args.upstreams.iter().map(|u| u.split_once('=').map_or(u.as_str(), |(name, _)| name).to_string()));
-    let (data, metadata) = store_location(args.data.or(file.data), args.metadata.map(Into::into).or(file.metadata));
-    let root = match config::storage(args.storage, file.storage, &data)? {
-        config::StorageConfig::Local(root) => root,
-        config::StorageConfig::S3(s) => anyhow::bail!("fsck checks local stores only so far, not s3://{}/{}", s.bucket, s.prefix),
-    };
-    anyhow::ensure!(root.join("blobs").is_dir(), "{} holds no breakwater store (no blobs/)", root.display());
+    let location = args.store.resolve()?;
+    let (store, local) = fsck_store(&location.storage).await?;
     // Offline (no server holds the store), a repair may remove unreferenced bytes; the lock also keeps a server
-    // from starting until the repair is done.
-    let lock = if args.repair { StoreLock::exclusive(&root)? } else { None };
-    let server_running = args.repair && lock.is_none();
-    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+    // from starting until the repair is done. Object storage has no such lock: its unreferenced blobs stay.
+    let lock = match &local {
+        Some(root) if args.repair => StoreLock::exclusive(root)?,
+        _ => None,
+    };
+    let server_running = args.repair && local.is_some() && lock.is_none();
+    let meta = breakwater::meta::open(&location.metadata).await.context("opening the metadata store")?;
     let progress = if std::io::stderr().is_terminal() {
         let bar = indicatif::ProgressBar::new_spinner();
         bar.set_style(indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} files, {elapsed}").expect("valid template"));
@@ -747,10 +747,11 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
         indicatif::ProgressBar::hidden()
     };
     let opts = Options {
-        root,
-        cache_namespaces,
+        concurrency: args.concurrency.unwrap_or_else(|| Options::default_concurrency(local.is_some())),
+        store,
+        local,
+        cache_namespaces: location.cache_namespaces,
         grace: std::time::Duration::from_secs(args.grace_secs),
-        concurrency: Options::default_concurrency(),
         plan: Plan {
             hash_blobs: true,
             records: true,
@@ -789,6 +790,9 @@ async fn fsck(args: FsckArgs) -> anyhow::Result<std::process::ExitCode> {
     println!("{} problems: {}", report.found(), kinds.join(", "));
     if server_running && report.counts.contains_key(&Kind::OrphanBlob) {
         println!("a server is running on this store: unreferenced blobs are removed only with it stopped");
+    }
+    if args.repair && opts.local.is_none() && report.counts.contains_key(&Kind::OrphanBlob) {
+        println!("unreferenced blobs in object storage are left to garbage collection (`breakwater gc`)");
     }
     // 2: everything found was repaired; 3: problems remain (not asked to repair, or not repairable).
     Ok(std::process::ExitCode::from(if report.repaired() == report.found() { 2 } else { 3 }))

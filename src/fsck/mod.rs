@@ -1,16 +1,21 @@
-//! Checking and repairing a store: the content directory (`storage::LocalStore`'s layout) against the metadata
-//! store, offline or while `serve` runs on it.
+//! Checking and repairing a store: a blob store (a local content directory in `storage::LocalStore`'s layout,
+//! or object storage) against the metadata store, offline or while `serve` runs on it.
 //!
 //! One walker serves two callers: `breakwater fsck` (everything, with `--repair` to fix what it finds) and the
 //! reconciliation sweep inside `serve` (`sweep.rs`: the cheap checks, fixing only leftovers that nothing can be
 //! using). What each run checks and may fix is its `Plan`.
 //!
 //! The passes run in an order that lets one repair leave a store that a second check finds clean:
-//! 1. blob files are re-hashed (corrupt ones quarantined, which removes what referred to them);
+//! 1. stored blobs are re-hashed (corrupt ones quarantined, which removes what referred to them);
 //! 2. records that point at nothing (links, manifest records, tags, cache records, upload sessions) and, in
 //!    repositories outside the caches' namespaces, manifests whose blobs or child manifests are gone;
-//! 3. files that nothing refers to (blob files, upload files without a session, leftover staging and spool
-//!    files), last, because the passes before may have just made some of them unreferenced.
+//! 3. what nothing refers to (blobs, and on a local store upload files without a session and leftover staging
+//!    and spool files), last, because the passes before may have just made some of them unreferenced.
+//!
+//! Records are checked through `BlobStore` whatever the backend. A local store's blob tree is walked on disk,
+//! which also finds what a listing cannot show (stray and unreadable files); any other store is walked through
+//! `BlobStore::list`. On object storage, unreferenced blobs are reported and left to garbage collection: several
+//! instances may share a bucket, and no lock spans machines to tell fsck that none of them is about to link one.
 //!
 //! In-progress work is never taken for an orphan: files and sessions younger than the grace period are left
 //! alone (a write in progress keeps its file's modification time fresh), and inside `serve` a spool of a running
@@ -33,6 +38,7 @@ pub use sweep::{spawn_sweep, SweepContext};
 use crate::flight::BlobFlights;
 use crate::meta::{Meta, MetaError};
 use crate::oci::Digest;
+use crate::storage::{BlobStore, StorageError};
 
 /// How long a file or upload session must have been left alone before it counts as abandoned, by default.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(600);
@@ -43,11 +49,11 @@ const PAGE: u64 = 1000;
 /// A kind of problem; the summary counts problems per kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
-    /// A blob file whose bytes do not hash to its name.
+    /// A stored blob whose bytes do not hash to its digest.
     CorruptBlob,
     /// A file in the blob tree whose path is not a digest's.
     StrayFile,
-    /// A file that could not be read (permissions, I/O errors).
+    /// A file or object that could not be read (permissions, I/O errors, a store that did not serve it).
     Unreadable,
     /// A blob link whose bytes are not in the content store.
     DanglingLink,
@@ -66,7 +72,7 @@ pub enum Kind {
     OrphanUploadRow,
     /// An upload file without a session.
     OrphanUploadFile,
-    /// A blob file nothing refers to (no link, no manifest record, no cache record).
+    /// A stored blob nothing refers to (no link, no manifest record, no cache record).
     OrphanBlob,
     /// A staging file of an interrupted write (`tmp/`).
     LeftoverTmp,
@@ -172,25 +178,30 @@ pub enum Repair {
 /// What a run checks and fixes.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
-    /// Re-hash every blob file (the expensive part: reads the whole content store).
+    /// Re-hash every stored blob (the expensive part: reads the whole content store).
     pub hash_blobs: bool,
     /// Check blob links, manifest records and tags against the content store.
     pub records: bool,
     pub repair: Repair,
     /// Whether unreferenced blob bytes may be removed: only when no server is running on the store, because a
-    /// mount checks for bytes and then links them, and a removal in between would leave a link to nothing.
+    /// mount checks for bytes and then links them, and a removal in between would leave a link to nothing. Only
+    /// a local store can know that (its lock); on any other store they are never removed (`Options::local`).
     pub remove_unreferenced_bytes: bool,
 }
 
 /// Everything a run needs, resolved.
 pub struct Options {
-    /// The content store's root (`DATA/content`).
-    pub root: PathBuf,
+    /// The blob store checked: its blobs are re-hashed, and records are checked against it.
+    pub store: Arc<dyn BlobStore>,
+    /// The store's directory when it is a local one (`DATA/content`, `LocalStore`'s layout): its blob tree is
+    /// then walked on disk rather than listed, and `uploads/`, `tmp/` and `spool/` are checked for leftovers.
+    /// `None` for object storage, whose upload leftovers `S3Store::sweep_abandoned` cleans.
+    pub local: Option<PathBuf>,
     /// Upstream names: repositories `<name>/...` are caches, whose manifests may legitimately lack blobs (they
     /// are fetched when first pulled).
     pub cache_namespaces: Vec<String>,
     pub grace: Duration,
-    /// Blob files hashed (or checked) at once.
+    /// Blobs hashed (or checked) at once.
     pub concurrency: usize,
     pub plan: Plan,
     /// The flights of the `serve` this runs in, if any: their spools are never touched.
@@ -200,8 +211,12 @@ pub struct Options {
 }
 
 impl Options {
-    /// The default concurrency: one hashing task per core, a few at most (the disk is usually the bound).
-    pub fn default_concurrency() -> usize {
+    /// The default concurrency: on local disk one hashing task per core, a few at most (the disk is usually the
+    /// bound); on object storage more, because each read spends most of its time waiting on the network.
+    pub fn default_concurrency(local: bool) -> usize {
+        if !local {
+            return 16;
+        }
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8)
     }
 
@@ -217,13 +232,42 @@ impl Options {
         repo.split_once('/').is_some_and(|(first, _)| self.cache_namespaces.iter().any(|n| n == first))
     }
 
-    /// Whether a file has been left alone for the grace period (a time in the future has not).
+    /// Whether a file has been left alone for the grace period.
     fn abandoned(&self, md: &std::fs::Metadata) -> bool {
-        SystemTime::now().duration_since(last_activity(md)).is_ok_and(|age| age >= self.grace)
+        self.abandoned_since(last_activity(md))
     }
 
-    fn blob_path(&self, d: &Digest) -> PathBuf {
-        blob_path(&self.root, d)
+    /// Whether something last touched at `t` has been left alone for the grace period (a time in the future has
+    /// not).
+    fn abandoned_since(&self, t: SystemTime) -> bool {
+        SystemTime::now().duration_since(t).is_ok_and(|age| age >= self.grace)
+    }
+
+    /// Why unreferenced blobs stay if this run is to remove them, or `None` if it may.
+    fn keeps_unreferenced(&self) -> Option<&'static str> {
+        if self.local.is_none() {
+            Some(concat!(
+                "fsck never removes blobs from object storage, which several instances may share: ",
+                "garbage collection (`breakwater gc`) does"
+            ))
+        } else if !self.plan.remove_unreferenced_bytes {
+            Some("a server is running on this store; unreferenced bytes are removed only offline")
+        } else {
+            None
+        }
+    }
+
+    async fn has_blob(&self, d: &Digest) -> Result<bool, FsckError> {
+        Ok(self.store.size(d).await?.is_some())
+    }
+
+    /// Whether upload session `id` has its bytes in the store (an id that cannot be one of ours has none).
+    async fn has_upload(&self, id: &str) -> Result<bool, FsckError> {
+        match self.store.upload_size(id).await {
+            Ok(size) => Ok(size.is_some()),
+            Err(StorageError::NotFound) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -294,6 +338,8 @@ pub enum FsckError {
     Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error("the blob store: {0}")]
+    Store(#[from] StorageError),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> FsckError + '_ {
@@ -333,10 +379,10 @@ impl Run<'_> {
     }
 }
 
-/// Checks the store at `opts.root` against `meta` as `opts.plan` says, reporting each problem to `sink`.
+/// Checks `opts.store` against `meta` as `opts.plan` says, reporting each problem to `sink`.
 pub async fn check(opts: &Options, meta: &dyn Meta, sink: Sink<'_>) -> Result<Report, FsckError> {
-    if !opts.root.join("blobs").is_dir() {
-        return Err(FsckError::NotAStore(opts.root.clone()));
+    if let Some(root) = opts.local.as_deref().filter(|root| !root.join("blobs").is_dir()) {
+        return Err(FsckError::NotAStore(root.to_path_buf()));
     }
     let mut run = Run { opts, meta, report: Report::default(), sink };
     if opts.plan.hash_blobs {
@@ -355,10 +401,12 @@ pub async fn check(opts: &Options, meta: &dyn Meta, sink: Sink<'_>) -> Result<Re
     records::cache(&mut run).await?;
     run.phase("checking uploads");
     records::uploads(&mut run).await?;
-    records::upload_files(&mut run).await?;
-    run.phase("looking for leftovers");
-    records::leftovers(&mut run, "tmp", Kind::LeftoverTmp).await?;
-    records::leftovers(&mut run, "spool", Kind::LeftoverSpool).await?;
+    if let Some(root) = &opts.local {
+        records::upload_files(&mut run, root).await?;
+        run.phase("looking for leftovers");
+        records::leftovers(&mut run, root, "tmp", Kind::LeftoverTmp).await?;
+        records::leftovers(&mut run, root, "spool", Kind::LeftoverSpool).await?;
+    }
     run.phase("looking for unreferenced blobs");
     blobs::walk(&mut run, blobs::Pass::References).await?;
     Ok(run.report)
@@ -377,14 +425,5 @@ async fn remove(path: &Path) -> Result<(), FsckError> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(FsckError::Io { path: path.to_path_buf(), source: e }),
         _ => Ok(()),
-    }
-}
-
-/// Whether a file exists (an I/O error other than "not found" is reported as one).
-async fn exists(path: &Path) -> Result<bool, FsckError> {
-    match tokio::fs::metadata(path).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(FsckError::Io { path: path.to_path_buf(), source: e }),
     }
 }

@@ -1,15 +1,17 @@
 //! The metadata side: records that point at nothing (links, manifest records, tags, cache records, upload
-//! sessions), manifests that lack what they reference, and the files of `uploads/`, `tmp/` and `spool/` that
-//! nothing owns. Tables are walked in pages by key (`Meta::*_page`), which stays correct while rows are removed.
+//! sessions), manifests that lack what they reference, and the files of a local store's `uploads/`, `tmp/` and
+//! `spool/` that nothing owns. Tables are walked in pages by key (`Meta::*_page`), which stays correct while rows
+//! are removed. Records are checked against the store through `BlobStore` (sizes, reads), whatever its backend.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::io::AsyncReadExt;
+use futures_util::{StreamExt, TryStreamExt};
 
-use super::{exists, remove, Action, FsckError, Kind, Options, Run, PAGE};
+use super::{remove, Action, FsckError, Kind, Options, Run, PAGE};
 use crate::meta::Meta;
 use crate::oci::{Digest, ManifestInfo, RepoName, Tag, MAX_MANIFEST_BYTES};
+use crate::storage::{BlobStore, StorageError};
 
 /// Passes over the manifests at most: removing a manifest can make an index that lists it incomplete, which the
 /// next pass removes in turn (nesting deeper than this is not something clients make).
@@ -23,6 +25,13 @@ fn bad_name(repo: &str) -> Action {
     Action::Left(format!("{repo:?} is not a valid repository name"))
 }
 
+/// Whether the store holds each of `digests`, in order, looked up `concurrency` at a time: on object storage each
+/// lookup is a request, which would make a walk of the links one round trip per row.
+async fn stored(opts: &Options, digests: Vec<Digest>) -> Result<Vec<bool>, FsckError> {
+    let lookups = futures_util::stream::iter(digests).map(|d| async move { opts.has_blob(&d).await });
+    lookups.buffered(opts.concurrency.max(1)).try_collect().await
+}
+
 pub async fn links(run: &mut Run<'_>) -> Result<(), FsckError> {
     let (opts, meta) = (run.opts, run.meta);
     let mut after: Option<(String, String)> = None;
@@ -30,9 +39,10 @@ pub async fn links(run: &mut Run<'_>) -> Result<(), FsckError> {
         let page = meta.links_page(after.as_ref().map(|(a, b)| (a.as_str(), b.as_str())), PAGE).await?;
         let Some(last) = page.last() else { return Ok(()) };
         after = Some((last.repo.clone(), last.digest.to_string()));
-        for link in page {
+        let stored = stored(opts, page.iter().map(|l| l.digest.clone()).collect()).await?;
+        for (link, stored) in page.into_iter().zip(stored) {
             run.report.checked.links += 1;
-            if exists(&opts.blob_path(&link.digest)).await? {
+            if stored {
                 continue;
             }
             let what = format!("{}@{}: the repository links a blob whose bytes are missing", link.repo, link.digest);
@@ -70,7 +80,7 @@ async fn manifest_pass(run: &mut Run<'_>, first: bool) -> Result<u64, FsckError>
                 run.report.checked.manifests += 1;
             }
             let (repo, digest) = (row.repo, row.record.digest);
-            let (kind, what) = match read_manifest(opts.blob_path(&digest)).await? {
+            let (kind, what) = match read_manifest(opts.store.as_ref(), &digest).await? {
                 None => (Kind::DanglingManifest, format!("{repo}@{digest}: the manifest's bytes are missing")),
                 Some(bytes) => match ManifestInfo::parse(&bytes, Some(&row.record.media_type)) {
                     Err(e) => {
@@ -102,16 +112,23 @@ async fn manifest_pass(run: &mut Run<'_>, first: bool) -> Result<u64, FsckError>
     }
 }
 
-/// The manifest's bytes, or `None` if they are not in the content store. Read with a bound: a manifest is at most
-/// `MAX_MANIFEST_BYTES`, whatever the file holds.
-async fn read_manifest(path: PathBuf) -> Result<Option<Vec<u8>>, FsckError> {
-    let file = match tokio::fs::File::open(&path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(FsckError::Io { path, source: e }),
+/// The manifest's bytes, or `None` if they are not in the store. Read with a bound: a manifest is at most
+/// `MAX_MANIFEST_BYTES`, whatever the store holds (one byte more is enough for the parse to refuse it).
+async fn read_manifest(store: &dyn BlobStore, digest: &Digest) -> Result<Option<Vec<u8>>, FsckError> {
+    let mut body = match store.read(digest, None).await {
+        Ok(body) => body,
+        Err(StorageError::NotFound) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
     let mut bytes = Vec::new();
-    file.take(MAX_MANIFEST_BYTES as u64 + 1).read_to_end(&mut bytes).await.map_err(|e| FsckError::Io { path, source: e })?;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(StorageError::Io)?;
+        let room = (MAX_MANIFEST_BYTES + 1).saturating_sub(bytes.len());
+        bytes.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            break;
+        }
+    }
     Ok(Some(bytes))
 }
 
@@ -121,7 +138,7 @@ async fn missing(opts: &Options, meta: &dyn Meta, repo: &str, info: &ManifestInf
     let Some(name) = repo_name(repo) else { return Ok(None) };
     let mut lacking: Vec<&Digest> = Vec::new();
     for blob in &info.blobs {
-        if !meta.blob_linked(&name, blob).await? || !exists(&opts.blob_path(blob)).await? {
+        if !meta.blob_linked(&name, blob).await? || !opts.has_blob(blob).await? {
             lacking.push(blob);
         }
     }
@@ -168,9 +185,10 @@ pub async fn cache(run: &mut Run<'_>) -> Result<(), FsckError> {
         let page = meta.cache_page(after.as_deref(), PAGE).await?;
         let Some((last, _)) = page.last() else { return Ok(()) };
         after = Some(last.to_string());
-        for (digest, size) in page {
+        let stored = stored(opts, page.iter().map(|(d, _)| d.clone()).collect()).await?;
+        for ((digest, size), stored) in page.into_iter().zip(stored) {
             run.report.checked.cache_records += 1;
-            if exists(&opts.blob_path(&digest)).await? {
+            if stored {
                 continue;
             }
             let what = format!("{digest} ({size} bytes): a cache record whose bytes are gone");
@@ -183,12 +201,8 @@ pub async fn cache(run: &mut Run<'_>) -> Result<(), FsckError> {
     }
 }
 
-/// Upload ids are UUIDs the registry made; anything else cannot name a file of `uploads/` (as in `LocalStore`).
-fn upload_path(opts: &Options, id: &str) -> Option<PathBuf> {
-    crate::storage::is_upload_id(id).then(|| opts.root.join("uploads").join(id))
-}
-
-/// Upload sessions whose file is gone, opened before the grace period.
+/// Upload sessions whose bytes are gone from the store (a local store's file, an object store's session state),
+/// opened before the grace period.
 pub async fn uploads(run: &mut Run<'_>) -> Result<(), FsckError> {
     let meta = run.meta;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs();
@@ -200,11 +214,7 @@ pub async fn uploads(run: &mut Run<'_>) -> Result<(), FsckError> {
         after = Some(last.id.clone());
         for u in page {
             run.report.checked.uploads += 1;
-            let has_file = match upload_path(run.opts, &u.id) {
-                Some(path) => exists(&path).await?,
-                None => false,
-            };
-            if has_file || u.created_at > before {
+            if u.created_at > before || run.opts.has_upload(&u.id).await? {
                 continue;
             }
             let what = format!("{} (repository {}): an upload session whose file is gone", u.id, u.repo);
@@ -217,10 +227,10 @@ pub async fn uploads(run: &mut Run<'_>) -> Result<(), FsckError> {
     }
 }
 
-/// Files of `uploads/` without a session.
-pub async fn upload_files(run: &mut Run<'_>) -> Result<(), FsckError> {
+/// Files of a local store's `uploads/` without a session.
+pub async fn upload_files(run: &mut Run<'_>, root: &Path) -> Result<(), FsckError> {
     let meta = run.meta;
-    let mut files = OldFiles::open(run.opts, "uploads").await?;
+    let mut files = OldFiles::open(root, "uploads").await?;
     while let Some((name, path)) = files.next(run.opts).await? {
         if meta.upload_repo(&name).await?.is_some() {
             continue;
@@ -235,11 +245,12 @@ pub async fn upload_files(run: &mut Run<'_>) -> Result<(), FsckError> {
     Ok(())
 }
 
-/// Files of `tmp/` (staging of whole-blob writes) or `spool/` (cache fills) that nothing is writing any more.
-pub async fn leftovers(run: &mut Run<'_>, dir: &str, kind: Kind) -> Result<(), FsckError> {
+/// Files of a local store's `tmp/` (staging of whole-blob writes) or `spool/` (cache fills) that nothing is
+/// writing any more.
+pub async fn leftovers(run: &mut Run<'_>, root: &Path, dir: &str, kind: Kind) -> Result<(), FsckError> {
     let flights = run.opts.flights.clone();
     let doing = if kind == Kind::LeftoverTmp { "write" } else { "cache fill" };
-    let mut files = OldFiles::open(run.opts, dir).await?;
+    let mut files = OldFiles::open(root, dir).await?;
     while let Some((name, path)) = files.next(run.opts).await? {
         // A spool is named `<hex>-<uuid>` after the blob it downloads; a running flight's spool is never touched,
         // however long its upstream takes.
@@ -277,8 +288,8 @@ struct OldFiles {
 }
 
 impl OldFiles {
-    async fn open(opts: &Options, dir: &str) -> Result<OldFiles, FsckError> {
-        let dir = opts.root.join(dir);
+    async fn open(root: &Path, dir: &str) -> Result<OldFiles, FsckError> {
+        let dir = root.join(dir);
         let entries = match tokio::fs::read_dir(&dir).await {
             Ok(it) => Some(it),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,

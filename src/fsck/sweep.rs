@@ -42,8 +42,11 @@ pub fn spawn_sweep(ctx: SweepContext, every: Duration, tasks: &crate::shutdown::
     tasks.spawn("reconciliation sweep", async move {
         let SweepContext { root, meta, flights, cache_namespaces, lock, grace } = ctx;
         let _lock = lock;
+        // A handle that creates and removes nothing: the server's own store opened the directory already.
+        let store = Arc::new(crate::storage::LocalStore::existing(&root));
         let opts = Options {
-            root,
+            store,
+            local: Some(root),
             cache_namespaces,
             grace,
             // In the background: a couple of lookups at a time leave the server its cores.

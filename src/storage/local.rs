@@ -58,7 +58,13 @@ impl LocalStore {
         for dir in ["blobs", "uploads", "tmp"] {
             fs::create_dir_all(root.join(dir)).await?;
         }
-        Ok(LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() })
+        Ok(Self::existing(root))
+    }
+
+    /// A handle on the store under `root` that creates nothing, for `fsck` and its sweep: they check what is
+    /// there (a missing directory is a finding, not something to create).
+    pub fn existing(root: &Path) -> LocalStore {
+        LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
