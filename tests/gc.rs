@@ -70,9 +70,15 @@ async fn sql(url: &str, statements: &[&str]) {
 /// Moves everything the store recorded `by` into the past: links, manifests and tags, claims, and the blob files'
 /// modification times. What a store looks like after `by` of wall-clock time with no activity.
 async fn age_store(data: &Path, by: Duration) {
+    age_records(&breakwater::config::sqlite_url(data), by).await;
+    age_files(&data.join("content").join("blobs"), by);
+}
+
+/// The metadata half of `age_store`, on any metadata store.
+async fn age_records(url: &str, by: Duration) {
     let (s, ms) = (by.as_secs(), by.as_millis());
     sql(
-        &breakwater::config::sqlite_url(data),
+        url,
         &[
             &format!("UPDATE blob_links SET created_at = created_at - {s}"),
             &format!("UPDATE manifests SET created_at = created_at - {s}"),
@@ -81,7 +87,12 @@ async fn age_store(data: &Path, by: Duration) {
         ],
     )
     .await;
-    let mut dirs = vec![data.join("content").join("blobs")];
+}
+
+/// Sets the modification time of every file under `dir` `by` into the past (s3s-fs reports a file's as its
+/// object's `Last-Modified`).
+fn age_files(dir: &Path, by: Duration) {
+    let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
         for e in std::fs::read_dir(&d).unwrap().flatten() {
             let p = e.path();
@@ -542,4 +553,148 @@ async fn the_api_collects_with_the_config_and_refuses_a_second_collector() {
     assert_eq!(manifest_status(&bw, "api/app", &p.digest).await, 404);
     let metrics = reqwest::get(bw.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("breakwater_gc_blobs_removed_total") && l.ends_with(" 3")), "{metrics}");
+}
+
+/// Two images sharing a layer, the first deleted: what the collection of the tests below should remove (A's
+/// manifest, config and own layer) and keep (B whole).
+struct SharedLayer {
+    a: Pushed,
+    b: Pushed,
+}
+
+async fn two_images_one_deleted(bw: &Breakwater) -> SharedLayer {
+    let base = format!("http://{}", bw.addr);
+    let shared = pseudo_random(150_000, 31);
+    let a = push_layers(&base, "team/a", "v1", &[&shared, &pseudo_random(90_000, 32)], 33).await;
+    let b = push_layers(&base, "team/b", "v1", &[&shared, &pseudo_random(80_000, 34)], 35).await;
+    assert_eq!(delete(&bw.url(&format!("/v2/team/a/manifests/{}", a.digest))).await, 202);
+    SharedLayer { a, b }
+}
+
+/// B pulls whole: its manifest by tag and every blob, digests verified.
+async fn pulls_whole(bw: &Breakwater, img: &Pushed) {
+    let (status, m) = get(&bw.url("/v2/team/b/manifests/v1")).await.unwrap();
+    assert_eq!((status, sha256(&m)), (200, img.digest.clone()));
+    for d in std::iter::once(&img.config).chain(&img.layers) {
+        let (status, body) = get(&bw.url(&format!("/v2/team/b/blobs/{d}"))).await.unwrap();
+        assert_eq!((status, sha256(&body)), (200, d.clone()), "blob {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_object_storage_the_same_blobs_go() {
+    let s3 = common::s3::S3Server::start();
+    let env = s3.env();
+    let env_refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let url = s3.url("gc");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &url], &env_refs, log.path());
+    let data = bw.data.path().to_path_buf();
+    let img = two_images_one_deleted(&bw).await;
+    age_records(&breakwater::config::sqlite_url(&data), Duration::from_secs(2 * 3600)).await;
+    age_files(&s3.root.path().join(common::s3::BUCKET), Duration::from_secs(2 * 3600));
+    let key = |d: &str| format!("gc/blobs/sha256/{}", d.strip_prefix("sha256:").unwrap());
+
+    let args = ["--data", data.to_str().unwrap(), "--storage", &url];
+    let run = gc_with_env(&args, &env);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("examined 7 blobs; removed 3 blobs"), "{}", run.stdout);
+    let keys = s3.keys();
+    for d in [&img.a.digest, &img.a.config, &img.a.layers[1]] {
+        assert!(!keys.contains(&key(d)), "{d} was deleted from the bucket: {keys:?}");
+    }
+    for d in [&img.b.digest, &img.b.config, &img.b.layers[0], &img.b.layers[1]] {
+        assert!(keys.contains(&key(d)), "{d} is B's: {keys:?}");
+    }
+    pulls_whole(&bw, &img.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_one_collector_runs_at_a_time() {
+    let db = common::pg::PgDatabase::create().await;
+    let bw = Breakwater::start_with(&["--metadata", &db.url]);
+    let data = bw.data.path().to_path_buf();
+    let img = two_images_one_deleted(&bw).await;
+    // Bytes that no record names at all (what a crash between a write and its record leaves), many of them, so
+    // that a collection takes long enough for a second one to start while it runs.
+    let orphans = 1500;
+    for i in 0..orphans {
+        let bytes = pseudo_random(64, 10_000 + i);
+        let path = blob_file(&data, &sha256(&bytes));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    age_records(&db.url, Duration::from_secs(2 * 3600)).await;
+    age_files(&data.join("content").join("blobs"), Duration::from_secs(2 * 3600));
+
+    // A collector elsewhere holds the lease: refused, nothing removed.
+    sql(&db.url, &["INSERT INTO leases (name, holder, expires_at) VALUES ('gc', 'elsewhere', 99999999999999)"]).await;
+    let args = ["--data", data.to_str().unwrap(), "--metadata", &db.url];
+    let refused = gc(&args);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("another garbage collection is running"), "{}", refused.stderr);
+    assert!(blob_file(&data, &img.a.layers[1]).exists());
+    sql(&db.url, &["DELETE FROM leases"]).await;
+
+    // Two started at once: one collects everything; the other is refused or, if it came after, finds nothing.
+    let (first, second) = {
+        let spawn = || {
+            let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            std::thread::spawn(move || gc(&args.iter().map(String::as_str).collect::<Vec<_>>()))
+        };
+        let (x, y) = (spawn(), spawn());
+        (x.join().unwrap(), y.join().unwrap())
+    };
+    let mut removed = 0;
+    let mut busy = 0;
+    for run in [&first, &second] {
+        if run.code == 0 {
+            let words: Vec<&str> = run.stdout.split_whitespace().collect();
+            let i = words.iter().position(|w| *w == "removed").expect("removed N blobs");
+            removed += words[i + 1].parse::<u64>().unwrap();
+        } else {
+            assert!(run.stderr.contains("another garbage collection is running"), "{}", run.stderr);
+            busy += 1;
+        }
+    }
+    eprintln!("two collectors at once: {busy} refused");
+    assert_eq!(removed, orphans + 3, "every garbage blob removed exactly once");
+    for d in [&img.a.digest, &img.a.config, &img.a.layers[1]] {
+        assert!(!blob_file(&data, d).exists());
+    }
+    pulls_whole(&bw, &img.b).await;
+
+    // The config file's [gc] applies to `breakwater gc` too; the caches' namespaces are left to eviction.
+    let base = format!("http://{}", bw.addr);
+    let untagged = push_layers(&base, "team/b", "old", &[&pseudo_random(5_000, 36)], 37).await;
+    let cached = push_layers(&base, "docker.io/library/app", "v1", &[&pseudo_random(5_000, 38)], 39).await;
+    for (repo, tag) in [("team/b", "old"), ("docker.io/library/app", "v1")] {
+        assert_eq!(delete(&bw.url(&format!("/v2/{repo}/manifests/{tag}"))).await, 202);
+    }
+    age_records(&db.url, Duration::from_secs(2 * 3600)).await;
+    age_files(&data.join("content").join("blobs"), Duration::from_secs(2 * 3600));
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), format!("data = {:?}\nmetadata = {:?}\n[gc]\ndelete_untagged = true\n", data.to_str().unwrap(), db.url)).unwrap();
+    let run = gc(&["--config", cfg.path().to_str().unwrap(), "--upstream", "docker.io"]);
+    assert!(run.stdout.contains("and 1 untagged manifests"), "{}", run.stdout);
+    assert_eq!(manifest_status(&bw, "team/b", &untagged.digest).await, 404);
+    assert_eq!(manifest_status(&bw, "docker.io/library/app", &cached.digest).await, 200, "the cache's, not the policy's");
+    pulls_whole(&bw, &img.b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_collects_on_its_schedule() {
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), "[gc]\ninterval_secs = 1\n").unwrap();
+    let bw = Breakwater::start_with(&["--config", cfg.path().to_str().unwrap()]);
+    let data = bw.data.path().to_path_buf();
+    let img = two_images_one_deleted(&bw).await;
+    age_store(&data, Duration::from_secs(2 * 3600)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while blob_file(&data, &img.a.layers[1]).exists() {
+        assert!(std::time::Instant::now() < deadline, "no scheduled collection removed A's layer");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!blob_file(&data, &img.a.config).exists());
+    pulls_whole(&bw, &img.b).await;
 }
