@@ -42,10 +42,14 @@ async fn collect(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, St
         Some(other) => return error(StatusCode::BAD_REQUEST, format!("dry_run must be true or false, not {other:?}")),
     };
     let options = crate::gc::Options { dry_run, ..app.gc.clone() };
-    match app.registry.collect(&options).await {
-        Ok(report) => Json(report).into_response(),
-        Err(e @ crate::gc::GcError::Busy) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    // A task of its own: a client that goes away does not stop the collection halfway (which would hold every
+    // other collector off until its lease lapses).
+    let registry = Arc::clone(&app.registry);
+    match tokio::spawn(async move { registry.collect(&options).await }).await {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e @ crate::gc::GcError::Busy)) => error(StatusCode::CONFLICT, e.to_string()),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("the collection failed: {e}")),
     }
 }
 
