@@ -227,6 +227,27 @@ async fn listing_pages_in_digest_order(b: Backend) {
     assert_eq!(after_delete[0].digest, stored[4].0, "a removed blob is not listed");
 }
 
+async fn delete_many_removes_each_and_skips_the_absent(b: Backend) {
+    let mut stored = Vec::new();
+    for seed in 0..5u64 {
+        let bytes = data(1000 + seed as usize, 300 + seed);
+        let d = Digest::of(Algorithm::Sha256, &bytes);
+        b.store.put(&d, stream(vec![Ok(Bytes::from(bytes))])).await.unwrap();
+        stored.push(d);
+    }
+    stored.sort();
+    let absent = Digest::of(Algorithm::Sha256, b"never stored");
+    let gone = [stored[0].clone(), stored[2].clone(), absent, stored[4].clone()];
+    let failed = b.store.delete_many(&gone).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let left: Vec<Digest> = b.store.list(None, 100).await.unwrap().into_iter().map(|l| l.digest).collect();
+    assert_eq!(left, vec![stored[1].clone(), stored[3].clone()]);
+    for d in &gone {
+        assert_eq!(b.store.size(d).await.unwrap(), None, "{d} is gone, for this handle too");
+    }
+    assert!(b.store.delete_many(&[]).await.is_empty());
+}
+
 macro_rules! on_each_backend {
     ($($case:ident),* $(,)?) => {
         mod local_disk {
@@ -248,6 +269,7 @@ on_each_backend!(
     claims_serialise_and_abort_discards,
     adopt_and_delete,
     listing_pages_in_digest_order,
+    delete_many_removes_each_and_skips_the_absent,
 );
 
 // ---- S3 only ------------------------------------------------------------------------------------------------

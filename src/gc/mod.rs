@@ -38,8 +38,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(3600);
 pub const CLAIM_HOLD: Duration = Duration::from_secs(60);
 /// Blobs, manifests or marks handled per query or transaction.
 const BATCH: usize = 200;
-/// Blob deletions in flight at once (object stores answer each in a round trip).
-const DELETES_AT_ONCE: usize = 8;
+/// A progress line is logged every this many blobs examined.
+const PROGRESS_EVERY: u64 = 10_000;
 /// The collector's lease lasts this long and is renewed at every batch: a collector that died lets another run
 /// once it has lapsed.
 const LEASE: Duration = Duration::from_secs(300);
@@ -285,6 +285,10 @@ impl Run<'_> {
                 self.report.blobs_removed += 1;
                 self.report.bytes_freed += b.size;
             }
+            if self.report.blobs_examined % PROGRESS_EVERY < BATCH as u64 {
+                let r = &self.report;
+                tracing::info!(examined = r.blobs_examined, removed = r.blobs_removed, bytes = r.bytes_freed, "garbage collection in progress");
+            }
         }
     }
 
@@ -293,14 +297,9 @@ impl Run<'_> {
     /// marks go all the same, so that pushes of them are not held up.
     async fn delete(&mut self, marked: &[Digest]) -> Result<Vec<Digest>, GcError> {
         let mut failed = Vec::new();
-        for batch in marked.chunks(DELETES_AT_ONCE) {
-            let outcomes = futures_util::future::join_all(batch.iter().map(|d| self.store.delete(d))).await;
-            for (d, outcome) in batch.iter().zip(outcomes) {
-                if let Err(e) = outcome {
-                    tracing::warn!(digest = %d, error = %e, "garbage collection could not delete a blob");
-                    failed.push(d.clone());
-                }
-            }
+        for (d, e) in self.store.delete_many(marked).await {
+            tracing::warn!(digest = %d, error = %e, "garbage collection could not delete a blob");
+            failed.push(d);
         }
         self.report.delete_failures += failed.len() as u64;
         self.meta.gc_finish(marked).await?;

@@ -155,6 +155,19 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Removes a committed blob. Removing an absent blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 
+    /// Removes committed blobs in as few requests as the store allows (garbage collection), and returns those it
+    /// could not remove, with why. Each blob is removed or not on its own: a failure halfway leaves the others
+    /// removed and the failed ones whole. Absent blobs are not failures.
+    async fn delete_many(&self, digests: &[Digest]) -> Vec<(Digest, StorageError)> {
+        let mut failed = Vec::new();
+        for d in digests {
+            if let Err(e) = self.delete(d).await {
+                failed.push((d.clone(), e));
+            }
+        }
+        failed
+    }
+
     /// Creates the empty partial upload `id`.
     async fn upload_start(&self, id: &str) -> Result<(), StorageError>;
 

@@ -714,6 +714,33 @@ impl BlobStore for S3Store {
         }
     }
 
+    async fn delete_many(&self, digests: &[Digest]) -> Vec<(Digest, StorageError)> {
+        for d in digests {
+            self.inner.sizes.remove(d);
+        }
+        // DeleteObjects, up to 1000 keys a request; object_store answers one result per key, in order.
+        let keys: Vec<Result<Key, object_store::Error>> = digests.iter().map(|d| Ok(self.inner.blob_key(d))).collect();
+        let results: Vec<_> = self.inner.s3.delete_stream(futures_util::stream::iter(keys).boxed()).collect().await;
+        if results.len() != digests.len() {
+            // Not one answer per key: which failed is unknown, so each is asked again on its own.
+            let mut failed = Vec::new();
+            for d in digests {
+                if let Err(e) = self.delete(d).await {
+                    failed.push((d.clone(), e));
+                }
+            }
+            return failed;
+        }
+        digests
+            .iter()
+            .zip(results)
+            .filter_map(|(d, r)| match r {
+                Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+                Err(e) => Some((d.clone(), store_error(e))),
+            })
+            .collect()
+    }
+
     async fn upload_start(&self, id: &str) -> Result<(), StorageError> {
         self.inner.save_state(id, &SessionState::default()).await
     }
