@@ -149,7 +149,16 @@ pub async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Resul
     match storage {
         crate::config::StorageConfig::Local(root) => {
             std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
-            let lock = crate::fsck::StoreLock::shared(root)?;
+            // Alone on the store (no server, collector or repair has it open), what a crash left in `tmp/` goes
+            // now rather than at the sweep after its grace period; not alone, it may be another process's writes.
+            if let Some(alone) = crate::fsck::StoreLock::exclusive(root)? {
+                let removed = LocalStore::remove_interrupted_writes(root).await.with_context(|| format!("cleaning {}/tmp", root.display()))?;
+                if removed > 0 {
+                    tracing::info!(removed, "removed the staging files of writes a crash interrupted");
+                }
+                drop(alone);
+            }
+            let lock = crate::fsck::StoreLock::shared_soon(root)?;
             let store = LocalStore::open(root).await.with_context(|| format!("opening the content store in {}", root.display()))?;
             Ok((Arc::new(store), Backend::Local { root: root.clone(), lock }))
         }

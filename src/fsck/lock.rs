@@ -44,6 +44,18 @@ impl StoreLock {
         }
     }
 
+    /// `shared`, waiting up to two seconds for an exclusive holder to let go: another process starting on the
+    /// store holds the lock exclusively for a moment (see `server::open_store`); a repair holds it for longer.
+    pub fn shared_soon(root: &Path) -> Result<StoreLock, LockError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match Self::shared(root) {
+                Err(LockError::Busy(_)) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(20)),
+                other => return other,
+            }
+        }
+    }
+
     /// The lock of an offline repair; `None` when a server runs on the store.
     pub fn exclusive(root: &Path) -> Result<Option<StoreLock>, LockError> {
         let (file, path) = open(root)?;

@@ -61,6 +61,23 @@ impl LocalStore {
         Ok(Self::existing(root))
     }
 
+    /// Removes what writes interrupted by a crash left in `tmp/`. Only for a process that knows it is alone on
+    /// the store (it holds the store lock exclusively): otherwise these may be another process's writes.
+    pub async fn remove_interrupted_writes(root: &Path) -> io::Result<u64> {
+        let mut removed = 0;
+        let mut entries = match fs::read_dir(root.join("tmp")).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        while let Some(e) = entries.next_entry().await? {
+            if fs::remove_file(e.path()).await.is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// A handle on the store under `root` that creates nothing, for `fsck` and its sweep: they check what is
     /// there (a missing directory is a finding, not something to create).
     pub fn existing(root: &Path) -> LocalStore {
