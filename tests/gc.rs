@@ -512,12 +512,29 @@ async fn a_collection_stopped_halfway_is_finished_by_the_next_and_holds_pushes_o
         &[&format!("UPDATE blob_state SET deleting = 1 WHERE digest = '{d}'"), &format!("DELETE FROM blob_links WHERE digest = '{d}'")],
     )
     .await;
+    // A push of that layer meanwhile waits for the removal to end: it must not link bytes about to go.
+    let client = reqwest::Client::new();
+    let push = {
+        let (client, base, layer, d) = (client.clone(), base.clone(), layer.clone(), d.clone());
+        tokio::spawn(async move {
+            let r = client.post(format!("{base}/v2/half/app/blobs/uploads/?digest={d}")).body(layer).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!push.is_finished(), "the push waits while the digest is marked");
     let run = gc(&["--data", &data_arg]);
     assert!(run.stdout.contains("finished 1 removals"), "{}", run.stdout);
     assert!(!blob_file(&data, d).exists());
-    // Pushing the layer again stores it anew.
+    // It then finds the bytes it was about to rely on gone (its upload was discarded as a duplicate), and says so.
+    let (status, body) = push.await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("BLOB_UPLOAD_INVALID") && body.contains("garbage-collected"), "{body}");
+    // Pushed again, the layer is stored anew.
     let again = push_blob(&base, "half/app", &layer).await;
     assert!(blob_file(&data, &again).exists());
+    let (status, got) = get(&bw.url(&format!("/v2/half/app/blobs/{again}"))).await.unwrap();
+    assert_eq!((status, sha256(&got)), (200, again));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
