@@ -180,6 +180,9 @@ pub struct FileStorage {
     pub redirect_expiry_secs: Option<u64>,
     /// Bytes per multipart part, in MiB (at least 5, S3's minimum) [default: 8].
     pub part_size_mib: Option<usize>,
+    /// The largest chunked upload the store copies under its digest itself, in MiB [default: 5120, AWS's
+    /// CopyObject limit]; larger ones are streamed back into it through breakwater.
+    pub copy_limit_mib: Option<u64>,
 }
 
 /// Resolves the blob store from `--storage` (or `[storage] url`) and the rest of `[storage]`.
@@ -192,7 +195,8 @@ pub fn storage(flag: Option<String>, file: FileStorage, data: &Path) -> anyhow::
         || file.secret_access_key.is_some()
         || file.redirect.is_some()
         || file.redirect_expiry_secs.is_some()
-        || file.part_size_mib.is_some();
+        || file.part_size_mib.is_some()
+        || file.copy_limit_mib.is_some();
     let url = match url {
         None => {
             if s3_only {
@@ -232,6 +236,12 @@ pub fn storage(flag: Option<String>, file: FileStorage, data: &Path) -> anyhow::
             anyhow::bail!("[storage] part_size_mib = {mib}: S3 parts are 5 to 5120 MiB");
         }
         s.part_size = mib * 1024 * 1024;
+    }
+    if let Some(mib) = file.copy_limit_mib {
+        if !(1..=5120).contains(&mib) {
+            anyhow::bail!("[storage] copy_limit_mib = {mib}: from 1 to 5120 MiB (AWS copies at most 5 GiB at once)");
+        }
+        s.copy_limit = mib * 1024 * 1024;
     }
     Ok(StorageConfig::S3(s))
 }
@@ -736,6 +746,10 @@ secret_access_key = "s3-secret-5"
         assert!(storage(Some("file:///x".into()), s3_settings(), data).is_err());
         let small = FileStorage { part_size_mib: Some(4), ..Default::default() };
         assert!(storage(Some("s3://bkt".into()), small, data).is_err());
+        for (mib, ok) in [(0, false), (1, true), (5120, true), (5121, false)] {
+            let limit = FileStorage { copy_limit_mib: Some(mib), ..Default::default() };
+            assert_eq!(storage(Some("s3://bkt".into()), limit, data).is_ok(), ok, "copy_limit_mib = {mib}");
+        }
         let half = FileStorage { access_key_id: Some("id".into()), ..Default::default() };
         assert!(storage(Some("s3://bkt".into()), half, data).is_err());
     }

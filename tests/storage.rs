@@ -385,6 +385,46 @@ async fn s3_commit_uses_the_digest_computed_while_bytes_arrived() {
     }
 }
 
+/// A chunked upload above the copy limit (AWS copies at most 5 GiB in one request) is streamed back into the
+/// store under its digest rather than copied there, and that read is its verification: bytes changed behind the
+/// store's back after the appends are refused even though the running digest matched (the copy path, which
+/// trusts the running digest, would have stored them), and an untouched upload is stored whole, once, with
+/// nothing of its session left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_uploads_above_the_copy_limit_are_streamed_under_their_digest() {
+    let server = S3Server::start();
+    let mut s = settings(&server, false);
+    s.copy_limit = 6 * MIB as u64;
+    let store = S3Store::open(&s).await.unwrap();
+    let bytes = data(13 * MIB, 9);
+    let d = Digest::of(Algorithm::Sha256, &bytes);
+    for (id, tampered) in [("tampered", true), ("intact", false)] {
+        store.upload_start(id).await.unwrap();
+        let claim = store.upload_claim(id).unwrap();
+        let (_, claim) = store.upload_append(claim, chunked(&bytes[..7 * MIB], MIB)).await.unwrap();
+        let (_, claim) = store.upload_append(claim, chunked(&bytes[7 * MIB..], MIB)).await.unwrap();
+        drop(claim);
+        if tampered {
+            let part = std::fs::read_dir(server.root.path()).unwrap().flatten().find(|e| e.file_name().to_string_lossy().contains(".part-"));
+            let path = part.expect("a part stored by s3s-fs").path();
+            let mut b = std::fs::read(&path).unwrap();
+            b[100] ^= 1;
+            std::fs::write(&path, b).unwrap();
+        }
+        let outcome = store.upload_commit(store.upload_claim(id).unwrap(), &d).await;
+        if tampered {
+            assert!(matches!(outcome, Err(StorageError::DigestMismatch { .. })), "{outcome:?}");
+            assert_eq!(store.stat(&d).await.unwrap(), None, "changed bytes became visible");
+        } else {
+            assert_eq!(outcome.unwrap(), bytes.len() as u64);
+        }
+    }
+    assert_eq!(collect(store.read(&d, None).await.unwrap()).await, bytes);
+    assert_eq!(server.multipart_in_progress(), 0);
+    let left: Vec<String> = server.keys().into_iter().filter(|k| !k.starts_with("suite/blobs/")).collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// A stored blob is never written over: putting it again (a second push of the same layer) only hashes the body,
 /// and a wrong body for a stored digest is still refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,6 +47,9 @@ pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 /// How long a presigned URL of a redirect is valid by default: long enough for a client to start its download
 /// (the download itself may last longer), short enough that a leaked URL is soon worthless.
 pub const DEFAULT_REDIRECT_EXPIRY: Duration = Duration::from_secs(300);
+/// The largest object S3 copies in one `CopyObject` request (AWS refuses more than 5 GiB). A chunked upload
+/// above it is moved under its digest by streaming it into a new multipart upload instead.
+pub const DEFAULT_COPY_LIMIT: u64 = 5 * 1024 * 1024 * 1024;
 
 /// An S3-compatible store, resolved from flags, the config file and the standard AWS environment.
 #[derive(Debug, Clone)]
@@ -67,6 +70,9 @@ pub struct S3Settings {
     pub redirect: bool,
     pub redirect_expiry: Duration,
     pub part_size: usize,
+    /// Chunked uploads larger than this are not copied under their digest by the store (`CopyObject`) but
+    /// streamed through breakwater into a multipart upload there (and hashed on the way).
+    pub copy_limit: u64,
 }
 
 impl S3Settings {
@@ -88,6 +94,7 @@ impl S3Settings {
             redirect: false,
             redirect_expiry: DEFAULT_REDIRECT_EXPIRY,
             part_size: DEFAULT_PART_SIZE,
+            copy_limit: DEFAULT_COPY_LIMIT,
         })
     }
 }
@@ -124,6 +131,7 @@ struct Inner {
     sizes: BoundedMap<Digest, u64>,
     redirect: Option<Duration>,
     part_size: usize,
+    copy_limit: u64,
     /// The digests of sessions computed while their bytes arrive, so that a commit need not read the upload
     /// back from the store (see `carry`).
     carry: Carry,
@@ -154,6 +162,7 @@ impl S3Store {
             sizes: BoundedMap::new("s3_blob_sizes", crate::bounded::DEFAULT_ENTRIES, None),
             redirect: settings.redirect.then_some(settings.redirect_expiry),
             part_size: settings.part_size.max(MIN_PART_SIZE),
+            copy_limit: settings.copy_limit,
             carry: Carry::default(),
         };
         let store = S3Store { inner: Arc::new(inner) };
@@ -338,6 +347,13 @@ impl Inner {
         let multipart = state.multipart.clone().unwrap_or_default();
         let parts = state.parts.iter().map(|p| PartId { content_id: p.clone() }).collect();
         self.s3.complete_multipart(&data, &multipart, parts).await.map_err(store_error)?;
+        if state.size > self.copy_limit {
+            // Too big for one CopyObject: read it back into a multipart upload under its digest, hashing it on
+            // the way (the one read serves as the verification, so the running digest is not needed; a blob
+            // stored already is only hashed).
+            let body = self.s3.get(&data).await.map_err(store_error)?.into_stream().map_err(io::Error::other);
+            return self.stream_to(expected, Box::pin(body), true).await;
+        }
         let (actual, size) = match carried {
             Some(digest) => (digest, state.size),
             None => self.hash_object(&data, expected).await?,
