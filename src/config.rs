@@ -183,6 +183,8 @@ pub struct FileStorage {
     /// The largest chunked upload the store copies under its digest itself, in MiB [default: 5120, AWS's
     /// CopyObject limit]; larger ones are streamed back into it through breakwater.
     pub copy_limit_mib: Option<u64>,
+    /// A PEM file of CAs to trust for the endpoint [default: AWS_CA_BUNDLE, else the profile's ca_bundle].
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Resolves the blob store from `--storage` (or `[storage] url`) and the rest of `[storage]`.
@@ -196,7 +198,8 @@ pub fn storage(flag: Option<String>, file: FileStorage, data: &Path) -> anyhow::
         || file.redirect.is_some()
         || file.redirect_expiry_secs.is_some()
         || file.part_size_mib.is_some()
-        || file.copy_limit_mib.is_some();
+        || file.copy_limit_mib.is_some()
+        || file.ca_file.is_some();
     let url = match url {
         None => {
             if s3_only {
@@ -228,6 +231,7 @@ pub fn storage(flag: Option<String>, file: FileStorage, data: &Path) -> anyhow::
     s.access_key_id = file.access_key_id;
     s.secret_access_key = file.secret_access_key;
     s.redirect = file.redirect.unwrap_or(false);
+    s.ca_file = file.ca_file;
     if let Some(secs) = file.redirect_expiry_secs {
         s.redirect_expiry = Duration::from_secs(secs.clamp(1, 7 * 24 * 3600));
     }

@@ -343,3 +343,110 @@ fn migrate_storage_copies_a_local_store_resumably() {
         assert_eq!(common::images::layout_digest(&out, "v1"), digest);
     }
 }
+
+/// `serve` on `url` with exactly `env` over an environment without AWS settings (HOME included): its failure
+/// output. Panics if it starts.
+fn start_up_error(url: &str, env: &[(&str, &str)], extra: &[&str]) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--storage", url, "--data"]).arg(data.path()).args(extra);
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+        cmd.env_remove(k);
+    }
+    let out = cmd.envs(env.iter().copied()).output().unwrap();
+    assert!(!out.status.success(), "serve started with {env:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A blob pushed to `bw` reads back whole, and is in the bucket under `prefix`.
+async fn round_trip(bw: &Breakwater, s3: &S3Server, prefix: &str, seed: u64) {
+    let blob = pseudo_random(64 * 1024, seed);
+    let digest = push_blob(&bw.url(""), "app", &blob).await;
+    let (status, body) = get(&bw.url(&format!("/v2/app/blobs/{digest}"))).await.unwrap();
+    assert_eq!((status, sha256(&body)), (200, digest.clone()));
+    let key = format!("{prefix}/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    assert!(blob_keys(s3, prefix).contains(&key), "{key} not in the bucket");
+}
+
+/// The AWS shared files are read as the AWS CLI reads them: `~/.aws/credentials` and `~/.aws/config` (keys,
+/// region, `endpoint_url`), another profile by `AWS_PROFILE`, other files by `AWS_SHARED_CREDENTIALS_FILE` and
+/// `AWS_CONFIG_FILE`; the variables win over the files; a missing named profile or one whose credentials come
+/// from a role stops start-up with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_aws_shared_files_are_read_as_the_aws_cli_reads_them() {
+    use common::s3::{ACCESS_KEY, SECRET_KEY};
+    let s3 = S3Server::start();
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_str().unwrap();
+    std::fs::create_dir(home.path().join(".aws")).unwrap();
+    let keys = format!("aws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n");
+    std::fs::write(home.path().join(".aws/credentials"), format!("[default]\n{keys}")).unwrap();
+    let config = format!(
+        "[default]\nregion = us-east-1\nendpoint_url = {}\n\n[profile assumed]\nrole_arn = arn:aws:iam::1:role/r\nsource_profile = default\n",
+        s3.endpoint
+    );
+    std::fs::write(home.path().join(".aws/config"), config).unwrap();
+    let log = home.path().join("bw.log");
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("home")], &[("HOME", h)], &log);
+    round_trip(&bw, &s3, "home", 1).await;
+    drop(bw);
+
+    let elsewhere = tempfile::tempdir().unwrap();
+    let (creds, conf) = (elsewhere.path().join("creds"), elsewhere.path().join("conf"));
+    std::fs::write(&creds, format!("[ci]\n{keys}")).unwrap();
+    std::fs::write(&conf, format!("[profile ci]\nregion = us-east-1\nendpoint_url = {}\n", s3.endpoint)).unwrap();
+    let env = [("HOME", h), ("AWS_PROFILE", "ci"), ("AWS_SHARED_CREDENTIALS_FILE", creds.to_str().unwrap()), ("AWS_CONFIG_FILE", conf.to_str().unwrap())];
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("ci")], &env, &log);
+    round_trip(&bw, &s3, "ci", 2).await;
+    drop(bw);
+
+    let err = start_up_error(&s3.url("x"), &[("HOME", h), ("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", "wrong")], &[]);
+    assert!(err.contains("403"), "the variables did not win over the files: {err}");
+    let err = start_up_error(&s3.url("x"), &[("HOME", h), ("AWS_PROFILE", "missing")], &[]);
+    assert!(err.contains("AWS_PROFILE=missing: no such profile"), "{err}");
+    let err = start_up_error(&s3.url("x"), &[("HOME", h), ("AWS_PROFILE", "assumed")], &[]);
+    assert!(err.contains("role_arn, which breakwater does not support"), "{err}");
+}
+
+/// An endpoint behind a private CA: refused at start-up until the CA is trusted, then used, whether the CA comes
+/// from `[storage] ca_file`, `AWS_CA_BUNDLE` or the profile's `ca_bundle`; a CA file that holds no certificate is
+/// an error that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_ca_for_the_store_endpoint() {
+    use common::s3::{ACCESS_KEY, SECRET_KEY};
+    let s3 = S3Server::start();
+    let pki = common::pki::Pki::new(7);
+    let front = common::tls_front::TlsFront::start(&pki, s3.addr());
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path().to_str().unwrap();
+    let endpoint = front.endpoint();
+    let ca = pki.ca();
+    let ca = ca.to_str().unwrap();
+    let env = [("HOME", h), ("AWS_ENDPOINT_URL", endpoint.as_str()), ("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY), ("AWS_REGION", "us-east-1")];
+    let err = start_up_error(&s3.url("ca"), &env, &[]);
+    assert!(err.contains("opening the S3 store") && err.to_lowercase().contains("certificate"), "{err}");
+
+    let config = home.path().join("bw.toml");
+    std::fs::write(&config, format!("[storage]\nca_file = \"{ca}\"\n")).unwrap();
+    let log = home.path().join("bw.log");
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("ca"), "--config", config.to_str().unwrap()], &env, &log);
+    round_trip(&bw, &s3, "ca", 3).await;
+    drop(bw);
+
+    let with_bundle: Vec<(&str, &str)> = env.iter().copied().chain([("AWS_CA_BUNDLE", ca)]).collect();
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("bundle")], &with_bundle, &log);
+    round_trip(&bw, &s3, "bundle", 4).await;
+    drop(bw);
+
+    std::fs::create_dir(home.path().join(".aws")).unwrap();
+    std::fs::write(home.path().join(".aws/config"), format!("[default]\nca_bundle = {ca}\n")).unwrap();
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("profile")], &env, &log);
+    round_trip(&bw, &s3, "profile", 5).await;
+    drop(bw);
+
+    let not_pem = home.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let bad: Vec<(&str, &str)> = env.iter().copied().chain([("AWS_CA_BUNDLE", not_pem.to_str().unwrap())]).collect();
+    let err = start_up_error(&s3.url("ca"), &bad, &[]);
+    assert!(err.contains("CA bundle") && err.contains("not.pem"), "{err}");
+}

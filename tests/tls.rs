@@ -9,17 +9,17 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use common::images::{build_image, host_arch, oci_ref, output, require, run, scratch, sha256, skopeo, Podman};
 use common::oci::pseudo_random;
+use common::pki::{path, Pki};
 use common::Breakwater;
 
 /// How long a test waits for something that should happen at once, before it calls it a hang (never a measure).
@@ -28,73 +28,6 @@ const GUARD: Duration = Duration::from_secs(20);
 // ---------------------------------------------------------------------------------------------------------------
 // Certificates
 // ---------------------------------------------------------------------------------------------------------------
-
-/// A CA and a server certificate it signed for 127.0.0.1 and localhost, written into a directory of their own:
-/// `certs/ca.crt` is the directory clients get as `--cert-dir` (containers-image reads every `*.crt` in it as a
-/// CA), the server's pair is beside it.
-struct Pki {
-    dir: tempfile::TempDir,
-    /// The server certificate, DER: what a handshake must present.
-    der: Vec<u8>,
-}
-
-impl Pki {
-    /// `n` makes each CA and certificate different (names and serial numbers).
-    fn new(n: u64) -> Pki {
-        let dir = tempfile::Builder::new().prefix("bw-tls-").tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name.push(DnType::CommonName, format!("breakwater test CA {n}"));
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let ca = ca.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut server = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        server.distinguished_name.push(DnType::CommonName, format!("breakwater test server {n}"));
-        server.serial_number = Some(n.into());
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        server.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = server.signed_by(&key, &ca, &ca_key).unwrap();
-        std::fs::write(dir.path().join("certs/ca.crt"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-        Pki { der: cert.der().to_vec(), dir }
-    }
-
-    fn cert_dir(&self) -> PathBuf {
-        self.dir.path().join("certs")
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.cert_dir().join("ca.crt")
-    }
-
-    fn cert(&self) -> PathBuf {
-        self.dir.path().join("server.pem")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.dir.path().join("server.key")
-    }
-
-    /// `--tls-cert CERT --tls-key KEY`, plus `extra`.
-    fn flags(&self, extra: &[&str]) -> Vec<String> {
-        let mut flags = vec!["--tls-cert".to_string(), path(&self.cert()), "--tls-key".to_string(), path(&self.key())];
-        flags.extend(extra.iter().map(|s| s.to_string()));
-        flags
-    }
-
-    /// Copies this pair over the files the server reads, the way a renewal replaces them.
-    fn install_over(&self, other: &Pki) {
-        std::fs::copy(self.cert(), other.cert()).unwrap();
-        std::fs::copy(self.key(), other.key()).unwrap();
-    }
-}
-
-fn path(p: &Path) -> String {
-    p.to_str().expect("UTF-8 path").to_string()
-}
 
 fn start_tls(pki: &Pki, extra: &[&str]) -> Breakwater {
     let flags = pki.flags(extra);

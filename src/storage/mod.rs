@@ -5,6 +5,7 @@
 //! equal to the digest, and made durable. Readers never see a partial blob. A stored blob is never replaced
 //! (storing its digest again discards the newcomer) nor written to (see `UploadClaim`).
 
+mod aws_profile;
 pub mod carry;
 mod local;
 pub mod migrate;

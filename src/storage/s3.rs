@@ -18,7 +18,7 @@
 //! its digest only by the copy that follows its verification.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +34,7 @@ use object_store::{GetOptions, GetRange, ObjectStore, PutPayload};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 
+use super::aws_profile;
 use super::carry::Carry;
 use super::{BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, UploadClaim, UploadSessions};
 use crate::bounded::BoundedMap;
@@ -63,7 +64,8 @@ pub struct S3Settings {
     /// Path-style addressing (`ENDPOINT/BUCKET/KEY`) rather than virtual-hosted (`BUCKET.ENDPOINT/KEY`);
     /// by default on whenever an endpoint is given, as MinIO, Ceph and s3s-fs expect.
     pub path_style: Option<bool>,
-    /// Static credentials; without them, the AWS environment variables, then container and instance metadata.
+    /// Static credentials; without them, the AWS environment variables, then the AWS shared files' profile
+    /// (`aws_profile`), then container and instance metadata.
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     /// Answer blob GETs with a redirect to a presigned URL instead of streaming the bytes.
@@ -73,6 +75,9 @@ pub struct S3Settings {
     /// Chunked uploads larger than this are not copied under their digest by the store (`CopyObject`) but
     /// streamed through breakwater into a multipart upload there (and hashed on the way).
     pub copy_limit: u64,
+    /// A PEM file of CAs to trust for the endpoint (a private CA); `AWS_CA_BUNDLE` or the profile's
+    /// `ca_bundle` otherwise.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl S3Settings {
@@ -95,6 +100,7 @@ impl S3Settings {
             redirect_expiry: DEFAULT_REDIRECT_EXPIRY,
             part_size: DEFAULT_PART_SIZE,
             copy_limit: DEFAULT_COPY_LIMIT,
+            ca_file: None,
         })
     }
 }
@@ -626,17 +632,29 @@ impl Drop for JournaledUpload {
     }
 }
 
-/// The `object_store` client for `settings`, on top of what the AWS environment says.
+/// The `object_store` client for `settings`, on top of what the AWS environment says, on top of what the AWS
+/// shared files' profile says (the order of every AWS tool: explicit settings, variables, files, metadata).
 fn build(settings: &S3Settings) -> Result<AmazonS3, StorageError> {
+    let fail = |e: String| StorageError::Io(io::Error::other(e));
+    let profile = aws_profile::load(|k| std::env::var(k).ok()).map_err(fail)?.unwrap_or_default();
     let mut b = AmazonS3Builder::from_env().with_bucket_name(&settings.bucket);
-    if let Some(e) = &settings.endpoint {
+    let from_env = |b: &AmazonS3Builder, k: AmazonS3ConfigKey| b.get_config_value(&k).is_some();
+    if let Some(e) = settings.endpoint.as_ref().or(profile.endpoint_url.as_ref().filter(|_| !from_env(&b, AmazonS3ConfigKey::Endpoint))) {
         b = b.with_endpoint(e);
     }
-    if let Some(r) = &settings.region {
+    let region_from_env = from_env(&b, AmazonS3ConfigKey::Region) || from_env(&b, AmazonS3ConfigKey::DefaultRegion);
+    if let Some(r) = settings.region.as_ref().or(profile.region.as_ref().filter(|_| !region_from_env)) {
         b = b.with_region(r);
     }
     if let (Some(id), Some(secret)) = (&settings.access_key_id, &settings.secret_access_key) {
         b = b.with_access_key_id(id).with_secret_access_key(&**secret);
+    } else if let (false, Some(id), Some(secret)) =
+        (from_env(&b, AmazonS3ConfigKey::AccessKeyId), &profile.access_key_id, &profile.secret_access_key)
+    {
+        b = b.with_access_key_id(id).with_secret_access_key(secret);
+        if let Some(token) = &profile.session_token {
+            b = b.with_token(token);
+        }
     }
     let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
     let path_style = settings.path_style.unwrap_or(endpoint.is_some());
@@ -647,14 +665,29 @@ fn build(settings: &S3Settings) -> Result<AmazonS3, StorageError> {
         retry_timeout: Duration::from_secs(20),
         backoff: object_store::BackoffConfig::default(),
     };
-    b = b.with_retry(retry).with_client_options(
-        object_store::ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300)),
-    );
+    let mut client = object_store::ClientOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(300));
+    let ca = settings.ca_file.clone().or_else(|| std::env::var_os("AWS_CA_BUNDLE").map(PathBuf::from)).or(profile.ca_bundle);
+    if let Some(path) = ca {
+        for cert in trusted(&path).map_err(fail)? {
+            client = client.with_root_certificate(cert);
+        }
+    }
+    b = b.with_retry(retry).with_client_options(client);
     // After the client options, which hold this flag too.
     if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) {
         b = b.with_allow_http(true);
     }
-    b.build().map_err(|e| StorageError::Io(io::Error::other(e)))
+    b.build().map_err(|e| fail(e.to_string()))
+}
+
+/// The CAs of PEM file `path`, trusted for the store's endpoint beside the system's.
+fn trusted(path: &Path) -> Result<Vec<object_store::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+    let certs = object_store::Certificate::from_pem_bundle(&pem).map_err(|e| format!("CA bundle {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("CA bundle {}: no PEM certificate in it", path.display()));
+    }
+    Ok(certs)
 }
 
 #[async_trait::async_trait]

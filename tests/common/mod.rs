@@ -8,9 +8,11 @@ pub mod harbor;
 pub mod images;
 pub mod oci;
 pub mod pg;
+pub mod pki;
 pub mod relay;
 pub mod s3;
 pub mod synthetic;
+pub mod tls_front;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -71,7 +73,12 @@ impl Breakwater {
     }
 
     fn spawn_env(data: tempfile::TempDir, extra: &[&str], env: &[(&str, &str)], rust_log: &str, stderr: Stdio) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakwater"));
+        // The machine's own AWS settings (some set AWS_CA_BUNDLE, say) are not the test's: it passes its own.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("AWS_")) {
+            cmd.env_remove(k);
+        }
+        let mut child = cmd
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data"])
             .arg(data.path())

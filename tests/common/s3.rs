@@ -32,6 +32,11 @@ impl S3Server {
         S3Server { child, endpoint: format!("http://127.0.0.1:{port}"), root }
     }
 
+    /// The address it listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.endpoint.trim_start_matches("http://").parse().expect("the endpoint is an address")
+    }
+
     /// The storage URL of key prefix `prefix` in the bucket.
     pub fn url(&self, prefix: &str) -> String {
         format!("s3://{BUCKET}/{prefix}")
