@@ -450,3 +450,28 @@ async fn a_private_ca_for_the_store_endpoint() {
     let err = start_up_error(&s3.url("ca"), &bad, &[]);
     assert!(err.contains("CA bundle") && err.contains("not.pem"), "{err}");
 }
+
+/// Without keys in the settings, the variables or the files, credentials come from the instance metadata
+/// service (IMDSv2, here a stand-in at `AWS_METADATA_ENDPOINT`): temporary keys with a session token, which the
+/// S3 server checks as part of each request's signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_from_instance_metadata() {
+    use common::s3::{ACCESS_KEY, SECRET_KEY};
+    let s3 = S3Server::start();
+    let imds = common::imds::Imds::start(ACCESS_KEY, SECRET_KEY, "session-token-of-the-node");
+    let home = tempfile::tempdir().unwrap();
+    let env = [
+        ("HOME", home.path().to_str().unwrap()),
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_METADATA_ENDPOINT", imds.endpoint.as_str()),
+    ];
+    let bw = Breakwater::start_env_in(tempfile::tempdir().unwrap(), &["--storage", &s3.url("imds")], &env, &home.path().join("bw.log"));
+    round_trip(&bw, &s3, "imds", 6).await;
+    assert!(imds.served() >= 1, "the credentials did not come from the metadata service");
+    drop(bw);
+    let wrong = common::imds::Imds::start(ACCESS_KEY, "not-the-secret", "t");
+    let env = [env[0], env[1], env[2], ("AWS_METADATA_ENDPOINT", wrong.endpoint.as_str())];
+    let err = start_up_error(&s3.url("imds"), &env, &[]);
+    assert!(err.contains("403") && wrong.served() >= 1, "{err}");
+}

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod containerd;
 pub mod harbor;
 pub mod images;
+pub mod imds;
 pub mod oci;
 pub mod pg;
 pub mod pki;
