@@ -51,6 +51,8 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsConfig>,
     /// Garbage collection inside the server.
     pub gc: GcConfig,
+    /// Membership of a cluster; `None`: the instance runs alone.
+    pub cluster: Option<crate::cluster::Settings>,
 }
 
 /// The sweep's period by default: leftovers are rare (crashes, lost clients), an hourly look is plenty.
@@ -116,6 +118,57 @@ pub struct FileConfig {
     pub storage: FileStorage,
     #[serde(default)]
     pub gc: FileGc,
+    #[serde(default)]
+    pub cluster: FileCluster,
+}
+
+/// The `[cluster]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    /// Shared by every member; turns membership on.
+    pub secret: Option<Secret>,
+    /// The base URL the other members reach this one at [default: http(s)://LISTEN].
+    pub advertise: Option<String>,
+    /// Seconds between heartbeats [default: 5].
+    pub heartbeat_secs: Option<u64>,
+}
+
+/// Resolves cluster membership. A cluster shares its state: members need PostgreSQL and object storage, since
+/// one's SQLite file or local disk is not the others'.
+pub fn cluster(
+    secret: Option<Secret>,
+    advertise: Option<String>,
+    file: FileCluster,
+    metadata: &str,
+    storage: &StorageConfig,
+) -> anyhow::Result<Option<crate::cluster::Settings>> {
+    let advertise = advertise.or(file.advertise);
+    let Some(secret) = secret.or(file.secret) else {
+        if advertise.is_some() || file.heartbeat_secs.is_some() {
+            anyhow::bail!("--advertise and [cluster] settings need a cluster secret (--cluster-secret)");
+        }
+        return Ok(None);
+    };
+    if secret.len() < 16 {
+        anyhow::bail!("the cluster secret must be at least 16 characters (it authenticates members to each other)");
+    }
+    if !metadata.starts_with("postgres://") && !metadata.starts_with("postgresql://") {
+        anyhow::bail!("a cluster member needs shared metadata: --metadata postgres://... (SQLite is one instance's own)");
+    }
+    if !matches!(storage, StorageConfig::S3(_)) {
+        anyhow::bail!("a cluster member needs shared storage: --storage s3://... (local disk is one machine's own)");
+    }
+    if let Some(a) = advertise.as_deref().filter(|a| !(a.starts_with("http://") || a.starts_with("https://"))) {
+        anyhow::bail!("--advertise {a}: expected the base URL other members reach this one at (http://HOST:PORT)");
+    }
+    let heartbeat = match file.heartbeat_secs {
+        Some(0) => anyhow::bail!("[cluster] heartbeat_secs must be at least 1"),
+        Some(s) => Duration::from_secs(s),
+        None => crate::cluster::DEFAULT_HEARTBEAT,
+    };
+    let advertise = advertise.map(|a| a.trim_end_matches('/').to_string());
+    Ok(Some(crate::cluster::Settings { secret, advertise, heartbeat }))
 }
 
 /// The `[gc]` table: garbage collection inside `serve` (on a schedule, and through `POST /api/gc`).
@@ -688,9 +741,11 @@ to_password = "to-secret-4"
 url = "s3://bucket/prefix"
 access_key_id = "AKIDEXAMPLE"
 secret_access_key = "s3-secret-5"
+[cluster]
+secret = "cluster-secret-6-long-enough"
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
-        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5"];
+        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5", "cluster-secret-6"];
         let check = |what: &str, debug: String| {
             assert!(debug.contains("***"), "{what}: the redaction shows: {debug}");
             for s in secrets {
@@ -704,7 +759,11 @@ secret_access_key = "s3-secret-5"
         check("Policy", format!("{policy:?}"));
         check("Policy (alternate form)", format!("{policy:#?}"));
         let storage = storage(None, file.storage, Path::new(DEFAULT_DATA)).unwrap();
+        let metadata = file.metadata.clone().unwrap();
+        let cluster = cluster(None, None, file.cluster, &metadata, &storage).unwrap();
+        check("cluster::Settings", format!("{:?}", cluster.clone().unwrap()));
         let config = Config {
+            cluster,
             storage,
             listen: DEFAULT_LISTEN.parse().unwrap(),
             data: PathBuf::from(DEFAULT_DATA),
@@ -732,6 +791,35 @@ secret_access_key = "s3-secret-5"
         assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
         let StorageConfig::S3(s3) = &config.storage else { panic!("[storage] url is s3://") };
         assert_eq!(s3.secret_access_key.as_deref(), Some("s3-secret-5"));
+    }
+
+    #[test]
+    fn cluster_membership_needs_shared_stores_and_a_real_secret() {
+        let s3 = storage(Some("s3://bkt".into()), FileStorage::default(), Path::new("/d")).unwrap();
+        let local = storage(None, FileStorage::default(), Path::new("/d")).unwrap();
+        let pg = "postgres://bw@db/bw";
+        let secret = || Some(Secret::from("a-secret-of-16-chars".to_string()));
+        let resolve = |secret, advertise: Option<&str>, file, metadata, storage| {
+            cluster(secret, advertise.map(String::from), file, metadata, storage)
+        };
+        let alone = resolve(None, None, FileCluster::default(), pg, &s3).unwrap();
+        assert!(alone.is_none());
+        let member = resolve(secret(), None, FileCluster::default(), pg, &s3).unwrap().unwrap();
+        assert_eq!((member.advertise, member.heartbeat), (None, crate::cluster::DEFAULT_HEARTBEAT));
+        let file = FileCluster { advertise: Some("http://10.0.0.5:5000/".into()), heartbeat_secs: Some(2), ..Default::default() };
+        let member = resolve(secret(), None, file, pg, &s3).unwrap().unwrap();
+        assert_eq!((member.advertise.as_deref(), member.heartbeat), (Some("http://10.0.0.5:5000"), Duration::from_secs(2)));
+        let refused = [
+            resolve(secret(), None, FileCluster::default(), "sqlite:///d/meta.db", &s3).unwrap_err(),
+            resolve(secret(), None, FileCluster::default(), pg, &local).unwrap_err(),
+            resolve(Some(Secret::from("short".to_string())), None, FileCluster::default(), pg, &s3).unwrap_err(),
+            resolve(None, Some("http://h:1"), FileCluster::default(), pg, &s3).unwrap_err(),
+            resolve(secret(), Some("h:1"), FileCluster::default(), pg, &s3).unwrap_err(),
+            resolve(secret(), None, FileCluster { heartbeat_secs: Some(0), ..Default::default() }, pg, &s3).unwrap_err(),
+        ];
+        for (e, expected) in refused.iter().zip(["postgres", "s3://", "16 characters", "cluster secret", "base URL", "at least 1"]) {
+            assert!(e.to_string().contains(expected), "{e}");
+        }
     }
 
     #[test]

@@ -498,6 +498,13 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "BREAKWATER_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// Join the cluster of the instances started with this secret (at least 16 characters), the same
+    /// PostgreSQL --metadata and the same s3:// --storage.
+    #[arg(long, env = "BREAKWATER_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// The base URL the other cluster members reach this one at [default: the listen address].
+    #[arg(long, env = "BREAKWATER_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 impl ServeArgs {
@@ -560,8 +567,10 @@ impl ServeArgs {
         allow_shadowing.extend(self.allow_shadowing);
         let tls = config::tls(self.tls_cert.or(file.tls.cert), self.tls_key.or(file.tls.key))?;
         let storage = config::storage(self.storage, file.storage, &data)?;
+        let cluster = config::cluster(self.cluster_secret.map(Into::into), self.advertise, file.cluster, &metadata, &storage)?;
         let cache_namespaces = upstreams.iter().map(|u| u.name.clone()).collect();
         Ok(Config {
+            cluster,
             storage,
             tls,
             connections,
@@ -878,6 +887,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut local = addr;
     if local.ip().is_unspecified() {
         local.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    if config.cluster.as_ref().is_some_and(|c| c.advertise.is_none()) && addr.ip().is_unspecified() {
+        tracing::warn!(%addr, "a cluster member listening on every interface advertises {local} to the others, which only this machine reaches: give --advertise URL");
     }
     let tasks = breakwater::shutdown::Tasks::new();
     let app = breakwater::server::build(&config, &format!("{scheme}://{local}"), Some(metrics), &tasks).await?;

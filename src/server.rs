@@ -113,7 +113,15 @@ pub async fn build(
         spawn_gc(Arc::clone(&registry), config.gc.options.clone(), interval, tasks);
     }
     let gc = config.gc.options.clone();
-    Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some(), gc }))
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
+            cluster.spawn_heartbeat(tasks);
+            Some(cluster)
+        }
+        None => None,
+    };
+    Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some(), gc, cluster }))
 }
 
 /// Garbage collection every `interval`, the first at start-up. A collection while another instance or `breakwater

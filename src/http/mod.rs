@@ -7,6 +7,7 @@ pub(crate) mod accept;
 mod api;
 mod auth;
 mod error;
+mod internal;
 pub(crate) mod range;
 pub(crate) mod route;
 pub(crate) mod v2;
@@ -39,6 +40,8 @@ pub struct App {
     pub https: bool,
     /// What `POST /api/gc` collects with (the `[gc]` settings).
     pub gc: crate::gc::Options,
+    /// This instance as a cluster member; `None` when it runs alone.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl App {
@@ -67,6 +70,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/readyz", get(readyz))
         .route("/auth/token", get(auth::token_get).post(auth::token_post))
         .merge(api::routes())
+        .merge(internal::routes())
         .layer(middleware::from_fn_with_state(Arc::clone(&app), auth::gate))
         .layer(middleware::from_fn(observe))
         .with_state(app)

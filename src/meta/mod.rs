@@ -6,6 +6,7 @@
 //! collation, so there is one body of queries to keep right rather than two.
 
 mod collect;
+mod members;
 mod schema;
 mod sql;
 
@@ -227,11 +228,30 @@ pub trait Meta: Send + Sync + 'static {
     /// Removes the untagged manifest `digest` of `repo` unless it is tagged, the child of an index in `repo`, a
     /// referrer of a manifest `repo` holds, or claimed since `cut.claims_before`. With `dry_run`, only says.
     async fn gc_remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError>;
+    /// Records that cluster member `m` is alive now (`m.heartbeat_at` is ignored: the store's clock is not
+    /// used, the caller's `now_ms` is), creating its row at its first beat.
+    async fn member_beat(&self, m: &Member, now_ms: i64) -> Result<(), MetaError>;
+    /// Every member's row, by id.
+    async fn members(&self) -> Result<Vec<Member>, MetaError>;
+    /// Removes member `id`'s row (it leaves), or every row whose last heartbeat is before `before_ms` (`id`
+    /// `None`: members gone for good). Returns how many went.
+    async fn remove_members(&self, id: Option<&str>, before_ms: i64) -> Result<u64, MetaError>;
+
     /// Takes (or renews) lease `name` for `holder` until `ttl_ms` from now, unless another holder's lease is
     /// live. Returns whether `holder` holds it.
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
     /// Gives lease `name` up, if `holder` holds it.
     async fn release(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+}
+
+/// A cluster member as registered: who it is, where the others reach it, since when it runs, when it last beat
+/// (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Member {
+    pub id: String,
+    pub url: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
 }
 
 /// The instants before which a collector's candidates count as old: links and manifests created before

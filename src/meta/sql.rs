@@ -709,6 +709,18 @@ impl Meta for SqlMeta {
         self.remove_manifest(repo, digest, cut, dry_run).await
     }
 
+    async fn member_beat(&self, m: &super::Member, now_ms: i64) -> Result<(), MetaError> {
+        self.beat(m, now_ms).await
+    }
+
+    async fn members(&self) -> Result<Vec<super::Member>, MetaError> {
+        self.all_members().await
+    }
+
+    async fn remove_members(&self, id: Option<&str>, before_ms: i64) -> Result<u64, MetaError> {
+        self.drop_members(id, before_ms).await
+    }
+
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
         self.take_lease(name, holder, ttl_ms).await
     }
