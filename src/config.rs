@@ -128,6 +128,21 @@ pub struct FileGc {
     pub grace_secs: Option<u64>,
     /// Remove manifests no tag points at (children of an index and referrers of a stored manifest stay).
     pub delete_untagged: Option<bool>,
+    /// `[[gc.retention]]` rules: which tags go (`crate::gc::Rule`).
+    #[serde(default)]
+    pub retention: Vec<FileRetention>,
+}
+
+/// A `[[gc.retention]]` entry: of the repositories `repositories` matches, the tags `tags` matches are kept if
+/// they are among the `keep_last` newest or were pushed or pulled within `keep_within_secs`; the rest go.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub repositories: String,
+    /// Which tags the rule governs [default: "*", all].
+    pub tags: Option<String>,
+    pub keep_last: Option<u64>,
+    pub keep_within_secs: Option<u64>,
 }
 
 /// Garbage collection inside `serve`, resolved.
@@ -140,17 +155,24 @@ pub struct GcConfig {
 }
 
 impl FileGc {
-    /// The resolved settings; `cache_namespaces` are the upstreams' names.
-    pub fn resolve(&self, cache_namespaces: Vec<String>) -> GcConfig {
-        GcConfig {
+    /// The resolved settings; `cache_namespaces` are the upstreams' names. Refuses a retention rule that keeps
+    /// nothing or whose glob does not parse.
+    pub fn resolve(&self, cache_namespaces: Vec<String>) -> anyhow::Result<GcConfig> {
+        let retention = self
+            .retention
+            .iter()
+            .map(|r| crate::gc::Rule::new(&r.repositories, r.tags.as_deref().unwrap_or("*"), r.keep_last, r.keep_within_secs.map(Duration::from_secs)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GcConfig {
             interval: self.interval_secs.map(Duration::from_secs),
             options: crate::gc::Options {
                 grace: self.grace_secs.map_or(crate::gc::DEFAULT_GRACE, Duration::from_secs),
                 dry_run: false,
                 delete_untagged: self.delete_untagged.unwrap_or(false),
                 cache_namespaces,
+                retention,
             },
-        }
+        })
     }
 }
 
@@ -707,7 +729,7 @@ secret_access_key = "s3-secret-5"
             auth: None,
             allow_shadowing: Vec::new(),
             tls: None,
-            gc: FileGc::default().resolve(Vec::new()),
+            gc: FileGc::default().resolve(Vec::new()).unwrap(),
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));
