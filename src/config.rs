@@ -668,9 +668,25 @@ mod tests {
                 .unwrap_or_else(|e| panic!("README example's [auth] does not resolve: {e}\n{text}"));
             storage(None, parsed.storage, Path::new("/var/lib/breakwater"))
                 .unwrap_or_else(|e| panic!("README example's [storage] does not resolve: {e}\n{text}"));
+            parsed.gc.resolve(Vec::new()).unwrap_or_else(|e| panic!("README example's [gc] does not resolve: {e}\n{text}"));
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");
+    }
+
+    /// The README's retention example resolves to its two rules; a rule that keeps nothing is refused, saying so.
+    #[test]
+    fn retention_rules_resolve_or_are_refused() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("```toml\n").find(|b| b.starts_with("[[gc.retention]]")).expect("the README shows retention rules");
+        let file: FileConfig = toml::from_str(block.split("```").next().unwrap_or("")).unwrap();
+        let gc = file.gc.resolve(Vec::new()).unwrap();
+        assert_eq!(gc.options.retention.len(), 2);
+        let keeps_nothing: FileConfig = toml::from_str("[[gc.retention]]\nrepositories = \"ci/**\"\ntags = \"pr-*\"\n").unwrap();
+        let e = keeps_nothing.gc.resolve(Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("keeps nothing") && e.contains("keep_last or keep_within_secs"), "{e}");
+        assert!(toml::from_str::<FileConfig>("[[gc.retention]]\nkeep_last = 1\n").is_err(), "repositories is required");
+        assert!(toml::from_str::<FileConfig>("[[gc.retention]]\nrepositories = \"a\"\nkeep = 1\n").is_err(), "unknown keys are refused");
     }
 
     /// No password reaches the `{:?}` of any configuration struct (they are logged and shown in panics), while
