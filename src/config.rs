@@ -181,6 +181,21 @@ pub struct FileGc {
     pub grace_secs: Option<u64>,
     /// Remove manifests no tag points at (children of an index and referrers of a stored manifest stay).
     pub delete_untagged: Option<bool>,
+    /// `[[gc.retention]]` rules: which tags go (`crate::gc::Rule`).
+    #[serde(default)]
+    pub retention: Vec<FileRetention>,
+}
+
+/// A `[[gc.retention]]` entry: of the repositories `repositories` matches, the tags `tags` matches are kept if
+/// they are among the `keep_last` newest or were pushed or pulled within `keep_within_secs`; the rest go.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRetention {
+    pub repositories: String,
+    /// Which tags the rule governs [default: "*", all].
+    pub tags: Option<String>,
+    pub keep_last: Option<u64>,
+    pub keep_within_secs: Option<u64>,
 }
 
 /// Garbage collection inside `serve`, resolved.
@@ -193,17 +208,24 @@ pub struct GcConfig {
 }
 
 impl FileGc {
-    /// The resolved settings; `cache_namespaces` are the upstreams' names.
-    pub fn resolve(&self, cache_namespaces: Vec<String>) -> GcConfig {
-        GcConfig {
+    /// The resolved settings; `cache_namespaces` are the upstreams' names. Refuses a retention rule that keeps
+    /// nothing or whose glob does not parse.
+    pub fn resolve(&self, cache_namespaces: Vec<String>) -> anyhow::Result<GcConfig> {
+        let retention = self
+            .retention
+            .iter()
+            .map(|r| crate::gc::Rule::new(&r.repositories, r.tags.as_deref().unwrap_or("*"), r.keep_last, r.keep_within_secs.map(Duration::from_secs)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(GcConfig {
             interval: self.interval_secs.map(Duration::from_secs),
             options: crate::gc::Options {
                 grace: self.grace_secs.map_or(crate::gc::DEFAULT_GRACE, Duration::from_secs),
                 dry_run: false,
                 delete_untagged: self.delete_untagged.unwrap_or(false),
                 cache_namespaces,
+                retention,
             },
-        }
+        })
     }
 }
 
@@ -713,9 +735,25 @@ mod tests {
                 .unwrap_or_else(|e| panic!("README example's [auth] does not resolve: {e}\n{text}"));
             storage(None, parsed.storage, Path::new("/var/lib/breakwater"))
                 .unwrap_or_else(|e| panic!("README example's [storage] does not resolve: {e}\n{text}"));
+            parsed.gc.resolve(Vec::new()).unwrap_or_else(|e| panic!("README example's [gc] does not resolve: {e}\n{text}"));
             blocks += 1;
         }
         assert!(blocks >= 2, "the README shows its configuration examples");
+    }
+
+    /// The README's retention example resolves to its two rules; a rule that keeps nothing is refused, saying so.
+    #[test]
+    fn retention_rules_resolve_or_are_refused() {
+        let readme = include_str!("../README.md");
+        let block = readme.split("```toml\n").find(|b| b.starts_with("[[gc.retention]]")).expect("the README shows retention rules");
+        let file: FileConfig = toml::from_str(block.split("```").next().unwrap_or("")).unwrap();
+        let gc = file.gc.resolve(Vec::new()).unwrap();
+        assert_eq!(gc.options.retention.len(), 2);
+        let keeps_nothing: FileConfig = toml::from_str("[[gc.retention]]\nrepositories = \"ci/**\"\ntags = \"pr-*\"\n").unwrap();
+        let e = keeps_nothing.gc.resolve(Vec::new()).unwrap_err().to_string();
+        assert!(e.contains("keeps nothing") && e.contains("keep_last or keep_within_secs"), "{e}");
+        assert!(toml::from_str::<FileConfig>("[[gc.retention]]\nkeep_last = 1\n").is_err(), "repositories is required");
+        assert!(toml::from_str::<FileConfig>("[[gc.retention]]\nrepositories = \"a\"\nkeep = 1\n").is_err(), "unknown keys are refused");
     }
 
     /// No password reaches the `{:?}` of any configuration struct (they are logged and shown in panics), while
@@ -780,7 +818,7 @@ secret = "cluster-secret-6-long-enough"
             auth: None,
             allow_shadowing: Vec::new(),
             tls: None,
-            gc: FileGc::default().resolve(Vec::new()),
+            gc: FileGc::default().resolve(Vec::new()).unwrap(),
         };
         check("Config", format!("{config:?}"));
         check("UpstreamConfig", format!("{:?}", config.upstreams[0]));

@@ -597,7 +597,7 @@ impl ServeArgs {
             metadata,
             log_format: self.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
             delete_enabled: !self.no_delete && file.delete_enabled.unwrap_or(true),
-            gc: file.gc.resolve(cache_namespaces),
+            gc: file.gc.resolve(cache_namespaces)?,
         })
     }
 }
@@ -705,7 +705,7 @@ struct GcArgs {
 async fn gc(args: GcArgs) -> anyhow::Result<std::process::ExitCode> {
     init_logging(LogFormat::Text);
     let store = args.store.resolve()?;
-    let mut options = store.file.gc.resolve(store.cache_namespaces).options;
+    let mut options = store.file.gc.resolve(store.cache_namespaces)?.options;
     options.dry_run = args.dry_run;
     options.delete_untagged |= args.delete_untagged;
     if let Some(secs) = args.grace_secs {
@@ -717,6 +717,9 @@ async fn gc(args: GcArgs) -> anyhow::Result<std::process::ExitCode> {
     let r = breakwater::gc::collect(blobs.as_ref(), meta.as_ref(), &options).await?;
     let verb = if r.dry_run { "would remove" } else { "removed" };
     println!("examined {} blobs; {verb} {} blobs ({} bytes) and {} untagged manifests", r.blobs_examined, r.blobs_removed, r.bytes_freed, r.manifests_removed);
+    if !options.retention.is_empty() {
+        println!("retention: {verb} {} tags and {} manifests ({} bytes)", r.tags_removed, r.manifests_retired, r.retention_bytes);
+    }
     if r.manifests_indexed > 0 || r.manifests_unreadable > 0 {
         println!("read the references of {} older manifests ({} unreadable: their repositories' blobs were kept)", r.manifests_indexed, r.manifests_unreadable);
     }

@@ -715,3 +715,146 @@ async fn serve_collects_on_its_schedule() {
     assert!(!blob_file(&data, &img.a.config).exists());
     pulls_whole(&bw, &img.b).await;
 }
+
+/// The `[gc]` config file of the retention tests: the store and the rules.
+fn retention_config(data: &Path, metadata: &str, rules: &str) -> tempfile::NamedTempFile {
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(cfg.path(), format!("data = {:?}\nmetadata = {metadata:?}\n[gc]\n{rules}", data.to_str().unwrap())).unwrap();
+    cfg
+}
+
+/// Pushes `n` images tagged `t0`..`t{n-1}` to `repo`, each with `shared` and a layer of its own (from `seed` on),
+/// and dates them four hours ago, a minute apart, `t{n-1}` the newest.
+async fn many_tags(bw: &Breakwater, url: &str, repo: &str, (n, seed): (u64, u64), shared: &[u8]) -> Vec<Pushed> {
+    let base = format!("http://{}", bw.addr);
+    let mut pushed = Vec::new();
+    for i in 0..n {
+        pushed.push(push_layers(&base, repo, &format!("t{i}"), &[shared, &pseudo_random(3_000, seed + i)], seed + i).await);
+    }
+    let start = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs() - 4 * 3600;
+    let dates: Vec<String> =
+        (0..n).map(|i| format!("UPDATE tags SET updated_at = {} WHERE repo = '{repo}' AND tag = 't{i}'", start + i * 60)).collect();
+    sql(url, &dates.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    pushed
+}
+
+/// The bytes of an image's manifest, config and own layer (`layers[1]`) in the store.
+fn own_bytes(data: &Path, p: &Pushed) -> u64 {
+    [&p.digest, &p.config, &p.layers[1]].iter().map(|d| std::fs::metadata(blob_file(data, d)).unwrap().len()).sum()
+}
+
+/// `repo:tag` pulls whole: its manifest by tag and every blob, digests verified.
+async fn pulls_tag_whole(bw: &Breakwater, repo: &str, tag: &str, img: &Pushed) {
+    let (status, m) = get(&bw.url(&format!("/v2/{repo}/manifests/{tag}"))).await.unwrap();
+    assert_eq!((status, sha256(&m)), (200, img.digest.clone()), "{repo}:{tag}");
+    for d in std::iter::once(&img.config).chain(&img.layers) {
+        let (status, body) = get(&bw.url(&format!("/v2/{repo}/blobs/{d}"))).await.unwrap();
+        assert_eq!((status, sha256(&body)), (200, d.clone()), "{repo}:{tag} blob {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_tags_and_frees_the_rest() {
+    let bw = Breakwater::start();
+    let data = bw.data.path().to_path_buf();
+    let url = breakwater::config::sqlite_url(&data);
+    let shared = pseudo_random(40_000, 499);
+    let app = many_tags(&bw, &url, "ret/app", (30, 500), &shared).await;
+    let other = many_tags(&bw, &url, "keep/other", (8, 700), &shared).await;
+    // Aged as a store is after hours of no activity (the tags keep their dates, set above, older still).
+    age_records(&url, Duration::from_secs(2 * 3600)).await;
+    sql(&url, &["UPDATE tags SET updated_at = updated_at + 7200"]).await;
+    age_files(&data.join("content").join("blobs"), Duration::from_secs(2 * 3600));
+    let cfg = retention_config(&data, &url, "[[gc.retention]]\nrepositories = \"ret/*\"\nkeep_last = 5\n");
+    let cfg_arg = cfg.path().to_str().unwrap();
+    let doomed_bytes: u64 = app[..25].iter().map(|p| own_bytes(&data, p)).sum();
+
+    // A dry run counts the 25 older tags, their manifests and their own bytes, and changes nothing.
+    let dry = gc(&["--config", cfg_arg, "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(dry.stdout.contains(&format!("retention: would remove 25 tags and 25 manifests ({doomed_bytes} bytes)")), "{}", dry.stdout);
+    for p in &app {
+        assert_eq!(manifest_status(&bw, "ret/app", &p.digest).await, 200);
+    }
+
+    let run = gc(&["--config", cfg_arg]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains(&format!("retention: removed 25 tags and 25 manifests ({doomed_bytes} bytes)")), "{}", run.stdout);
+    assert!(run.stdout.contains(&format!("removed 75 blobs ({doomed_bytes} bytes)")), "{}", run.stdout);
+    for (i, p) in app.iter().enumerate().take(25) {
+        assert_eq!(get(&bw.url(&format!("/v2/ret/app/manifests/t{i}"))).await.unwrap().0, 404, "t{i} went");
+        for d in [&p.digest, &p.config, &p.layers[1]] {
+            assert!(!blob_file(&data, d).exists(), "t{i}'s {d} was freed");
+        }
+    }
+    for (i, p) in app.iter().enumerate().skip(25) {
+        pulls_tag_whole(&bw, "ret/app", &format!("t{i}"), p).await;
+    }
+    for (i, p) in other.iter().enumerate() {
+        pulls_tag_whole(&bw, "keep/other", &format!("t{i}"), p).await;
+    }
+    assert!(blob_file(&data, &app[0].layers[0]).exists(), "the shared layer stays");
+    fsck_clean(&data);
+    let again = gc(&["--config", cfg_arg]);
+    assert!(again.stdout.contains("retention: removed 0 tags and 0 manifests (0 bytes)"), "{}", again.stdout);
+
+    // A rule that would delete every tag it matches is refused, by `gc` and by `serve`, before anything is done.
+    let bad = retention_config(&data, &url, "[[gc.retention]]\nrepositories = \"ret/*\"\ntags = \"t*\"\n");
+    let refused = gc(&["--config", bad.path().to_str().unwrap()]);
+    assert_eq!(refused.code, 1);
+    assert!(refused.stderr.contains("keeps nothing: give keep_last or keep_within_secs"), "{}", refused.stderr);
+    let serve = Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", bad.path().to_str().unwrap()])
+        .env_remove("BREAKWATER_UPSTREAMS")
+        .output()
+        .unwrap();
+    assert!(!serve.status.success());
+    assert!(String::from_utf8_lossy(&serve.stderr).contains("keeps nothing"), "{}", String::from_utf8_lossy(&serve.stderr));
+    pulls_tag_whole(&bw, "ret/app", "t29", &app[29]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_retention_keeps_tags_pulled_within_its_window() {
+    let db = common::pg::PgDatabase::create().await;
+    let data_dir = tempfile::tempdir().unwrap();
+    let cfg = retention_config(data_dir.path(), &db.url, "[[gc.retention]]\nrepositories = \"pull/*\"\nkeep_within_secs = 3600\n");
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let bw = Breakwater::start_env_in(data_dir, &["--config", cfg.path().to_str().unwrap()], &[], log.path());
+    let data = bw.data.path().to_path_buf();
+    let app = many_tags(&bw, &db.url, "pull/app", (6, 800), &pseudo_random(20_000, 600)).await;
+    age_records(&db.url, Duration::from_secs(2 * 3600)).await;
+    sql(&db.url, &["UPDATE tags SET updated_at = updated_at + 7200"]).await;
+    age_files(&data.join("content").join("blobs"), Duration::from_secs(2 * 3600));
+    // Pulled by tag (GET or HEAD) within the hour: kept. By digest: not a pull of the tag.
+    let client = reqwest::Client::new();
+    for t in ["t1", "t3"] {
+        assert_eq!(get(&bw.url(&format!("/v2/pull/app/manifests/{t}"))).await.unwrap().0, 200);
+    }
+    let head = client.head(bw.url("/v2/pull/app/manifests/t4")).header("accept", OCI_MANIFEST).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(manifest_status(&bw, "pull/app", &app[2].digest).await, 200);
+    let doomed_bytes: u64 = [0, 2, 5].iter().map(|&i| own_bytes(&data, &app[i])).sum();
+
+    let report = |dry: bool| {
+        let client = client.clone();
+        let url = bw.url(if dry { "/api/gc?dry_run=true" } else { "/api/gc" });
+        async move { serde_json::from_str::<serde_json::Value>(&client.post(url).send().await.unwrap().text().await.unwrap()).unwrap() }
+    };
+    let dry = report(true).await;
+    assert_eq!((dry["tags_removed"].as_u64(), dry["manifests_retired"].as_u64()), (Some(3), Some(3)), "{dry}");
+    assert_eq!(dry["retention_bytes"].as_u64(), Some(doomed_bytes), "{dry}");
+    for p in &app {
+        assert_eq!(manifest_status(&bw, "pull/app", &p.digest).await, 200, "a dry run removes nothing");
+    }
+    let done = report(false).await;
+    assert_eq!((done["tags_removed"].as_u64(), done["retention_bytes"].as_u64()), (Some(3), Some(doomed_bytes)), "{done}");
+    assert_eq!(done["bytes_freed"].as_u64(), Some(doomed_bytes), "{done}");
+    for i in [0, 2, 5] {
+        assert_eq!(manifest_status(&bw, "pull/app", &app[i].digest).await, 404, "t{i} was not pulled");
+    }
+    for i in [1, 3, 4] {
+        pulls_tag_whole(&bw, "pull/app", &format!("t{i}"), &app[i]).await;
+    }
+    let metrics = reqwest::get(bw.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l.starts_with("breakwater_gc_tags_removed_total") && l.ends_with(" 3")), "{metrics}");
+}

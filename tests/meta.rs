@@ -170,3 +170,95 @@ async fn postgres_backend() {
     let meta = breakwater::meta::open(&url).await.unwrap();
     assert!(meta.repo_exists(&repo("team/app")).await.unwrap());
 }
+
+/// Cut-offs under which everything stored so far is old, and no claim made before `claims_before_ms` holds.
+fn cut_after_now(claims_before_ms: i64) -> breakwater::meta::Cutoffs {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    breakwater::meta::Cutoffs { links_before: now.as_secs() as i64 + 100, claims_before: claims_before_ms }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Retention's SQL: tags newest first in pages, and a tag's removal, which a change since it was read, or a
+/// claim of its manifest, prevents, and which retires the manifests only that tag kept.
+async fn retention(meta: Arc<dyn Meta>) {
+    let r = repo("keep/app");
+    let cut = cut_after_now(now_ms() + 60_000);
+    for i in 0..5 {
+        meta.put_manifest(&r, &record(&format!("m{i}"), None, None), Some(&[]), Some(&tag(&format!("t{i}")))).await.unwrap();
+    }
+    // Paged newest first; within one second, by tag descending.
+    let mut seen = Vec::new();
+    let mut after: Option<(i64, String)> = None;
+    loop {
+        let page = meta.tags_by_age(r.as_str(), after.as_ref().map(|(a, t)| (*a, t.as_str())), 2).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some((last.updated_at, last.tag.clone()));
+        seen.extend(page.into_iter().map(|t| t.tag));
+    }
+    assert_eq!(seen, ["t4", "t3", "t2", "t1", "t0"]);
+    let tags = meta.tags_by_age(r.as_str(), None, 10).await.unwrap();
+    let t0 = tags.iter().find(|t| t.tag == "t0").unwrap().clone();
+    assert_eq!(t0.pulled_at, 0, "never pulled");
+
+    // Changed since it was read (a push moved it, a pull touched it): it stays.
+    let moved = breakwater::meta::TagAge { digest: digest("elsewhere"), ..t0.clone() };
+    let touched = breakwater::meta::TagAge { pulled_at: t0.pulled_at + 1, ..t0.clone() };
+    let older = breakwater::meta::TagAge { updated_at: t0.updated_at - 1, ..t0.clone() };
+    for stale in [&moved, &touched, &older] {
+        assert_eq!(meta.gc_untag(r.as_str(), stale, cut, false).await.unwrap(), None, "{stale:?}");
+    }
+    meta.note_pull(&r, &tag("t0")).await.unwrap();
+    let pulled = meta.tags_by_age(r.as_str(), None, 10).await.unwrap().into_iter().find(|t| t.tag == "t0").unwrap();
+    assert!(pulled.pulled_at > 0, "a pull is recorded");
+    assert_eq!(meta.gc_untag(r.as_str(), &t0, cut, false).await.unwrap(), None, "pulled since it was read");
+
+    // Its manifest claimed by a push in progress: it stays.
+    let t1 = tags.iter().find(|t| t.tag == "t1").unwrap().clone();
+    meta.claim(&[&t1.digest]).await.unwrap();
+    assert_eq!(meta.gc_untag(r.as_str(), &t1, cut_after_now(now_ms() - 60_000), false).await.unwrap(), None);
+
+    // A dry run says, and changes nothing; the real thing removes the tag and its manifest.
+    let gone = breakwater::meta::Untagged { manifests: 1, bytes: 2 };
+    assert_eq!(meta.gc_untag(r.as_str(), &pulled, cut, true).await.unwrap(), Some(gone));
+    assert!(meta.resolve_tag(&r, &tag("t0")).await.unwrap().is_some());
+    assert_eq!(meta.gc_untag(r.as_str(), &pulled, cut, false).await.unwrap(), Some(gone));
+    assert_eq!(meta.resolve_tag(&r, &tag("t0")).await.unwrap(), None);
+    assert!(meta.manifest(&r, &digest("m0")).await.unwrap().is_none());
+    assert_eq!(meta.gc_untag(r.as_str(), &pulled, cut, false).await.unwrap(), None, "removed once");
+
+    // A manifest two tags share goes with the second; an index goes with its child, a layer only it lists and
+    // its referrer, but not a layer another image lists.
+    let (layer, shared) = (digest("layer"), digest("shared"));
+    meta.link_blob(&r, &layer, 1000).await.unwrap();
+    meta.link_blob(&r, &shared, 500).await.unwrap();
+    meta.put_manifest(&r, &record("child", None, None), Some(&[layer.clone(), shared.clone()]), None).await.unwrap();
+    meta.put_manifest(&r, &record("other", None, None), Some(&[shared.clone()]), Some(&tag("other"))).await.unwrap();
+    meta.put_manifest(&r, &record("index", None, None), Some(&[digest("child")]), Some(&tag("a"))).await.unwrap();
+    meta.put_manifest(&r, &record("index", None, None), None, Some(&tag("b"))).await.unwrap();
+    meta.put_manifest(&r, &record("sig", Some("index"), None), Some(&[]), None).await.unwrap();
+    let tags = meta.tags_by_age(r.as_str(), None, 20).await.unwrap();
+    let by = |name: &str| tags.iter().find(|t| t.tag == name).unwrap().clone();
+    assert_eq!(meta.gc_untag(r.as_str(), &by("a"), cut, false).await.unwrap(), Some(Default::default()), "b keeps the index");
+    let all = breakwater::meta::Untagged { manifests: 3, bytes: ("index".len() + "child".len() + "sig".len()) as u64 + 1000 };
+    assert_eq!(meta.gc_untag(r.as_str(), &by("b"), cut, true).await.unwrap(), Some(all), "a dry run counts the tree");
+    assert_eq!(meta.gc_untag(r.as_str(), &by("b"), cut, false).await.unwrap(), Some(all));
+    for m in ["index", "child", "sig"] {
+        assert!(meta.manifest(&r, &digest(m)).await.unwrap().is_none(), "{m} retired");
+    }
+    assert!(meta.manifest(&r, &digest("other")).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn sqlite_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    retention(breakwater::meta::open(&breakwater::config::sqlite_url(dir.path())).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_retention() {
+    let (_db, url) = PgDatabase::create().await;
+    retention(breakwater::meta::open(&url).await.unwrap()).await;
+}

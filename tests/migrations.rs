@@ -47,7 +47,7 @@ const TODAYS_SCHEMA: &[&str] = &[
 ];
 
 /// Every migration version this breakwater has.
-const VERSIONS: &[i64] = &[1, 2, 3, 4];
+const VERSIONS: &[i64] = &[1, 2, 3, 4, 5, 7];
 
 /// A database to test on; removed when dropped.
 struct Store {
@@ -195,6 +195,11 @@ async fn check_rows(meta: Arc<dyn Meta>) {
     assert_eq!(meta.resolve_tag(&app, &"v1".parse::<Tag>().unwrap()).await.unwrap(), Some(digest("m1")));
     // Still byte order (the "C" collation on PostgreSQL survived).
     assert_eq!(meta.list_tags(&app, None, 10).await.unwrap().items, ["B", "a", "v1"]);
+    // Migration 5: tags from before it were never pulled, and retention can page them by age and note pulls.
+    let by_age = meta.tags_by_age(app.as_str(), None, 10).await.unwrap();
+    assert_eq!(by_age.len(), 3);
+    assert!(by_age.iter().all(|t| t.pulled_at == 0), "{by_age:?}");
+    meta.note_pull(&app, &"v1".parse::<Tag>().unwrap()).await.unwrap();
     assert_eq!(meta.upload_repo("u-1").await.unwrap().as_deref(), Some("team/app"));
     assert_eq!(meta.cache_bytes().await.unwrap(), 7);
     assert_eq!(meta.cache_oldest(10).await.unwrap(), [(digest("cached"), 7, 1000)]);

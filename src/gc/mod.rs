@@ -23,9 +23,13 @@
 //! A collector that stops halfway leaves marks; the next run removes their bytes first (nothing can have
 //! referred to a marked digest since). One collector runs at a time per metadata store (a lease in SQL).
 
+mod retention;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
+
+pub use retention::{Rule, RuleError};
 
 use crate::meta::{Cutoffs, Meta, MetaError};
 use crate::oci::{Digest, ManifestInfo};
@@ -58,6 +62,8 @@ pub struct Options {
     /// Upstream names: repositories `<name>/...` belong to the pull-through cache, whose content eviction
     /// manages; the untagged policy leaves them alone.
     pub cache_namespaces: Vec<String>,
+    /// Retention policies (`[[gc.retention]]`): which tags go, with the manifests only they kept.
+    pub retention: Vec<Rule>,
 }
 
 /// What a collection did (or, in a dry run, would do).
@@ -76,6 +82,13 @@ pub struct Report {
     pub pending_finished: u64,
     /// Blob deletions the store refused (the blobs stay, unreferenced, for the next run).
     pub delete_failures: u64,
+    /// Tags the retention policies removed.
+    pub tags_removed: u64,
+    /// Manifests removed with those tags (with the index children and referrers only they kept).
+    pub manifests_retired: u64,
+    /// Bytes of those manifests and of the blobs only they referred to (`meta::Untagged::bytes`; part of
+    /// `bytes_freed` once the sweep has removed them).
+    pub retention_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,9 +132,10 @@ pub async fn collect(store: &dyn BlobStore, meta: &dyn Meta, opts: &Options) -> 
         metrics::counter!("breakwater_gc_blobs_removed_total").increment(r.blobs_removed);
         metrics::counter!("breakwater_gc_bytes_freed_total").increment(r.bytes_freed);
         metrics::counter!("breakwater_gc_manifests_removed_total").increment(r.manifests_removed);
+        metrics::counter!("breakwater_gc_tags_removed_total").increment(r.tags_removed);
     }
     tracing::info!(dry_run = opts.dry_run, blobs_removed = r.blobs_removed, bytes_freed = r.bytes_freed,
-        manifests_removed = r.manifests_removed, "garbage collection done");
+        manifests_removed = r.manifests_removed, tags_removed = r.tags_removed, "garbage collection done");
     Ok(run.report)
 }
 
@@ -142,6 +156,11 @@ impl Run<'_> {
             self.finish_pending().await?;
         }
         self.index_manifests().await?;
+        // After the indexing (an index's children must be known to be kept) and before the untagged policy
+        // (which then finds nothing of what retention retired).
+        if !self.opts.retention.is_empty() {
+            self.apply_retention().await?;
+        }
         if self.opts.delete_untagged {
             self.remove_untagged().await?;
         }

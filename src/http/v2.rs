@@ -104,12 +104,14 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             let requested = manifest_ref(reference)?;
             let accept = Accept::from_headers(headers);
             let by_tag = matches!(requested, Reference::Tag(_));
-            let (repo, reference, stale) = match app.proxy.target(name, ns)? {
-                Target::Local(repo) => (repo, requested, false),
-                Target::Cached(c) => resolve_cached(app, &c, &requested, &accept).await?,
+            // `local`: served from a pushed repository, whose pulls by tag retention counts (a cache's content
+            // is eviction's, which tracks its own accesses).
+            let (repo, reference, stale, local) = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => (repo, requested, false, true),
+                Target::Cached(c) => cached(resolve_cached(app, &c, &requested, &accept).await?),
                 Target::LocalOrCached(repo, c) => match reg.manifest_record(&repo, &requested).await {
-                    Err(RegistryError::ManifestUnknown) => resolve_cached(app, &c, &requested, &accept).await?,
-                    _ => (repo, requested, false),
+                    Err(RegistryError::ManifestUnknown) => cached(resolve_cached(app, &c, &requested, &accept).await?),
+                    _ => (repo, requested, false, true),
                 },
             };
             let (record, body) = if m == "HEAD" {
@@ -124,6 +126,9 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
             // Accept (distribution does the same; clients fetch an index's children by digest).
             if by_tag && !accept.accepts(&record.media_type) {
                 return Err(RegistryError::ManifestNotAcceptable(record.media_type));
+            }
+            if let (true, Reference::Tag(tag)) = (local, &reference) {
+                reg.note_pull(&repo, tag).await;
             }
             Ok(with_stale(manifest_response(&record.media_type, &record.digest, record.size, body), stale))
         }
@@ -300,6 +305,11 @@ fn writable(app: &App, name: &str) -> Result<RepoName> {
 
 /// Resolves a manifest through the cache; returns the local repository that now holds it, its digest there, and
 /// whether it is served stale.
+/// A cache's answer (`resolve_cached`), marked as not local.
+fn cached((repo, reference, stale): (RepoName, Reference, bool)) -> (RepoName, Reference, bool, bool) {
+    (repo, reference, stale, false)
+}
+
 async fn resolve_cached(app: &App, c: &Cached, reference: &Reference, accept: &Accept) -> Result<(RepoName, Reference, bool)> {
     let resolved = app.proxy.manifest(c, reference, accept.ranges()).await?;
     Ok((c.local.clone(), Reference::Digest(resolved.digest), resolved.stale))

@@ -12,13 +12,13 @@ use super::{Cutoffs, ManifestRow, MetaError};
 use crate::oci::Digest;
 
 /// Creates `digest`'s `blob_state` row if needed and locks it for the transaction (the update changes nothing).
-const LOCK_ROW: &str = "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, 0, 0) \
+pub(super) const LOCK_ROW: &str = "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, 0, 0) \
                         ON CONFLICT (digest) DO UPDATE SET deleting = blob_state.deleting";
 
 /// Whether anything refers to the bytes of `$1`..`$4`: a manifest record of it, a manifest that lists it, a cache
 /// record, or a link that is recent (created at or after `$5`) or in a repository with a manifest whose
 /// references are not recorded yet (which might list it).
-const REFERENCED: &str = "SELECT 1 FROM manifests WHERE digest = $1 \
+pub(super) const REFERENCED: &str = "SELECT 1 FROM manifests WHERE digest = $1 \
      UNION ALL SELECT 1 FROM manifest_refs WHERE digest = $2 \
      UNION ALL SELECT 1 FROM cache_blobs WHERE digest = $3 \
      UNION ALL SELECT 1 FROM blob_links l WHERE l.digest = $4 AND (l.created_at >= $5 \
@@ -33,7 +33,10 @@ const MANIFEST_KEPT: &str = "SELECT 1 FROM tags WHERE repo = $1 AND digest = $2 
          WHERE m.repo = $5 AND m.digest = $6 \
      LIMIT 1";
 
-type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+/// Whether a claim since `$2` or a removal in progress holds digest `$1`.
+pub(super) const HELD: &str = "SELECT 1 FROM blob_state WHERE digest = $1 AND (claimed_at >= $2 OR deleting = 1)";
+
+pub(super) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
 impl SqlMeta {
     pub(super) async fn claim_digests(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError> {
@@ -188,19 +191,35 @@ impl SqlMeta {
     }
 
     pub(super) async fn remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError> {
-        let d = digest.to_string();
         let mut tx = self.pool().begin().await?;
-        sqlx::query(LOCK_ROW).bind(&d).execute(&mut *tx).await?;
-        let claimed = sqlx::query("SELECT 1 FROM blob_state WHERE digest = $1 AND (claimed_at >= $2 OR deleting = 1)")
-            .bind(&d)
-            .bind(cut.claims_before)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let removed = Self::retire(&mut tx, repo, digest, cut).await?;
+        if removed && !dry_run {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        Ok(removed)
+    }
+
+    /// Locks `digest`'s row and, in `tx`, removes manifest `digest` of `repo` if it may go (`retire_unlocked`).
+    /// Returns whether it went; the caller commits or, for a dry run, rolls back.
+    pub(super) async fn retire(tx: &mut Tx<'_>, repo: &str, digest: &Digest, cut: Cutoffs) -> Result<bool, MetaError> {
+        sqlx::query(LOCK_ROW).bind(digest.to_string()).execute(&mut **tx).await?;
+        Self::retire_unlocked(tx, repo, digest, cut).await
+    }
+
+    /// Removes manifest `digest` of `repo` (its record and reference rows) in `tx` if it is not held (`HELD`),
+    /// was stored before `cut.links_before`, and is not kept (`MANIFEST_KEPT`). Without the row lock, only a
+    /// transaction that is rolled back may use it (a dry run: it decides on what is committed, and waits for
+    /// no push).
+    pub(super) async fn retire_unlocked(tx: &mut Tx<'_>, repo: &str, digest: &Digest, cut: Cutoffs) -> Result<bool, MetaError> {
+        let d = digest.to_string();
+        let claimed = sqlx::query(HELD).bind(&d).bind(cut.claims_before).fetch_optional(&mut **tx).await?;
         let stored = sqlx::query("SELECT 1 FROM manifests WHERE repo = $1 AND digest = $2 AND created_at < $3")
             .bind(repo)
             .bind(&d)
             .bind(cut.links_before)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
         let kept = sqlx::query(MANIFEST_KEPT)
             .bind(repo)
@@ -209,16 +228,14 @@ impl SqlMeta {
             .bind(&d)
             .bind(repo)
             .bind(&d)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut **tx)
             .await?;
-        if claimed.is_some() || stored.is_none() || kept.is_some() || dry_run {
-            tx.rollback().await?;
-            return Ok(claimed.is_none() && stored.is_some() && kept.is_none());
+        if claimed.is_some() || stored.is_none() || kept.is_some() {
+            return Ok(false);
         }
         for sql in ["DELETE FROM manifests WHERE repo = $1 AND digest = $2", "DELETE FROM manifest_refs WHERE repo = $1 AND manifest = $2"] {
-            sqlx::query(sql).bind(repo).bind(&d).execute(&mut *tx).await?;
+            sqlx::query(sql).bind(repo).bind(&d).execute(&mut **tx).await?;
         }
-        tx.commit().await?;
         Ok(true)
     }
 

@@ -7,6 +7,7 @@
 
 mod collect;
 mod members;
+mod retention;
 mod schema;
 mod sql;
 
@@ -228,6 +229,19 @@ pub trait Meta: Send + Sync + 'static {
     /// Removes the untagged manifest `digest` of `repo` unless it is tagged, the child of an index in `repo`, a
     /// referrer of a manifest `repo` holds, or claimed since `cut.claims_before`. With `dry_run`, only says.
     async fn gc_remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError>;
+    /// Records that `tag` of `repo` was pulled (by tag) now, for retention's `keep_within`. Callers write it at
+    /// most once an hour per tag (`Registry::note_pull`).
+    async fn note_pull(&self, repo: &RepoName, tag: &Tag) -> Result<(), MetaError>;
+    /// Tags of `repo` newest first (by `updated_at`, then tag, descending), after `after` (an `updated_at` and a
+    /// tag, exclusive), at most `limit`: retention's walk, paged so that memory stays bounded.
+    async fn tags_by_age(&self, repo: &str, after: Option<(i64, &str)>, limit: u64) -> Result<Vec<TagAge>, MetaError>;
+    /// Removes tag `tag` of `repo` for a retention policy, unless it changed since it was read (pushed, moved or
+    /// pulled since: its digest, `updated_at` or `pulled_at` differ) or its manifest was claimed since
+    /// `cut.claims_before`; then retires the manifest if nothing else keeps it (`gc_remove_manifest`'s checks),
+    /// and with it the index children and referrers that only it kept (8 levels at most). `None` if the tag
+    /// stays. With `dry_run`, only says (each tag on its own: see `Untagged`).
+    async fn gc_untag(&self, repo: &str, tag: &TagAge, cut: Cutoffs, dry_run: bool) -> Result<Option<Untagged>, MetaError>;
+
     /// Records that cluster member `m` is alive now (`m.heartbeat_at` is ignored: the store's clock is not
     /// used, the caller's `now_ms` is), creating its row at its first beat.
     async fn member_beat(&self, m: &Member, now_ms: i64) -> Result<(), MetaError>;
@@ -260,6 +274,31 @@ pub struct Member {
 pub struct Cutoffs {
     pub links_before: i64,
     pub claims_before: i64,
+}
+
+/// A tag as retention reads it: what it points at, and the instants (Unix seconds) its keep conditions and its
+/// re-check under the row lock compare.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagAge {
+    pub tag: String,
+    pub digest: Digest,
+    /// Last pushed or moved.
+    pub updated_at: i64,
+    /// Last pulled by tag (0: never recorded).
+    pub pulled_at: i64,
+}
+
+/// What removing one tag did (or, in a dry run, would do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Untagged {
+    /// Manifests retired with the tag: its own, if no other tag or index kept it, and the children and referrers
+    /// that only it kept.
+    pub manifests: u64,
+    /// Bytes of those manifests and of the blobs they listed that nothing refers to any more (sizes as their
+    /// records and links give them): what the sweep of the same run frees, unless a write refers to them first.
+    /// A dry run rolls each tag back before the next, so a manifest or blob shared only by tags that all go is
+    /// counted by neither: its figures are a lower bound.
+    pub bytes: u64,
 }
 
 /// A row of `blob_links`: `repo` holds blob `digest` (of `size` bytes).

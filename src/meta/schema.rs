@@ -32,6 +32,7 @@ const SQLITE: &[Step] = &[
     (2, "replication retries", include_str!("../../migrations/sqlite/0002_replication_retries.sql")),
     (3, "robots", include_str!("../../migrations/sqlite/0003_robots.sql")),
     (4, "garbage collection", include_str!("../../migrations/sqlite/0004_gc.sql")),
+    (5, "retention", include_str!("../../migrations/sqlite/0005_retention.sql")),
     (7, "cluster members", include_str!("../../migrations/sqlite/0007_members.sql")),
 ];
 
@@ -40,6 +41,7 @@ const POSTGRES: &[Step] = &[
     (2, "replication retries", include_str!("../../migrations/postgres/0002_replication_retries.sql")),
     (3, "robots", include_str!("../../migrations/postgres/0003_robots.sql")),
     (4, "garbage collection", include_str!("../../migrations/postgres/0004_gc.sql")),
+    (5, "retention", include_str!("../../migrations/postgres/0005_retention.sql")),
     (7, "cluster members", include_str!("../../migrations/postgres/0007_members.sql")),
 ];
 

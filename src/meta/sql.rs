@@ -9,7 +9,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
-use super::{Cutoffs, JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagRow, UploadRow};
+use super::{Cutoffs, JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagAge, TagRow, Untagged, UploadRow};
 use crate::flight::Group;
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -45,7 +45,7 @@ impl Drop for LinkChange {
     }
 }
 
-fn now() -> i64 {
+pub(super) fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
@@ -719,6 +719,18 @@ impl Meta for SqlMeta {
 
     async fn remove_members(&self, id: Option<&str>, before_ms: i64) -> Result<u64, MetaError> {
         self.drop_members(id, before_ms).await
+    }
+
+    async fn note_pull(&self, repo: &RepoName, tag: &Tag) -> Result<(), MetaError> {
+        self.pulled(repo, tag).await
+    }
+
+    async fn tags_by_age(&self, repo: &str, after: Option<(i64, &str)>, limit: u64) -> Result<Vec<TagAge>, MetaError> {
+        self.by_age(repo, after, limit).await
+    }
+
+    async fn gc_untag(&self, repo: &str, tag: &TagAge, cut: Cutoffs, dry_run: bool) -> Result<Option<Untagged>, MetaError> {
+        self.untag(repo, tag, cut, dry_run).await
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {

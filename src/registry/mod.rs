@@ -43,6 +43,9 @@ pub struct Registry {
     deletes_enabled: bool,
     /// Keeps eviction from removing bytes while a push or a cache fill makes them referenced.
     locks: DigestLocks,
+    /// (repository, tag) pulls recorded in the last `PULL_NOTE_EVERY`: a herd pulling one tag writes its
+    /// `pulled_at` once, not once per pull (retention's `keep_within` needs the hour, not the second).
+    pulls_noted: crate::bounded::BoundedMap<(String, String), ()>,
 }
 
 type Result<T> = std::result::Result<T, RegistryError>;
@@ -50,10 +53,13 @@ type Result<T> = std::result::Result<T, RegistryError>;
 /// How long a request waits for a collector to finish removing a digest it needs before it answers 503. A
 /// removal is one file or object delete; a collector that stopped halfway leaves its mark until the next run.
 const CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A tag's `pulled_at` is written at most this often per instance.
+const PULL_NOTE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Registry {
     pub fn new(store: Arc<dyn BlobStore>, meta: Arc<dyn Meta>, deletes_enabled: bool) -> Registry {
-        Registry { store, meta, deletes_enabled, locks: DigestLocks::default() }
+        let pulls_noted = crate::bounded::BoundedMap::new("pull_notes", crate::bounded::DEFAULT_ENTRIES, Some(PULL_NOTE_EVERY));
+        Registry { store, meta, deletes_enabled, locks: DigestLocks::default(), pulls_noted }
     }
 
     fn check_deletes(&self) -> Result<()> {
@@ -333,6 +339,21 @@ impl Registry {
             buf.extend_from_slice(&chunk.map_err(StorageError::Io)?);
         }
         Ok(Manifest { record, bytes: buf.into() })
+    }
+
+    /// Records that `tag` of `repo` (a local repository, not a cache's) was pulled, for retention's
+    /// `keep_within`, at most once per `PULL_NOTE_EVERY`. A failed write is logged and forgotten (the next pull
+    /// tries again): the pull itself never fails for it.
+    pub async fn note_pull(&self, repo: &RepoName, tag: &Tag) {
+        let key = (repo.as_str().to_string(), tag.as_str().to_string());
+        if self.pulls_noted.get(&key).is_some() {
+            return;
+        }
+        self.pulls_noted.insert(key.clone(), ());
+        if let Err(e) = self.meta.note_pull(repo, tag).await {
+            tracing::warn!(repo = %repo, tag = %tag, error = %e, "could not record a pull");
+            self.pulls_noted.remove(&key);
+        }
     }
 
     /// DELETE by digest removes the manifest and its tags; by tag, only the tag.
