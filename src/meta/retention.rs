@@ -80,11 +80,14 @@ impl SqlMeta {
         for _ in 0..RETIRE_DEPTH {
             let mut next = Vec::new();
             for m in &level {
-                let Some(r) = Self::retire_listed(&mut tx, repo, m, cut, !dry_run).await? else { continue };
-                done.manifests += 1;
-                next.extend(r.below);
-                freed.extend(r.freed);
+                if let Some(r) = Self::retire_listed(&mut tx, repo, m, cut, !dry_run).await? {
+                    done.manifests += 1;
+                    next.extend(r.below);
+                    freed.extend(r.freed);
+                }
                 if !dry_run {
+                    // Committed after each manifest, retired or kept: its row lock (taken either way) is given
+                    // up before the next is taken.
                     done.bytes += Self::unreferenced_bytes(&mut tx, &std::mem::take(&mut freed), cut).await?;
                     tx.commit().await?;
                     tx = self.pool().begin().await?;
