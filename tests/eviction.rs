@@ -313,3 +313,46 @@ async fn a_push_racing_the_eviction_of_its_layer_never_leaves_a_manifest_without
     // Uploading the layer always works: a push by upload never loses to the eviction.
     assert!(stored >= ITERATIONS / 2, "every push that uploaded its layer was stored ({stored})");
 }
+
+/// Eviction follows the collector's claim protocol, which is what orders it against writes on other instances
+/// sharing the metadata store (the digest locks it also takes are this process's only): a digest claimed
+/// recently, as another instance's push does before it checks the bytes and records its link, is left alone,
+/// and evicted once the claim is old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_leaves_a_digest_that_a_write_elsewhere_has_claimed() {
+    const LAYER: usize = 128 << 10;
+    let upstream = Distribution::start();
+    let up_url = format!("http://{}", upstream.addr);
+    let mut layers = Vec::new();
+    for seed in 0..3 {
+        layers.push(push_blob(&up_url, "team/app", &pseudo_random(LAYER, 90 + seed)).await);
+    }
+    let spec = format!("up={up_url}");
+    let budget = LAYER.to_string();
+    let bw = Breakwater::start_with(&["--upstream", &spec, "--cache-max-bytes", &budget]);
+    let pull = |d: String| {
+        let url = bw.url(&format!("/v2/up/team/app/blobs/{d}"));
+        async move {
+            let (status, body) = get(&url).await.unwrap();
+            assert_eq!((status, sha256(&body)), (200, d));
+        }
+    };
+    pull(layers[0].clone()).await;
+    // What another instance's push of layers[0] writes first: its claim.
+    sqlx::any::install_default_drivers();
+    let db = sqlx::AnyPool::connect(&format!("sqlite://{}", bw.data.path().join("metadata.db").display())).await.unwrap();
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let claim = "INSERT INTO blob_state (digest, claimed_at, deleting, pushed_at) VALUES ($1, $2, 0, $3) \
+                 ON CONFLICT (digest) DO UPDATE SET claimed_at = excluded.claimed_at, pushed_at = excluded.pushed_at";
+    sqlx::query(claim).bind(&layers[0]).bind(now_ms).bind(now_ms).execute(&db).await.unwrap();
+    // Over budget: the pass skips the claimed oldest layer and evicts the next one instead.
+    pull(layers[1].clone()).await;
+    wait_for_removal(&blob_file(bw.data.path(), &layers[1])).await;
+    assert!(blob_file(bw.data.path(), &layers[0]).exists(), "a claimed digest was evicted");
+    // The claim ages past the hold: the next pass evicts the layer, and clears its mark.
+    sqlx::query(claim).bind(&layers[0]).bind(0i64).bind(0i64).execute(&db).await.unwrap();
+    pull(layers[2].clone()).await;
+    wait_for_removal(&blob_file(bw.data.path(), &layers[0])).await;
+    let left = sqlx::query("SELECT COUNT(*) FROM blob_state WHERE deleting = 1").fetch_one(&db).await.unwrap();
+    assert_eq!(sqlx::Row::try_get::<i64, _>(&left, 0).unwrap(), 0, "an eviction left its mark");
+}

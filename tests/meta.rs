@@ -217,7 +217,7 @@ async fn retention(meta: Arc<dyn Meta>) {
 
     // Its manifest claimed by a push in progress: it stays.
     let t1 = tags.iter().find(|t| t.tag == "t1").unwrap().clone();
-    meta.claim(&[&t1.digest]).await.unwrap();
+    meta.claim(&[&t1.digest], true).await.unwrap();
     assert_eq!(meta.gc_untag(r.as_str(), &t1, cut_after_now(now_ms() - 60_000), false).await.unwrap(), None);
 
     // A dry run says, and changes nothing; the real thing removes the tag and its manifest.

@@ -39,17 +39,22 @@ pub(super) const HELD: &str = "SELECT 1 FROM blob_state WHERE digest = $1 AND (c
 pub(super) type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
 
 impl SqlMeta {
-    pub(super) async fn claim_digests(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError> {
+    pub(super) async fn claim_digests(&self, digests: &[&Digest], pushed: bool) -> Result<Vec<Digest>, MetaError> {
         let mut refused = Vec::new();
+        let now = now_millis();
+        let pushed_at = if pushed { now } else { 0 };
         let mut tx = self.pool().begin().await?;
         for d in digests {
             // A digest being removed keeps its mark: the update's condition fails and nothing is written.
             let done = sqlx::query(
-                "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, $2, 0) \
-                 ON CONFLICT (digest) DO UPDATE SET claimed_at = excluded.claimed_at WHERE blob_state.deleting = 0",
+                "INSERT INTO blob_state (digest, claimed_at, deleting, pushed_at) VALUES ($1, $2, 0, $3) \
+                 ON CONFLICT (digest) DO UPDATE SET claimed_at = excluded.claimed_at, \
+                 pushed_at = CASE WHEN excluded.pushed_at > blob_state.pushed_at THEN excluded.pushed_at ELSE blob_state.pushed_at END \
+                 WHERE blob_state.deleting = 0",
             )
             .bind(d.to_string())
-            .bind(now_millis())
+            .bind(now)
+            .bind(pushed_at)
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
@@ -259,5 +264,19 @@ impl SqlMeta {
     pub(super) async fn give_up_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
         sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2").bind(name).bind(holder).execute(self.pool()).await?;
         Ok(())
+    }
+
+    pub(super) async fn mark_for_eviction(&self, digest: &Digest, claims_before_ms: i64) -> Result<bool, MetaError> {
+        let d = digest.to_string();
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(LOCK_ROW).bind(&d).execute(&mut *tx).await?;
+        let state = sqlx::query("SELECT pushed_at, deleting FROM blob_state WHERE digest = $1").bind(&d).fetch_one(&mut *tx).await?;
+        if state.try_get::<i64, _>(1)? != 0 || state.try_get::<i64, _>(0)? >= claims_before_ms {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        sqlx::query("UPDATE blob_state SET deleting = 1 WHERE digest = $1").bind(&d).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 }

@@ -206,7 +206,9 @@ pub trait Meta: Send + Sync + 'static {
     /// Claims `digests` for a write that relies on their bytes from now until it has recorded its reference:
     /// a collector leaves a digest claimed in the last `gc::CLAIM_HOLD` alone. Returns the digests a collector
     /// is removing at this moment, which were not claimed (the caller waits for them, or gives up).
-    async fn claim(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError>;
+    /// `pushed`: the write makes them referenced outside the pull-through cache (a push, not a cache fill),
+    /// which cache eviction respects too (`evict_mark`).
+    async fn claim(&self, digests: &[&Digest], pushed: bool) -> Result<Vec<Digest>, MetaError>;
     /// Marks each of `digests` as being removed, unless something refers to it or it was claimed since
     /// `cut.claims_before`; its stale links (older than `cut.links_before`, referred to by no manifest) go with
     /// the mark. Returns the digests marked: their bytes may then be removed, then `gc_finish` called.
@@ -215,6 +217,12 @@ pub trait Meta: Send + Sync + 'static {
     async fn gc_would_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError>;
     /// Ends the removal of `digests` (their bytes are gone, or their removal failed and they stay unreferenced).
     async fn gc_finish(&self, digests: &[Digest]) -> Result<(), MetaError>;
+    /// Marks `digest` as being removed for cache eviction, which judges references its own way (a cached
+    /// manifest listing a layer does not keep the layer's bytes): only unless a removal is under way already or
+    /// a push claimed it at or after `claims_before_ms` (a cache fill's claim does not count: eviction removes
+    /// what fills bring). From then on every write that would refer to it is refused
+    /// until `gc_finish`, on every instance sharing the store. Returns whether it was marked.
+    async fn evict_mark(&self, digest: &Digest, claims_before_ms: i64) -> Result<bool, MetaError>;
     /// Digests marked as being removed whose removal did not finish (a collector stopped halfway).
     async fn gc_pending(&self, limit: u64) -> Result<Vec<Digest>, MetaError>;
     /// Forgets claims older than `before_ms` (they no longer protect anything).

@@ -34,6 +34,7 @@ const SQLITE: &[Step] = &[
     (4, "garbage collection", include_str!("../../migrations/sqlite/0004_gc.sql")),
     (5, "retention", include_str!("../../migrations/sqlite/0005_retention.sql")),
     (7, "cluster members", include_str!("../../migrations/sqlite/0007_members.sql")),
+    (8, "pushed claims", include_str!("../../migrations/sqlite/0008_pushed_claims.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
@@ -43,6 +44,7 @@ const POSTGRES: &[Step] = &[
     (4, "garbage collection", include_str!("../../migrations/postgres/0004_gc.sql")),
     (5, "retention", include_str!("../../migrations/postgres/0005_retention.sql")),
     (7, "cluster members", include_str!("../../migrations/postgres/0007_members.sql")),
+    (8, "pushed claims", include_str!("../../migrations/postgres/0008_pushed_claims.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile

@@ -669,8 +669,8 @@ impl Meta for SqlMeta {
         Ok(rows.iter().map(|r| r.try_get::<String, _>(0)).collect::<Result<_, _>>()?)
     }
 
-    async fn claim(&self, digests: &[&Digest]) -> Result<Vec<Digest>, MetaError> {
-        self.claim_digests(digests).await
+    async fn claim(&self, digests: &[&Digest], pushed: bool) -> Result<Vec<Digest>, MetaError> {
+        self.claim_digests(digests, pushed).await
     }
 
     async fn gc_mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
@@ -707,6 +707,10 @@ impl Meta for SqlMeta {
 
     async fn gc_remove_manifest(&self, repo: &str, digest: &Digest, cut: Cutoffs, dry_run: bool) -> Result<bool, MetaError> {
         self.remove_manifest(repo, digest, cut, dry_run).await
+    }
+
+    async fn evict_mark(&self, digest: &Digest, claims_before_ms: i64) -> Result<bool, MetaError> {
+        self.mark_for_eviction(digest, claims_before_ms).await
     }
 
     async fn member_beat(&self, m: &super::Member, now_ms: i64) -> Result<(), MetaError> {

@@ -9,7 +9,9 @@
 //! The check and the removal happen under the digest's exclusive lock (`registry::DigestLocks`), which every
 //! path that makes bytes referenced shares: a push, mount or manifest push of the digest being evicted waits
 //! until the bytes are gone (and then uploads them again, or is refused for lack of them), and a digest being
-//! pushed at this instant is skipped rather than waited for.
+//! pushed at this instant is skipped rather than waited for. Those locks are this process's; against writes on
+//! other instances sharing the metadata store, eviction marks the digest as the collector does (`crate::gc`,
+//! `Meta::evict_mark`): a digest a push claimed recently is skipped, and once marked, pushes of it wait.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -41,6 +43,10 @@ enum Eviction {
     Busy,
 }
 
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 /// Entries examined per query; eviction walks the cache oldest first in pages of this size.
 const PAGE: u64 = 256;
 
@@ -59,7 +65,7 @@ impl Proxy {
         let _pass = self.eviction_pass.lock().await;
         let meta = self.registry.meta();
         let mut total = meta.cache_bytes().await?;
-        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let now_ms = now_ms();
         let too_old = |last_access: i64| policy.max_age.is_some_and(|age| now_ms - last_access > age.as_millis() as i64);
         let over = |total: u64| policy.max_bytes.is_some_and(|max| total > max);
         let mut done = Evicted::default();
@@ -102,11 +108,31 @@ impl Proxy {
     /// Drops `digest` from the cache: its bytes too, unless something refers to them (then only the cache's
     /// accounting of it goes, for good: the bytes are no longer the cache's to remove).
     async fn evict_one(&self, digest: &Digest) -> Result<Eviction, RegistryError> {
-        // Under this lock nothing can make the digest referenced until its bytes are gone (or kept).
+        // Under this lock nothing in this instance can make the digest referenced until its bytes are gone (or
+        // kept); the mark below does the same for every instance sharing the metadata store.
         let Some(removal) = self.registry.try_removal(digest) else { return Ok(Eviction::Busy) };
         if self.flights.is_running(digest).await {
             return Ok(Eviction::Busy);
         }
+        let meta = self.registry.meta();
+        // The collector's protocol (`crate::gc`): a write elsewhere that claimed the digest recently may be about
+        // to refer to it (its claim came before its checks), so the digest is left for a later pass; once marked,
+        // such writes are refused until the mark is cleared.
+        let claims_before = now_ms() - crate::gc::CLAIM_HOLD.as_millis() as i64;
+        if !meta.evict_mark(digest, claims_before).await? {
+            return Ok(Eviction::Busy);
+        }
+        let outcome = self.evict_marked(digest, &removal).await;
+        // Cleared whatever happened: a mark left behind would refuse every later write of the digest (until a
+        // collection finished it).
+        let cleared = meta.gc_finish(std::slice::from_ref(digest)).await;
+        let outcome = outcome?;
+        cleared?;
+        Ok(outcome)
+    }
+
+    /// `evict_one`'s work once the digest is marked: nothing can come to refer to it meanwhile.
+    async fn evict_marked(&self, digest: &Digest, removal: &crate::registry::Removal) -> Result<Eviction, RegistryError> {
         let meta = self.registry.meta();
         let repos = meta.blob_repos(digest).await?;
         let referenced = repos.iter().any(|r| !self.is_cache_repo(r)) || meta.manifest_held(digest).await?;
@@ -119,7 +145,7 @@ impl Proxy {
                 meta.unlink_blob(&name, digest).await?;
             }
         }
-        self.registry.remove_content(&removal).await?;
+        self.registry.remove_content(removal).await?;
         tracing::info!(%digest, "evicted from the cache");
         Ok(Eviction::Removed)
     }

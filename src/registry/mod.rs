@@ -111,7 +111,7 @@ impl Registry {
     /// repository does; spec v1.1 allows that). Returns false when the caller must fall back to an upload.
     pub async fn mount(&self, repo: &RepoName, digest: &Digest, from: Option<&RepoName>) -> Result<bool> {
         let _referencing = self.locks.referencing([digest]).await;
-        self.claim([digest]).await?;
+        self.claim([digest], true).await?;
         if let Some(from) = from {
             if !self.meta.blob_linked(from, digest).await? {
                 return Ok(false);
@@ -213,7 +213,7 @@ impl Registry {
     /// A collector may have removed the bytes it found stored before the claim held: then the push failed, and
     /// the client uploads again.
     async fn link_stored(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
-        self.claim([digest]).await?;
+        self.claim([digest], true).await?;
         if self.store.stat(digest).await?.is_none() {
             return Err(RegistryError::BlobUploadInvalid(format!("{digest} was garbage-collected while it was uploaded; upload it again")));
         }
@@ -290,7 +290,7 @@ impl Registry {
         let _referencing = self.locks.referencing(info.blobs.iter().chain(&info.children).chain([&digest])).await;
         // Claimed before they are checked: from here a collector leaves them alone, and one that removed a blob
         // just before has also removed its links, so the check below refuses the manifest.
-        self.claim(info.blobs.iter().chain(&info.children).chain([&digest])).await?;
+        self.claim(info.blobs.iter().chain(&info.children).chain([&digest]), true).await?;
         for blob in &info.blobs {
             if !self.blob_present(repo, blob).await? {
                 return Err(RegistryError::ManifestBlobUnknown(blob.clone()));
@@ -376,7 +376,7 @@ impl Registry {
     /// meanwhile (the caller fetches it again).
     pub async fn link_blob(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<()> {
         let _referencing = self.locks.referencing([digest]).await;
-        self.claim([digest]).await?;
+        self.claim([digest], false).await?;
         if self.store.stat(digest).await?.is_none() {
             return Err(RegistryError::BlobUnknown);
         }
@@ -397,7 +397,7 @@ impl Registry {
         let size = bytes.len() as u64;
         let body: ByteStream = Box::pin(futures_util::stream::once(async move { Ok(bytes) }));
         let _referencing = self.locks.referencing([digest]).await;
-        self.claim([digest]).await?;
+        self.claim([digest], false).await?;
         self.store.put(digest, body).await?;
         let record = ManifestRecord {
             digest: digest.clone(),
@@ -423,7 +423,7 @@ impl Registry {
     /// Points `tag` at a manifest `repo` already holds.
     pub async fn tag_manifest(&self, repo: &RepoName, digest: &Digest, tag: &Tag) -> Result<()> {
         // Claimed first, so that the untagged policy cannot remove the record between the lookup and the tag.
-        self.claim([digest]).await?;
+        self.claim([digest], true).await?;
         let record = self.meta.manifest(repo, digest).await?.ok_or(RegistryError::ManifestUnknown)?;
         Ok(self.meta.put_manifest(repo, &record, None, Some(tag)).await?)
     }
@@ -519,11 +519,13 @@ impl Registry {
     /// Claims `digests` for this request (see `crate::gc`): until it has recorded its references, a collector
     /// leaves them alone. While a collector is removing one, it waits for the removal to end (the caller then
     /// finds the bytes gone), at most `CLAIM_WAIT`.
-    async fn claim<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>) -> Result<()> {
+    /// `pushed`: for a reference outside the pull-through cache (cache fills pass false: eviction may remove
+    /// what they bring, see `Meta::evict_mark`).
+    async fn claim<'a>(&self, digests: impl IntoIterator<Item = &'a Digest>, pushed: bool) -> Result<()> {
         let mut left: Vec<&Digest> = digests.into_iter().collect();
         let deadline = std::time::Instant::now() + CLAIM_WAIT;
         loop {
-            let refused = self.meta.claim(&left).await?;
+            let refused = self.meta.claim(&left, pushed).await?;
             let Some(first) = refused.first() else { return Ok(()) };
             if std::time::Instant::now() >= deadline {
                 return Err(RegistryError::Collecting(first.clone()));
