@@ -25,6 +25,19 @@ pub(super) const REFERENCED: &str = "SELECT 1 FROM manifests WHERE digest = $1 \
          OR EXISTS (SELECT 1 FROM manifests m WHERE m.repo = l.repo AND m.refs_indexed = 0)) \
      LIMIT 1";
 
+/// Marks `$1` as being removed if it is not already, was not claimed since `$2`, and nothing refers to it
+/// (`REFERENCED`'s conditions, `$3`..`$7`): the check and the mark in one statement, which on PostgreSQL locks the
+/// row and re-checks it if a claim changed it meanwhile, so a claim and a mark still never interleave.
+const MARK: &str = "UPDATE blob_state SET deleting = 1 WHERE digest = $1 AND deleting = 0 AND claimed_at < $2 \
+     AND NOT EXISTS (SELECT 1 FROM manifests WHERE digest = $3) \
+     AND NOT EXISTS (SELECT 1 FROM manifest_refs WHERE digest = $4) \
+     AND NOT EXISTS (SELECT 1 FROM cache_blobs WHERE digest = $5) \
+     AND NOT EXISTS (SELECT 1 FROM blob_links l WHERE l.digest = $6 AND (l.created_at >= $7 \
+         OR EXISTS (SELECT 1 FROM manifests m WHERE m.repo = l.repo AND m.refs_indexed = 0)))";
+
+/// Digests marked (or cleared) per transaction or statement.
+const MARK_BATCH: usize = 32;
+
 /// Whether manifest `$2` of repository `$1` must stay whatever the untagged policy says: a tag points at it, an
 /// index of the repository lists it, or it refers to a manifest the repository holds (a live referrer).
 const MANIFEST_KEPT: &str = "SELECT 1 FROM tags WHERE repo = $1 AND digest = $2 \
@@ -88,20 +101,40 @@ impl SqlMeta {
     pub(super) async fn mark(&self, digests: &[Digest], cut: Cutoffs) -> Result<Vec<Digest>, MetaError> {
         let _change = self.link_change();
         let mut marked = Vec::new();
-        // One transaction for the batch: one commit (one fsync on SQLite) for many digests, while a push of one
-        // of them waits no longer than the batch takes.
-        let mut tx = self.pool().begin().await?;
-        for digest in digests {
-            if !Self::collectable(&mut tx, digest, cut).await? {
-                continue;
+        // A transaction per few digests: one commit (one fsync on SQLite) for several, while a push waits on the
+        // batch (SQLite's one write lock; these rows' locks on PostgreSQL) no longer than a few statements take.
+        for chunk in digests.chunks(MARK_BATCH) {
+            let keys: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+            let mut tx = self.pool().begin().await?;
+            // Every digest gets a row to mark (one never claimed has none); existing rows are left as they are.
+            let rows = (1..=keys.len()).map(|i| format!("(${i}, 0, 0)")).collect::<Vec<_>>().join(", ");
+            let sql = format!("INSERT INTO blob_state (digest, claimed_at, deleting) VALUES {rows} ON CONFLICT (digest) DO NOTHING");
+            keys.iter().fold(sqlx::query(&sql), |q, k| q.bind(k)).execute(&mut *tx).await?;
+            let mut now_marked = Vec::new();
+            for (digest, key) in chunk.iter().zip(&keys) {
+                let done = sqlx::query(MARK)
+                    .bind(key)
+                    .bind(cut.claims_before)
+                    .bind(key)
+                    .bind(key)
+                    .bind(key)
+                    .bind(key)
+                    .bind(cut.links_before)
+                    .execute(&mut *tx)
+                    .await?;
+                if done.rows_affected() == 1 {
+                    now_marked.push(key);
+                    marked.push(digest.clone());
+                }
             }
-            let d = digest.to_string();
-            // Only stale links are left (a recent one is a reference): they go with the bytes.
-            sqlx::query("DELETE FROM blob_links WHERE digest = $1").bind(&d).execute(&mut *tx).await?;
-            sqlx::query("UPDATE blob_state SET deleting = 1 WHERE digest = $1").bind(&d).execute(&mut *tx).await?;
-            marked.push(digest.clone());
+            if !now_marked.is_empty() {
+                // Only stale links are left (a recent one is a reference): they go with the bytes.
+                let list = (1..=now_marked.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+                let sql = format!("DELETE FROM blob_links WHERE digest IN ({list})");
+                now_marked.iter().fold(sqlx::query(&sql), |q, k| q.bind(*k)).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         }
-        tx.commit().await?;
         Ok(marked)
     }
 
@@ -119,11 +152,11 @@ impl SqlMeta {
     }
 
     pub(super) async fn finish(&self, digests: &[Digest]) -> Result<(), MetaError> {
-        let mut tx = self.pool().begin().await?;
-        for d in digests {
-            sqlx::query("DELETE FROM blob_state WHERE digest = $1 AND deleting = 1").bind(d.to_string()).execute(&mut *tx).await?;
+        for chunk in digests.chunks(MARK_BATCH) {
+            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!("DELETE FROM blob_state WHERE deleting = 1 AND digest IN ({list})");
+            chunk.iter().fold(sqlx::query(&sql), |q, d| q.bind(d.to_string())).execute(self.pool()).await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 

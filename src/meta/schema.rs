@@ -33,8 +33,9 @@ const SQLITE: &[Step] = &[
     (3, "robots", include_str!("../../migrations/sqlite/0003_robots.sql")),
     (4, "garbage collection", include_str!("../../migrations/sqlite/0004_gc.sql")),
     (5, "retention", include_str!("../../migrations/sqlite/0005_retention.sql")),
-    (7, "cluster members", include_str!("../../migrations/sqlite/0007_members.sql")),
-    (8, "pushed claims", include_str!("../../migrations/sqlite/0008_pushed_claims.sql")),
+    (6, "cluster members", include_str!("../../migrations/sqlite/0006_members.sql")),
+    (7, "pushed claims", include_str!("../../migrations/sqlite/0007_pushed_claims.sql")),
+    (8, "gc indexes", include_str!("../../migrations/sqlite/0008_gc_indexes.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
@@ -43,8 +44,9 @@ const POSTGRES: &[Step] = &[
     (3, "robots", include_str!("../../migrations/postgres/0003_robots.sql")),
     (4, "garbage collection", include_str!("../../migrations/postgres/0004_gc.sql")),
     (5, "retention", include_str!("../../migrations/postgres/0005_retention.sql")),
-    (7, "cluster members", include_str!("../../migrations/postgres/0007_members.sql")),
-    (8, "pushed claims", include_str!("../../migrations/postgres/0008_pushed_claims.sql")),
+    (6, "cluster members", include_str!("../../migrations/postgres/0006_members.sql")),
+    (7, "pushed claims", include_str!("../../migrations/postgres/0007_pushed_claims.sql")),
+    (8, "gc indexes", include_str!("../../migrations/postgres/0008_gc_indexes.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile
