@@ -595,17 +595,7 @@ async fn push_blob(c: &reqwest::Client, base: &str, repo: &str, bytes: &Bytes, d
 async fn push_image(c: &reqwest::Client, base: &str, img: &Img) -> Result<(), String> {
     push_blob(c, base, &img.repo, &img.config, &img.config_digest).await?;
     push_blob(c, base, &img.repo, &img.layer, &img.layer_digest).await?;
-    let r = c
-        .put(format!("{base}/v2/{}/manifests/v1", img.repo))
-        .header("content-type", OCI_MANIFEST)
-        .body(img.manifest.clone())
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    if r.status().as_u16() != 201 {
-        return Err(format!("PUT manifest {}: {}", img.repo, r.status()));
-    }
-    Ok(())
+    support::put_manifest(c, base, &img.repo, "v1", img.manifest.clone()).await
 }
 
 /// Pushes every image with `width` tasks pulling from a shared index; returns the errors.

@@ -221,6 +221,22 @@ pub async fn push_monolithic(client: &reqwest::Client, base: &str, repo: &str, b
     Ok(())
 }
 
+/// PUTs manifest `bytes` (an OCI image manifest) as `repo:reference` on `base`; anything but 201 is an error.
+pub async fn put_manifest(client: &reqwest::Client, base: &str, repo: &str, reference: &str, bytes: Bytes) -> Result<(), String> {
+    let r = client
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(bytes)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status().as_u16() != 201 {
+        let status = r.status();
+        return Err(format!("PUT manifest {repo}:{reference}: {status} {}", r.text().await.unwrap_or_default()));
+    }
+    Ok(())
+}
+
 /// Awaits the clients' tasks in order; one that panicked or was cancelled becomes `failed("task: <why>")`, called
 /// when it is found, so that the failure's time can be taken then.
 pub async fn join_clients<T>(tasks: Vec<tokio::task::JoinHandle<T>>, failed: impl Fn(String) -> T) -> Vec<T> {

@@ -255,7 +255,7 @@ impl Drop for Distribution {
     }
 }
 
-fn registry_binary() -> PathBuf {
+pub fn registry_binary() -> PathBuf {
     for candidate in ["/usr/bin/docker-registry", "/usr/sbin/docker-registry"] {
         if Path::new(candidate).exists() {
             return PathBuf::from(candidate);
