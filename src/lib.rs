@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod bounded;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod connection;

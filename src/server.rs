@@ -58,7 +58,7 @@ pub async fn build(
         Backend::Local { root, .. } => root.join("spool"),
         Backend::S3(_) => config.data.join("spool"),
     };
-    let flights = BlobFlights::new(store, spool, tasks.clone()).await.context("preparing the cache's spool directory")?;
+    let flights = BlobFlights::new(Arc::clone(&store), spool, tasks.clone()).await.context("preparing the cache's spool directory")?;
     match backend {
         Backend::Local { root, lock } => crate::fsck::spawn_sweep(
             crate::fsck::SweepContext {
@@ -81,7 +81,15 @@ pub async fn build(
         u.token_entries = config.cache.memory_entries;
         upstreams.push(Upstream::new(u).with_context(|| format!("upstream {name}"))?);
     }
-    let proxy = Proxy::new(
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
+            cluster.spawn_heartbeat(tasks);
+            Some(cluster)
+        }
+        None => None,
+    };
+    let mut proxy = Proxy::new(
         Arc::clone(&registry),
         upstreams,
         flights,
@@ -89,6 +97,12 @@ pub async fn build(
         config.cache.eviction,
         config.cache.memory_entries,
     );
+    if let Some(cluster) = &cluster {
+        let flights = crate::cluster::flights::ClusterFlights::new(Arc::clone(cluster), Arc::clone(&meta), Arc::clone(&store));
+        let checks = Arc::new(crate::cluster::checks::SharedChecks::new(Arc::clone(cluster), Arc::clone(&meta)));
+        proxy = proxy.in_cluster(flights, Arc::clone(&checks));
+        checks.spawn_pruning(proxy.checks_keep(), tasks);
+    }
     let proxy = Arc::new(proxy.allow_shadowing(&config.allow_shadowing).map_err(anyhow::Error::msg).context("allow_shadowing")?);
     let auth = match &config.auth {
         Some(a) => Some(Arc::new(crate::auth::Auth::open(a.clone(), Arc::clone(&meta)).context("setting up access control")?)),
@@ -113,14 +127,6 @@ pub async fn build(
         spawn_gc(Arc::clone(&registry), config.gc.options.clone(), interval, tasks);
     }
     let gc = config.gc.options.clone();
-    let cluster = match &config.cluster {
-        Some(settings) => {
-            let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
-            cluster.spawn_heartbeat(tasks);
-            Some(cluster)
-        }
-        None => None,
-    };
     Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some(), gc, cluster }))
 }
 

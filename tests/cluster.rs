@@ -1,6 +1,8 @@
-//! Cluster membership (issue 13, item 1): real members (the binary) on one real PostgreSQL database and one
-//! real S3 server (s3s-fs). Members register and beat, list each other through `/api/cluster`, leave at once on
-//! SIGTERM, turn not alive when killed, share what is stored, and answer `/internal/` only to signed requests.
+//! The cluster (issue 13): real members (the binary) on one real PostgreSQL database and one real S3 server
+//! (s3s-fs). Members register and beat, list each other through `/api/cluster`, leave at once on SIGTERM, turn
+//! not alive when killed, share what is stored, and answer `/internal/` only to signed requests. A cold blob
+//! pulled through every member at once is fetched from upstream (a real `docker-registry` behind the counting
+//! relay) once for the cluster, and once more, with a `Range`, when the member fetching it is killed.
 
 mod common;
 
@@ -8,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::oci::{get, pseudo_random, push_blob, sha256};
 use common::pg::PgDatabase;
+use common::relay::Relay;
 use common::s3::S3Server;
-use common::Breakwater;
+use common::{Breakwater, Distribution};
 
 const SECRET: &str = "a-cluster-secret-for-the-tests";
 
@@ -149,4 +152,192 @@ fn membership_without_shared_stores_is_refused_at_start_up() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("a cluster member needs shared metadata: --metadata postgres://"), "{err}");
+}
+
+/// `n` concurrent GETs of `path`, spread round-robin over `members`: for each, the member's index and the sha256
+/// of the whole body (or why it failed).
+fn herd(members: &[&Breakwater], path: &str, n: usize) -> Vec<tokio::task::JoinHandle<(usize, Result<String, String>)>> {
+    (0..n)
+        .map(|i| {
+            let m = i % members.len();
+            let url = members[m].url(path);
+            tokio::spawn(async move {
+                let got = match get(&url).await {
+                    Ok((200, body)) => Ok(sha256(&body)),
+                    Ok((status, body)) => Err(format!("{status}: {}", String::from_utf8_lossy(&body))),
+                    Err(e) => Err(e),
+                };
+                (m, got)
+            })
+        })
+        .collect()
+}
+
+/// The cluster's blob downloads as `bw`'s `/api/cluster` shows them: (digest, member id).
+async fn flights(bw: &Breakwater) -> Vec<(String, String)> {
+    let (_, body) = get(&bw.url("/api/cluster")).await.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    v["flights"].as_array().unwrap().iter().map(|f| (f["digest"].as_str().unwrap().into(), f["member"].as_str().unwrap().into())).collect()
+}
+
+/// Three members caching `up` = a real registry behind a relay.
+struct CachingCluster {
+    /// First, so that the members stop before the stores they use go (fields drop in order).
+    members: Vec<Breakwater>,
+    relay: Relay,
+    _upstream: Distribution,
+    _tmp: tempfile::TempDir,
+    _s3: S3Server,
+    _pg: PgDatabase,
+}
+
+impl CachingCluster {
+    async fn start() -> CachingCluster {
+        let pg = PgDatabase::create().await;
+        let s3 = S3Server::start();
+        let tmp = tempfile::tempdir().unwrap();
+        let upstream = Distribution::start();
+        let relay = Relay::start(&upstream.addr);
+        let spec = format!("up=http://{}", relay.addr);
+        let members =
+            ["a", "b", "c"].iter().map(|m| member(&pg, &s3, &tmp.path().join(format!("{m}.log")), &["--upstream", &spec])).collect();
+        CachingCluster { members, relay, _upstream: upstream, _tmp: tmp, _s3: s3, _pg: pg }
+    }
+
+    /// Pushes a blob of `len` bytes to the upstream as `lib/app`; its digest.
+    async fn upstream_blob(&self, len: usize, seed: u64) -> String {
+        push_blob(&format!("http://{}", self.relay.addr), "lib/app", &pseudo_random(len, seed)).await
+    }
+}
+
+/// A herd of 60 clients spread over three members pulls one cold blob: one upstream GET for the cluster, every
+/// client gets the verified bytes, `/api/cluster` names the one member fetching while it runs and nothing after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_blob_pulled_through_every_member_is_fetched_once_for_the_cluster() {
+    let c = CachingCluster::start().await;
+    let digest = c.upstream_blob(12 * 1024 * 1024, 31).await;
+    c.relay.reset();
+    // Slow enough that the herd arrives while the download runs: 12 MB at 8 MB/s.
+    c.relay.throttle_on("/blobs/", 8 * 1024 * 1024);
+    let members: Vec<&Breakwater> = c.members.iter().collect();
+    let clients = herd(&members, &format!("/v2/up/lib/app/blobs/{digest}"), 60);
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let owner = loop {
+        let f = flights(&c.members[1]).await;
+        if let Some((d, member)) = f.first() {
+            assert_eq!((f.len(), d.as_str()), (1, digest.as_str()), "{f:?}");
+            break member.clone();
+        }
+        assert!(Instant::now() < deadline, "no flight showed in /api/cluster");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ids: Vec<String> = futures_util::future::join_all(c.members.iter().map(view)).await.into_iter().map(|(id, _)| id).collect();
+    assert!(ids.contains(&owner), "the flight's member {owner} is one of {ids:?}");
+
+    for client in clients {
+        let (m, got) = client.await.unwrap();
+        assert_eq!(got.as_deref(), Ok(digest.as_str()), "client of member {m}");
+    }
+    assert_eq!(c.relay.count("GET", "/blobs/"), 1, "one upstream download for the cluster: {:?}", c.relay.requests());
+    // Each member served from what it spooled itself; the blob is stored once, and later pulls anywhere are hits.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !flights(&c.members[0]).await.is_empty() {
+        assert!(Instant::now() < deadline, "the finished flight's lease was not released");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for bw in &c.members {
+        let (status, body) = get(&bw.url(&format!("/v2/up/lib/app/blobs/{digest}"))).await.unwrap();
+        assert_eq!((status, sha256(&body)), (200, digest.clone()));
+    }
+    assert_eq!(c.relay.count("GET", "/blobs/"), 1, "{:?}", c.relay.requests());
+}
+
+/// The member fetching a blob for the cluster is killed (SIGKILL) mid-download: every client of the other two
+/// members still gets the verified blob; upstream saw two GETs, the second a `Range` from where the first stopped
+/// being relayed, not a new download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetching_member_killed_mid_flight_is_taken_over_with_a_range() {
+    let mut c = CachingCluster::start().await;
+    let len = 12 * 1024 * 1024;
+    let digest = c.upstream_blob(len, 32).await;
+    c.relay.reset();
+    // 12 MB at 2 MB/s: about 6 s, killed after about 3 MB.
+    c.relay.throttle_on("/blobs/", 2 * 1024 * 1024);
+    let mut ids = Vec::new();
+    for bw in &c.members {
+        ids.push(view(bw).await.0);
+    }
+    let members: Vec<&Breakwater> = c.members.iter().collect();
+    let clients = herd(&members, &format!("/v2/up/lib/app/blobs/{digest}"), 30);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.relay.body_bytes() < 3 * 1024 * 1024 {
+        assert!(Instant::now() < deadline, "the download did not start: {:?}", c.relay.requests());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let owner = flights(&c.members[0]).await.first().map(|(_, m)| m.clone()).expect("a flight in /api/cluster");
+    let killed = ids.iter().position(|id| *id == owner).unwrap();
+    drop(c.members.remove(killed));
+
+    let mut survivors = 0;
+    for client in clients {
+        let (m, got) = client.await.unwrap();
+        // The killed member's own clients were cut with it.
+        if m != killed {
+            assert_eq!(got.as_deref(), Ok(digest.as_str()), "client of member {m}");
+            survivors += 1;
+        }
+    }
+    assert_eq!(survivors, 20);
+    let gets: Vec<_> = c.relay.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).collect();
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[0].range, None, "{gets:?}");
+    let resumed_at: u64 = gets[1].range.as_deref().and_then(|r| r.strip_prefix("bytes=")).and_then(|r| r.strip_suffix('-')).and_then(|r| r.parse().ok()).unwrap_or_else(|| panic!("a Range resumption: {gets:?}"));
+    assert!(resumed_at > 0 && resumed_at <= gets[0].body_bytes, "resumed at {resumed_at} of the {} bytes first relayed", gets[0].body_bytes);
+}
+
+/// A tag pulled through each of the three members within its TTL costs one upstream request for the cluster,
+/// and a tag the upstream does not have, one 404 for the cluster within the negative TTL: what one member
+/// learnt from upstream, every member knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_answers_about_tags_hold_for_every_member() {
+    let c = CachingCluster::start().await;
+    let image = common::oci::push_image(&format!("http://{}", c.relay.addr), "lib/app", "v1", &[1000], 33).await;
+    c.relay.reset();
+    for bw in &c.members {
+        let (status, body) = get(&bw.url("/v2/up/lib/app/manifests/v1")).await.unwrap();
+        assert_eq!((status, sha256(&body)), (200, image.digest.clone()));
+    }
+    let asked: Vec<_> = c.relay.requests().into_iter().filter(|r| r.path.contains("/manifests/")).collect();
+    assert_eq!(asked.len(), 1, "one upstream request for the tag: {asked:?}");
+
+    for bw in &c.members {
+        let (status, _) = get(&bw.url("/v2/up/lib/app/manifests/nope")).await.unwrap();
+        assert_eq!(status, 404);
+    }
+    assert_eq!(c.relay.count("", "/manifests/nope"), 1, "one upstream 404 for the cluster: {:?}", c.relay.requests());
+}
+
+/// Clients of all three members asking for one cold tag at once: one member asks upstream, the others wait for
+/// its answer and serve what it cached (one upstream request), for a tag that exists and for one that does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_tag_asked_of_every_member_at_once_is_asked_upstream_once() {
+    let c = CachingCluster::start().await;
+    let image = common::oci::push_image(&format!("http://{}", c.relay.addr), "lib/app", "v2", &[1000], 34).await;
+    c.relay.reset();
+    // Upstream answers late, so that every member has its clients waiting before the first answer.
+    c.relay.delay_on("/manifests/", Duration::from_millis(800));
+    let members: Vec<&Breakwater> = c.members.iter().collect();
+    for (tag, expected) in [("v2", Ok(image.digest.clone())), ("missing", Err(404))] {
+        let clients = herd(&members, &format!("/v2/up/lib/app/manifests/{tag}"), 30);
+        for client in clients {
+            let (m, got) = client.await.unwrap();
+            match &expected {
+                Ok(digest) => assert_eq!(got.as_ref(), Ok(digest), "client of member {m}"),
+                Err(_) => assert!(got.as_ref().is_err_and(|e| e.starts_with("404")), "client of member {m}: {got:?}"),
+            }
+        }
+        let asked = c.relay.count("", &format!("/manifests/{tag}"));
+        assert_eq!(asked, 1, "{tag}: one upstream request for the cluster: {:?}", c.relay.requests());
+    }
 }

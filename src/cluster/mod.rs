@@ -6,14 +6,16 @@
 //! Requests between members carry a signature made with the shared secret (`peer`): the internal endpoints
 //! (`/internal/...`) answer nobody else.
 //!
-//! What comes next on this ground (issue 13): cluster-wide flights (a lease per digest names the member that
-//! fetches; the others stream from it over an internal endpoint), cluster-wide tag revalidation, and replication
-//! work spread over the members.
+//! Blob flights are cluster-wide (`flights`): a lease per digest names the member that fetches from upstream;
+//! the others stream from it over an internal endpoint. What comes next on this ground (issue 13): cluster-wide
+//! tag revalidation, housekeeping one member at a time, and replication work spread over the members.
 
+pub mod checks;
+pub mod flights;
 pub mod peer;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::meta::{Member, Meta, MetaError};
 use crate::secret::Secret;
@@ -36,6 +38,15 @@ pub struct Settings {
     /// listens on.
     pub advertise: Option<String>,
     pub heartbeat: Duration,
+}
+
+/// A blob download of the cluster as `/api/cluster` shows it: which member fetches it from upstream (the others
+/// follow it), until when its lease runs unless renewed (Unix milliseconds).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlightView {
+    pub digest: String,
+    pub member: String,
+    pub expires_at: i64,
 }
 
 /// This instance as a member.
@@ -61,7 +72,7 @@ impl Cluster {
     /// Registers this instance (its first beat), reachable at `settings.advertise` or else `listening` (its own
     /// listen URL): a metadata store that refuses fails start-up.
     pub async fn join(settings: Settings, listening: &str, meta: Arc<dyn Meta>) -> Result<Arc<Cluster>, MetaError> {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         let url = settings.advertise.unwrap_or_else(|| listening.to_string());
         let me = Member { id: uuid::Uuid::new_v4().to_string(), url, started_at: now, heartbeat_at: now };
         meta.member_beat(&me, now).await?;
@@ -75,6 +86,10 @@ impl Cluster {
 
     pub fn secret(&self) -> &Secret {
         &self.secret
+    }
+
+    pub fn heartbeat(&self) -> std::time::Duration {
+        self.heartbeat
     }
 
     /// Beats every heartbeat until shutdown, forgetting members long gone; at shutdown, leaves (removes its
@@ -98,7 +113,7 @@ impl Cluster {
     }
 
     async fn beat(&self) {
-        let now = now_ms();
+        let now = crate::clock::now_ms();
         if let Err(e) = self.meta.member_beat(&self.me, now).await {
             tracing::warn!(error = %e, "cluster heartbeat failed");
             return;
@@ -111,17 +126,22 @@ impl Cluster {
         }
     }
 
+    /// The blob downloads of the cluster now, by digest.
+    pub async fn flights(&self) -> Result<Vec<FlightView>, MetaError> {
+        let leases = self.meta.leases(flights::LEASE_PREFIX).await?;
+        Ok(leases
+            .into_iter()
+            .map(|l| FlightView { digest: l.name[flights::LEASE_PREFIX.len()..].to_string(), member: l.holder, expires_at: l.expires_at })
+            .collect())
+    }
+
     /// Every registered member, with whether it is alive.
     pub async fn members(&self) -> Result<Vec<MemberView>, MetaError> {
-        let alive_after = now_ms() - (self.heartbeat * ALIVE_BEATS).as_millis() as i64;
+        let alive_after = crate::clock::now_ms() - (self.heartbeat * ALIVE_BEATS).as_millis() as i64;
         let rows = self.meta.members().await?;
         Ok(rows
             .into_iter()
             .map(|m| MemberView { alive: m.heartbeat_at >= alive_after, this: m.id == self.me.id, member: m })
             .collect())
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }

@@ -165,6 +165,27 @@ impl BlobFlights {
         Ok(self.store.size(digest).await?.map(Join::Stored))
     }
 
+    /// What this instance has of `digest` from byte `offset` on, for another cluster member: the flight running
+    /// here (bytes as they arrive, the last one once the blob is verified and stored) or storage; with the whole
+    /// blob's size. `None` when neither has it, or `offset` is past its end.
+    pub async fn read_from(&self, digest: &Digest, offset: u64) -> Result<Option<(u64, ByteStream)>, FlightError> {
+        let failed = |e: StorageError| FlightError::Failed(e.to_string().into());
+        match self.peek(digest).await.map_err(failed)? {
+            Some(Join::Flight { flight, .. }) => {
+                let size = flight.size().await?;
+                if offset > size {
+                    return Ok(None);
+                }
+                Ok(Some((size, flight.reader(Some(ByteRange { start: offset, end: size })).await?)))
+            }
+            Some(Join::Stored(size)) if offset <= size => {
+                let body = self.store.read(digest, Some(ByteRange { start: offset, end: size })).await.map_err(failed)?;
+                Ok(Some((size, body)))
+            }
+            Some(Join::Stored(_)) | None => Ok(None),
+        }
+    }
+
     /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
     /// Exactly one caller is told it started a new flight (`joined: false`).
     pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
@@ -209,8 +230,8 @@ impl BlobFlights {
             let work = async {
                 let downloaded = cancel.run_until_cancelled(download(&digest, file, &fetch, &tx)).await;
                 match downloaded.unwrap_or(Err(FlightError::ShuttingDown)) {
-                    Ok(()) => match flights.store.adopt_file(&digest, &spool).await {
-                        Ok(_) => Phase::Done,
+                    Ok(()) => match flights.store_spool(&digest, &spool).await {
+                        Ok(()) => Phase::Done,
                         Err(e) => Phase::Failed(FlightError::Failed(format!("storing the blob failed: {e}").into())),
                     },
                     Err(e) => Phase::Failed(e),
@@ -237,6 +258,19 @@ impl BlobFlights {
             metrics::gauge!("breakwater_flights_in_progress").decrement(1.0);
         });
         Ok(Started::Flight { flight, new: true })
+    }
+}
+
+impl BlobFlights {
+    /// Stores a verified spool under its digest, unless the digest is stored already: another cluster member's
+    /// flight (which this one followed) or a push stored it meanwhile, and content is stored once. The spool is
+    /// then removed; readers still streaming it hold their own handles.
+    async fn store_spool(&self, digest: &Digest, spool: &std::path::Path) -> Result<(), StorageError> {
+        if self.store.size(digest).await?.is_some() {
+            let _ = tokio::fs::remove_file(spool).await;
+            return Ok(());
+        }
+        self.store.adopt_file(digest, spool).await.map(|_| ())
     }
 }
 
@@ -501,7 +535,7 @@ fn map_spool(file: &std::fs::File, from: u64, to: u64) -> io::Result<Bytes> {
     // SAFETY: a map is sound while nothing writes to or truncates the file under it. A spool's bytes below the
     // published `written` are written once and never again: the download only appends (a resumed download skips
     // what it has), the file was created empty before the flight was visible, and what follows its end is an
-    // unlink (a failed flight) or a link into storage (a stored blob is never written: the storage invariant),
+    // unlink (a failed flight, or one whose digest was stored meanwhile) or a link into storage (a stored blob is never written: the storage invariant),
     // neither of which touches a mapped page. `written` is published only after the write has completed, so
     // the range is within the file.
     let map = unsafe { memmap2::MmapOptions::new().offset(from).len(len).map(file)? };

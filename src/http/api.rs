@@ -7,8 +7,9 @@
 //!   tag) order after `last` (default and largest `n`: 100 and 1000), with `next` and a `Link` to the next page.
 //! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy,
 //!   503 once the server is shutting down.
-//! - `GET /api/cluster`: this member's id and every registered member (id, url, start, last heartbeat, alive);
-//!   404 when the instance is not a cluster member.
+//! - `GET /api/cluster`: this member's id, every registered member (id, url, start, last heartbeat, alive) and
+//!   the blob flights of the cluster (digest, the member fetching it from upstream, its lease's expiry); 404 when
+//!   the instance is not a cluster member.
 //! - `POST /api/gc` (`?dry_run=true` to only report): collects garbage with the `[gc]` settings and answers
 //!   with the report (200), or 409 while another collection runs on the metadata store.
 
@@ -60,8 +61,10 @@ async fn cluster(State(app): State<Arc<App>>) -> Response {
     let Some(cluster) = &app.cluster else {
         return error(StatusCode::NOT_FOUND, "this instance is not a cluster member (no --cluster-secret)".into());
     };
-    match cluster.members().await {
-        Ok(members) => Json(serde_json::json!({ "id": cluster.id(), "members": members })).into_response(),
+    match tokio::try_join!(cluster.members(), cluster.flights()) {
+        Ok((members, flights)) => {
+            Json(serde_json::json!({ "id": cluster.id(), "members": members, "flights": flights })).into_response()
+        }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

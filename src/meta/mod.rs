@@ -264,6 +264,32 @@ pub trait Meta: Send + Sync + 'static {
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError>;
     /// Gives lease `name` up, if `holder` holds it.
     async fn release(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+    /// The leases whose names start with `prefix` and that have not expired, by name (a cluster's flights:
+    /// who fetches what).
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>, MetaError>;
+
+    /// What a cluster member last learnt from upstream about `reference` of the cached repository `repo`.
+    async fn cache_check(&self, repo: &RepoName, reference: &str) -> Result<Option<Check>, MetaError>;
+    /// Records that upstream was asked about `reference` now (`check.checked_at`), and whether it had it.
+    async fn record_check(&self, repo: &RepoName, reference: &str, check: Check) -> Result<(), MetaError>;
+    /// Forgets checks made before `before_ms`; how many went.
+    async fn forget_checks(&self, before_ms: i64) -> Result<u64, MetaError>;
+}
+
+/// An upstream's answer about a cached reference, shared by a cluster's members: when (Unix milliseconds), and
+/// whether it had the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Check {
+    pub checked_at: i64,
+    pub found: bool,
+}
+
+/// A lease as held: its name, who holds it, until when (Unix milliseconds).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub expires_at: i64,
 }
 
 /// A cluster member as registered: who it is, where the others reach it, since when it runs, when it last beat

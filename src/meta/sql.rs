@@ -9,7 +9,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::schema::Dialect;
-use super::{Cutoffs, JobFailure, JobRecord, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagAge, TagRow, Untagged, UploadRow};
+use super::{Cutoffs, JobFailure, JobRecord, Lease, LinkRow, ManifestRecord, ManifestRow, Meta, MetaError, Page, RobotRecord, TagAge, TagRow, Untagged, UploadRow};
 use crate::flight::Group;
 use crate::oci::{Digest, RepoName, Tag};
 
@@ -50,9 +50,7 @@ pub(super) fn now() -> i64 {
 }
 
 /// Cache access times are kept in milliseconds: pulls a second apart must still order.
-pub(super) fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub(super) use crate::clock::now_ms as now_millis;
 
 pub(super) fn digest_of(s: String) -> Result<Digest, MetaError> {
     Digest::from_str(&s).map_err(|_| MetaError::Corrupt(s))
@@ -743,5 +741,21 @@ impl Meta for SqlMeta {
 
     async fn release(&self, name: &str, holder: &str) -> Result<(), MetaError> {
         self.give_up_lease(name, holder).await
+    }
+
+    async fn leases(&self, prefix: &str) -> Result<Vec<Lease>, MetaError> {
+        self.live_leases(prefix).await
+    }
+
+    async fn cache_check(&self, repo: &RepoName, reference: &str) -> Result<Option<super::Check>, MetaError> {
+        self.check_of(repo, reference).await
+    }
+
+    async fn record_check(&self, repo: &RepoName, reference: &str, check: super::Check) -> Result<(), MetaError> {
+        self.put_check(repo, reference, check).await
+    }
+
+    async fn forget_checks(&self, before_ms: i64) -> Result<u64, MetaError> {
+        self.drop_checks(before_ms).await
     }
 }

@@ -13,7 +13,7 @@
 //! other instances sharing the metadata store, eviction marks the digest as the collector does (`crate::gc`,
 //! `Meta::evict_mark`): a digest a push claimed recently is skipped, and once marked, pushes of it wait.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use super::Proxy;
 use crate::oci::Digest;
@@ -43,9 +43,6 @@ enum Eviction {
     Busy,
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
 
 /// Entries examined per query; eviction walks the cache oldest first in pages of this size.
 const PAGE: u64 = 256;
@@ -65,7 +62,7 @@ impl Proxy {
         let _pass = self.eviction_pass.lock().await;
         let meta = self.registry.meta();
         let mut total = meta.cache_bytes().await?;
-        let now_ms = now_ms();
+        let now_ms = crate::clock::now_ms();
         let too_old = |last_access: i64| policy.max_age.is_some_and(|age| now_ms - last_access > age.as_millis() as i64);
         let over = |total: u64| policy.max_bytes.is_some_and(|max| total > max);
         let mut done = Evicted::default();
@@ -118,7 +115,7 @@ impl Proxy {
         // The collector's protocol (`crate::gc`): a write elsewhere that claimed the digest recently may be about
         // to refer to it (its claim came before its checks), so the digest is left for a later pass; once marked,
         // such writes are refused until the mark is cleared.
-        let claims_before = now_ms() - crate::gc::CLAIM_HOLD.as_millis() as i64;
+        let claims_before = crate::clock::now_ms() - crate::gc::CLAIM_HOLD.as_millis() as i64;
         if !meta.evict_mark(digest, claims_before).await? {
             return Ok(Eviction::Busy);
         }

@@ -20,6 +20,7 @@ pub use tags::{TagPage, MAX_LISTED_TAGS};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::cluster::checks::Turn;
 use crate::bounded::BoundedMap;
 use crate::flight::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightError, Group, Join};
 use crate::oci::{Digest, Reference, RepoName, Tag};
@@ -108,6 +109,11 @@ pub struct Proxy {
     tag_lists: listing::Listings<RepoName, String>,
     /// Upstream referrers by (cached repository, subject), held for the tag TTL (`referrers.rs`).
     referrer_lists: listing::Listings<(RepoName, Digest), crate::meta::ManifestRecord>,
+    /// In a cluster, where flights get their bytes (one upstream download per blob for all members); `None`
+    /// alone.
+    cluster: Option<Arc<crate::cluster::flights::ClusterFlights>>,
+    /// In a cluster, the upstream's answers about tags and missing references that every member shares.
+    checks: Option<Arc<crate::cluster::checks::SharedChecks>>,
 }
 
 /// How many listed tags the tag-list cache holds in all, per `memory_entries`: a tag is a few tens of bytes,
@@ -164,7 +170,32 @@ impl Proxy {
             tag_lists: listing::Listings::new("tags", "tag_lists", memory_entries.saturating_mul(LISTED_TAGS_PER_ENTRY), longest_ttl),
             // A referrer descriptor (with its annotations) is about ten tags' worth: one per entry.
             referrer_lists: listing::Listings::new("referrers", "referrer_lists", memory_entries, longest_ttl),
+            cluster: None,
+            checks: None,
         }
+    }
+
+    /// Makes the cache cluster-wide: flights take their bytes from the member holding their lease, and tag
+    /// freshness and negative answers are shared.
+    pub fn in_cluster(
+        mut self,
+        flights: Arc<crate::cluster::flights::ClusterFlights>,
+        checks: Arc<crate::cluster::checks::SharedChecks>,
+    ) -> Proxy {
+        self.cluster = Some(flights);
+        self.checks = Some(checks);
+        self
+    }
+
+    /// How long a shared check can still count: the longest tag TTL or the negative TTL.
+    pub fn checks_keep(&self) -> Duration {
+        let longest = self.upstreams.iter().map(|u| u.config.tag_ttl).max().unwrap_or(Duration::ZERO);
+        longest.max(self.negative_ttl)
+    }
+
+    /// The flights of this instance (other members stream from them).
+    pub fn flights(&self) -> &Arc<BlobFlights> {
+        &self.flights
     }
 
     /// Allows pushes of un-prefixed names matching `globs` while a default upstream is configured.
@@ -252,19 +283,54 @@ impl Proxy {
         }
     }
 
-    fn is_missing(&self, repo: &RepoName, reference: &str) -> bool {
-        self.missing.get(&(repo.clone(), reference.to_string())).is_some_and(|until| until > Instant::now())
+    /// Whether the upstream said lately (this member, or in a cluster any member) that it has no `reference`.
+    async fn is_missing(&self, repo: &RepoName, reference: &str) -> bool {
+        let key = (repo.clone(), reference.to_string());
+        if self.missing.get(&key).is_some_and(|until| until > Instant::now()) {
+            return true;
+        }
+        let Some(checks) = &self.checks else { return false };
+        match checks.answered(repo, reference, false, self.negative_ttl).await {
+            Some(age) => {
+                self.missing.insert(key, Instant::now() + self.negative_ttl.saturating_sub(age));
+                true
+            }
+            None => false,
+        }
     }
 
-    fn mark_missing(&self, repo: &RepoName, reference: &str) {
+    /// Remembers that the upstream has no `reference`, here only.
+    fn remember_missing(&self, repo: &RepoName, reference: &str) {
         self.missing.insert((repo.clone(), reference.to_string()), Instant::now() + self.negative_ttl);
     }
 
-    fn fresh(&self, c: &Cached, tag: &Tag) -> bool {
-        // Each upstream has its own TTL; the map keeps entries for the longest of them.
-        self.validated.get(&(c.local.clone(), tag.clone())).is_some_and(|t| t.elapsed() < c.upstream.config.tag_ttl)
+    /// Remembers that the upstream has no `reference`, and in a cluster tells the other members.
+    async fn mark_missing(&self, repo: &RepoName, reference: &str) {
+        self.remember_missing(repo, reference);
+        if let Some(checks) = &self.checks {
+            checks.record(repo, reference, false).await;
+        }
     }
 
+    /// Whether `tag` was confirmed upstream within its TTL (by this member, or in a cluster by any member).
+    async fn fresh(&self, c: &Cached, tag: &Tag) -> bool {
+        // Each upstream has its own TTL; the map keeps entries for the longest of them.
+        let key = (c.local.clone(), tag.clone());
+        if self.validated.get(&key).is_some_and(|t| t.elapsed() < c.upstream.config.tag_ttl) {
+            return true;
+        }
+        let Some(checks) = &self.checks else { return false };
+        match checks.answered(&c.local, tag.as_str(), true, c.upstream.config.tag_ttl).await {
+            Some(age) => {
+                self.validated.insert(key, Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that `tag` was just confirmed. (In a cluster, the member that asked upstream has told the others
+    /// already: `fetch_manifest`.)
     fn mark_fresh(&self, c: &Cached, tag: &Tag) {
         self.validated.insert((c.local.clone(), tag.clone()), Instant::now());
     }
@@ -284,7 +350,7 @@ impl Proxy {
             Reference::Tag(t) => {
                 let held = self.registry.resolve_tag(&c.local, t).await?;
                 if let Some(d) = &held {
-                    if self.fresh(c, t) {
+                    if self.fresh(c, t).await {
                         count_cache("manifest", "hit");
                         return Ok(Resolved { digest: d.clone(), stale: false });
                     }
@@ -336,40 +402,46 @@ impl Proxy {
         held: Option<Digest>,
         accept: &[String],
     ) -> Result<Digest> {
-        if self.is_missing(&c.local, reference) {
+        if self.is_missing(&c.local, reference).await {
             count_cache("manifest", "negative");
             return Err(RegistryError::ManifestUnknown);
         }
         let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
-        let (registry, cached, reference_owned, tag_owned, accept) =
-            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned(), accept.to_vec());
+        let (registry, cached, reference_owned, tag_owned, accept, checks) =
+            (Arc::clone(&self.registry), c.clone(), reference.to_string(), tag.cloned(), accept.to_vec(), self.checks.clone());
+        let ttls = (c.upstream.config.tag_ttl, self.negative_ttl);
         let (outcome, joined) = self.manifests.join(key, move || async move {
-                let Cached { upstream, remote, local } = cached;
-                if let Some(held) = held {
-                    let head = upstream.manifest_accepting(&remote, &reference_owned, true, &accept).await?;
-                    if head.digest == held {
-                        return Ok(held);
-                    }
-                    if let Some(tag) = &tag_owned {
-                        if registry.tag_manifest(&local, &head.digest, tag).await.is_ok() {
-                            return Ok(head.digest);
-                        }
+                let local = &cached.local;
+                // In a cluster, one member at a time asks upstream; the others serve what it cached.
+                let _turn = match &checks {
+                    Some(checks) => match checks.turn(local, &reference_owned, ttls).await {
+                        Turn::Answered(false) => return Err(UpstreamError::NotFound),
+                        Turn::Answered(true) => match cached_answer(&registry, local, &reference_owned, tag_owned.as_ref()).await {
+                            Some(digest) => return Ok(digest),
+                            None => None,
+                        },
+                        mine => Some(mine),
+                    },
+                    None => None,
+                };
+                let answer = exchange(&registry, &cached, &reference_owned, tag_owned.as_ref(), held, &accept).await;
+                // Told before the turn (the lease) is given up, so that no member waiting for it asks again.
+                if let Some(checks) = &checks {
+                    match &answer {
+                        Ok(_) => checks.record(local, &reference_owned, true).await,
+                        Err(UpstreamError::NotFound) => checks.record(local, &reference_owned, false).await,
+                        Err(_) => {}
                     }
                 }
-                let m = upstream.manifest_accepting(&remote, &reference_owned, false, &accept).await?;
-                let bytes = m.bytes.clone().unwrap_or_default();
-                registry
-                    .cache_manifest(&local, &m.digest, &m.media_type, bytes, tag_owned.as_ref())
-                    .await
-                    .map_err(|e| UpstreamError::Invalid(format!("caching the manifest failed: {e}")))?;
-                Ok(m.digest)
+                answer
             });
         count_cache("manifest", if joined { "coalesced" } else { "miss" });
         match outcome.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(d) => Ok(d),
             Err(e) => {
                 if e == UpstreamError::NotFound {
-                    self.mark_missing(&c.local, reference);
+                    // The member that asked upstream has told the others (above).
+                    self.remember_missing(&c.local, reference);
                 }
                 Err(client_error(&c.upstream, e, RegistryError::ManifestUnknown))
             }
@@ -391,7 +463,10 @@ impl Proxy {
         match self.flights.peek(digest).await? {
             Some(Join::Flight { flight, .. }) => {
                 count_cache("blob", "coalesced");
-                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
+                let size = match flight.size().await {
+                    Ok(size) => size,
+                    Err(e) => return Err(self.flight_failed(c, digest, e).await),
+                };
                 return Ok(ProxiedBlob::Flight(flight, size));
             }
             // Cached for another repository: content is shared, only the link is new (as for a GET). If the link
@@ -408,7 +483,7 @@ impl Proxy {
 
     /// One coalesced upstream HEAD of a blob; a 404 is remembered for the negative TTL like a manifest's.
     async fn head_upstream(&self, c: &Cached, digest: &Digest) -> Result<u64> {
-        if self.is_missing(&c.local, &blob_reference(digest)) {
+        if self.is_missing(&c.local, &blob_reference(digest)).await {
             count_cache("blob_head", "negative");
             return Err(RegistryError::BlobUnknown);
         }
@@ -420,7 +495,7 @@ impl Proxy {
             Ok(size) => Ok(size),
             Err(e) => {
                 if e == UpstreamError::NotFound {
-                    self.mark_missing(&c.local, &blob_reference(digest));
+                    self.mark_missing(&c.local, &blob_reference(digest)).await;
                 }
                 Err(client_error(&c.upstream, e, RegistryError::BlobUnknown))
             }
@@ -428,9 +503,9 @@ impl Proxy {
     }
 
     /// The client's error for a failed flight; a 404 upstream is remembered for the negative TTL.
-    fn flight_failed(&self, c: &Cached, digest: &Digest, e: FlightError) -> RegistryError {
+    async fn flight_failed(&self, c: &Cached, digest: &Digest, e: FlightError) -> RegistryError {
         if e == FlightError::NotFound {
-            self.mark_missing(&c.local, &blob_reference(digest));
+            self.mark_missing(&c.local, &blob_reference(digest)).await;
         }
         flight_error(c, e)
     }
@@ -442,7 +517,7 @@ impl Proxy {
             self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(size));
         }
-        if self.is_missing(&c.local, &blob_reference(digest)) {
+        if self.is_missing(&c.local, &blob_reference(digest)).await {
             count_cache("blob", "negative");
             return Err(RegistryError::BlobUnknown);
         }
@@ -454,6 +529,10 @@ impl Proxy {
                 Ok(FetchBody { total: b.total, from_offset: b.from_offset, body: b.body })
             })
         });
+        let fetch = match &self.cluster {
+            Some(cluster) => cluster.fetcher(digest, fetch),
+            None => fetch,
+        };
         // Bytes found in storage may be evicted before they are linked here; then a second join fetches them.
         let mut attempts = 0;
         let joined = loop {
@@ -476,7 +555,10 @@ impl Proxy {
             }
             Join::Flight { flight, joined } => {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });
-                let size = flight.size().await.map_err(|e| self.flight_failed(c, digest, e))?;
+                let size = match flight.size().await {
+                    Ok(size) => size,
+                    Err(e) => return Err(self.flight_failed(c, digest, e).await),
+                };
                 let (proxy, local, f) = (Arc::clone(self), c.local.clone(), Arc::clone(&flight));
                 // Among the server's tasks, so that a shutdown waits for it: a blob stored without its link and
                 // cache record would be an orphan that only an offline `fsck --repair` removes.
@@ -525,6 +607,49 @@ impl Proxy {
             tracing::warn!(error = %e, "recording a cache access failed");
         }
     }
+}
+
+/// What the cache holds for `reference` of `local` after another cluster member asked upstream about it: the
+/// tag's digest, or the digest itself if its manifest is cached. `None` if it holds nothing (evicted meanwhile).
+async fn cached_answer(registry: &Registry, local: &RepoName, reference: &str, tag: Option<&Tag>) -> Option<Digest> {
+    match tag {
+        Some(tag) => registry.resolve_tag(local, tag).await.ok().flatten(),
+        None => {
+            let digest: Digest = reference.parse().ok()?;
+            registry.manifest_record(local, &Reference::Digest(digest.clone())).await.ok().map(|_| digest)
+        }
+    }
+}
+
+/// One exchange with upstream about a manifest reference, and the caching of what it answered. With `held` (the
+/// digest the cache has for the tag), a HEAD revalidates it and the manifest is only downloaded if it changed.
+async fn exchange(
+    registry: &Registry,
+    c: &Cached,
+    reference: &str,
+    tag: Option<&Tag>,
+    held: Option<Digest>,
+    accept: &[String],
+) -> std::result::Result<Digest, UpstreamError> {
+    let (upstream, remote, local) = (&c.upstream, &c.remote, &c.local);
+    if let Some(held) = held {
+        let head = upstream.manifest_accepting(remote, reference, true, accept).await?;
+        if head.digest == held {
+            return Ok(held);
+        }
+        if let Some(tag) = tag {
+            if registry.tag_manifest(local, &head.digest, tag).await.is_ok() {
+                return Ok(head.digest);
+            }
+        }
+    }
+    let m = upstream.manifest_accepting(remote, reference, false, accept).await?;
+    let bytes = m.bytes.clone().unwrap_or_default();
+    registry
+        .cache_manifest(local, &m.digest, &m.media_type, bytes, tag)
+        .await
+        .map_err(|e| UpstreamError::Invalid(format!("caching the manifest failed: {e}")))?;
+    Ok(m.digest)
 }
 
 fn flight_error(c: &Cached, e: FlightError) -> RegistryError {

@@ -79,7 +79,7 @@ impl Proxy {
         if let Some(listed) = self.tag_lists.fresh(&c.local, c.upstream.config.tag_ttl) {
             return Ok(listed);
         }
-        if self.is_missing(&c.local, TAGS_MISSING) {
+        if self.is_missing(&c.local, TAGS_MISSING).await {
             count_cache("tags", "negative");
             return Err(RegistryError::NameUnknown);
         }
@@ -95,12 +95,15 @@ impl Proxy {
                 Ok(sorted_tags(all.tags))
             })
             .await;
-        listed.map_err(|e| {
-            if e == UpstreamError::NotFound {
-                self.mark_missing(&c.local, TAGS_MISSING);
+        match listed {
+            Ok(tags) => Ok(tags),
+            Err(e) => {
+                if e == UpstreamError::NotFound {
+                    self.mark_missing(&c.local, TAGS_MISSING).await;
+                }
+                Err(client_error(&c.upstream, e, RegistryError::NameUnknown))
             }
-            client_error(&c.upstream, e, RegistryError::NameUnknown)
-        })
+        }
     }
 }
 
