@@ -59,6 +59,14 @@ pub async fn build(
         Backend::S3(_) => config.data.join("spool"),
     };
     let flights = BlobFlights::new(Arc::clone(&store), spool, tasks.clone()).await.context("preparing the cache's spool directory")?;
+    let cluster = match &config.cluster {
+        Some(settings) => {
+            let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
+            cluster.spawn_heartbeat(tasks);
+            Some(cluster)
+        }
+        None => None,
+    };
     match backend {
         Backend::Local { root, lock } => crate::fsck::spawn_sweep(
             crate::fsck::SweepContext {
@@ -72,7 +80,7 @@ pub async fn build(
             config.sweep_interval,
             tasks,
         ),
-        Backend::S3(store) => spawn_s3_sweep(store, Arc::clone(&meta), config, tasks),
+        Backend::S3(store) => spawn_s3_sweep(store, Arc::clone(&meta), cluster.clone(), config, tasks),
     }
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
@@ -81,14 +89,6 @@ pub async fn build(
         u.token_entries = config.cache.memory_entries;
         upstreams.push(Upstream::new(u).with_context(|| format!("upstream {name}"))?);
     }
-    let cluster = match &config.cluster {
-        Some(settings) => {
-            let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
-            cluster.spawn_heartbeat(tasks);
-            Some(cluster)
-        }
-        None => None,
-    };
     let mut proxy = Proxy::new(
         Arc::clone(&registry),
         upstreams,
@@ -186,13 +186,21 @@ pub async fn open_store(storage: &crate::config::StorageConfig) -> anyhow::Resul
 /// The object store's own sweep, for what a crash leaves there once older than the upload lifetime (no live push
 /// lasts that long): whole-blob writes cut short, and sessions whose row is gone (sessions with a row go with it,
 /// `purge_uploads`). A session whose row cannot be read is left for the next pass.
-fn spawn_s3_sweep(store: S3Store, meta: Arc<dyn crate::meta::Meta>, config: &Config, tasks: &Tasks) {
+fn spawn_s3_sweep(store: S3Store, meta: Arc<dyn crate::meta::Meta>, cluster: Option<Arc<crate::cluster::Cluster>>, config: &Config, tasks: &Tasks) {
     let grace = config.upload_ttl;
     tasks.spawn(
         "object store sweep",
         crate::shutdown::every(config.sweep_interval, tasks.closing(), move || {
-            let (store, meta) = (store.clone(), Arc::clone(&meta));
+            let (store, meta, cluster) = (store.clone(), Arc::clone(&meta), cluster.clone());
             async move {
+                // The store is the cluster's: one member sweeps it at a time.
+                let _turn = match &cluster {
+                    Some(c) => match c.take_turn("sweep").await {
+                        Some(turn) => Some(turn),
+                        None => return,
+                    },
+                    None => None,
+                };
                 let live = |id: String| {
                     let meta = Arc::clone(&meta);
                     async move { !matches!(meta.upload_repo(&id).await, Ok(None)) }

@@ -341,3 +341,72 @@ async fn a_cold_tag_asked_of_every_member_at_once_is_asked_upstream_once() {
         assert_eq!(asked, 1, "{tag}: one upstream request for the cluster: {:?}", c.relay.requests());
     }
 }
+
+/// Eviction is the cluster's: a member evicts only in its turn (while another member holds the turn `evict`,
+/// nothing goes, however far over budget), and never a digest another member is downloading (its flight's
+/// lease), which it skips for the next candidate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_evicts_in_its_turn_and_spares_what_another_member_downloads() {
+    const LAYER: usize = 128 << 10;
+    let pg = PgDatabase::create().await;
+    let s3 = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let upstream = Distribution::start();
+    let relay = Relay::start(&upstream.addr);
+    let mut layers = Vec::new();
+    for seed in 0..3 {
+        layers.push(push_blob(&format!("http://{}", relay.addr), "team/app", &pseudo_random(LAYER, 95 + seed)).await);
+    }
+    let spec = format!("up=http://{}", relay.addr);
+    let budget = LAYER.to_string();
+    let bw = member(&pg, &s3, &tmp.path().join("a.log"), &["--upstream", &spec, "--cache-max-bytes", &budget]);
+    let pull = |d: &str| {
+        let url = bw.url(&format!("/v2/up/team/app/blobs/{d}"));
+        let d = d.to_string();
+        async move {
+            let (status, body) = get(&url).await.unwrap();
+            assert_eq!((status, sha256(&body)), (200, d));
+        }
+    };
+    let db = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    let until = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64 + 600_000;
+    let hold = |name: String| {
+        let db = db.clone();
+        async move {
+            // Over this member's own lease of the name, if its release has not landed yet.
+            sqlx::query(
+                "INSERT INTO leases (name, holder, expires_at) VALUES ($1, 'another-member', $2) \
+                 ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at",
+            )
+                .bind(name)
+                .bind(until)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    };
+    let base = bw.url("");
+    let evictions = || common::oci::metric(&base, "breakwater_cache_evictions_total", &[]);
+
+    hold("evict".into()).await;
+    pull(&layers[0]).await;
+    // As if another member were downloading it again (its bytes had gone from its view).
+    hold(format!("blob:{}", layers[0])).await;
+    pull(&layers[1]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(evictions().await, 0.0, "evicted out of turn");
+
+    sqlx::query("DELETE FROM leases WHERE name = 'evict'").execute(&db).await.unwrap();
+    pull(&layers[2]).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while evictions().await < 1.0 {
+        assert!(Instant::now() < deadline, "no eviction in this member's turn");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // layers[0], the oldest, is downloading elsewhere: it stayed, and layers[1] went instead.
+    relay.reset();
+    pull(&layers[0]).await;
+    assert_eq!(relay.count("GET", &layers[0]), 0, "the digest another member downloads was evicted");
+    pull(&layers[1]).await;
+    assert_eq!(relay.count("GET", &layers[1]), 1, "the next candidate was evicted");
+}

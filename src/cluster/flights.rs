@@ -60,6 +60,10 @@ pub fn lease_name(digest: &Digest) -> String {
 }
 
 impl ClusterFlights {
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
     pub fn new(cluster: Arc<Cluster>, meta: Arc<dyn Meta>, store: Arc<dyn BlobStore>) -> Arc<ClusterFlights> {
         let lease_ttl = cluster.heartbeat() * super::ALIVE_BEATS;
         let client = reqwest::Client::builder()

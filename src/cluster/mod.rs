@@ -126,6 +126,27 @@ impl Cluster {
         }
     }
 
+    /// Takes the cluster-wide turn `name` for work one member at a time does (eviction, the object store sweep):
+    /// held, and renewed, while the value lives; `None` while another member holds it (that member is doing the
+    /// work). A metadata store that fails gives no turn: the work waits for its next pass.
+    pub async fn take_turn(&self, name: &str) -> Option<flights::Renewal> {
+        let ttl = self.heartbeat * ALIVE_BEATS;
+        match self.meta.lease(name, &self.me.id, ttl.as_millis() as i64).await {
+            Ok(true) => Some(flights::Renewal::start(Arc::clone(&self.meta), name.to_string(), self.me.id.clone(), ttl)),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, turn = name, "taking a cluster turn failed");
+                None
+            }
+        }
+    }
+
+    /// Whether a member is downloading `digest` for the cluster now (its bytes must stay).
+    pub async fn is_fetching(&self, digest: &crate::oci::Digest) -> Result<bool, MetaError> {
+        let name = flights::lease_name(digest);
+        Ok(self.meta.leases(&name).await?.iter().any(|l| l.name == name))
+    }
+
     /// The blob downloads of the cluster now, by digest.
     pub async fn flights(&self) -> Result<Vec<FlightView>, MetaError> {
         let leases = self.meta.leases(flights::LEASE_PREFIX).await?;

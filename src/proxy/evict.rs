@@ -11,7 +11,9 @@
 //! until the bytes are gone (and then uploads them again, or is refused for lack of them), and a digest being
 //! pushed at this instant is skipped rather than waited for. Those locks are this process's; against writes on
 //! other instances sharing the metadata store, eviction marks the digest as the collector does (`crate::gc`,
-//! `Meta::evict_mark`): a digest a push claimed recently is skipped, and once marked, pushes of it wait.
+//! `Meta::evict_mark`): a digest a push claimed recently is skipped, and once marked, pushes of it wait. In a
+//! cluster, one member evicts at a time (the turn `evict`), and a digest another member is downloading (its
+//! flight's lease) is skipped like a flight of this one.
 
 use std::time::Duration;
 
@@ -44,6 +46,9 @@ enum Eviction {
 }
 
 
+/// The cluster-wide turn an eviction pass takes (`Cluster::take_turn`).
+const EVICTION_TURN: &str = "evict";
+
 /// Entries examined per query; eviction walks the cache oldest first in pages of this size.
 const PAGE: u64 = 256;
 
@@ -60,6 +65,15 @@ impl Proxy {
             return Ok(Evicted::default());
         }
         let _pass = self.eviction_pass.lock().await;
+        // The cache's budget is the cluster's (one metadata store): one member evicts at a time, or two would
+        // each evict what the budget asks for.
+        let _turn = match &self.cluster {
+            Some(c) => match c.cluster().take_turn(EVICTION_TURN).await {
+                Some(turn) => Some(turn),
+                None => return Ok(Evicted::default()),
+            },
+            None => None,
+        };
         let meta = self.registry.meta();
         let mut total = meta.cache_bytes().await?;
         let now_ms = crate::clock::now_ms();
@@ -110,6 +124,11 @@ impl Proxy {
         let Some(removal) = self.registry.try_removal(digest) else { return Ok(Eviction::Busy) };
         if self.flights.is_running(digest).await {
             return Ok(Eviction::Busy);
+        }
+        if let Some(c) = &self.cluster {
+            if c.cluster().is_fetching(digest).await? {
+                return Ok(Eviction::Busy);
+            }
         }
         let meta = self.registry.meta();
         // The collector's protocol (`crate::gc`): a write elsewhere that claimed the digest recently may be about
