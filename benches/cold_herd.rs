@@ -6,7 +6,9 @@
 //! - `BENCH_BLOB_MB`: blob size in MB of 10^6 bytes (default `200`);
 //! - `BENCH_THROTTLE`: upstream pace in bytes per second per connection (default `100000000`; `0` = unthrottled);
 //! - `BENCH_CASE_TIMEOUT_SECS`: cap on one case, from the first request to the last body byte (default `300`);
-//! - `BENCH_PROXIES`: which proxies to measure (default `breakwater,distribution`);
+//! - `BENCH_PROXIES`: which proxies to measure (default `breakwater,distribution`; also `cluster3`: three members
+//!   of one breakwater cluster on PostgreSQL at 127.0.0.1:5432 and s3s-fs, and `alone3`: three breakwaters each on
+//!   its own disk; for both, the N clients are spread round-robin over the three);
 //! - `BENCH_WARM`: `1` (default) re-runs the largest N once more on the same, now warm, proxy, to show what serving
 //!   the blob to N clients costs on this machine without any upstream in the way; `0` skips it.
 //!
@@ -52,6 +54,11 @@ const REPO: &str = "bench/herd";
 enum Proxy {
     Breakwater,
     Distribution,
+    /// Three breakwater members of one cluster (PostgreSQL on 127.0.0.1:5432, s3s-fs), clients round-robin.
+    Cluster3,
+    /// Three breakwater instances, each alone on its own disk, clients round-robin: what three caches behind a load
+    /// balancer do without a cluster (each coalesces its own clients only).
+    Alone3,
 }
 
 impl Proxy {
@@ -59,6 +66,8 @@ impl Proxy {
         match self {
             Proxy::Breakwater => "breakwater",
             Proxy::Distribution => "distribution 2.8.2",
+            Proxy::Cluster3 => "breakwater cluster of 3",
+            Proxy::Alone3 => "3 breakwaters alone",
         }
     }
 }
@@ -68,6 +77,8 @@ impl Proxy {
 enum Running {
     Breakwater(common::Breakwater),
     Distribution(common::Distribution),
+    /// Members first: they stop before the stores they use go.
+    Several(Vec<common::Breakwater>, Option<Cluster>),
 }
 
 struct Row {
@@ -121,7 +132,9 @@ fn main() {
         .map(|s| match s.trim() {
             "breakwater" => Proxy::Breakwater,
             "distribution" => Proxy::Distribution,
-            other => panic!("BENCH_PROXIES: unknown proxy {other:?} (breakwater, distribution)"),
+            "cluster3" => Proxy::Cluster3,
+            "alone3" => Proxy::Alone3,
+            other => panic!("BENCH_PROXIES: unknown proxy {other:?} (breakwater, distribution, cluster3, alone3)"),
         })
         .collect();
     let size = (blob_mb * 1_000_000) as u64;
@@ -161,7 +174,7 @@ fn main() {
     // The floor: one client reading the blob straight from the upstream through the throttled relay.
     relay.reset();
     let direct_url = relay.url(&format!("/v2/{REPO}/blobs/{digest}"));
-    let direct = rt.block_on(run_clients(&direct_url, 1, size, &digest, case_timeout));
+    let direct = rt.block_on(run_clients(&[direct_url], 1, size, &digest, case_timeout));
     match &direct[0].error {
         None => println!(
             "direct  : one client straight from the upstream through the relay (no proxy): {:.2}s, TTFB {:.1} ms, sha256 ok",
@@ -359,20 +372,30 @@ fn run_case(
 ) -> (Row, Option<Row>) {
     let relay_url = format!("http://{}", relay.addr);
     relay.reset();
-    let (running, pid, url) = match proxy {
+    let spec = format!("up=http://{}", relay.addr);
+    let path = format!("/v2/up/{REPO}/blobs/{digest}");
+    let (running, pids, urls) = match proxy {
         Proxy::Breakwater => {
-            let spec = format!("up=http://{}", relay.addr);
             let bw = common::Breakwater::start_with(&["--upstream", spec.as_str()]);
-            let pid = bw.pid();
-            let url = bw.url(&format!("/v2/up/{REPO}/blobs/{digest}"));
-            (Running::Breakwater(bw), pid, url)
+            let (pid, url) = (bw.pid(), bw.url(&path));
+            (Running::Breakwater(bw), vec![pid], vec![url])
         }
         Proxy::Distribution => {
             let d = common::Distribution::start_proxy(Some(&relay_url));
             let config = d.dir.path().join("config.yml").display().to_string();
             let pid = find_pid_by_cmdline(&config).expect("pid of the docker-registry proxy");
             let url = d.url(&format!("/v2/{REPO}/blobs/{digest}"));
-            (Running::Distribution(d), pid, url)
+            (Running::Distribution(d), vec![pid], vec![url])
+        }
+        Proxy::Alone3 => {
+            let members: Vec<_> = (0..3).map(|_| common::Breakwater::start_with(&["--upstream", spec.as_str()])).collect();
+            let (pids, urls) = members.iter().map(|bw| (bw.pid(), bw.url(&path))).unzip();
+            (Running::Several(members, None), pids, urls)
+        }
+        Proxy::Cluster3 => {
+            let (members, stores) = rt.block_on(start_cluster(&spec));
+            let (pids, urls) = members.iter().map(|bw| (bw.pid(), bw.url(&path))).unzip();
+            (Running::Several(members, Some(stores)), pids, urls)
         }
     };
     let before_start = relay.requests();
@@ -380,8 +403,8 @@ fn run_case(
         let list: Vec<String> = before_start.iter().map(|r| format!("{} {} -> {}", r.method, r.path, r.status)).collect();
         println!("   ({} made {} upstream requests while starting, not counted: {})", proxy.name(), list.len(), list.join(", "));
     }
-    let cold = measure(rt, proxy, n, false, relay, pid, upstream_pid, &url, digest, size, timeout);
-    let warm = warm_rerun.then(|| measure(rt, proxy, n, true, relay, pid, upstream_pid, &url, digest, size, timeout));
+    let cold = measure(rt, proxy, n, false, relay, &pids, upstream_pid, &urls, digest, size, timeout);
+    let warm = warm_rerun.then(|| measure(rt, proxy, n, true, relay, &pids, upstream_pid, &urls, digest, size, timeout));
     drop(running);
     (cold, warm)
 }
@@ -393,9 +416,9 @@ fn measure(
     n: usize,
     warm: bool,
     relay: &Relay,
-    pid: u32,
+    pids: &[u32],
     upstream_pid: Option<u32>,
-    url: &str,
+    urls: &[String],
     digest: &str,
     size: u64,
     timeout: Duration,
@@ -403,10 +426,12 @@ fn measure(
     let load = loadavg();
     if warm {
         // The cold case's VmHWM has been read: start the warm run's peak from the current RSS.
-        let _ = reset_hwm(pid);
+        for &pid in pids {
+            let _ = reset_hwm(pid);
+        }
     }
     relay.reset();
-    let cpu0 = cpu_seconds(pid);
+    let cpu0: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
     let self0 = cpu_seconds(std::process::id());
     let up0 = upstream_pid.map_or(0.0, cpu_seconds);
     let busy0 = machine_busy_seconds();
@@ -428,12 +453,14 @@ fn measure(
         let sampler = scope.spawn(|| {
             let mut anon = 0;
             while watching.load(Ordering::Relaxed) {
-                anon = anon.max(vm_kib(pid, "RssAnon").unwrap_or(0));
+                for &pid in pids {
+                    anon = anon.max(vm_kib(pid, "RssAnon").unwrap_or(0));
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             anon
         });
-        let results = rt.block_on(run_clients(url, n, size, digest, timeout));
+        let results = rt.block_on(run_clients(urls, n, size, digest, timeout));
         let finished = results.iter().filter(|r| !r.timed_out).count();
         let ok = results.iter().filter(|r| r.error.is_none()).count();
         let wall = (finished == n).then(|| results.iter().map(|r| r.done).fold(0.0, f64::max));
@@ -458,8 +485,9 @@ fn measure(
         let upstream_1x = watcher.join().expect("watcher");
         let anon_kib = sampler.join().expect("sampler");
 
-        let hwm_kib = vm_kib(pid, "VmHWM");
-        let proxy_cpu = cpu_seconds(pid) - cpu0;
+        // Per process: the largest member's peak.
+        let hwm_kib = pids.iter().filter_map(|&p| vm_kib(p, "VmHWM")).max();
+        let proxy_cpu = pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>() - cpu0;
         let bench_cpu = cpu_seconds(std::process::id()) - self0;
         let upstream_cpu = upstream_pid.map_or(f64::NAN, |p| cpu_seconds(p) - up0);
         let other_cpu = (machine_busy_seconds() - busy0 - proxy_cpu - bench_cpu - if upstream_cpu.is_nan() { 0.0 } else { upstream_cpu }).max(0.0);
@@ -582,15 +610,16 @@ struct ClientResult {
     error: Option<String>,
 }
 
-/// N concurrent GETs of the blob, each on its own connection, all cut at `timeout` after the start.
-async fn run_clients(url: &str, n: usize, size: u64, digest: &str, timeout: Duration) -> Vec<ClientResult> {
+/// N concurrent GETs of the blob, each on its own connection, spread round-robin over `urls` (one per proxy
+/// process), all cut at `timeout` after the start.
+async fn run_clients(urls: &[String], n: usize, size: u64, digest: &str, timeout: Duration) -> Vec<ClientResult> {
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(n).build().expect("client");
     let t0 = Instant::now();
     let deadline = tokio::time::Instant::now() + timeout;
     let tasks: Vec<_> = (0..n)
         .map(|i| {
             let client = client.clone();
-            let url = url.to_string();
+            let url = urls[i % urls.len()].clone();
             let digest = digest.to_string();
             tokio::spawn(async move { one_client(client, url, size, (i == 0).then_some(digest), t0, deadline).await })
         })
@@ -646,4 +675,29 @@ async fn one_client(
     // The digest is checked after the body's last byte, outside the measured time.
     check_digest(hasher, check.as_ref(), &mut r.error).await;
     r
+}
+
+/// What a cluster's members share, held as long as they run: their logs, the object store, the database.
+#[allow(dead_code)]
+struct Cluster {
+    logs: tempfile::TempDir,
+    s3: common::s3::S3Server,
+    pg: common::pg::PgDatabase,
+}
+
+/// Three members of one cluster on a fresh PostgreSQL database and a fresh s3s-fs, caching `up` = `spec`.
+async fn start_cluster(spec: &str) -> (Vec<common::Breakwater>, Cluster) {
+    let pg = common::pg::PgDatabase::create().await;
+    let s3 = common::s3::S3Server::start();
+    let url = s3.url("bench");
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let logs = tempfile::tempdir().expect("log dir");
+    let members = (0..3)
+        .map(|i| {
+            let args = ["--metadata", pg.url.as_str(), "--storage", url.as_str(), "--cluster-secret", "a-secret-for-the-cold-herd-bench", "--upstream", spec];
+            common::Breakwater::start_env_in(tempfile::tempdir().expect("data dir"), &args, &env, &logs.path().join(format!("m{i}.log")))
+        })
+        .collect();
+    (members, Cluster { logs, s3, pg })
 }

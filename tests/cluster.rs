@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::oci::{get, pseudo_random, push_blob, sha256};
+use common::oci::{get, metric, pseudo_random, push_blob, sha256};
 use common::pg::PgDatabase;
 use common::relay::Relay;
 use common::s3::S3Server;
@@ -240,6 +240,12 @@ async fn a_cold_blob_pulled_through_every_member_is_fetched_once_for_the_cluster
         assert_eq!(got.as_deref(), Ok(digest.as_str()), "client of member {m}");
     }
     assert_eq!(c.relay.count("GET", "/blobs/"), 1, "one upstream download for the cluster: {:?}", c.relay.requests());
+    let (mut led, mut followed) = (0.0, 0.0);
+    for bw in &c.members {
+        led += metric(&bw.url(""), "breakwater_cluster_flight_attempts_total", &["role=\"led\""]).await;
+        followed += metric(&bw.url(""), "breakwater_cluster_flight_attempts_total", &["role=\"followed\""]).await;
+    }
+    assert_eq!((led, followed), (1.0, 2.0), "one member led, the two others followed it");
     // Each member served from what it spooled itself; the blob is stored once, and later pulls anywhere are hits.
     let deadline = Instant::now() + Duration::from_secs(10);
     while !flights(&c.members[0]).await.is_empty() {
@@ -289,6 +295,11 @@ async fn the_fetching_member_killed_mid_flight_is_taken_over_with_a_range() {
         }
     }
     assert_eq!(survivors, 20);
+    let mut taken_over = 0.0;
+    for bw in &c.members {
+        taken_over += metric(&bw.url(""), "breakwater_cluster_flight_attempts_total", &["role=\"taken_over\""]).await;
+    }
+    assert_eq!(taken_over, 1.0, "one surviving member took the download over");
     let gets: Vec<_> = c.relay.requests().into_iter().filter(|r| r.method == "GET" && r.path.contains("/blobs/")).collect();
     assert_eq!(gets.len(), 2, "{gets:?}");
     assert_eq!(gets[0].range, None, "{gets:?}");

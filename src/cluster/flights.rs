@@ -125,16 +125,21 @@ impl FlightLease {
                         return self.from_store(offset, size).await;
                     }
                     tracing::info!(digest = %self.digest, offset, "this member fetches the blob for the cluster");
+                    count_flight(if offset == 0 { "led" } else { "taken_over" });
                     return (self.upstream)(offset).await;
                 }
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, digest = %self.digest, "no lease to ask (metadata store): fetching from upstream");
+                    count_flight("unleased");
                     return (self.upstream)(offset).await;
                 }
             }
             match self.from_holder(&name, offset).await {
-                Ok(Some(body)) => return Ok(body),
+                Ok(Some(body)) => {
+                    count_flight("followed");
+                    return Ok(body);
+                }
                 Ok(None) => {}
                 Err(e) => tracing::info!(digest = %self.digest, offset, error = %e, "the member fetching the blob did not serve it"),
             }
@@ -189,9 +194,21 @@ impl FlightLease {
         }
         let total = resp.headers().get(SIZE_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         let Some(total) = total else { return Err(format!("member {} gave no {SIZE_HEADER}", holder.member.url)) };
-        let body = resp.bytes_stream().map(|r| r.map_err(std::io::Error::other));
+        let body = resp.bytes_stream().map(|r| {
+            if let Ok(chunk) = &r {
+                metrics::counter!("breakwater_cluster_peer_bytes_total").increment(chunk.len() as u64);
+            }
+            r.map_err(std::io::Error::other)
+        });
         Ok(Some(FetchBody { total: Some(total), from_offset: true, body: Box::pin(body) }))
     }
+}
+
+/// Counts a flight attempt by where its bytes came from: `led` (this member downloaded from upstream),
+/// `taken_over` (it resumed a dead holder's download), `followed` (it streamed another member's), `unleased` (the
+/// metadata store could not be asked).
+fn count_flight(role: &'static str) {
+    metrics::counter!("breakwater_cluster_flight_attempts_total", "role" => role).increment(1);
 }
 
 /// A lease kept alive by a task renewing it every third of its life; dropped, it stops and gives the lease up.
