@@ -56,8 +56,14 @@ impl SqlMeta {
         let mut refused = Vec::new();
         let now = now_millis();
         let pushed_at = if pushed { now } else { 0 };
+        // Rows are locked in digest order, as the collector's marks lock them (`mark`): two
+        // transactions taking the same rows in different orders could each wait for the other (PostgreSQL then
+        // aborts one: "deadlock detected").
+        let mut ordered: Vec<&Digest> = digests.to_vec();
+        ordered.sort_unstable();
+        ordered.dedup();
         let mut tx = self.pool().begin().await?;
-        for d in digests {
+        for d in ordered {
             // A digest being removed keeps its mark: the update's condition fails and nothing is written.
             let done = sqlx::query(
                 "INSERT INTO blob_state (digest, claimed_at, deleting, pushed_at) VALUES ($1, $2, 0, $3) \
@@ -103,6 +109,10 @@ impl SqlMeta {
         let mut marked = Vec::new();
         // A transaction per few digests: one commit (one fsync on SQLite) for several, while a push waits on the
         // batch (SQLite's one write lock; these rows' locks on PostgreSQL) no longer than a few statements take.
+        // In digest order, as claims lock rows (`claim_digests`), so that a mark and a claim never wait on each other
+        // in a cycle.
+        let mut digests = digests.to_vec();
+        digests.sort_unstable();
         for chunk in digests.chunks(MARK_BATCH) {
             let keys: Vec<String> = chunk.iter().map(ToString::to_string).collect();
             let mut tx = self.pool().begin().await?;
