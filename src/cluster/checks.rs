@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::flights::Renewal;
 use super::Cluster;
+use crate::flight::Group;
 use crate::meta::{Check, Meta};
 use crate::oci::RepoName;
 use crate::shutdown::Tasks;
@@ -28,6 +29,9 @@ pub struct SharedChecks {
     meta: Arc<dyn Meta>,
     /// The life of an unrenewed lease on asking upstream (as for flights: three heartbeats).
     lease_ttl: Duration,
+    /// Lookups of one reference at once share one query: a herd of requests for a cold blob each asks whether
+    /// the upstream lately said it was missing.
+    lookups: Group<(RepoName, String), Option<Check>>,
 }
 
 /// Whose turn it is to ask upstream about a reference.
@@ -42,7 +46,7 @@ pub enum Turn {
 impl SharedChecks {
     pub fn new(cluster: Arc<Cluster>, meta: Arc<dyn Meta>) -> SharedChecks {
         let lease_ttl = cluster.heartbeat() * super::ALIVE_BEATS;
-        SharedChecks { cluster, meta, lease_ttl }
+        SharedChecks { cluster, meta, lease_ttl, lookups: Group::default() }
     }
 
     /// Waits for this member's turn to ask upstream about `reference` of `repo`, or for an answer that still
@@ -89,13 +93,20 @@ impl SharedChecks {
     /// How long ago some member learnt from upstream that `reference` of `repo` exists (`found`) or does not,
     /// if that answer is younger than `ttl`. A metadata store that fails is no answer: the caller asks upstream.
     pub async fn answered(&self, repo: &RepoName, reference: &str, found: bool, ttl: Duration) -> Option<Duration> {
-        let check = match self.meta.cache_check(repo, reference).await {
-            Ok(c) => c?,
-            Err(e) => {
-                tracing::warn!(error = %e, %repo, reference, "reading the cluster's upstream checks failed");
-                return None;
-            }
-        };
+        let (meta, r, reference_owned) = (Arc::clone(&self.meta), repo.clone(), reference.to_string());
+        let (looked_up, _) = self
+            .lookups
+            .run((repo.clone(), reference.to_string()), move || async move {
+                match meta.cache_check(&r, &reference_owned).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, repo = %r, reference = reference_owned, "reading the cluster's upstream checks failed");
+                        None
+                    }
+                }
+            })
+            .await;
+        let check = looked_up.ok()??;
         let age = Duration::from_millis(crate::clock::now_ms().saturating_sub(check.checked_at).max(0) as u64);
         (check.found == found && age < ttl).then_some(age)
     }

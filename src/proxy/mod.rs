@@ -304,10 +304,12 @@ impl Proxy {
         self.missing.insert((repo.clone(), reference.to_string()), Instant::now() + self.negative_ttl);
     }
 
-    /// Remembers that the upstream has no `reference`, and in a cluster tells the other members.
+    /// Remembers that the upstream has no `reference`, and in a cluster tells the other members (once: every
+    /// waiter of a failed flight comes here).
     async fn mark_missing(&self, repo: &RepoName, reference: &str) {
+        let known = self.missing.get(&(repo.clone(), reference.to_string())).is_some_and(|until| until > Instant::now());
         self.remember_missing(repo, reference);
-        if let Some(checks) = &self.checks {
+        if let (Some(checks), false) = (&self.checks, known) {
             checks.record(repo, reference, false).await;
         }
     }
