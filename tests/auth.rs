@@ -203,6 +203,56 @@ async fn the_spec_answers_401_with_a_challenge_and_403_when_not_allowed() {
     assert_eq!(req("GET", &bw.url("/healthz"), None, None).await.0, 200);
 }
 
+/// A cross-repository mount needs pull on its source (`from`) as well as push on its target, as distribution
+/// asks: the 401 challenge names both scopes, and a token lacking the source's pull gets `insufficient_scope`
+/// when the user would be granted it (so the client fetches one that lets the mount happen, as the OCI
+/// conformance suite does with a token it cached for the target), or else quietly falls back to an upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_asks_for_pull_on_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "[[auth.access]]\nrepositories = [\"secret/**\"]\nusers = [\"root\"]\nactions = [\"pull\", \"push\"]\n";
+    let bw = Breakwater::start_with(&["--config", config(dir.path(), secret).to_str().unwrap()]);
+    let blob = pseudo_random(3000, 41);
+    let digest = sha256(&blob);
+    for (repo, who) in [("team/src", ALICE), ("secret/src", ROOT)] {
+        let url = bw.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}"));
+        let (status, _, body) = req("POST", &url, Some(&basic(who.0, who.1)), Some(("application/octet-stream", blob.clone()))).await;
+        assert_eq!(status, 201, "blob push to {repo}: {}", String::from_utf8_lossy(&body));
+    }
+    let mount = |from: &str| bw.url(&format!("/v2/team/dst/blobs/uploads/?mount={digest}&from={from}"));
+
+    // No credentials: the challenge asks for push on the target and pull on the source, in one scope value.
+    let (status, headers, _) = req("POST", &mount("team/src"), None, None).await;
+    assert_eq!(status, 401);
+    assert!(
+        challenge(&headers).contains("scope=\"repository:team/dst:pull,push repository:team/src:pull\""),
+        "{}",
+        challenge(&headers)
+    );
+
+    // A token for the target alone: alice may pull the source, so it is worth another token.
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/dst:pull,push"]).await;
+    let (status, headers, body) = req("POST", &mount("team/src"), Some(&bearer(&t)), None).await;
+    assert_eq!((status, error_code(&body).as_str()), (401, "UNAUTHORIZED"));
+    let c = challenge(&headers);
+    assert!(c.contains("error=\"insufficient_scope\"") && c.contains("repository:team/src:pull"), "{c}");
+    // The token the challenge asks for (one scope parameter holding both) mounts.
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/dst:pull,push%20repository:team/src:pull"]).await;
+    let (status, headers, _) = req("POST", &mount("team/src"), Some(&bearer(&t)), None).await;
+    assert_eq!(status, 201, "mounted");
+    assert_eq!(headers["location"], format!("/v2/team/dst/blobs/{digest}").as_str());
+    assert_eq!(headers["docker-content-digest"], digest.as_str());
+
+    // A source alice may not pull: no 401 loop and no bytes, the mount falls back to an upload.
+    let (_, t) = token(&bw, Some(ALICE), &["repository:team/dst2:pull,push"]).await;
+    let url = bw.url(&format!("/v2/team/dst2/blobs/uploads/?mount={digest}&from=secret/src"));
+    let (status, headers, _) = req("POST", &url, Some(&bearer(&t)), None).await;
+    assert_eq!(status, 202, "fell back to an upload");
+    assert!(headers["location"].to_str().unwrap().starts_with("/v2/team/dst2/blobs/uploads/"));
+    let (status, _, _) = req("HEAD", &bw.url(&format!("/v2/team/dst2/blobs/{digest}")), Some(&bearer(&t)), None).await;
+    assert_eq!(status, 404, "nothing was mounted from a repository alice may not read");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_clients_pull_only_where_the_policy_says() {
     let dir = tempfile::tempdir().unwrap();

@@ -71,7 +71,8 @@ pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let creds = Credentials::parse(header);
     let from = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let challenge = Challenge { auth: &auth, scheme: app.scheme(), host: host(&req), need: &need };
+    let mount_from = mount_source(&method, &need, req.uri().query());
+    let challenge = Challenge { auth: &auth, scheme: app.scheme(), host: host(&req), need: &need, mount_from: mount_from.as_deref() };
     let id = match auth.identify(&creds, from).await {
         Ok(id) => id,
         Err(e) => return api_version(challenge.refuse(&e, matches!(creds, Credentials::Bearer(_)))),
@@ -100,12 +101,25 @@ fn host(req: &Request) -> Option<String> {
     header.map(str::to_string).or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
 }
 
+/// The repository a cross-repository mount (`POST .../blobs/uploads/?mount=DIGEST&from=REPO`) would read: it
+/// needs pull there too, as distribution asks, so the challenge names it and a token lacking it is worth another.
+fn mount_source(method: &Method, need: &Need, query: Option<&str>) -> Option<String> {
+    if *method != Method::POST || !matches!(need, Need::Repo { action: Action::Push, .. }) {
+        return None;
+    }
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query?).ok()?;
+    params.get("mount")?;
+    params.get("from").filter(|f| !f.is_empty()).cloned()
+}
+
 /// Builds the refusals of one request.
 struct Challenge<'a> {
     auth: &'a Auth,
     scheme: &'static str,
     host: Option<String>,
     need: &'a Need,
+    /// The source of a cross-repository mount, whose pull the request asks for on top of `need`.
+    mount_from: Option<&'a str>,
 }
 
 impl Challenge<'_> {
@@ -126,7 +140,7 @@ impl Challenge<'_> {
             Need::Repo { name, action } => self.auth.actions(id, name).contains(*action),
         };
         if allowed {
-            return Ok(());
+            return self.check_mount_source(id);
         }
         if anonymous {
             return Err(self.unauthorized(None, "authentication required"));
@@ -140,6 +154,20 @@ impl Challenge<'_> {
             return Err(self.unauthorized(Some("insufficient_scope"), "the token does not grant this access"));
         }
         Err(denied(&format!("{} may not do this", id.subject.display())))
+    }
+
+    /// A mount whose token lacks pull on the source repository: 401 `insufficient_scope` (naming both scopes)
+    /// when the subject would be granted it, so the client fetches a token that lets the mount happen, as it
+    /// would from distribution. Otherwise the request goes on, and the mount falls back to an upload (202).
+    fn check_mount_source(&self, id: &Identity) -> Result<(), Response> {
+        let Some(from) = self.mount_from else { return Ok(()) };
+        if id.token_access.is_none() || self.auth.actions(id, from).contains(Action::Pull) {
+            return Ok(());
+        }
+        if !id.subject.is_anonymous() && self.auth.policy_actions(id, from).contains(Action::Pull) {
+            return Err(self.unauthorized(Some("insufficient_scope"), "the token does not grant pull on the mount's source"));
+        }
+        Ok(())
     }
 
     fn refuse(&self, e: &AuthError, bearer: bool) -> Response {
@@ -162,8 +190,9 @@ impl Challenge<'_> {
             format!("Basic realm=\"{}\"", self.auth.service())
         } else {
             let mut v = format!("Bearer realm=\"{}\",service=\"{}\"", self.auth.realm(self.scheme, self.host.as_deref()), self.auth.service());
-            if let Some(scope) = self.scope() {
-                v.push_str(&format!(",scope=\"{}\"", scope.render()));
+            let scopes: Vec<String> = self.scope().into_iter().chain(self.mount_scope()).map(|s| s.render()).collect();
+            if !scopes.is_empty() {
+                v.push_str(&format!(",scope=\"{}\"", scopes.join(" ")));
             }
             if let Some(e) = error {
                 v.push_str(&format!(",error=\"{e}\""));
@@ -192,6 +221,15 @@ impl Challenge<'_> {
             }
             _ => None,
         }
+    }
+
+    /// Pull on a mount's source repository, asked for after the request's own scope (space-separated in the
+    /// challenge's `scope`, as distribution writes several).
+    fn mount_scope(&self) -> Option<Scope> {
+        let from = self.mount_from?;
+        from.bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"')
+            .then(|| Scope::Repository { name: from.to_string(), actions: Actions::of(&[Action::Pull]) })
     }
 }
 
