@@ -440,3 +440,63 @@ async fn a_low_rate_limit_defers_tag_revalidations() {
     assert_eq!(resp.headers()["docker-content-digest"].to_str().unwrap(), v2.digest);
     assert_eq!(relay.count("GET", "/manifests/v2"), 1);
 }
+
+// ---- What the cache is doing: /api/status --------------------------------------------------------------------
+
+/// `/api/status` shows a download in flight (held slow by the upstream): its digest, its byte count growing
+/// between two reads, its total, the clients streaming it; once done, no flight, and the blob in the cache's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_shows_a_flight_in_progress_and_its_clients() {
+    let c = Cache::start();
+    let blob = pseudo_random(4 << 20, 41);
+    let digest = push_blob(&c.upstream_url(), "team/app", &blob).await;
+    c.relay.throttle_on("/blobs/", 1 << 20);
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let url = c.blob_url("team/app", &digest);
+            tokio::spawn(async move { get(&url).await.map(|(status, body)| (status, sha256(&body))) })
+        })
+        .collect();
+    let status = || async {
+        let (code, body) = get(&c.bw.url("/api/status")).await.unwrap();
+        assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let flight_bytes = |s: &serde_json::Value| s["flights"]["shown"][0]["bytes"].as_u64().unwrap_or(0);
+    let mut first = status().await;
+    for _ in 0..500 {
+        if first["flights"]["shown"][0]["clients"].as_u64() == Some(2) && flight_bytes(&first) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        first = status().await;
+    }
+    let flight = &first["flights"]["shown"][0];
+    assert_eq!(first["flights"]["count"], 1, "{first}");
+    assert_eq!(flight["digest"], digest.as_str());
+    assert_eq!(flight["total"], blob.len() as u64);
+    assert_eq!(flight["clients"], 2, "{first}");
+    assert_eq!(first["upstreams"][0]["name"], "up");
+    let mut later = status().await;
+    for _ in 0..500 {
+        if flight_bytes(&later) > flight_bytes(&first) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        later = status().await;
+    }
+    assert!(flight_bytes(&later) > flight_bytes(&first), "the byte count grows: {first} then {later}");
+    for client in clients {
+        assert_eq!(client.await.unwrap(), Ok((200, digest.clone())));
+    }
+    let mut done = status().await;
+    for _ in 0..500 {
+        if done["flights"]["count"] == 0 && done["cache"]["bytes"] == blob.len() as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        done = status().await;
+    }
+    assert_eq!((done["flights"]["count"].as_u64(), done["cache"]["bytes"].as_u64()), (Some(0), Some(blob.len() as u64)), "{done}");
+    assert_eq!(done["cache"]["max_bytes"], serde_json::Value::Null, "no budget set");
+}

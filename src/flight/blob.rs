@@ -102,6 +102,23 @@ pub struct BlobFlight {
     progress: watch::Receiver<Progress>,
     /// Where the blob lives once the flight is done (readers that arrive after the spool was moved read it there).
     store: Arc<dyn BlobStore>,
+    /// When it started, for the status page (age, rate).
+    started: Instant,
+    /// Clients streaming from it now (for the status page; a reader's stream counts until it is dropped).
+    readers: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A flight in progress as `/api/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FlightStatus {
+    pub digest: String,
+    /// Bytes downloaded so far.
+    pub bytes: u64,
+    /// The blob's size, once the upstream said.
+    pub total: Option<u64>,
+    /// Clients streaming it now.
+    pub clients: usize,
+    pub age_ms: u64,
 }
 
 /// How a request for a blob is served.
@@ -147,6 +164,15 @@ impl BlobFlights {
     /// Number of flights running now.
     pub async fn running(&self) -> usize {
         self.inflight.lock().await.len()
+    }
+
+    /// The flights in progress, oldest first, at most `limit` of them, and how many there are in all.
+    pub async fn status(&self, limit: usize) -> (usize, Vec<FlightStatus>) {
+        let flights: Vec<Arc<BlobFlight>> = self.inflight.lock().await.values().cloned().collect();
+        let mut shown: Vec<FlightStatus> = flights.iter().map(|f| f.status()).collect();
+        shown.sort_unstable_by(|a, b| b.age_ms.cmp(&a.age_ms).then_with(|| a.digest.cmp(&b.digest)));
+        shown.truncate(limit);
+        (flights.len(), shown)
     }
 
     /// Whether `digest` is being downloaded (eviction must not remove it).
@@ -218,8 +244,14 @@ impl BlobFlights {
         let spool = self.spool_dir.join(format!("{}-{}", digest.hex(), uuid::Uuid::new_v4().simple()));
         let file = File::create(&spool).await?;
         let (tx, rx) = watch::channel(Progress { written: 0, total: None, phase: Phase::Connecting });
-        let flight =
-            Arc::new(BlobFlight { digest: digest.clone(), spool: spool.clone(), progress: rx, store: Arc::clone(&self.store) });
+        let flight = Arc::new(BlobFlight {
+            digest: digest.clone(),
+            spool: spool.clone(),
+            progress: rx,
+            store: Arc::clone(&self.store),
+            started: Instant::now(),
+            readers: Arc::default(),
+        });
         inflight.insert(digest.clone(), Arc::clone(&flight));
         drop(inflight);
         metrics::gauge!("breakwater_flights_in_progress").increment(1.0);
@@ -451,6 +483,17 @@ impl SpoolWriter {
 }
 
 impl BlobFlight {
+    fn status(&self) -> FlightStatus {
+        let p = self.progress.borrow();
+        FlightStatus {
+            digest: self.digest.to_string(),
+            bytes: p.written,
+            total: p.total,
+            clients: self.readers.load(std::sync::atomic::Ordering::Relaxed),
+            age_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+
     /// The blob's size, once the upstream has said it (or, if it never does, once the download is done).
     pub async fn size(&self) -> Result<u64, FlightError> {
         let mut rx = self.progress.clone();
@@ -508,7 +551,8 @@ impl BlobFlight {
         let Some(file) = file else {
             return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));
         };
-        let state = ReadState { file, pos: range.start, end: range.end, size, rx, rest: Bytes::new(), yielded: true };
+        let counted = ReaderCount::new(&self.readers);
+        let state = ReadState { file, pos: range.start, end: range.end, size, rx, rest: Bytes::new(), yielded: true, _counted: counted };
         Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
     }
 }
@@ -526,6 +570,24 @@ struct ReadState {
     rest: Bytes,
     /// Whether the task has let others run since its last slice.
     yielded: bool,
+    /// Counts this reader among the flight's clients while it lives.
+    _counted: ReaderCount,
+}
+
+/// One client counted in a flight's `readers` until dropped.
+struct ReaderCount(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ReaderCount {
+    fn new(readers: &Arc<std::sync::atomic::AtomicUsize>) -> ReaderCount {
+        readers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ReaderCount(Arc::clone(readers))
+    }
+}
+
+impl Drop for ReaderCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Maps `[from, to)` of the spool (a non-empty range the download has written) as `Bytes`, unmapped when the

@@ -10,6 +10,9 @@
 //! - `GET /api/cluster`: this member's id, every registered member (id, url, start, last heartbeat, alive) and
 //!   the blob flights of the cluster (digest, the member fetching it from upstream, its lease's expiry); 404 when
 //!   the instance is not a cluster member.
+//! - `GET /api/status`: what the cache is doing now: the blob downloads in flight (`flights.count`, and the
+//!   oldest `FLIGHTS_SHOWN` with digest, bytes so far, total, clients streaming, age), the cache's size against
+//!   its budget, the upstreams.
 //! - `POST /api/gc` (`?dry_run=true` to only report): collects garbage with the `[gc]` settings and answers
 //!   with the report (200), or 409 while another collection runs on the metadata store.
 
@@ -37,6 +40,27 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/api/replication/{name}/run", post(start))
         .route("/api/gc", post(collect))
         .route("/api/cluster", get(cluster))
+        .route("/api/status", get(status))
+}
+
+/// Flights listed by `/api/status` at most (the oldest); `flights.count` says how many run, so that a thousand
+/// flights stay one small answer.
+const FLIGHTS_SHOWN: usize = 100;
+
+async fn status(State(app): State<Arc<App>>) -> Response {
+    let (count, shown) = app.proxy.flights().status(FLIGHTS_SHOWN).await;
+    let cache_bytes = match app.registry.meta().cache_bytes().await {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let upstreams: Vec<_> =
+        app.proxy.upstreams().iter().map(|u| serde_json::json!({ "name": u.name(), "url": u.config.url })).collect();
+    Json(serde_json::json!({
+        "flights": { "count": count, "shown": shown },
+        "cache": { "bytes": cache_bytes, "max_bytes": app.proxy.eviction_policy().max_bytes },
+        "upstreams": upstreams,
+    }))
+    .into_response()
 }
 
 async fn collect(State(app): State<Arc<App>>, Query(q): Query<HashMap<String, String>>) -> Response {

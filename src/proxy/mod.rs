@@ -193,6 +193,11 @@ impl Proxy {
         longest.max(self.negative_ttl)
     }
 
+    /// The limits on cached content.
+    pub fn eviction_policy(&self) -> EvictionPolicy {
+        self.eviction
+    }
+
     /// The flights of this instance (other members stream from them).
     pub fn flights(&self) -> &Arc<BlobFlights> {
         &self.flights
