@@ -1122,6 +1122,67 @@ async fn shared_blobs_are_mounted_not_uploaded_again() {
     assert_eq!(src.blob_gets().len(), 2, "each blob read from the source once");
 }
 
+/// Destination requests per repository, by kind, over every request the relay saw: `"METHOD kind" → count`.
+fn request_kinds(relay: &Relay) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for r in relay.requests() {
+        let p = r.path.split('?').next().unwrap_or("");
+        let kind = if p.contains("/blobs/uploads") {
+            "blob upload"
+        } else if p.contains("/blobs/") {
+            "blob"
+        } else if p.contains("/manifests/") {
+            "manifest"
+        } else {
+            "other"
+        };
+        *out.entry(format!("{} {kind}", r.method)).or_default() += 1;
+    }
+    out
+}
+
+/// Item 2 of issue 14: a small repository (one tag, an image of two small blobs, all new to the destination)
+/// costs a real `docker-registry` destination 6 requests (8 before: a HEAD per blob, then POST and PUT): the tag's
+/// HEAD, per blob a POST (the single POST, answered with a session, then mounts from the repository itself, which
+/// answer what a HEAD would) and its PUT, the manifest PUT. Against breakwater, which takes the single POST, 4.
+/// The connections are reused: far fewer connections than requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_repository_costs_six_destination_requests() {
+    const REPOS: u64 = 20;
+    let src = Distribution::start();
+    let s = Api::new(&src.addr);
+    for i in 0..REPOS {
+        s.image(&format!("few/r{i:02}"), Some("v1"), 900 + i, "amd64", false).await;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let bw = quiet_breakwater(tmp.path());
+    let dist = Distribution::start();
+    for (what, addr, per_repo) in [("docker-registry", &dist.addr, 6), ("breakwater", &bw.addr, 4)] {
+        let relay = Relay::start(addr);
+        let jobs = tmp.path().join(format!("jobs-{what}"));
+        let out = replicate(args(&src.addr, &relay.addr, &jobs, &["--concurrency", "4"])).await;
+        out.assert_ok();
+        assert_eq!(out.n("copied"), REPOS, "{what}: {}", out.describe());
+        let kinds = request_kinds(&relay);
+        let total: usize = kinds.values().sum();
+        eprintln!("{what}: {total} destination requests for {REPOS} repositories over {} connections: {kinds:?}", relay.connections());
+        assert_eq!(kinds.get("HEAD blob"), None, "{what}: no blob HEADs: {kinds:?}");
+        assert_eq!(total, per_repo * REPOS as usize, "{what}: {per_repo} requests per repository: {kinds:?}");
+        assert!(relay.connections() <= 2 * 4 + 2, "{what}: connections are reused: {} for {total} requests", relay.connections());
+        let d = Api::new(addr);
+        for i in 0..REPOS {
+            let repo = format!("few/r{i:02}");
+            assert_eq!(d.head(&repo, "v1").await, s.head(&repo, "v1").await, "{what}: {repo}");
+        }
+        // A second pass finds every tag up to date: one HEAD per repository.
+        relay.reset();
+        let again = replicate(args(&src.addr, &relay.addr, &jobs, &["--concurrency", "4"])).await;
+        again.assert_ok();
+        assert_eq!((again.n("copied"), again.n("skipped")), (0, REPOS), "{what}: {}", again.describe());
+        assert_eq!(request_kinds(&relay), BTreeMap::from([("HEAD manifest".to_string(), REPOS as usize)]), "{what}");
+    }
+}
+
 trait TapMkdir {
     fn tap_mkdir(self) -> Self;
 }

@@ -71,6 +71,9 @@ pub struct ManifestInfo {
     pub annotations: Option<BTreeMap<String, String>>,
     /// Blobs that must exist in the repository (config and distributable layers).
     pub blobs: Vec<Digest>,
+    /// The size each descriptor of `blobs` gives (same order; `None` if negative): lets a copier choose how to
+    /// upload a blob before it has fetched a byte.
+    pub blob_sizes: Vec<Option<u64>>,
     /// Manifests an index refers to; they must exist in the repository.
     pub children: Vec<Digest>,
 }
@@ -107,17 +110,20 @@ impl ManifestInfo {
         };
         let subject = raw.subject.as_ref().map(parse_digest).transpose()?;
         let mut blobs = Vec::new();
+        let mut blob_sizes = Vec::new();
         let mut children = Vec::new();
         let artifact_type = match kind {
             ManifestKind::Image => {
                 let config = raw.config.as_ref().ok_or("image manifest has no config")?;
                 let layers = raw.layers.as_ref().ok_or("image manifest has no layers")?;
                 blobs.push(parse_digest(config)?);
+                blob_sizes.push(u64::try_from(config.size).ok());
                 for layer in layers {
                     let d = parse_digest(layer)?;
                     // Non-distributable layers live at their `urls`, not in the registry.
                     if layer.urls.as_ref().is_none_or(|u| u.is_empty()) {
                         blobs.push(d);
+                        blob_sizes.push(u64::try_from(layer.size).ok());
                     }
                 }
                 raw.artifact_type.clone().or_else(|| config.media_type.clone())
@@ -130,7 +136,7 @@ impl ManifestInfo {
                 raw.artifact_type.clone()
             }
         };
-        Ok(ManifestInfo { kind, media_type, artifact_type, subject, annotations: raw.annotations, blobs, children })
+        Ok(ManifestInfo { kind, media_type, artifact_type, subject, annotations: raw.annotations, blobs, blob_sizes, children })
     }
 }
 

@@ -2,9 +2,11 @@
 //! their manifest, the tag last. The manifest bytes (and so the digests) are unchanged, except that
 //! `--platform` rewrites an index to the platforms kept.
 //!
-//! Every request that changes nothing is avoided: a blob the destination has costs one HEAD, a tag already at the
-//! source's digest costs one HEAD, a blob this run already put in another destination repository is mounted.
-
+//! Every request that changes nothing is avoided: a tag already at the source's digest costs one HEAD, a blob this
+//! run already put in another destination repository is mounted. A small blob costs one or two destination
+//! requests and never a HEAD: the whole blob in the upload's POST (the spec's single POST) where the destination
+//! takes it, else a mount from the repository itself, which says whether the blob is there and, if not, opens the
+//! session the blob is PUT to. A large blob is asked for first (HEAD): its bytes are worth a request.
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,13 +19,18 @@ use crate::flight::Group;
 use crate::pace::Pacer;
 use crate::oci::{Digest, ManifestInfo, ManifestKind, RepoName};
 use crate::storage::ByteStream;
-use crate::upstream::{Mount, RemoteManifest, Upstream, UpstreamError};
+use crate::upstream::{Mount, Posted, RemoteManifest, Upstream, UpstreamError};
 
 /// Blobs up to this size go in one PUT; larger ones stream through PATCH, resumable from the destination's
 /// upload offset.
 const MONOLITHIC_MAX: u64 = 32 * 1024 * 1024;
 /// Attempts of one request (or one blob transfer) before the artifact is recorded as failed.
 const ATTEMPTS: u32 = 6;
+/// Blobs up to this size (as their descriptor says) are sent without asking whether the destination has them. It
+/// is also the most a single POST sends before the destination has said whether it takes one: distribution
+/// ignores the body, and Go's HTTP server reads up to 256 KiB of an unread body to keep the connection open (more,
+/// and it closes the connection).
+const SMALL_BLOB_MAX: u64 = 256 * 1024;
 /// Destination repositories remembered as mount sources, at most (a forgotten one costs an upload, not a mount).
 const MOUNT_MEMORY: u64 = crate::bounded::DEFAULT_ENTRIES;
 
@@ -36,6 +43,11 @@ pub enum Outcome {
     /// The destination tag points elsewhere and `--override` is off: left alone.
     Conflict { existing: Digest },
 }
+
+/// What the run has learned about the destination's single POST: not tried yet, taken, or answered with a session.
+const SINGLE_POST_UNKNOWN: u8 = 0;
+const SINGLE_POST_TAKEN: u8 = 1;
+const SINGLE_POST_REFUSED: u8 = 2;
 
 /// Whether a failed request is worth trying again.
 fn transient(e: &UpstreamError) -> bool {
@@ -83,6 +95,9 @@ pub struct Copier {
     mounted: BoundedMap<Digest, RepoName>,
     /// One transfer per (destination repository, blob) at a time: tags sharing layers do not upload them twice.
     transfers: Group<(RepoName, Digest), Result<u64, UpstreamError>>,
+    /// Whether the destination takes a blob in its upload POST (`SINGLE_POST_*`): once it has answered a single
+    /// POST with a session, small blobs go by mount-or-session and PUT, so their bytes are sent once.
+    single_post: std::sync::atomic::AtomicU8,
 }
 
 impl Copier {
@@ -98,6 +113,7 @@ impl Copier {
             cancel: Default::default(),
             mounted: BoundedMap::new("replication_mounts", MOUNT_MEMORY, None),
             transfers: Group::default(),
+            single_post: std::sync::atomic::AtomicU8::new(SINGLE_POST_UNKNOWN),
         }
     }
 
@@ -105,8 +121,16 @@ impl Copier {
         [&self.src, &self.dst]
     }
 
-    /// Copies `src_repo:tag` to `dst_repo:tag`.
-    pub async fn copy_tag(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, tag: &str) -> Result<Outcome, UpstreamError> {
+    /// Copies `src_repo:tag` to `dst_repo:tag`. `ask_first`: the destination may hold some of its blobs from an
+    /// earlier, unfinished copy (a repository re-queued from a checkpoint, a retried failure), so none is sent
+    /// without asking: nothing is uploaded twice.
+    pub async fn copy_tag(
+        self: &Arc<Self>,
+        src_repo: &RepoName,
+        dst_repo: &RepoName,
+        tag: &str,
+        ask_first: bool,
+    ) -> Result<Outcome, UpstreamError> {
         let m = retry(self.both(), || self.src.manifest(src_repo, tag, false)).await?;
         let media_type = m.media_type.clone();
         let (bytes, digest) = match self.select_platforms(&m)? {
@@ -125,10 +149,10 @@ impl Copier {
         if self.dry_run {
             return Ok(Outcome::Copied { bytes: 0 });
         }
-        let mut copied = self.copy_contents(src_repo, dst_repo, &media_type, &bytes).await?;
+        let mut copied = self.copy_contents(src_repo, dst_repo, &media_type, &bytes, ask_first).await?;
         retry(self.both(), || self.dst.put_manifest(dst_repo, tag, &media_type, bytes.clone())).await?;
         if self.referrers {
-            copied += self.copy_referrers(src_repo, dst_repo, &m.digest).await?;
+            copied += self.copy_referrers(src_repo, dst_repo, &m.digest, ask_first).await?;
         }
         Ok(Outcome::Copied { bytes: copied })
     }
@@ -154,18 +178,25 @@ impl Copier {
     }
 
     /// Copies what a manifest refers to: an index's children (each pushed by digest), an image's blobs.
-    async fn copy_contents(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, media_type: &str, bytes: &[u8]) -> Result<u64, UpstreamError> {
+    async fn copy_contents(
+        self: &Arc<Self>,
+        src_repo: &RepoName,
+        dst_repo: &RepoName,
+        media_type: &str,
+        bytes: &[u8],
+        ask_first: bool,
+    ) -> Result<u64, UpstreamError> {
         let info = ManifestInfo::parse(bytes, Some(media_type)).map_err(UpstreamError::Invalid)?;
         let mut total = 0;
         match info.kind {
             ManifestKind::Index => {
                 for child in &info.children {
-                    total += self.copy_manifest_by_digest(src_repo, dst_repo, child).await?;
+                    total += self.copy_manifest_by_digest(src_repo, dst_repo, child, ask_first).await?;
                 }
             }
             ManifestKind::Image => {
-                for blob in &info.blobs {
-                    total += self.copy_blob(src_repo, dst_repo, blob).await?;
+                for (blob, size) in info.blobs.iter().zip(&info.blob_sizes) {
+                    total += self.copy_blob(src_repo, dst_repo, blob, *size, ask_first).await?;
                 }
             }
         }
@@ -173,36 +204,62 @@ impl Copier {
     }
 
     /// Copies a manifest the destination may lack, by digest (index children, referrers).
-    async fn copy_manifest_by_digest(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+    async fn copy_manifest_by_digest(
+        self: &Arc<Self>,
+        src_repo: &RepoName,
+        dst_repo: &RepoName,
+        digest: &Digest,
+        ask_first: bool,
+    ) -> Result<u64, UpstreamError> {
         let reference = digest.to_string();
         if retry(self.both(), || self.dst.manifest_digest(dst_repo, &reference)).await?.is_some() {
             return Ok(0);
         }
         let m = retry(self.both(), || self.src.manifest(src_repo, &reference, false)).await?;
         let bytes = m.bytes.clone().unwrap_or_default();
-        let total = Box::pin(self.copy_contents(src_repo, dst_repo, &m.media_type, &bytes)).await?;
+        let total = Box::pin(self.copy_contents(src_repo, dst_repo, &m.media_type, &bytes, ask_first)).await?;
         retry(self.both(), || self.dst.put_manifest(dst_repo, &reference, &m.media_type, bytes.clone())).await?;
         Ok(total)
     }
 
     /// Copies the manifests that refer to `subject` (signatures, SBOMs), after the subject itself.
-    async fn copy_referrers(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, subject: &Digest) -> Result<u64, UpstreamError> {
+    async fn copy_referrers(
+        self: &Arc<Self>,
+        src_repo: &RepoName,
+        dst_repo: &RepoName,
+        subject: &Digest,
+        ask_first: bool,
+    ) -> Result<u64, UpstreamError> {
         let referrers = retry(self.both(), || self.src.referrers(src_repo, subject)).await?;
         let mut total = 0;
         for r in referrers {
-            total += self.copy_manifest_by_digest(src_repo, dst_repo, &r).await?;
+            total += self.copy_manifest_by_digest(src_repo, dst_repo, &r, ask_first).await?;
         }
         Ok(total)
     }
 
-    /// Makes blob `digest` present in `dst_repo`; returns the bytes transferred (0 if skipped or mounted).
-    async fn copy_blob(self: &Arc<Self>, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
+    /// Makes blob `digest` present in `dst_repo`; returns the bytes transferred (0 if skipped or mounted). `size`
+    /// is what the descriptor says.
+    async fn copy_blob(
+        self: &Arc<Self>,
+        src_repo: &RepoName,
+        dst_repo: &RepoName,
+        digest: &Digest,
+        size: Option<u64>,
+        ask_first: bool,
+    ) -> Result<u64, UpstreamError> {
         let key = (dst_repo.clone(), digest.clone());
         let (this, src_repo, dst_repo, digest) = (Arc::clone(self), src_repo.clone(), dst_repo.clone(), digest.clone());
         let (result, _) = self
             .transfers
             .run(key, move || async move {
-                let transfer = retry(this.both(), || this.transfer(&src_repo, &dst_repo, &digest));
+                let small = size.is_some_and(|s| s <= SMALL_BLOB_MAX);
+                let transfer = retry(this.both(), || async {
+                    match small {
+                        true => this.transfer_small(&src_repo, &dst_repo, &digest, ask_first).await,
+                        false => this.transfer(&src_repo, &dst_repo, &digest).await,
+                    }
+                });
                 let r = match this.cancel.run_until_cancelled(transfer).await {
                     Some(r) => r,
                     None => Err(UpstreamError::Unavailable("the run was interrupted".into())),
@@ -216,7 +273,77 @@ impl Copier {
         result.unwrap_or_else(|e| Err(e.into()))
     }
 
-    /// One attempt at making a blob present: HEAD, then mount, then upload.
+    /// One attempt at making a small blob present, in one or two destination requests: a mount from where this
+    /// run put it; else the single POST (unless the destination is known to refuse it, or the blob may be there
+    /// already); else a mount from `dst_repo` itself, whose answer is the HEAD's (201: it is there) and whose
+    /// session takes the PUT.
+    async fn transfer_small(&self, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest, ask_first: bool) -> Result<u64, UpstreamError> {
+        let from = self.mounted.get(digest).filter(|r| r != dst_repo);
+        if let Some(from) = from {
+            return match self.dst.mount(dst_repo, digest, &from).await? {
+                Mount::Mounted => Ok(0),
+                Mount::Session(location) => self.put_small(src_repo, dst_repo, digest, &location).await,
+            };
+        }
+        let single = self.single_post.load(std::sync::atomic::Ordering::Relaxed);
+        if !ask_first && single != SINGLE_POST_REFUSED {
+            let bytes = self.small_bytes(src_repo, digest).await?;
+            let size = bytes.len() as u64;
+            match self.dst.post_blob(dst_repo, digest, bytes.clone()).await {
+                Ok(Posted::Created) => {
+                    self.single_post.store(SINGLE_POST_TAKEN, std::sync::atomic::Ordering::Relaxed);
+                    return Ok(size);
+                }
+                // Not taken, but the session it opened takes the PUT: still two requests.
+                Ok(Posted::Session(location)) => {
+                    self.refuse_single_post("answered with an upload session");
+                    self.dst.put_blob_bytes(dst_repo, &location, digest, bytes).await?;
+                    return Ok(size);
+                }
+                // A registry that refuses a body on the POST outright (before any took one): the plain way below.
+                Err(UpstreamError::Refused(why)) if single == SINGLE_POST_UNKNOWN => self.refuse_single_post(&why),
+                Err(e) => return Err(e),
+            }
+        }
+        match self.dst.mount(dst_repo, digest, dst_repo).await? {
+            Mount::Mounted => Ok(0),
+            Mount::Session(location) => self.put_small(src_repo, dst_repo, digest, &location).await,
+        }
+    }
+
+    /// Notes that the destination takes no single POST: the rest of the run does not send small blobs twice.
+    fn refuse_single_post(&self, why: &str) {
+        let was = self.single_post.swap(SINGLE_POST_REFUSED, std::sync::atomic::Ordering::Relaxed);
+        if was != SINGLE_POST_REFUSED {
+            tracing::info!(destination = %self.dst.name(), why, "the destination takes no blob in its upload POST; small blobs go by POST and PUT");
+        }
+    }
+
+    /// A small blob into the session at `location`, in one PUT.
+    async fn put_small(&self, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest, location: &str) -> Result<u64, UpstreamError> {
+        let bytes = self.small_bytes(src_repo, digest).await?;
+        let size = bytes.len() as u64;
+        self.dst.put_blob_bytes(dst_repo, location, digest, bytes).await?;
+        Ok(size)
+    }
+
+    /// A small blob's bytes from the source, read whole (paced). A source sending more than a small blob's bound is
+    /// refused rather than held: the descriptor said it was small.
+    async fn small_bytes(&self, src_repo: &RepoName, digest: &Digest) -> Result<Bytes, UpstreamError> {
+        let blob = self.src.blob(src_repo, digest, 0).await?;
+        let mut body = self.paced(blob.body);
+        let mut buf = bytes::BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Unavailable(format!("reading {digest}: {e}")))?;
+            if (buf.len() + chunk.len()) as u64 > SMALL_BLOB_MAX {
+                return Err(UpstreamError::Invalid(format!("{digest} is larger than its descriptor says")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    /// One attempt at making a large blob present: HEAD, then mount, then upload.
     async fn transfer(&self, src_repo: &RepoName, dst_repo: &RepoName, digest: &Digest) -> Result<u64, UpstreamError> {
         if self.dst.blob_size(dst_repo, digest).await?.is_some() {
             return Ok(0);

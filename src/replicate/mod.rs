@@ -244,9 +244,10 @@ impl Run {
 
     /// Copies one tag and accounts for it (a failure is recorded, not returned: the run goes on). True if it
     /// did not fail. A panic is a failure of this tag like any other, so the worker goes on and the tag is
-    /// retried with the failed ones.
-    async fn copy(&self, repo: &RepoName, tag: &str) -> bool {
-        match caught(self.copy_one(repo, tag)).await {
+    /// retried with the failed ones. `ask_first`: an earlier run may have copied part of it (see
+    /// [`Copier::copy_tag`]).
+    async fn copy(&self, repo: &RepoName, tag: &str, ask_first: bool) -> bool {
+        match caught(self.copy_one(repo, tag, ask_first)).await {
             Ok(ok) => ok,
             Err(panic) => {
                 self.fail(repo.as_str(), tag, format!("copying panicked: {panic}")).await;
@@ -255,7 +256,7 @@ impl Run {
         }
     }
 
-    async fn copy_one(&self, repo: &RepoName, tag: &str) -> bool {
+    async fn copy_one(&self, repo: &RepoName, tag: &str, ask_first: bool) -> bool {
         inject_panic("copy", tag);
         let dst_name = self.rewrite.apply(repo.as_str());
         let dst: RepoName = match dst_name.parse() {
@@ -265,7 +266,7 @@ impl Run {
                 return false;
             }
         };
-        match self.copier.copy_tag(repo, &dst, tag).await {
+        match self.copier.copy_tag(repo, &dst, tag, ask_first).await {
             Ok(Outcome::Copied { bytes }) => self.progress.copied(&self.policy.job, bytes),
             Ok(Outcome::UpToDate) => self.progress.skipped(&self.policy.job),
             Ok(Outcome::Conflict { existing }) => {
@@ -496,7 +497,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
             loop {
                 let Some(Some(a)) = run.unless_cancelled(async { art_rx.lock().await.recv().await }).await else { break };
                 // A copy cut short is not finished (copies are idempotent: the next run does it again).
-                let Some(copied) = run.unless_cancelled(run.copy(&a.repo.name, &a.tag)).await else { break };
+                let Some(copied) = run.unless_cancelled(run.copy(&a.repo.name, &a.tag, a.repo.requeued)).await else { break };
                 if copied && a.repo.requeued {
                     run.forget_failure(a.repo.name.as_str(), &a.tag).await;
                 }
@@ -593,6 +594,12 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                 }
             }
         }
+        // Saved before its repositories are handed on: copies that a crash cuts short are then of repositories the
+        // checkpoint holds as outstanding, which a resumed run re-queues and copies asking first (nothing is
+        // uploaded twice); and a crash from here on never lists this page again.
+        if !resumed {
+            run.save("running").await;
+        }
         // The listers are gone only if every one of them died: walking on would only pile up pending names.
         // A page cut short by cancellation is saved as is: its repositories not handed on are outstanding.
         let mut listers_gone = false;
@@ -605,8 +612,6 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         }
         // The page's own token: released once all its repositories were handed on.
         state.repo_finished();
-        // Saved before the next page is asked for: a crash from here on never lists this page again.
-        run.save("running").await;
         index += 1;
         if listers_gone {
             break;
@@ -691,13 +696,13 @@ async fn retry_item(run: &Run, f: &JobFailure) -> Result<(), ReplicateError> {
 /// Retries a failure already cleared: what fails again is recorded again.
 async fn retry_cleared(run: &Run, f: &JobFailure, repo: &RepoName) {
     if !f.tag.is_empty() {
-        run.copy(repo, &f.tag).await;
+        run.copy(repo, &f.tag, true).await;
         return;
     }
     let r = repo;
     let copied = caught(run.list_tags(r, |tags| async move {
         for tag in tags {
-            run.copy(r, &tag).await;
+            run.copy(r, &tag, true).await;
         }
         true
     }));

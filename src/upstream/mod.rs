@@ -15,7 +15,7 @@ pub mod realm;
 
 pub use catalog::{AllTags, Page as ListPage};
 pub use harbor::HARBOR_PAGE;
-pub use push::Mount;
+pub use push::{Mount, Posted};
 pub use referrers::{fallback_tag, Referrers, RemoteReferrer};
 
 use std::fmt;

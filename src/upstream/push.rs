@@ -16,6 +16,15 @@ pub enum Mount {
     Session(String),
 }
 
+/// What a single POST (the whole blob in the upload's POST) led to.
+pub enum Posted {
+    /// The registry stored the blob: one request in all.
+    Created,
+    /// The registry does not take a blob in its POST (distribution ignores the body) and opened an upload
+    /// session at this location instead, which the blob can still be PUT to.
+    Session(String),
+}
+
 fn push_scope(repo: &RepoName) -> String {
     format!("repository:{repo}:pull,push")
 }
@@ -70,6 +79,21 @@ impl Upstream {
         }
     }
 
+    /// Sends the whole blob in the upload's POST (the spec's "single POST", `?digest=` with the body). The body
+    /// is bytes, so a 401 challenge replays it.
+    pub async fn post_blob(&self, repo: &RepoName, digest: &Digest, bytes: Bytes) -> Result<Posted, UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let path = format!("/v2/{repo}/blobs/uploads/?digest={digest}");
+        let resp = self.exchange(Method::POST, &push_scope(repo), &path, h, Some(reqwest::Body::from(bytes))).await?;
+        if resp.status() == StatusCode::CREATED {
+            Ok(Posted::Created)
+        } else {
+            Ok(Posted::Session(location(&resp)?))
+        }
+    }
+
     /// Opens an upload session in `repo` and returns its location.
     pub async fn start_upload(&self, repo: &RepoName) -> Result<String, UpstreamError> {
         let resp = self.exchange(Method::POST, &push_scope(repo), &format!("/v2/{repo}/blobs/uploads/"), HeaderMap::new(), None).await?;
@@ -82,6 +106,15 @@ impl Upstream {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
         self.exchange_stream(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, body).await?;
+        Ok(())
+    }
+
+    /// Uploads a whole blob held in memory into the session at `location` in one PUT (replayed after a 401).
+    pub async fn put_blob_bytes(&self, repo: &RepoName, location: &str, digest: &Digest, bytes: Bytes) -> Result<(), UpstreamError> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        self.exchange(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, Some(reqwest::Body::from(bytes))).await?;
         Ok(())
     }
 

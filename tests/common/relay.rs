@@ -101,6 +101,7 @@ impl Relay {
             changed,
             down: AtomicBool::new(false),
             kill_epoch: watch::channel(0).0,
+            connections: AtomicU64::new(0),
         });
         let app_shared = shared.clone();
         let background = Background::spawn("relay", 2, move || async move {
@@ -115,6 +116,11 @@ impl Relay {
     /// `http://ADDR{path}`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    /// TCP connections accepted since the start (not reset by [`Relay::reset`]).
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::Relaxed)
     }
 
     /// Every request received since the start (or the last [`Relay::reset`]), in arrival order.
@@ -351,6 +357,8 @@ struct Shared {
     down: AtomicBool,
     /// Connections accepted under an older epoch are dead (and are woken to close at once).
     kill_epoch: watch::Sender<u64>,
+    /// Connections accepted so far: a client that reuses its connections opens few.
+    connections: AtomicU64,
 }
 
 impl Shared {
@@ -462,6 +470,7 @@ impl Listener for RelayListener {
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
+                    self.shared.connections.fetch_add(1, Ordering::Relaxed);
                     let mut epochs = self.shared.kill_epoch.subscribe();
                     let epoch = *epochs.borrow_and_update();
                     let state = Arc::new(ConnState { blocked: AtomicBool::new(false), last_write: AtomicU64::new(self.shared.nanos()) });
