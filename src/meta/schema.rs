@@ -36,6 +36,7 @@ const SQLITE: &[Step] = &[
     (6, "cluster members", include_str!("../../migrations/sqlite/0006_members.sql")),
     (7, "pushed claims", include_str!("../../migrations/sqlite/0007_pushed_claims.sql")),
     (8, "gc indexes", include_str!("../../migrations/sqlite/0008_gc_indexes.sql")),
+    (9, "replication walks", include_str!("../../migrations/sqlite/0009_replication_walks.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
@@ -47,6 +48,7 @@ const POSTGRES: &[Step] = &[
     (6, "cluster members", include_str!("../../migrations/postgres/0006_members.sql")),
     (7, "pushed claims", include_str!("../../migrations/postgres/0007_pushed_claims.sql")),
     (8, "gc indexes", include_str!("../../migrations/postgres/0008_gc_indexes.sql")),
+    (9, "replication walks", include_str!("../../migrations/postgres/0009_replication_walks.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile
