@@ -2,19 +2,22 @@
 //! `--resume`, and over 2,000 repositories between two real registries against skopeo and the destination's ceiling.
 //!
 //! Run with `cargo bench --bench replication`. Environment:
-//! - `BENCH_PARTS`: `a`, `b` or `a,b` (default `a,b`);
+//! - `BENCH_PARTS`: any of `a`, `b`, `c`, comma-separated (default `a,b,c`);
 //! - `BENCH_MILLION`: repositories of the synthetic source in (a) (default `1000000`); the filter `--include '*000'`
 //!   matches 1 in 1,000 of them;
 //! - `BENCH_BULK`: repositories of the real source in (b) (default `2000`);
 //! - `BENCH_SKOPEO_N`: repositories copied by the sequential skopeo loop (default `200`; the 2,000 figure is
 //!   extrapolated from them, and the table says so);
-//! - `BENCH_CEILING`: concurrent pusher tasks of the ceiling, comma-separated (default `8,16`).
+//! - `BENCH_CEILING`: concurrent pusher tasks of the ceiling, comma-separated (default `8,16`);
+//! - `BENCH_WALK_N`: repositories of the synthetic source in (c) (default `1000000`); `BENCH_WALK_DELAY_MS`: the
+//!   time each of its catalog pages takes (default `50`); `BENCH_WALKERS`: walker counts to time (default `1,8`).
 //!
 //! (a) Million-repository streaming. The source is `tests/common/synthetic.rs` (generated names `r0000000` ..
 //! `r0999999`, every repository with its own small image: config + a 1 KiB layer, one tag `v1`); the destination is
 //! a fresh `breakwater serve` behind `tests/common/relay.rs`, which records every request the destination gets.
-//! `breakwater replicate --include '*000'` runs as a child process with its defaults (`--concurrency 8`,
-//! `--page-size 1000`). While it runs the bench polls, every 2 ms: the synthetic source's log for the first manifest
+//! `breakwater replicate --include '*000' --walkers 1` runs as a child process with its other defaults
+//! (`--concurrency 8`, `--page-size 1000`): one walker, as when (a) was first measured, so that its "pages listed
+//! twice" is the single walk's (partitioned walks are (c)). While it runs the bench polls, every 2 ms: the synthetic source's log for the first manifest
 //! GET (the first copy starting), the relay's log for the first tag `PUT .../manifests/v1` answered 201 (the first
 //! artifact finished at the destination: this is "first artifact"), and `/proc/PID/status` of the child for VmHWM
 //! (peak RSS) and VmRSS. Times are from `spawn()` of the child. Pass 1 runs to the end. Pass 2, on a fresh
@@ -39,7 +42,15 @@
 //!    starts) straight to the destination: per repository two blobs by POST + PUT and the manifest PUT.
 //!
 //! Every destination is checked afterwards (catalog count, and the manifest digest of a sample of repositories).
-//! CPU seconds are the children's utime+stime (replicate, skopeo) and the registries' own, from /proc.
+//! CPU seconds are the children's utime+stime (replicate, skopeo) and the registries' own, from /proc. Before the
+//! timed runs, an untimed probe copies 50 of the repositories through counting relays (into a `docker-registry` and
+//! into a breakwater) and pushes 50 with the ceiling's pusher through one: requests per repository to each side.
+//!
+//! (c) Partitioned walks (issue 14). The synthetic source of (a), every catalog page answered after
+//! `BENCH_WALK_DELAY_MS` (distribution rescans its storage for every page), is listed whole by `breakwater
+//! replicate --include no-such-repository --walkers W` (pages of 1000; nothing matches, so nothing is copied: the
+//! walk alone) for each W, flat names (`r0000000`..) and, with the most walkers, all names under one prefix
+//! (`ns0/r0000000`..). Wall time from spawn to exit, peak RSS (VmHWM), catalog requests the source answered.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -62,7 +73,7 @@ use common::synthetic::{Options, Synthetic};
 use support::{cpu_seconds, env_parse, find_pid_by_cmdline, loadavg, machine, source_state, stat_fields, vm_kib, CLK_TCK};
 
 fn main() {
-    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "a,b".into());
+    let parts = std::env::var("BENCH_PARTS").unwrap_or_else(|_| "a,b,c".into());
     let million: u64 = env_parse("BENCH_MILLION", 1_000_000);
     let bulk: usize = env_parse("BENCH_BULK", 2000);
     let skopeo_n: usize = env_parse::<usize>("BENCH_SKOPEO_N", 200).min(bulk);
@@ -82,6 +93,11 @@ fn main() {
     }
     if parts.contains('b') {
         report.extend(part_b(&rt, bulk, skopeo_n, &ceilings));
+    }
+    if parts.contains('c') {
+        let n: u64 = env_parse("BENCH_WALK_N", 1_000_000);
+        let delay: u64 = env_parse("BENCH_WALK_DELAY_MS", 50);
+        report.extend(part_c(n, delay, &support::env_list("BENCH_WALKERS", "1,8")));
     }
     println!();
     println!("================================================================ results");
@@ -286,7 +302,7 @@ fn part_a(rt: &tokio::runtime::Runtime, count: u64) -> Vec<String> {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dst = common::Breakwater::start_logged(&[], "breakwater=warn", &tmp.path().join("dst.log"));
     let relay = Relay::start(&dst.addr);
-    let args = replicate_args(&src.addr, &relay.addr, &tmp.path().join("jobs"), &["--include", "*000", "--job", "million"]);
+    let args = replicate_args(&src.addr, &relay.addr, &tmp.path().join("jobs"), &["--include", "*000", "--job", "million", "--walkers", "1"]);
     let first_src = || !src.manifest_gets().is_empty();
     let first_dst = || relay.requests().iter().any(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1"));
     let p1 = run_replicate(
@@ -319,7 +335,7 @@ fn part_a(rt: &tokio::runtime::Runtime, count: u64) -> Vec<String> {
     let tmp2 = tempfile::tempdir().expect("tempdir");
     let dst2 = common::Breakwater::start_logged(&[], "breakwater=warn", &tmp2.path().join("dst.log"));
     let relay2 = Relay::start(&dst2.addr);
-    let args2 = replicate_args(&src.addr, &relay2.addr, &tmp2.path().join("jobs"), &["--include", "*000", "--job", "million-kill"]);
+    let args2 = replicate_args(&src.addr, &relay2.addr, &tmp2.path().join("jobs"), &["--include", "*000", "--job", "million-kill", "--walkers", "1"]);
     let half = (matched_expected / 2).max(1) as usize;
     let at_half = || relay2.count("PUT", "/manifests/v1") >= half;
     let k1 = run_replicate(&args2, Watch { kill_when: Some(&at_half), ..Default::default() }, Duration::from_secs(600));
@@ -419,7 +435,7 @@ fn part_a(rt: &tokio::runtime::Runtime, count: u64) -> Vec<String> {
     );
 
     // Table.
-    lines.push(format!("(a) {count} repositories, synthetic source, --include '*000' ({matched_expected} matched), destination breakwater (behind the relay); replicate defaults (--concurrency 8, --page-size 1000)"));
+    lines.push(format!("(a) {count} repositories, synthetic source, --include '*000' ({matched_expected} matched), destination breakwater (behind the relay); replicate --walkers 1, other defaults (--concurrency 8, --page-size 1000)"));
     lines.push("| run | wall | first manifest GET at source | first artifact at destination (tag PUT 201) | peak RSS (VmHWM) | CPU | pages | copied |".into());
     lines.push("|---|---|---|---|---|---|---|---|".into());
     lines.push(format!(
@@ -476,6 +492,59 @@ fn part_a(rt: &tokio::runtime::Runtime, count: u64) -> Vec<String> {
     lines
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// (c) Partitioned walks.
+
+fn part_c(count: u64, delay_ms: u64, walkers: &[usize]) -> Vec<String> {
+    println!();
+    println!("== (c) listing a {count}-repository catalog whose pages take {delay_ms} ms, walkers {walkers:?} ==");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dst = common::Breakwater::start_logged(&[], "breakwater=warn", &tmp.path().join("dst.log"));
+    let most = walkers.iter().copied().max().unwrap_or(1);
+    let mut cases: Vec<(&str, u64, usize)> = walkers.iter().map(|&w| ("flat", 0, w)).collect();
+    cases.push(("one prefix", 1, most));
+    let mut lines = vec![
+        format!("(c) {count} repositories (synthetic source), every catalog page {delay_ms} ms, pages of 1000, nothing matched (the walk alone)"),
+        "| names | walkers | wall | × 1 walker | peak RSS (VmHWM) | CPU | catalog requests | repos seen | load before |".into(),
+        "|---|---|---|---|---|---|---|---|---|".into(),
+    ];
+    let mut one_walker = None;
+    for (shape, namespaces, w) in cases {
+        let src = Synthetic::start_with(Options { count, namespaces, unique_images: false, layer_size: 64 });
+        src.delay_on("GET /v2/_catalog", Duration::from_millis(delay_ms));
+        let load = loadavg();
+        let jobs = tmp.path().join(format!("jobs-{shape}-{w}"));
+        let ws = w.to_string();
+        let args = replicate_args(&src.addr, &dst.addr, &jobs, &["--include", "no-such-repository", "--walkers", &ws, "--job", "walk"]);
+        let r = run_replicate(&args, Watch::default(), Duration::from_secs(1800));
+        let requests = src.catalog_pages().len();
+        if w == 1 && shape == "flat" {
+            one_walker = Some(r.wall);
+        }
+        let speedup = one_walker.map_or("-".to_string(), |t| format!("{:.1}x", t / r.wall));
+        println!(
+            "{shape}, {w} walker(s): exit {:?}, wall {:.2} s ({speedup}), VmHWM {}, CPU {:.2} s, {requests} catalog requests, summary {} (load before {load})",
+            r.code,
+            r.wall,
+            mib(r.hwm_kib),
+            r.cpu,
+            r.summary()
+        );
+        if !r.ok() {
+            println!("WALK FAILED\n{}", r.describe());
+        }
+        lines.push(format!(
+            "| {shape} | {w} | {:.2} s | {speedup} | {} | {:.2} s | {requests} | {} | {load} |",
+            r.wall,
+            mib(r.hwm_kib),
+            r.cpu,
+            r.n("repos_seen")
+        ));
+    }
+    lines.push(String::new());
+    lines
+}
+
 /// HEADs `v1` of every matched (`*000`) repository of the synthetic source at the destination: (right digest, total).
 async fn verify_synthetic(base: &str, src: &Synthetic) -> (usize, usize) {
     let c = client();
@@ -501,6 +570,7 @@ async fn verify_synthetic(base: &str, src: &Synthetic) -> (usize, usize) {
 // ---------------------------------------------------------------------------------------------------------------
 // (b) 2,000 repositories between real registries.
 
+#[derive(Clone)]
 struct Img {
     repo: String,
     config: Bytes,
@@ -691,7 +761,7 @@ fn part_b(rt: &tokio::runtime::Runtime, bulk: usize, skopeo_n: usize, ceilings: 
     assert_eq!(n_src, bulk, "source catalog");
     let step = (bulk / 50).max(1);
     let mut rows: Vec<Row> = Vec::new();
-    let mix = request_mix(&src, bulk);
+    let mix = request_mix(rt, &src, &imgs);
     println!("{mix}");
 
     // 1. breakwater replicate.
@@ -885,17 +955,8 @@ fn part_b(rt: &tokio::runtime::Runtime, bulk: usize, skopeo_n: usize, ceilings: 
     lines
 }
 
-/// What `replicate` asks of each registry per repository (untimed): 50 of the repositories copied with counting
-/// relays in front of the source and of a fresh destination.
-fn request_mix(src: &common::Distribution, bulk: usize) -> String {
-    if bulk < 50 {
-        return String::new();
-    }
-    let dst = common::Distribution::start();
-    let (rs, rd) = (Relay::start(&src.addr), Relay::start(&dst.addr));
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let args = replicate_args(&rs.addr, &rd.addr, &tmp.path().join("jobs"), &["--include", "bulk/r000[0-4]?", "--job", "mix"]);
-    let r = run_replicate(&args, Watch::default(), Duration::from_secs(120));
+/// Requests a relay saw, per repository, by kind: `"METHOD kind" → count / repos`, and the total.
+fn per_repo(relay: &Relay, repos: usize) -> (f64, String) {
     let kind = |path: &str| -> &'static str {
         let p = path.split('?').next().unwrap_or("");
         if p == "/v2/" || p == "/v2" {
@@ -914,21 +975,47 @@ fn request_mix(src: &common::Distribution, bulk: usize) -> String {
             "other"
         }
     };
-    let mut out = format!(
-        "request mix (untimed probe: 50 repositories through counting relays; exit {:?}, copied {}), requests per repository:",
-        r.code,
-        r.n("copied")
-    );
-    for (side, relay) in [("source", &rs), ("destination", &rd)] {
-        let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
-        let reqs = relay.requests();
-        for q in &reqs {
-            *counts.entry(format!("{} {}", q.method, kind(&q.path))).or_default() += 1;
-        }
-        let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {:.2}", *v as f64 / 50.0)).collect();
-        out.push_str(&format!("\n  {side}: {:.2} in all ({})", reqs.len() as f64 / 50.0, list.join(", ")));
+    let mut counts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    let reqs = relay.requests();
+    for q in &reqs {
+        *counts.entry(format!("{} {}", q.method, kind(&q.path))).or_default() += 1;
     }
-    out.push_str("\n  the ceiling pusher: destination 5.00 in all (POST blob upload 2, PUT blob upload 2, PUT manifest 1)");
+    let list: Vec<String> = counts.iter().map(|(k, v)| format!("{k} {:.2}", *v as f64 / repos as f64)).collect();
+    (reqs.len() as f64 / repos as f64, list.join(", "))
+}
+
+/// What `replicate` asks of each registry per repository (untimed): 50 of the repositories copied with counting
+/// relays in front of the source and of a fresh destination (a `docker-registry`, then a breakwater), against the
+/// direct pusher of the ceiling pushing the same 50 from memory to a fresh `docker-registry` through a relay.
+fn request_mix(rt: &tokio::runtime::Runtime, src: &common::Distribution, imgs: &Arc<Vec<Img>>) -> String {
+    const PROBE: usize = 50;
+    if imgs.len() < PROBE {
+        return String::new();
+    }
+    let mut out = format!("request mix (untimed probe: {PROBE} repositories through counting relays), requests per repository:");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dist = common::Distribution::start();
+    let bw = common::Breakwater::start_logged(&[], "breakwater=warn", &tmp.path().join("bw.log"));
+    for (what, addr) in [("docker-registry", &dist.addr), ("breakwater", &bw.addr)] {
+        let (rs, rd) = (Relay::start(&src.addr), Relay::start(addr));
+        let args = replicate_args(&rs.addr, &rd.addr, &tmp.path().join(format!("jobs-{what}")), &["--include", "bulk/r000[0-4]?", "--job", "mix"]);
+        let r = run_replicate(&args, Watch::default(), Duration::from_secs(120));
+        out.push_str(&format!("\n  breakwater replicate into {what} (exit {:?}, copied {}):", r.code, r.n("copied")));
+        for (side, relay) in [("source", &rs), ("destination", &rd)] {
+            let (total, list) = per_repo(relay, PROBE);
+            out.push_str(&format!("\n    {side}: {total:.2} in all ({list}); {} connections", relay.connections()));
+        }
+    }
+    let pushed = common::Distribution::start();
+    let rp = Relay::start(&pushed.addr);
+    let first: Arc<Vec<Img>> = Arc::new(imgs.iter().take(PROBE).map(Img::clone).collect());
+    let errors = rt.block_on(push_all(&format!("http://{}", rp.addr), first, 8));
+    let (total, list) = per_repo(&rp, PROBE);
+    out.push_str(&format!(
+        "\n  the direct pusher (the ceiling's, 8 tasks) into docker-registry ({} errors):\n    destination: {total:.2} in all ({list}); {} connections",
+        errors.len(),
+        rp.connections()
+    ));
     out
 }
 

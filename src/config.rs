@@ -518,6 +518,9 @@ pub struct FileReplication {
     pub override_tags: bool,
     pub concurrency: Option<usize>,
     pub page_size: Option<u64>,
+    /// Catalog walkers: key ranges of the source's catalog listed at once (a catalog's pages, not its copies,
+    /// set the pace when the source answers each page slowly).
+    pub walkers: Option<usize>,
     /// Requests per second to each registry, at most.
     pub rate: Option<f64>,
     /// Bytes per second read from the source, at most.
@@ -527,6 +530,10 @@ pub struct FileReplication {
 }
 
 pub const DEFAULT_REPLICATION_CONCURRENCY: usize = 8;
+/// Catalog walkers by default: a few pages in flight at once, which a registry serves without strain.
+pub const DEFAULT_REPLICATION_WALKERS: usize = 4;
+/// More walkers than this would only queue behind the tag listings (and hold a page each).
+pub const MAX_REPLICATION_WALKERS: usize = 64;
 /// distribution's largest catalog page.
 pub const DEFAULT_REPLICATION_PAGE: u64 = 1000;
 /// Bound on a replication request's wait for an answer, and on silence inside a body (downloads, and uploads
@@ -568,6 +575,7 @@ impl FileReplication {
             concurrency: self.concurrency.unwrap_or(DEFAULT_REPLICATION_CONCURRENCY).max(1),
             // distribution refuses n > 1000 (400 PAGINATION_NUMBER_INVALID); registries may answer fewer anyway.
             page_size: self.page_size.unwrap_or(DEFAULT_REPLICATION_PAGE).clamp(1, DEFAULT_REPLICATION_PAGE),
+            walkers: self.walkers.unwrap_or(DEFAULT_REPLICATION_WALKERS).clamp(1, MAX_REPLICATION_WALKERS),
             dry_run: false,
             bandwidth: self.bandwidth,
         })

@@ -228,6 +228,9 @@ struct ReplicateArgs {
     /// Catalog page size asked of the source.
     #[arg(long)]
     page_size: Option<u64>,
+    /// Catalog walkers: key ranges of the source's catalog listed at once [default: 4].
+    #[arg(long)]
+    walkers: Option<usize>,
     /// Requests per second to each registry, at most.
     #[arg(long)]
     rate: Option<f64>,
@@ -287,6 +290,7 @@ impl ReplicateArgs {
             override_tags: self.override_tags,
             concurrency: self.concurrency,
             page_size: self.page_size,
+            walkers: self.walkers,
             rate: self.rate,
             bandwidth: self.bandwidth,
             schedule_secs: None,
@@ -295,6 +299,9 @@ impl ReplicateArgs {
         policy.dry_run = self.dry_run;
         if let Some(c) = self.concurrency {
             policy.concurrency = c.max(1);
+        }
+        if let Some(w) = self.walkers {
+            policy.walkers = w.clamp(1, config::MAX_REPLICATION_WALKERS);
         }
         Ok(policy)
     }

@@ -504,7 +504,8 @@ async fn million_repositories_stream_through_a_bounded_pipeline() {
         &src.addr,
         &dst.addr,
         &data,
-        &["--include", "*000", "--concurrency", &MILLION_CONCURRENCY.to_string(), "--page-size", "1000", "--job", "million"],
+        // One walker: the walk's lead over the copies is measured in its pages, in order.
+        &["--include", "*000", "--concurrency", &MILLION_CONCURRENCY.to_string(), "--page-size", "1000", "--job", "million", "--walkers", "1"],
     ))
     .await;
     out.assert_ok();
@@ -630,7 +631,8 @@ async fn real_registry_all_manifest_kinds_into_breakwater_and_distribution() {
     for (what, out) in [("breakwater", &a), ("docker-registry", &b)] {
         out.assert_ok();
         assert_eq!(out.n("repos_matched"), BULK + 4, "{what}: {}", out.describe());
-        assert_eq!(out.n("pages"), (BULK + 4).div_ceil(500), "{what}: {}", out.describe());
+        // The default walkers list the catalog in key ranges: its pages, and the pages at the ranges' borders.
+        assert!(out.n("pages") >= (BULK + 4).div_ceil(500), "{what}: {}", out.describe());
     }
 
     let untagged_ok = |inv: &BTreeMap<String, BTreeMap<String, String>>| -> BTreeMap<String, BTreeMap<String, String>> {
@@ -773,6 +775,152 @@ async fn kill_nine_then_resume_finishes_without_redoing_work() {
         .map(|r| r.path)
         .collect();
     assert!(repushed.len() <= PAGE as usize, "run 2 re-pushed {} finished tags, e.g. {:?}", repushed.len(), repushed.first());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3b. Partitioned walks (issue 14): key ranges listed at once, adaptively split, resumed per range.
+
+/// Tag listings per repository the source answered: each repository handed on exactly once has one.
+fn listings(src: &Synthetic) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for (_, repo) in src.tag_lists() {
+        *out.entry(repo).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_walks_list_every_repository_exactly_once() {
+    const N: u64 = 3000;
+    const PAGE: u64 = 100;
+    const WALKERS: usize = 8;
+    // All names under one prefix (ns0/), spread over 300 two-letter prefixes, and flat (r0000000..).
+    for (what, namespaces) in [("one prefix", 1), ("many prefixes", 300), ("flat", 0)] {
+        let src = Synthetic::start_with(Options { count: N, namespaces, unique_images: false, layer_size: 64 });
+        src.delay_on("GET /v2/_catalog", Duration::from_millis(20));
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = quiet_breakwater(tmp.path());
+        let w = WALKERS.to_string();
+        let out = replicate(args(&src.addr, &dst.addr, &tmp.path().join("jobs"), &["--walkers", &w, "--page-size", "100", "--dry-run"])).await;
+        out.assert_ok();
+        assert_eq!((out.n("repos_seen"), out.n("repos_matched")), (N, N), "{what}: {}", out.describe());
+        let listed = listings(&src);
+        let missed: Vec<String> = (0..N).map(|i| src.name(i)).filter(|n| !listed.contains_key(n)).take(5).collect();
+        assert!(missed.is_empty(), "{what}: repositories never handed on, e.g. {missed:?}");
+        let twice: Vec<_> = listed.iter().filter(|(_, c)| **c > 1).take(5).collect();
+        assert!(twice.is_empty(), "{what}: repositories handed on twice, e.g. {twice:?}");
+        assert_eq!(listed.len() as u64, N, "{what}: nothing but the catalog's names");
+        // The walk was split: catalog requests with a `last` no repository is named (a range's start), at least
+        // one per walker beyond the first.
+        let pages = src.catalog_pages();
+        let starts: BTreeSet<String> = pages.iter().filter_map(|p| p.1.clone()).filter(|l| src.index_of(l).is_none()).collect();
+        eprintln!("{what}: {} catalog requests for {} pages of names; {} range starts: {:?}", pages.len(), N / PAGE, starts.len(), starts.iter().take(12).collect::<Vec<_>>());
+        assert!(starts.len() >= WALKERS - 1, "{what}: the catalog was split into ranges: {starts:?}");
+        // Pages are not re-listed: each `last` asked once.
+        let lasts = src.catalog_lasts();
+        let repeated: Vec<_> = lasts.iter().filter(|(_, c)| **c > 1).collect();
+        assert!(repeated.is_empty(), "{what}: catalog pages asked twice: {repeated:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_nine_during_a_partitioned_walk_then_resume_lists_at_most_one_page_per_walker_again() {
+    const N: u64 = 2000;
+    const WALKERS: usize = 4;
+    let src = Synthetic::start_with(Options { count: N, namespaces: 0, unique_images: true, layer_size: 512 });
+    // Slow pages: the kill lands while the walkers are listing.
+    src.delay_on("GET /v2/_catalog", Duration::from_millis(250));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let relay = Relay::start(&dst.addr);
+    let data = tmp.path().join("jobs");
+    let w = WALKERS.to_string();
+    let a = args(&src.addr, &relay.addr, &data, &["--job", "P", "--walkers", &w, "--concurrency", "4", "--page-size", "50"]);
+
+    let mut job = Job::spawn(&a);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while src.catalog_pages().len() < 20 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(job.running(), "the first run ended before the kill; slow the source down");
+    let first = job.kill9();
+    assert_eq!(first.code, None);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lasts1 = src.catalog_lasts();
+    let seq_boundary = src.seq();
+    let finished: BTreeSet<String> = relay
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1"))
+        .map(|r| r.path.strip_prefix("/v2/").unwrap().strip_suffix("/manifests/v1").unwrap().to_string())
+        .collect();
+    assert!((finished.len() as u64) < N, "the kill came too late: everything was copied");
+    let uploaded1 = uploads(&relay, false);
+    relay.reset();
+
+    let mut ra = a.clone();
+    ra.push("--resume".into());
+    let second = replicate(ra).await;
+    second.assert_ok();
+
+    // Everything is there, with the source's digests.
+    let d = Api::new(&dst.addr);
+    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
+    assert_eq!(d.catalog().await, names, "destination catalog");
+    let inv = d.inventory(Some(names.clone())).await;
+    for i in 0..N {
+        let name = src.name(i);
+        assert_eq!(inv.get(&name).and_then(|t| t.get("v1")), Some(&src.image(i).digest), "{name}");
+    }
+    // At most one page per walker listed twice: the pages in flight at the kill.
+    let pages2: Vec<_> = src.catalog_pages().into_iter().filter(|p| p.0 >= seq_boundary).collect();
+    let again: Vec<&Option<String>> = pages2.iter().map(|p| &p.1).filter(|l| lasts1.contains_key(*l)).collect();
+    eprintln!("run 1: {} catalog requests, {} tags finished; run 2: {} catalog requests, {} of them asked in run 1 too: {again:?}",
+        lasts1.values().sum::<usize>(), finished.len(), pages2.len(), again.len());
+    assert!(again.len() <= WALKERS, "the resumed run listed {} pages again (at most one per walker): {again:?}", again.len());
+    assert!(!pages2.iter().any(|p| p.1.is_none()), "the resumed walk did not start over from the catalog's start");
+    // Nothing copied twice: no blob run 1 uploaded was sent again, no tag run 1 finished was pushed again.
+    let attempted2 = uploads(&relay, true);
+    let reuploaded: Vec<_> = attempted2.keys().filter(|d| uploaded1.contains_key(*d)).take(10).collect();
+    assert!(reuploaded.is_empty(), "the resumed run uploaded blobs the destination already had: {reuploaded:?}");
+    let mut all = uploaded1.clone();
+    for (k, v) in uploads(&relay, false) {
+        *all.entry(k).or_default() += v;
+    }
+    // (A blob whose upload the kill cut after the destination stored it is found there by the resumed run.)
+    assert!(all.len() as u64 <= 2 * N && all.values().all(|c| *c == 1), "every blob uploaded once at most");
+    let repushed: Vec<_> = relay
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.path.ends_with("/manifests/v1"))
+        .filter(|r| finished.contains(r.path.strip_prefix("/v2/").unwrap().strip_suffix("/manifests/v1").unwrap()))
+        .map(|r| r.path)
+        .collect();
+    assert!(repushed.is_empty(), "run 2 pushed again {} tags run 1 had finished, e.g. {:?}", repushed.len(), repushed.first());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unsorted_catalog_falls_back_to_one_walker_and_everything_is_copied() {
+    const N: u64 = 600;
+    let src = Synthetic::start(N);
+    src.reverse_catalog(true);
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let out = replicate(args(&src.addr, &dst.addr, &tmp.path().join("jobs"), &["--walkers", "4", "--page-size", "50"])).await;
+    out.assert_ok();
+    assert!(out.stderr.contains("not sorted"), "a log line says why the walk is one: {}", out.describe());
+    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
+    let d = Api::new(&dst.addr);
+    assert_eq!(d.catalog().await, names, "everything copied");
+    let listed = listings(&src);
+    assert!(names.iter().all(|n| listed.contains_key(n)), "every repository handed on");
+    // After the first pages (at most one per walker, the one that showed the disorder), one walk from the start
+    // following the source's Links: 12 pages of 50.
+    let pages = src.catalog_pages();
+    let from_start = pages.iter().filter(|p| p.1.is_none()).count();
+    assert!(from_start >= 1, "the fallback walk starts at the catalog's start");
+    assert!(pages.len() <= 4 + 12 + 1, "{} catalog requests: {:?}", pages.len(), pages.iter().map(|p| &p.1).collect::<Vec<_>>());
+    assert_eq!(out.n("copied"), N, "{}", out.describe());
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1216,7 +1364,8 @@ async fn catalog_failure_then_resume(store: &[String]) {
         .map(|s| s.to_string())
         .collect();
     a.extend(store.iter().cloned());
-    a.extend(["--job", "cat", "--page-size", "100", "--concurrency", "4"].iter().map(|s| s.to_string()));
+    // One walker: the walk's exact pages are asserted (partitioned walks have tests of their own).
+    a.extend(["--job", "cat", "--page-size", "100", "--concurrency", "4", "--walkers", "1"].iter().map(|s| s.to_string()));
 
     let out = replicate(a.clone()).await;
     assert_eq!(out.code, Some(1), "a catalog page failed: exit 1\n{}", out.describe());

@@ -26,7 +26,7 @@ async fn a_policy_runs_through_the_api_into_this_breakwater() {
     let config = dir.path().join("bw.toml");
     std::fs::write(
         &config,
-        format!("[[replication]]\nname = \"mirror-team\"\nfrom = \"{src}\"\nto = \"local\"\ninclude = [\"team/**\"]\nrewrite = [\"team/=copy/\"]\n"),
+        format!("[[replication]]\nname = \"mirror-team\"\nfrom = \"{src}\"\nto = \"local\"\ninclude = [\"team/**\"]\nrewrite = [\"team/=copy/\"]\nwalkers = 3\n"),
     )
     .unwrap();
     let bw = Breakwater::start_with(&["--config", config.to_str().unwrap()]);
@@ -51,6 +51,8 @@ async fn a_policy_runs_through_the_api_into_this_breakwater() {
     assert_eq!(done["progress"]["copied"], 2, "{done}");
     assert_eq!(done["progress"]["repos_matched"], 2, "{done}");
     assert_eq!(done["failures"].as_array().unwrap().len(), 0);
+    // The policy's three walkers listed the catalog whole: no range is left.
+    assert_eq!(done["progress"]["walk"]["ranges"], serde_json::json!([]), "{done}");
     for (repo, image) in [("copy/a", &images[0]), ("copy/b", &images[1])] {
         let r = client.get(bw.url(&format!("/v2/{repo}/manifests/v1"))).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 200, "{repo}");

@@ -157,7 +157,8 @@ async fn a_run_after_a_failed_one_retries_its_failures_and_touches_nothing_else(
     relay.reset();
     let third = run(&bw, "rt").await;
     let catalog = paths(&relay, "/v2/_catalog");
-    assert!(catalog.first().is_some_and(|p| !p.contains("last=")), "a new pass starts at the catalog's start: {catalog:?}");
+    // (Its walkers list key ranges at once: one of them from the catalog's start.)
+    assert!(catalog.iter().any(|p| !p.contains("last=")), "a new pass starts at the catalog's start: {catalog:?}");
     for (repo, _) in &good {
         assert!(relay.count("", &format!("/v2/{repo}/tags/list")) >= 1, "the new pass lists {repo}");
     }
@@ -178,7 +179,7 @@ async fn a_run_after_a_failed_one_retries_its_failures_and_touches_nothing_else(
     // Run 5: the job finished: the next run is a new pass.
     relay.reset();
     let fifth = run(&bw, "rt").await;
-    assert!(paths(&relay, "/v2/_catalog").first().is_some_and(|p| !p.contains("last=")));
+    assert!(paths(&relay, "/v2/_catalog").iter().any(|p| !p.contains("last=")));
     assert_eq!(fifth["progress"]["status"], "finished", "{fifth}");
 }
 

@@ -46,8 +46,13 @@ pub struct JobRecord {
     pub name: String,
     /// Low-water mark of the catalog walk: every repository up to and including it is finished.
     pub mark: Option<String>,
-    /// The walk's position: the last name of the last page whose matched repositories were all handed on.
+    /// The walk's position: the last name of the last page whose matched repositories were all handed on. With a
+    /// partitioned walk, the lowest position of its ranges (what a breakwater without partitioned walks would
+    /// resume from, redoing some work but skipping none).
     pub position: Option<String>,
+    /// A partitioned walk's ranges left to list; `None` in a record saved before walks were partitioned, whose
+    /// walk is then one range after `position`.
+    pub walk: Option<WalkRecord>,
     /// Repositories handed on but not finished at the last save (a resumed run re-queues them).
     pub pending: Vec<String>,
     /// `running`, `interrupted` (stopped by a shutdown; resumable like a crashed run), `finished` or `failed`
@@ -64,6 +69,24 @@ pub struct JobRecord {
     /// retries a failed pass once, then starts a new pass, so an item that keeps failing cannot stop a schedule.
     pub retries: u64,
     pub updated_at: i64,
+}
+
+/// What a catalog walk has left to list: everything outside its ranges was handed on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WalkRecord {
+    pub ranges: Vec<RangeRecord>,
+    /// The source's catalog was found not sorted: it is walked as one range, in the source's own order.
+    #[serde(default)]
+    pub unsorted: bool,
+}
+
+/// One range of a catalog walk: the names after `position` up to and including `end`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RangeRecord {
+    /// The last name handed on from the range, or where it starts; `None`: the catalog's start.
+    pub position: Option<String>,
+    /// `None`: the catalog's end.
+    pub end: Option<String>,
 }
 
 /// An item a replication job could not copy.

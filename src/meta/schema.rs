@@ -37,6 +37,7 @@ const SQLITE: &[Step] = &[
     (7, "pushed claims", include_str!("../../migrations/sqlite/0007_pushed_claims.sql")),
     (8, "gc indexes", include_str!("../../migrations/sqlite/0008_gc_indexes.sql")),
     (9, "cache checks", include_str!("../../migrations/sqlite/0009_cache_checks.sql")),
+    (10, "replication walks", include_str!("../../migrations/sqlite/0010_replication_walks.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
@@ -49,6 +50,7 @@ const POSTGRES: &[Step] = &[
     (7, "pushed claims", include_str!("../../migrations/postgres/0007_pushed_claims.sql")),
     (8, "gc indexes", include_str!("../../migrations/postgres/0008_gc_indexes.sql")),
     (9, "cache checks", include_str!("../../migrations/postgres/0009_cache_checks.sql")),
+    (10, "replication walks", include_str!("../../migrations/postgres/0010_replication_walks.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile

@@ -68,7 +68,7 @@ pub(super) fn record(row: &AnyRow) -> Result<ManifestRecord, MetaError> {
 }
 
 const JOB_COLUMNS: &str =
-    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at, position, pending, retries";
+    "name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, bytes, updated_at, position, pending, retries, walk";
 
 fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
     let n = |i: usize| r.try_get::<i64, _>(i).map(|v| v as u64);
@@ -87,6 +87,10 @@ fn job_record(r: &AnyRow) -> Result<JobRecord, MetaError> {
         position: r.try_get(11)?,
         pending: serde_json::from_str(&r.try_get::<String, _>(12)?).map_err(|e| MetaError::Corrupt(format!("pending: {e}")))?,
         retries: n(13)?,
+        walk: r
+            .try_get::<Option<String>, _>(14)?
+            .map(|w| serde_json::from_str(&w).map_err(|e| MetaError::Corrupt(format!("walk: {e}"))))
+            .transpose()?,
     })
 }
 
@@ -429,10 +433,10 @@ impl Meta for SqlMeta {
     async fn save_job(&self, j: &JobRecord) -> Result<(), MetaError> {
         sqlx::query(
             "INSERT INTO replication_jobs (name, mark, status, pages, repos_seen, repos_matched, copied, skipped, failed, \
-             bytes, updated_at, position, pending, retries) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+             bytes, updated_at, position, pending, retries, walk) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
              ON CONFLICT (name) DO UPDATE SET position = excluded.position, pending = excluded.pending, \
-             retries = excluded.retries, \
+             retries = excluded.retries, walk = excluded.walk, \
              mark = excluded.mark, status = excluded.status, pages = excluded.pages, repos_seen = excluded.repos_seen, \
              repos_matched = excluded.repos_matched, copied = excluded.copied, skipped = excluded.skipped, \
              failed = excluded.failed, bytes = excluded.bytes, updated_at = excluded.updated_at",
@@ -451,6 +455,7 @@ impl Meta for SqlMeta {
         .bind(j.position.clone())
         .bind(serde_json::to_string(&j.pending).map_err(|e| MetaError::Corrupt(e.to_string()))?)
         .bind(j.retries as i64)
+        .bind(j.walk.as_ref().map(serde_json::to_string).transpose().map_err(|e| MetaError::Corrupt(e.to_string()))?)
         .execute(&self.pool)
         .await?;
         Ok(())

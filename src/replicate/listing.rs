@@ -57,6 +57,11 @@ impl Lister {
         }
     }
 
+    /// Whether the walk has listed its last page, as far as it knows (a Harbor walk learns it by asking again).
+    pub fn exhausted(&self) -> bool {
+        matches!(self, Lister::Catalog { done: true, .. })
+    }
+
     /// The next page of at most `n` repository names; `None` when the walk is over.
     pub async fn next_page(&mut self, src: &Upstream, n: u64) -> Result<Option<Vec<String>>, UpstreamError> {
         match self {

@@ -2,15 +2,20 @@
 //! checkpoint that lets a crashed run resume where it stopped.
 //!
 //! ```text
-//! catalog pages ──> filter ──> tag listing (N tasks) ──> artifact copies (N workers) ──> checkpoint
+//! catalog pages (N walkers, one key range each) ──> filter ──> tag listing (N tasks) ──> artifact copies (N workers)
 //!        bounded channels between the stages: a slow destination slows the walk; memory stays flat
 //! ```
-//! Architecture invariant: the checkpoint never claims unfinished work. It holds the walk's position (the last
-//! name of the last page whose repositories were all handed on) and the repositories handed on but not yet
-//! finished; every matched repository up to the position is either finished or among those. A resumed run
-//! re-queues the unfinished ones and continues the walk after the position, so no catalog page is listed twice
-//! and finished artifacts are not redone (a repository that finished after the last save costs one HEAD per
-//! tag: copies are idempotent). The low-water mark (every repository up to it finished) is kept too, for people.
+//! The catalog is split into key ranges (`ranges.rs`), each listed by its own walker from `last=<its start>` to
+//! past its end; a walker that finishes takes over half of the largest range left. A source listed otherwise
+//! (Harbor) or whose catalog turns out not to be sorted is walked as one range, in its own order.
+//!
+//! Architecture invariant: the checkpoint never claims unfinished work. It holds, per range left, the walk's
+//! position in it (the last name of the range's last page whose repositories were all handed on) and its end,
+//! and the repositories handed on but not yet finished; every matched repository outside the ranges left is
+//! either finished or among those. A resumed run re-queues the unfinished ones and continues each range after its
+//! position, so no catalog page is listed twice but the one page per walker that was in flight at the crash, and
+//! finished artifacts are not redone (a repository that finished after the last save costs one HEAD per tag:
+//! copies are idempotent). The low-water mark (every repository up to it finished) is kept too, for people.
 //!
 //! A run is stopped by cancelling its token (SIGTERM to `serve` or to `replicate`): every stage stops at its
 //! next await, dropping the item in hand unfinished (a listing or copy cut short finishes nothing, so its
@@ -21,9 +26,10 @@ mod copy;
 mod filter;
 mod listing;
 mod progress;
+mod ranges;
 mod scheduler;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -62,6 +68,8 @@ pub struct Policy {
     pub concurrency: usize,
     /// Catalog page size asked of the source.
     pub page_size: u64,
+    /// Catalog walkers: key ranges listed at once (a Harbor source is always walked by one).
+    pub walkers: usize,
     pub dry_run: bool,
     /// Bytes per second read from the source, at most.
     pub bandwidth: Option<u64>,
@@ -101,10 +109,10 @@ struct RepoWork {
 }
 
 struct PageState {
-    index: u64,
     /// Repositories of this page not yet finished.
     pending: AtomicUsize,
-    done: mpsc::UnboundedSender<u64>,
+    /// Told when the page is finished, so the checkpoint saves what finished.
+    done: mpsc::UnboundedSender<()>,
     cursor: Arc<Mutex<Cursor>>,
 }
 
@@ -113,16 +121,39 @@ struct PageState {
 struct Cursor {
     /// Low-water mark: every repository up to it is finished.
     mark: Option<String>,
-    /// The last name of the last catalog page whose matched repositories were all handed on.
-    position: Option<String>,
+    /// The catalog's ranges left to list; `None` until the walk starts (a fresh job is split then).
+    walk: Option<ranges::Walk>,
     /// Repositories handed on and not finished yet.
     outstanding: BTreeSet<String>,
+    /// The greatest name this run handed on: the mark once everything is finished.
+    max_listed: Option<String>,
+}
+
+impl Cursor {
+    /// Moves the low-water mark up to the walk's frontier (everything before the lowest range left is handed on)
+    /// if nothing outstanding is before it. Once the walk has ended, the frontier is the last name handed on.
+    fn advance_mark(&mut self) {
+        let frontier = match self.walk.as_ref().map(|w| w.frontier()) {
+            None | Some(Some(None)) => return,
+            Some(Some(Some(p))) => p.to_string(),
+            Some(None) => match &self.max_listed {
+                Some(m) => m.clone(),
+                None => return,
+            },
+        };
+        if self.outstanding.first().is_some_and(|o| *o <= frontier) {
+            return;
+        }
+        if self.mark.as_ref().is_none_or(|m| *m < frontier) {
+            self.mark = Some(frontier);
+        }
+    }
 }
 
 impl PageState {
     fn repo_finished(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _ = self.done.send(self.index);
+            let _ = self.done.send(());
         }
     }
 }
@@ -159,6 +190,9 @@ struct Run {
     cancel: CancellationToken,
     /// Set by a stage that stopped with work left because of `cancel`: the run ends `interrupted`.
     interrupted: std::sync::atomic::AtomicBool,
+    /// Told whenever the walk's ranges change (a page taken in, a range finished or failed, a walker gone): a
+    /// walker with nothing to take over waits for it, since a range becomes worth cutting once its first page is in.
+    walk_changed: tokio::sync::Notify,
 }
 
 impl Run {
@@ -287,9 +321,16 @@ impl Run {
         let _one_at_a_time = self.save_lock.lock().await;
         let mut r = self.progress.record(&self.policy.job);
         {
-            let c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            let mut c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            c.advance_mark();
             r.mark = c.mark.clone();
-            r.position = c.position.clone();
+            match &c.walk {
+                Some(w) => {
+                    r.position = w.frontier().flatten().map(str::to_string);
+                    r.walk = Some(w.record());
+                }
+                None => r.position = None,
+            }
             r.pending = c.outstanding.iter().cloned().collect();
         }
         r.status = status.to_string();
@@ -371,8 +412,14 @@ pub async fn run(
             if let Some(s) = &saved {
                 progress.restore(s);
             }
+            let linear = policy.from_kind != SourceKind::Registry;
             saved
-                .map(|s| Cursor { mark: s.mark, position: s.position, outstanding: s.pending.into_iter().collect() })
+                .map(|s| Cursor {
+                    walk: Some(ranges::Walk::restore(s.walk.as_ref(), s.position.clone().or_else(|| s.mark.clone()), linear)),
+                    mark: s.mark,
+                    outstanding: s.pending.into_iter().collect(),
+                    max_listed: None,
+                })
                 .unwrap_or_default()
         }
     };
@@ -388,6 +435,7 @@ pub async fn run(
         retries: AtomicU64::new(retries),
         cancel,
         interrupted: Default::default(),
+        walk_changed: tokio::sync::Notify::new(),
     });
     match mode {
         Mode::Fresh => walk(run, repos).await,
@@ -443,9 +491,8 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
     let concurrency = run.policy.concurrency.max(1);
     let (repo_tx, repo_rx) = mpsc::channel::<Arc<RepoWork>>(concurrency * 2);
     let (art_tx, art_rx) = mpsc::channel::<Artifact>(concurrency * 4);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<u64>();
-    // Pages registered by the walker, waiting to complete: (index → last name of the page).
-    let (page_tx, mut page_rx) = mpsc::unbounded_channel::<(u64, Option<String>)>();
+    // Finished pages: each is a reason to save the checkpoint.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
 
     // Stage 2: tag listing.
     let repo_rx = Arc::new(tokio::sync::Mutex::new(repo_rx));
@@ -508,153 +555,268 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
     // Likewise for the copiers, so listers are not left waiting on copiers that are all gone.
     drop(art_rx);
 
-    // Stage 4: the checkpoint. Moves the low-water mark over the finished prefix of pages.
+    // Stage 4: the checkpoint. Saves when pages finish (several finished at once are one save), so that the
+    // repositories they finished are not redone by a resumed run, and the mark moves.
     let checkpoint = {
         let run = Arc::clone(&run);
         tokio::spawn(async move {
-            let mut names: BTreeMap<u64, Option<String>> = BTreeMap::new();
-            let mut finished = BTreeSet::new();
-            let mut next = 0u64;
-            let (mut pages_open, mut done_open) = (true, true);
-            while pages_open || done_open || !names.is_empty() {
-                tokio::select! {
-                    p = page_rx.recv(), if pages_open => match p {
-                        Some((i, last)) => { names.insert(i, last); }
-                        None => pages_open = false,
-                    },
-                    d = done_rx.recv(), if done_open => match d {
-                        Some(i) => { finished.insert(i); }
-                        None => done_open = false,
-                    },
-                    else => break,
-                }
-                let mut moved = false;
-                while finished.contains(&next) && names.contains_key(&next) {
-                    finished.remove(&next);
-                    if let Some(Some(last)) = names.remove(&next) {
-                        run.cursor.lock().unwrap_or_else(|p| p.into_inner()).mark = Some(last);
-                    }
-                    next += 1;
-                    moved = true;
-                }
-                if moved {
-                    run.save("running").await;
-                }
-                if !pages_open && !done_open {
-                    break;
-                }
+            while done_rx.recv().await.is_some() {
+                while done_rx.try_recv().is_ok() {}
+                run.save("running").await;
             }
         })
     };
 
     // Stage 1: the catalog walk (here, so that its back-pressure is the channel to the listers). A resumed run
-    // first hands on the repositories its predecessor left unfinished, as page 0.
-    let (position, leftover) = {
-        let c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        (c.position.clone().or_else(|| c.mark.clone()), c.outstanding.iter().cloned().collect::<Vec<_>>())
+    // first hands on the repositories its predecessor left unfinished.
+    let leftover = {
+        let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let linear = run.policy.from_kind != SourceKind::Registry;
+        c.walk.get_or_insert_with(|| ranges::Walk::fresh(run.policy.walkers, linear));
+        c.outstanding.iter().filter_map(|n| n.parse().ok()).collect::<Vec<RepoName>>()
     };
-    let mut lister = listing::Lister::new(run.policy.from_kind, position);
-    let mut index = 0u64;
-    let mut walk_error = None;
-    let mut first = Some(leftover).filter(|l| !l.is_empty());
-    loop {
-        let (items, resumed) = match first.take() {
-            Some(leftover) => (leftover, true),
-            None => match run.unless_cancelled(lister.next_page(&run.copier.src, run.policy.page_size)).await {
-                None => break,
-                Some(Ok(Some(items))) => (items, false),
-                Some(Ok(None)) => break,
-                Some(Err(e)) => {
-                    walk_error = Some(e);
-                    break;
-                }
-            },
-        };
-        let matched: Vec<RepoName> = if resumed {
-            items.iter().filter_map(|n| n.parse().ok()).collect()
-        } else {
-            let m: Vec<RepoName> = items.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
-            run.progress.page(&run.policy.job, items.len() as u64, m.len() as u64);
-            m
-        };
-        let state = Arc::new(PageState {
-            index,
-            pending: AtomicUsize::new(matched.len() + 1),
-            done: done_tx.clone(),
-            cursor: Arc::clone(&run.cursor),
-        });
-        // The re-queued page moves no mark: its names are before the position, not after it.
-        let _ = page_tx.send((index, if resumed { None } else { items.last().cloned() }));
-        {
-            let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
-            c.outstanding.extend(matched.iter().map(|m| m.to_string()));
-            if !resumed {
-                if let Some(last) = items.last() {
-                    c.position = Some(last.clone());
-                }
-            }
-        }
-        // Saved before its repositories are handed on: copies that a crash cuts short are then of repositories the
-        // checkpoint holds as outstanding, which a resumed run re-queues and copies asking first (nothing is
-        // uploaded twice); and a crash from here on never lists this page again.
-        if !resumed {
-            run.save("running").await;
-        }
-        // The listers are gone only if every one of them died: walking on would only pile up pending names.
-        // A page cut short by cancellation is saved as is: its repositories not handed on are outstanding.
-        let mut listers_gone = false;
-        for name in matched {
-            let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1), requeued: resumed });
-            if !matches!(run.unless_cancelled(repo_tx.send(repo)).await, Some(Ok(()))) {
-                listers_gone = true;
-                break;
-            }
-        }
-        // The page's own token: released once all its repositories were handed on.
-        state.repo_finished();
-        index += 1;
-        if listers_gone {
-            break;
+    let mut ended = Vec::new();
+    if !leftover.is_empty() && !hand_on(&run, leftover, &repo_tx, &done_tx, true).await {
+        ended.push(WalkerEnd::Stopped);
+    }
+    let filter = Arc::new(filter);
+    let mut walkers = Vec::new();
+    if ended.is_empty() {
+        for me in 0..run.policy.walkers.max(1) {
+            let (run, filter, repo_tx, done_tx) = (Arc::clone(&run), Arc::clone(&filter), repo_tx.clone(), done_tx.clone());
+            walkers.push(tokio::spawn(async move { walker(&run, me, &filter, &repo_tx, &done_tx).await }));
         }
     }
     drop(repo_tx);
-    drop(page_tx);
     drop(done_tx);
     // A stage task that died (a panic outside any one item) took the repositories it held with it: they were
     // never finished, so they stay among the outstanding ones and the run must say it failed.
     let mut crashes = Vec::new();
-    for h in listers.into_iter().chain(workers).chain([checkpoint]) {
-        if let Err(e) = h.await {
-            crashes.push(if e.is_panic() { crate::flight::panic_message(e.into_panic().as_ref()) } else { e.to_string() });
+    let panic_of = |e: tokio::task::JoinError| if e.is_panic() { crate::flight::panic_message(e.into_panic().as_ref()) } else { e.to_string() };
+    for h in walkers {
+        match h.await {
+            Ok(end) => ended.push(end),
+            Err(e) => crashes.push(panic_of(e)),
         }
     }
-    let at = {
-        let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
-        if walk_error.is_none() && c.outstanding.is_empty() && c.position.is_some() {
-            // Every stage has drained and nothing is outstanding: everything up to the position is finished,
-            // including repositories re-queued from a previous run (which move no page mark of their own).
-            c.mark = c.position.clone();
+    for h in listers.into_iter().chain(workers).chain([checkpoint]) {
+        if let Err(e) = h.await {
+            crashes.push(panic_of(e));
         }
-        c.position.clone().unwrap_or_default()
-    };
+    }
     let mut stopped = Vec::new();
-    if let Some(e) = &walk_error {
-        // The walk stops at a catalog page the source will not give; the position stays before it, so a resumed
-        // run (or --retry-failed) picks it up again.
-        stopped.push(format!("listing the catalog after {at:?}: {e}"));
+    for end in ended {
+        if let WalkerEnd::Failed { at, error } = end {
+            // The walk stops at a catalog page the source will not give; the range's position stays before it, so
+            // a resumed run (or --retry-failed) picks it up again.
+            let at = at.unwrap_or_default();
+            stopped.push((at.clone(), format!("listing the catalog after {at:?}: {error}")));
+        }
     }
     if !crashes.is_empty() {
         // Recorded as a catalog failure: a resumed run (or --retry-failed) clears it and re-queues the pending.
-        stopped.push(format!(
-            "{} pipeline task(s) panicked ({}); their repositories stay pending for a resumed run",
-            crashes.len(),
-            crashes.join("; ")
+        let at = {
+            let c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            c.walk.as_ref().and_then(|w| w.frontier().flatten().map(str::to_string)).or_else(|| c.max_listed.clone()).unwrap_or_default()
+        };
+        stopped.push((
+            at,
+            format!("{} pipeline task(s) panicked ({}); their repositories stay pending for a resumed run", crashes.len(), crashes.join("; ")),
         ));
     }
-    if !stopped.is_empty() {
-        run.fail(CATALOG, &at, stopped.join("; ")).await;
+    for (at, why) in stopped {
+        run.fail(CATALOG, &at, why).await;
     }
     Ok(finish(&run).await)
+}
+
+/// How a walker ended.
+enum WalkerEnd {
+    /// No range left to list or take over.
+    Done,
+    /// Cancelled, or the listers are gone: the run stops.
+    Stopped,
+    /// A catalog page failed for good; `at` is the `last` it was asked with.
+    Failed { at: Option<String>, error: UpstreamError },
+}
+
+/// One catalog walker: lists a range to its end, then takes over another (or half of one), until none is left.
+async fn walker(
+    run: &Run,
+    me: usize,
+    filter: &RepoFilter,
+    repo_tx: &mpsc::Sender<Arc<RepoWork>>,
+    done_tx: &mpsc::UnboundedSender<()>,
+) -> WalkerEnd {
+    let _leaving = Leaving { run, me };
+    loop {
+        let Some(id) = next_range(run, me).await else { return WalkerEnd::Done };
+        let end = walk_range(run, id, filter, repo_tx, done_tx).await;
+        run.walk_changed.notify_waiters();
+        match end {
+            WalkerEnd::Done => {}
+            end => return end,
+        }
+    }
+}
+
+/// Hands back the ranges walker `me` holds when it ends, however it ends (a panic included), and wakes the walkers
+/// waiting: one of them takes the range over, or, with nobody listing any more, they end too (rather than wait
+/// for a walker that is gone).
+struct Leaving<'a> {
+    run: &'a Run,
+    me: usize,
+}
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.run.cursor.lock().unwrap_or_else(|p| p.into_inner()).walk.as_mut() {
+            w.release(self.me);
+        }
+        self.run.walk_changed.notify_waiters();
+    }
+}
+
+/// A range for walker `me`: one nobody lists, or half of another walker's. While none can be had but other walkers
+/// are listing, waits for their ranges to change (a range is cut only once a page of it shows how dense it is);
+/// `None` once no walker lists anything (or the run is cancelled).
+async fn next_range(run: &Run, me: usize) -> Option<u64> {
+    loop {
+        // Registered before looking, so a change between the look and the wait is not missed.
+        let changed = run.walk_changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            let w = c.walk.as_mut()?;
+            if let Some(id) = w.claim(me) {
+                return Some(id);
+            }
+            if !w.listing() {
+                return None;
+            }
+        }
+        run.unless_cancelled(changed).await?;
+    }
+}
+
+/// Lists range `id` page by page until it is finished (or no longer this walker's). Each page is saved in the
+/// checkpoint, then handed on, before the next is asked for.
+async fn walk_range(
+    run: &Run,
+    mut id: u64,
+    filter: &RepoFilter,
+    repo_tx: &mpsc::Sender<Arc<RepoWork>>,
+    done_tx: &mpsc::UnboundedSender<()>,
+) -> WalkerEnd {
+    let src = &run.copier.src;
+    let (start, linear) = {
+        let c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let w = c.walk.as_ref();
+        (w.and_then(|w| w.range(id)).and_then(|r| r.position.clone()), w.is_some_and(|w| w.linear))
+    };
+    // A linear walk follows the source's own `Link`s (a Harbor walk its own pages): its lister keeps its place.
+    let mut lister = linear.then(|| listing::Lister::new(run.policy.from_kind, start));
+    loop {
+        let asked = {
+            let c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            match c.walk.as_ref().and_then(|w| w.range(id)) {
+                Some(r) => r.position.clone(),
+                None => return WalkerEnd::Done,
+            }
+        };
+        let n = run.policy.page_size;
+        let page = match &mut lister {
+            Some(l) => match run.unless_cancelled(l.next_page(src, n)).await {
+                None => None,
+                Some(Ok(Some(items))) => Some(Ok((!l.exhausted(), items))),
+                Some(Ok(None)) => {
+                    // The walk is over without another page (Harbor learns it by asking): nothing to count.
+                    if let Some(w) = run.cursor.lock().unwrap_or_else(|p| p.into_inner()).walk.as_mut() {
+                        w.accept(id, asked.as_deref(), Vec::new(), false);
+                    }
+                    run.save("running").await;
+                    return WalkerEnd::Done;
+                }
+                Some(Err(e)) => Some(Err(e)),
+            },
+            None => run
+                .unless_cancelled(copy::retry([src, src], || src.catalog_page(asked.as_deref(), n)))
+                .await
+                .map(|r| r.map(|p| (p.next.is_some(), p.items))),
+        };
+        let (more, items) = match page {
+            None => return WalkerEnd::Stopped,
+            Some(Ok(page)) => page,
+            Some(Err(error)) => {
+                let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(w) = c.walk.as_mut() {
+                    w.fail(id);
+                }
+                return WalkerEnd::Failed { at: asked, error };
+            }
+        };
+        let (matched, done) = {
+            let mut c = run.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(w) = c.walk.as_mut() else { return WalkerEnd::Done };
+            let (names, done) = match w.accept(id, asked.as_deref(), items, more) {
+                ranges::Accepted::Names { names, done } => (names, done),
+                ranges::Accepted::Gone => return WalkerEnd::Done,
+                ranges::Accepted::Unsorted { id: one } => {
+                    tracing::warn!(job = %run.policy.job, after = ?asked,
+                        "the source's catalog is not sorted (a page out of order): walking it with one walker, from its start");
+                    id = one;
+                    lister = Some(listing::Lister::new(run.policy.from_kind, None));
+                    continue;
+                }
+            };
+            // Registered in the same lock as the position moved: a save in between never claims them handed on.
+            let matched: Vec<RepoName> = names.iter().filter(|n| filter.matches(n)).filter_map(|n| n.parse().ok()).collect();
+            c.outstanding.extend(matched.iter().map(|m| m.to_string()));
+            if let Some(last) = names.last() {
+                if c.max_listed.as_ref().is_none_or(|m| m < last) {
+                    c.max_listed = Some(last.clone());
+                }
+            }
+            run.progress.page(&run.policy.job, names.len() as u64, matched.len() as u64);
+            (matched, done)
+        };
+        run.walk_changed.notify_waiters();
+        // Saved before its repositories are handed on: copies that a crash cuts short are then of repositories the
+        // checkpoint holds as outstanding, which a resumed run re-queues and copies asking first (nothing is
+        // uploaded twice); and the page is never listed again.
+        run.save("running").await;
+        if !hand_on(run, matched, repo_tx, done_tx, false).await {
+            return WalkerEnd::Stopped;
+        }
+        if done {
+            return WalkerEnd::Done;
+        }
+    }
+}
+
+/// Hands a page's repositories on to the listers (already among the outstanding ones); false if the run must stop
+/// (cancelled, or every lister died: walking on would only pile up pending names). A page cut short is saved as
+/// is: its repositories not handed on are outstanding. `requeued`: they come from a previous run's checkpoint.
+async fn hand_on(
+    run: &Run,
+    repos: Vec<RepoName>,
+    repo_tx: &mpsc::Sender<Arc<RepoWork>>,
+    done_tx: &mpsc::UnboundedSender<()>,
+    requeued: bool,
+) -> bool {
+    let state = Arc::new(PageState { pending: AtomicUsize::new(repos.len() + 1), done: done_tx.clone(), cursor: Arc::clone(&run.cursor) });
+    let mut going = true;
+    for name in repos {
+        let repo = Arc::new(RepoWork { name, page: Arc::clone(&state), pending: AtomicUsize::new(1), requeued });
+        if !matches!(run.unless_cancelled(repo_tx.send(repo)).await, Some(Ok(()))) {
+            going = false;
+            break;
+        }
+    }
+    // The page's own token: released once all its repositories were handed on.
+    state.repo_finished();
+    going
 }
 
 /// Retries the items (repositories and tags) a job recorded as failed; each one that now succeeds is cleared.

@@ -3,8 +3,11 @@
 //!
 //! - `/v2/_catalog` pages exactly like CNCF distribution 2.8: `n` defaults to 100, `n` above 1000 is 400
 //!   `PAGINATION_NUMBER_INVALID`, `n=0` is an empty list, a bad or negative `n` falls back to 100, `last` need not
-//!   exist, and every page but the last carries a *relative* `Link: </v2/_catalog?last=X&n=N>; rel="next"` (query
-//!   escaped as Go's `url.Values.Encode`). Each request costs O(n + log count).
+//!   exist (any `last` is compared byte-wise, so key ranges can be walked at once), and every page but the last
+//!   carries a *relative* `Link: </v2/_catalog?last=X&n=N>; rel="next"` (query escaped as Go's
+//!   `url.Values.Encode`). Each request costs O(n + log count). [`Synthetic::delay_on`] `"GET /v2/_catalog"` makes
+//!   every catalog page slow (as distribution's rescans of its storage are); [`Synthetic::reverse_catalog`] makes
+//!   the catalog unsorted (names in descending order, `last` meaning "before it"), as no registry should be.
 //! - `/v2/<name>/tags/list` answers `{"name":..., "tags":["v1"]}`, or with [`Synthetic::start_with_tags`] the given
 //!   tags in byte order, paged like breakwater (`n` defaults to and stops at 1000, `last`, a relative `Link`); every
 //!   tag is the same image. Manifests by tag or digest, GET and HEAD, with
@@ -36,7 +39,8 @@ pub struct Options {
     /// Number of repositories.
     pub count: u64,
     /// 0: flat names `r0000000`, `r0000001`, ...; k in 1..=10: `ns0/r0000000` ... spread evenly over k namespaces
-    /// (`ns{k}/r{j}`, `j` counting from 0 in each namespace).
+    /// (`ns{k}/r{j}`, `j` counting from 0 in each namespace); k in 11..=676: over k two-letter namespaces `aa`,
+    /// `ab`, ... (`aa/r0000000`), names spread over many prefixes.
     pub namespaces: u64,
     /// Every repository gets its own config and layer (so its own manifest digest); otherwise all share one image.
     pub unique_images: bool,
@@ -112,6 +116,8 @@ struct Shared {
     /// Requests whose `"METHOD /path"` contains the string wait this long before they are answered (after they are
     /// recorded, so their sequence number is their arrival).
     delay: Mutex<Option<(String, std::time::Duration)>>,
+    /// The catalog lists names in descending order (an unsorted source).
+    reversed: std::sync::atomic::AtomicBool,
 }
 
 /// A running synthetic registry; stops when dropped.
@@ -140,13 +146,14 @@ impl Synthetic {
     pub fn start_with_tags(opts: Options, mut tags: Vec<String>) -> Synthetic {
         tags.sort();
         tags.dedup();
-        assert!(opts.namespaces <= 10, "at most 10 namespaces keep ns0..ns9 byte-sorted");
+        assert!(opts.namespaces <= 26 * 26, "at most 676 namespaces (two letters)");
         assert!(opts.count < 10_000_000 * opts.namespaces.max(1), "names have 7 digits");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind synthetic");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("addr").to_string();
         let common = SynImage::build(0, opts.layer_size);
-        let shared = Arc::new(Shared { opts, common, tags, log: Mutex::new(Vec::new()), next_seq: Mutex::new(0), delay: Mutex::new(None) });
+        let shared = Arc::new(Shared { opts, common, tags, log: Mutex::new(Vec::new()), next_seq: Mutex::new(0), delay: Mutex::new(None),
+            reversed: Default::default() });
         let app_shared = shared.clone();
         let background = Background::spawn("synthetic", 2, move || async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
@@ -253,6 +260,21 @@ impl Synthetic {
         *self.shared.delay.lock().unwrap() = (!d.is_zero()).then(|| (path_contains.to_string(), d));
     }
 
+    /// With `true`, the catalog is listed in descending order: `last=X` answers the names before X, highest first,
+    /// and the `Link` carries the page's last (lowest) name. An unsorted catalog, for the walk's detection of one.
+    pub fn reverse_catalog(&self, on: bool) {
+        self.shared.reversed.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Successful catalog requests per `last` asked (`None`: the catalog's start).
+    pub fn catalog_lasts(&self) -> HashMap<Option<String>, usize> {
+        let mut out = HashMap::new();
+        for (_, last, _) in self.catalog_pages() {
+            *out.entry(last).or_default() += 1;
+        }
+        out
+    }
+
     /// Forgets the recorded events (sequence numbers keep counting).
     pub fn reset(&self) {
         self.shared.log.lock().unwrap().clear();
@@ -266,12 +288,34 @@ fn per_namespace(o: &Options) -> u64 {
     o.count.div_ceil(o.namespaces.max(1)).max(1)
 }
 
+/// The name of namespace `k`: `ns{k}` with up to 10, two letters `aa`.. with more (both byte-sorted).
+fn namespace(o: &Options, k: u64) -> String {
+    if o.namespaces <= 10 {
+        format!("ns{k}")
+    } else {
+        let letter = |d: u64| char::from(b'a' + d as u8);
+        format!("{}{}", letter(k / 26), letter(k % 26))
+    }
+}
+
+/// The namespace number of `label`, if it is one.
+fn namespace_index(o: &Options, label: &str) -> Option<u64> {
+    if o.namespaces <= 10 {
+        let ns = label.strip_prefix("ns")?;
+        return (ns.len() == 1).then(|| ns.parse().ok()).flatten();
+    }
+    match label.as_bytes() {
+        [a @ b'a'..=b'z', b @ b'a'..=b'z'] => Some(u64::from(a - b'a') * 26 + u64::from(b - b'a')),
+        _ => None,
+    }
+}
+
 fn name_of(o: &Options, i: u64) -> String {
     if o.namespaces == 0 {
         format!("r{i:07}")
     } else {
         let per = per_namespace(o);
-        format!("ns{}/r{:07}", i / per, i % per)
+        format!("{}/r{:07}", namespace(o, i / per), i % per)
     }
 }
 
@@ -282,11 +326,8 @@ fn index_of(o: &Options, name: &str) -> Option<u64> {
     let i = if o.namespaces == 0 {
         digits(name.strip_prefix('r')?)?
     } else {
-        let (ns, rest) = name.strip_prefix("ns")?.split_once('/')?;
-        if ns.len() != 1 {
-            return None;
-        }
-        let k: u64 = ns.parse().ok()?;
+        let (ns, rest) = name.split_once('/')?;
+        let k = namespace_index(o, ns)?;
         let j = digits(rest.strip_prefix('r')?)?;
         let per = per_namespace(o);
         if j >= per {
@@ -303,6 +344,20 @@ fn first_after(o: &Options, last: &str) -> u64 {
     while lo < hi {
         let mid = lo + (hi - lo) / 2;
         if name_of(o, mid).as_bytes() > last.as_bytes() {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    lo
+}
+
+/// The smallest position whose name sorts (byte-wise) at or after `last`; `count` if none.
+fn first_at_or_after(o: &Options, last: &str) -> u64 {
+    let (mut lo, mut hi) = (0u64, o.count);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if name_of(o, mid).as_bytes() >= last.as_bytes() {
             hi = mid;
         } else {
             lo = mid + 1;
@@ -428,6 +483,15 @@ async fn handle(State(shared): State<Arc<Shared>>, Query(query): Query<HashMap<S
         let resp = match n {
             Err(()) => error(400, "PAGINATION_NUMBER_INVALID", "invalid number of results requested"),
             Ok(0) => json(r#"{"repositories":[]}"#.into(), None),
+            Ok(n) if shared.reversed.load(std::sync::atomic::Ordering::SeqCst) => {
+                // Descending: the names before `last`, highest first.
+                let below = query.get("last").map(|l| first_at_or_after(o, l)).unwrap_or(o.count);
+                let stop = below.saturating_sub(n);
+                let names: Vec<String> = (stop..below).rev().map(|i| name_of(o, i)).collect();
+                let link = (stop > 0 && below > stop)
+                    .then(|| format!("</v2/_catalog?last={}&n={n}>; rel=\"next\"", query_escape(&name_of(o, stop))));
+                json(serde_json::json!({ "repositories": names }).to_string(), link)
+            }
             Ok(n) => {
                 let start = query.get("last").map(|l| first_after(o, l)).unwrap_or(0);
                 let end = (start + n).min(o.count);
