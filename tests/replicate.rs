@@ -371,6 +371,22 @@ where
 }
 
 /// A breakwater destination whose (debug) log goes to a file rather than the test output.
+/// Runs `a` again with `--resume` and checks that it succeeds and that the destination then holds all `n`
+/// repositories of `src`, each tag at the source's digest.
+async fn resume_to_the_end(a: &[String], src: &Synthetic, dst: &Breakwater, n: u64) {
+    let mut ra = a.to_vec();
+    ra.push("--resume".into());
+    replicate(ra).await.assert_ok();
+    let d = Api::new(&dst.addr);
+    let names: Vec<String> = (0..n).map(|i| src.name(i)).collect();
+    assert_eq!(d.catalog().await, names, "destination catalog");
+    let inv = d.inventory(Some(names.clone())).await;
+    for i in 0..n {
+        let name = src.name(i);
+        assert_eq!(inv.get(&name).and_then(|t| t.get("v1")), Some(&src.image(i).digest), "{name}");
+    }
+}
+
 fn quiet_breakwater(dir: &Path) -> Breakwater {
     Breakwater::start_logged(&[], "breakwater=warn", &dir.join("breakwater.log"))
 }
@@ -718,20 +734,7 @@ async fn kill_nine_then_resume_finishes_without_redoing_work() {
     let pages1 = src.catalog_pages().len();
     relay.reset();
 
-    let mut ra = a.clone();
-    ra.push("--resume".into());
-    let second = replicate(ra).await;
-    second.assert_ok();
-
-    // Everything is there, with the source's digests.
-    let d = Api::new(&dst.addr);
-    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
-    assert_eq!(d.catalog().await, names, "destination catalog");
-    let inv = d.inventory(Some(names.clone())).await;
-    for i in 0..N {
-        let name = src.name(i);
-        assert_eq!(inv.get(&name).and_then(|t| t.get("v1")), Some(&src.image(i).digest), "{name}");
-    }
+    resume_to_the_end(&a, &src, &dst, N).await;
 
     // The second run re-listed at most one catalog page the first had already finished.
     let pages2: Vec<_> = src.catalog_pages().into_iter().filter(|p| p.0 >= seq_boundary).collect();
@@ -858,20 +861,7 @@ async fn kill_nine_during_a_partitioned_walk_then_resume_lists_at_most_one_page_
     let uploaded1 = uploads(&relay, false);
     relay.reset();
 
-    let mut ra = a.clone();
-    ra.push("--resume".into());
-    let second = replicate(ra).await;
-    second.assert_ok();
-
-    // Everything is there, with the source's digests.
-    let d = Api::new(&dst.addr);
-    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
-    assert_eq!(d.catalog().await, names, "destination catalog");
-    let inv = d.inventory(Some(names.clone())).await;
-    for i in 0..N {
-        let name = src.name(i);
-        assert_eq!(inv.get(&name).and_then(|t| t.get("v1")), Some(&src.image(i).digest), "{name}");
-    }
+    resume_to_the_end(&a, &src, &dst, N).await;
     // At most one page per walker listed twice: the pages in flight at the kill.
     let pages2: Vec<_> = src.catalog_pages().into_iter().filter(|p| p.0 >= seq_boundary).collect();
     let again: Vec<&Option<String>> = pages2.iter().map(|p| &p.1).filter(|l| lasts1.contains_key(*l)).collect();
