@@ -58,7 +58,7 @@ pub async fn build(
         Backend::Local { root, .. } => root.join("spool"),
         Backend::S3(_) => config.data.join("spool"),
     };
-    let flights = BlobFlights::new(Arc::clone(&store), spool, tasks.clone()).await.context("preparing the cache's spool directory")?;
+    let flights = BlobFlights::new(Arc::clone(&store), spool, tasks.clone(), crate::flight::downloads()).await.context("preparing the cache's spool directory")?;
     let cluster = match &config.cluster {
         Some(settings) => {
             let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;

@@ -225,7 +225,7 @@ async fn a_push_racing_the_eviction_of_its_layer_never_leaves_a_manifest_without
         Arc::new(HeldDeletes { inner: LocalStore::open(&dir.path().join("content")).await.unwrap(), entered: entered_tx });
     let meta = breakwater::meta::open(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await.unwrap();
     let registry = Arc::new(Registry::new(Arc::clone(&store), meta, false));
-    let flights = BlobFlights::new(Arc::clone(&store), dir.path().join("content/spool"), breakwater::shutdown::Tasks::new())
+    let flights = BlobFlights::new(Arc::clone(&store), dir.path().join("content/spool"), breakwater::shutdown::Tasks::new(), breakwater::flight::downloads())
         .await
         .unwrap();
     let up = Upstream::new(breakwater::config::upstream("up", &up_url, 300, 30, false, Some(false)).unwrap()).unwrap();

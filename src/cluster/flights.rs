@@ -46,6 +46,7 @@ pub struct ClusterFlights {
     meta: Arc<dyn Meta>,
     store: Arc<dyn BlobStore>,
     /// For the internal requests to other members (no proxy settings, no redirects: members talk directly).
+    /// Used only from flights' downloads, so its connections live on the download runtime.
     client: reqwest::Client,
     /// How long a lease lasts unrenewed: how long a dead owner's flight waits to be taken over.
     lease_ttl: Duration,

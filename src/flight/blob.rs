@@ -141,19 +141,34 @@ pub struct BlobFlights {
     starts: super::Group<Digest, Result<Started, Arc<str>>>,
     /// The server's background tasks: flights run among them, and stop when they are cancelled.
     tasks: crate::shutdown::Tasks,
+    /// Where downloads run: the runtime of `flight::downloads` in a server, so that serving clients never
+    /// delays the bytes they wait for.
+    downloads: tokio::runtime::Handle,
 }
 
 impl BlobFlights {
     /// Flights spool into `spool_dir`, which must be on the same filesystem as a local store so that adopting a
     /// finished spool is a rename. Spools left by a previous process are removed: flights do not survive restarts.
-    /// Flights run as tasks of `tasks`.
-    pub async fn new(store: Arc<dyn BlobStore>, spool_dir: PathBuf, tasks: crate::shutdown::Tasks) -> io::Result<Arc<BlobFlights>> {
+    /// Flights run as tasks of `tasks`; their downloads on `downloads`.
+    pub async fn new(
+        store: Arc<dyn BlobStore>,
+        spool_dir: PathBuf,
+        tasks: crate::shutdown::Tasks,
+        downloads: tokio::runtime::Handle,
+    ) -> io::Result<Arc<BlobFlights>> {
         tokio::fs::create_dir_all(&spool_dir).await?;
         let mut entries = tokio::fs::read_dir(&spool_dir).await?;
         while let Some(e) = entries.next_entry().await? {
             let _ = tokio::fs::remove_file(e.path()).await;
         }
-        Ok(Arc::new(BlobFlights { store, spool_dir, inflight: Mutex::new(HashMap::new()), starts: super::Group::default(), tasks }))
+        Ok(Arc::new(BlobFlights {
+            store,
+            spool_dir,
+            inflight: Mutex::new(HashMap::new()),
+            starts: super::Group::default(),
+            tasks,
+            downloads,
+        }))
     }
 
     /// The tasks flights run among; for work that must follow a flight to its end (linking what it cached).
@@ -260,7 +275,15 @@ impl BlobFlights {
         let cancel = self.tasks.token();
         self.tasks.spawn("blob flight", async move {
             let work = async {
-                let downloaded = cancel.run_until_cancelled(download(&digest, file, &fetch, &tx)).await;
+                let download = {
+                    let (digest, tx) = (digest.clone(), tx.clone());
+                    async move { cancel.run_until_cancelled(download(&digest, file, &fetch, &tx)).await }
+                };
+                // A panic of the download is raised again here, where it fails the flight like any other.
+                let downloaded = flights.downloads.spawn(download).await.unwrap_or_else(|e| match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => None,
+                });
                 match downloaded.unwrap_or(Err(FlightError::ShuttingDown)) {
                     Ok(()) => match flights.store_spool(&digest, &spool).await {
                         Ok(()) => Phase::Done,
@@ -788,7 +811,7 @@ mod tests {
     async fn readers_of_a_growing_spool_get_exact_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
-        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from((0..3 * SERVE_SLICE + 12_345).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 40_000)).await.unwrap() else {
@@ -824,11 +847,41 @@ mod tests {
         flight.finished().await.unwrap();
     }
 
+    /// A download goes on while the runtime that serves clients is too busy to poll anything: it runs on the
+    /// download runtime. (Here the serving runtime's only thread blocks, polling the flight's progress, from the
+    /// first byte until the last; with the download on that runtime, no byte would arrive after the first.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_download_keeps_going_while_the_serving_runtime_is_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
+        let blob = Bytes::from((0..2_000_000).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+        let digest = Digest::of(Algorithm::Sha256, &blob);
+        let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 50_000)).await.unwrap() else {
+            panic!("not stored")
+        };
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while flight.status().bytes == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await
+        .expect("the first bytes arrive");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while flight.status().bytes < blob.len() as u64 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(flight.status().bytes, blob.len() as u64, "every byte arrived while the serving thread was blocked");
+        let body = read_all(flight.reader(None).await.unwrap()).await.unwrap();
+        assert_eq!(body, blob);
+        flight.finished().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_panicking_fetch_fails_the_flight_and_releases_its_digest() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(LocalStore::open(&dir.path().join("content")).await.unwrap());
-        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from(vec![7u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let fetch = fetcher(blob.clone(), 1);
@@ -842,7 +895,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let inner = LocalStore::open(&dir.path().join("content")).await.unwrap();
         let store: Arc<dyn BlobStore> = Arc::new(PanicOnFirstAdopt { inner, adopts: AtomicUsize::new(0) });
-        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new()).await.unwrap();
+        let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from(vec![9u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let Join::Flight { flight, .. } = flights.join(&digest, fetcher(blob.clone(), 0)).await.unwrap() else { panic!("not stored") };

@@ -141,6 +141,10 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     base: String,
     client: reqwest::Client,
+    /// Another client with the same settings, for blob downloads only: they run on the download runtime
+    /// (`flight::downloads`), and a client's connections are driven by the runtime that opened them, so a
+    /// download must not reuse a connection that a manifest request opened on the serving runtime.
+    downloads: reqwest::Client,
     /// Bearer tokens by scope (`repository:NAME:pull`), at most `token_entries` of them.
     tokens: Arc<BoundedMap<String, Token>>,
     /// Set once the upstream asked for basic auth, so later requests send it up front.
@@ -304,17 +308,21 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, UpstreamError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = &config.ca {
-            for cert in private_roots(path)? {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))?;
+        let roots = match &config.ca {
+            Some(path) => private_roots(path)?,
+            None => Vec::new(),
+        };
+        let build = || {
+            let builder = reqwest::Client::builder()
+                .connect_timeout(config.timeout)
+                .user_agent(concat!("breakwater/", env!("CARGO_PKG_VERSION")));
+            roots
+                .iter()
+                .fold(builder, |b, cert| b.add_root_certificate(cert.clone()))
+                .build()
+                .map_err(|e| UpstreamError::Invalid(format!("building the HTTP client: {e}")))
+        };
+        let (client, downloads) = (build()?, build()?);
         let base = config.url.trim_end_matches('/').to_string();
         let rate = config.requests_per_sec;
         let allowed = match config.repositories.is_empty() {
@@ -326,6 +334,7 @@ impl Upstream {
             config,
             base,
             client,
+            downloads,
             tokens,
             basic_preferred: Mutex::new(false),
             not_before: Mutex::new(None),
@@ -449,6 +458,12 @@ impl Upstream {
         self.exchange(method, &format!("repository:{repo}:pull"), path, headers, None).await
     }
 
+    /// [`Upstream::send`] of a GET through the downloads' own client (see `downloads`).
+    async fn download(&self, repo: &RepoName, path: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{repo}:pull");
+        self.exchange_watched(&self.downloads, Method::GET, &scope, path, headers, None, None).await
+    }
+
     /// Sends a request needing `scope` (a token scope such as `repository:x:pull,push`). `target` is a path on
     /// the registry or an absolute URL (an upload `Location`). A 401 is answered once: with a byte body the
     /// request is replayed; a streamed body cannot be, so callers stream only after a bodiless request (the
@@ -461,7 +476,7 @@ impl Upstream {
         headers: HeaderMap,
         body: Option<reqwest::Body>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        self.exchange_watched(method, scope, target, headers, body, None).await
+        self.exchange_watched(&self.client, method, scope, target, headers, body, None).await
     }
 
     /// [`Upstream::exchange`] with a streamed body (an upload). The request may take as long as the body
@@ -477,11 +492,13 @@ impl Upstream {
     ) -> Result<reqwest::Response, UpstreamError> {
         let watch = Arc::new(UploadWatch::new());
         let body = reqwest::Body::wrap_stream(WatchedBody { inner: body, watch: Arc::clone(&watch) });
-        self.exchange_watched(method, scope, target, headers, Some(body), Some(watch)).await
+        self.exchange_watched(&self.client, method, scope, target, headers, Some(body), Some(watch)).await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn exchange_watched(
         &self,
+        client: &reqwest::Client,
         method: Method,
         scope: &str,
         target: &str,
@@ -505,7 +522,7 @@ impl Upstream {
         let mut auth = if foreign { None } else { self.known_auth(scope) };
         for attempt in 0..2 {
             let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
-            let mut req = self.client.request(method.clone(), &url).headers(headers.clone());
+            let mut req = client.request(method.clone(), &url).headers(headers.clone());
             if let Some(a) = &auth {
                 req = req.header(header::AUTHORIZATION, a.clone());
             }
@@ -682,7 +699,7 @@ impl Upstream {
                 h.insert(header::RANGE, v);
             }
         }
-        let resp = self.send(Method::GET, repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
+        let resp = self.download(repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let total = if partial {
             let value = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
