@@ -38,8 +38,8 @@ use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use support::{
-    check_digest, cpu_seconds, find_pid_by_cmdline, hex, loadavg, machine, machine_busy_seconds, mib_or_na, nproc, pct,
-    read_body, reset_hwm, source_state, spawn_hasher, vm_kib,
+    check_digest, cpu_seconds, find_pid_by_cmdline, hex, listen_overflows, loadavg, machine, machine_busy_seconds, mib_or_na,
+    nproc, pct, read_body, reset_hwm, source_state, spawn_hasher, vm_kib,
 };
 
 const REPO: &str = "bench/blob";
@@ -490,6 +490,7 @@ fn measure(
     let self0 = cpu_seconds(std::process::id());
     let busy0 = machine_busy_seconds();
     let procs0 = all_process_cpu();
+    let overflows0 = listen_overflows();
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (stop, pids) = (stop.clone(), server.pids.clone());
@@ -519,6 +520,7 @@ fn measure(
     let mut skip = server.pids.clone();
     skip.push(std::process::id());
     let others = top_other_processes(&procs0, &all_process_cpu(), &skip);
+    let overflows = listen_overflows() - overflows0;
 
     for e in &outcome.errors {
         failures.push(format!("{name} N={n} rep {rep}: {e}"));
@@ -565,6 +567,9 @@ fn measure(
     );
     if !others.is_empty() {
         println!("           other processes busy during the run: {others}");
+    }
+    if overflows > 0 {
+        println!("           {overflows} connections overflowed a listen queue during the run (their SYNs were retried 1 s or more later)");
     }
     row
 }

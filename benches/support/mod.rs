@@ -144,6 +144,17 @@ pub fn machine_busy_seconds() -> f64 {
     busy as f64 / CLK_TCK
 }
 
+/// The machine's count of connections refused by a full listen queue since boot (`ListenOverflows` of
+/// `/proc/net/netstat`; every TCP listener of the machine). A refused connection's client retransmits its SYN a
+/// second later, then three: a run whose count moved has first bytes that late for reasons of the backlog, not of
+/// the server's scheduling.
+pub fn listen_overflows() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/net/netstat") else { return 0 };
+    let mut lines = s.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else { return 0 };
+    names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == "ListenOverflows").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+}
+
 /// The pid of the process (other than this one) whose command line contains `needle` (used for docker-registry,
 /// whose config path is unique to its temporary directory, since `common::Distribution` does not expose the pid).
 pub fn find_pid_by_cmdline(needle: &str) -> Option<u32> {
