@@ -532,7 +532,7 @@ impl Proxy {
         let fetch: Fetcher = Arc::new(move |offset| {
             let (upstream, remote, d) = (Arc::clone(&upstream), remote.clone(), d.clone());
             Box::pin(async move {
-                let b = upstream.blob(&remote, &d, offset).await.map_err(fetch_error)?;
+                let b = upstream.flight_blob(&remote, &d, offset).await.map_err(fetch_error)?;
                 Ok(FetchBody { total: b.total, from_offset: b.from_offset, body: b.body })
             })
         });

@@ -141,9 +141,10 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     base: String,
     client: reqwest::Client,
-    /// Another client with the same settings, for blob downloads only: they run on the download runtime
-    /// (`flight::downloads`), and a client's connections are driven by the runtime that opened them, so a
-    /// download must not reuse a connection that a manifest request opened on the serving runtime.
+    /// Another client with the same settings, for flights' blob GETs only ([`Upstream::flight_blob`]): a
+    /// flight's download runs on the download runtime (`flight::downloads`), and a client's connections are
+    /// driven by the runtime that opened them, so a download must not reuse a connection that a manifest
+    /// request, a replication copy or a warm run opened on the serving runtime.
     downloads: reqwest::Client,
     /// Bearer tokens by scope (`repository:NAME:pull`), at most `token_entries` of them.
     tokens: Arc<BoundedMap<String, Token>>,
@@ -458,10 +459,10 @@ impl Upstream {
         self.exchange(method, &format!("repository:{repo}:pull"), path, headers, None).await
     }
 
-    /// [`Upstream::send`] of a GET through the downloads' own client (see `downloads`).
-    async fn download(&self, repo: &RepoName, path: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
+    /// [`Upstream::send`] of a GET through `client`.
+    async fn get_with(&self, client: &reqwest::Client, repo: &RepoName, path: &str, headers: HeaderMap) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
-        self.exchange_watched(&self.downloads, Method::GET, &scope, path, headers, None, None).await
+        self.exchange_watched(client, Method::GET, &scope, path, headers, None, None).await
     }
 
     /// Sends a request needing `scope` (a token scope such as `repository:x:pull,push`). `target` is a path on
@@ -693,13 +694,23 @@ impl Upstream {
     /// GETs blob `digest` of `repo` from byte `offset` on. The body is streamed; a silence longer than the
     /// timeout ends it with an error (so the caller can resume).
     pub async fn blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<RemoteBlob, UpstreamError> {
+        self.blob_with(&self.client, repo, digest, offset).await
+    }
+
+    /// [`Upstream::blob`] for a flight's download, which runs on `flight::downloads`: through the client whose
+    /// connections that runtime opened and drives (see `downloads`).
+    pub async fn flight_blob(&self, repo: &RepoName, digest: &Digest, offset: u64) -> Result<RemoteBlob, UpstreamError> {
+        self.blob_with(&self.downloads, repo, digest, offset).await
+    }
+
+    async fn blob_with(&self, client: &reqwest::Client, repo: &RepoName, digest: &Digest, offset: u64) -> Result<RemoteBlob, UpstreamError> {
         let mut h = HeaderMap::new();
         if offset > 0 {
             if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
                 h.insert(header::RANGE, v);
             }
         }
-        let resp = self.download(repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
+        let resp = self.get_with(client, repo, &format!("/v2/{repo}/blobs/{digest}"), h).await?;
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let total = if partial {
             let value = resp.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
