@@ -1620,3 +1620,37 @@ async fn a_unit_that_always_fails_is_given_up_after_four_attempts_and_reported()
     assert!(relay.count("GET", "last=r0000099") >= 4);
     assert_eq!(Api::new(&dst.addr).catalog().await.len(), 100);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_to_a_distributed_worker_gives_its_unit_back_releases_its_lease_and_exits_143() {
+    const N: u64 = 300;
+    let pg = common::pg::PgDatabase::create().await;
+    let src = Synthetic::start_with(Options { count: N, namespaces: 100, unique_images: true, layer_size: 256 });
+    src.delay_on("GET /v2/", Duration::from_millis(10));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let relay = Relay::start(&dst.addr);
+    let a = queue_args("replicate", &src.addr, &relay.addr, &pg.url, "T", &["--distributed", "--walkers", "1", "--page-size", "10"]);
+    let mut job = Job::spawn(&a);
+    assert!(relay.wait_for_async("PUT", "/manifests/v1", 20, Duration::from_secs(120)).await, "20 tags were never pushed");
+    assert!(job.running(), "the run ended before the signal; slow the source down");
+    let pid = job.child.as_ref().unwrap().id();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || job.wait(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(out.code, Some(143), "{}", out.describe());
+    // The unit it held is pending again and its lease is gone: another worker takes it over at once.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE 'replicate:%'").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(leases, 0, "the worker released its lease before it exited");
+    let units = stored_units(&pg.url, "T").await;
+    assert!(units.iter().all(|u| u.1 != "claimed"), "{units:?}");
+    assert!(units.iter().any(|u| u.1 == "pending"), "work was left: {units:?}");
+    // A worker finishes the job from the checkpoint, pushing no tag twice.
+    let w = queue_args("worker", &src.addr, &relay.addr, &pg.url, "T", &["--walkers", "1", "--page-size", "10"]);
+    replicate(w).await.assert_ok();
+    let pushes = tag_pushes(&relay);
+    assert_eq!(pushes.len() as u64, N);
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice");
+}
