@@ -1560,20 +1560,31 @@ async fn distributed_workers_one_killed_copy_every_artifact_once_and_the_checkpo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_distributed_starts_of_one_job_enqueue_once() {
-    const N: u64 = 200;
     let pg = common::pg::PgDatabase::create().await;
+    two_starts_enqueue_once(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_distributed_starts_of_one_job_enqueue_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    two_starts_enqueue_once(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await;
+}
+
+/// Two `replicate --distributed` of one job at once, with job state at `url`.
+async fn two_starts_enqueue_once(url: &str) {
+    const N: u64 = 200;
     let src = Synthetic::start_with(Options { count: N, namespaces: 100, unique_images: false, layer_size: 64 });
     let tmp = tempfile::tempdir().unwrap();
     let dst = quiet_breakwater(tmp.path());
     let relay = Relay::start(&dst.addr);
-    let a = queue_args("replicate", &src.addr, &relay.addr, &pg.url, "B", &["--distributed", "--walkers", "2", "--page-size", "20"]);
+    let a = queue_args("replicate", &src.addr, &relay.addr, url, "B", &["--distributed", "--walkers", "2", "--page-size", "20"]);
     let (one, two) = (Job::spawn(&a), Job::spawn(&a));
     let (o1, o2) = tokio::task::spawn_blocking(move || (one.wait(Duration::from_secs(240)), two.wait(Duration::from_secs(240)))).await.unwrap();
     o1.assert_ok();
     o2.assert_ok();
     let enqueued = [&o1, &o2].iter().filter(|o| o.stderr.contains("enqueued the job's units")).count();
     assert_eq!(enqueued, 1, "one start enqueued\n{}\n{}", o1.describe(), o2.describe());
-    let units = stored_units(&pg.url, "B").await;
+    let units = stored_units(url, "B").await;
     assert_eq!(units.len(), 8, "4 units per walker, once: {units:?}");
     assert!(units.iter().all(|u| u.1 == "done"), "{units:?}");
     // Each repository was listed once and its tag pushed once, by one of the two.
@@ -1587,8 +1598,19 @@ async fn two_distributed_starts_of_one_job_enqueue_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_unit_that_always_fails_is_given_up_after_four_attempts_and_reported() {
-    const N: u64 = 200;
     let pg = common::pg::PgDatabase::create().await;
+    a_failing_unit_is_given_up(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_that_always_fails_is_given_up_after_four_attempts_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    a_failing_unit_is_given_up(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await;
+}
+
+/// A job whose one unit with names always fails, with job state at `url`.
+async fn a_failing_unit_is_given_up(url: &str) {
+    const N: u64 = 200;
     // Flat names r0000000..: all in one unit (the known limit of units cut before listing), whose page after
     // r0000099 always fails.
     let src = Synthetic::start_with(Options { count: N, namespaces: 0, unique_images: false, layer_size: 64 });
@@ -1596,7 +1618,7 @@ async fn a_unit_that_always_fails_is_given_up_after_four_attempts_and_reported()
     relay.fail("last=r0000099", 500, None, 100_000);
     let tmp = tempfile::tempdir().unwrap();
     let dst = quiet_breakwater(tmp.path());
-    let a = queue_args("replicate", &relay.addr, &dst.addr, &pg.url, "C", &["--distributed", "--walkers", "1", "--page-size", "50"]);
+    let a = queue_args("replicate", &relay.addr, &dst.addr, url, "C", &["--distributed", "--walkers", "1", "--page-size", "50"]);
     let out = replicate(a).await;
     assert_eq!(out.code, Some(1), "the job failed: exit 1\n{}", out.describe());
     assert_eq!(out.summary()["status"], "failed", "{}", out.describe());
@@ -1606,7 +1628,7 @@ async fn a_unit_that_always_fails_is_given_up_after_four_attempts_and_reported()
         "the failure names the unit and where its walk stopped\n{}",
         out.describe()
     );
-    let units = stored_units(&pg.url, "C").await;
+    let units = stored_units(url, "C").await;
     assert_eq!(units.len(), 4, "{units:?}");
     let failed: Vec<_> = units.iter().filter(|u| u.1 == "failed").collect();
     assert_eq!(failed.len(), 1, "{units:?}");
