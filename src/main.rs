@@ -25,6 +25,8 @@ enum Command {
     Warm(WarmArgs),
     /// Copy repositories from one registry to another, page by page, resumably.
     Replicate(Box<ReplicateArgs>),
+    /// Work a distributed replication job's queue (enqueued by `replicate --distributed`) until it is done.
+    Worker(Box<ReplicateArgs>),
     /// Check a store (bytes against digests, records against bytes, leftovers); --repair fixes what it finds.
     Fsck(FsckArgs),
     /// Remove unreferenced blobs (and, with delete_untagged, untagged manifests), online: safe while serve runs.
@@ -255,6 +257,13 @@ struct ReplicateArgs {
     /// Metadata store URL for job state (e.g. the PostgreSQL a breakwater cluster shares).
     #[arg(long, env = "BREAKWATER_METADATA")]
     metadata: Option<String>,
+    /// Put the job's work in a queue in the metadata store (once per job) and work it; `breakwater worker`s with
+    /// the same --metadata and --job work it too.
+    #[arg(long, conflicts_with_all = ["resume", "retry_failed"])]
+    distributed: bool,
+    /// How long a distributed worker's claim on a unit lasts unrenewed (a dead worker's unit waits that long).
+    #[arg(long, default_value_t = 15)]
+    lease_secs: u64,
 }
 
 impl ReplicateArgs {
@@ -307,18 +316,85 @@ impl ReplicateArgs {
     }
 }
 
-async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode> {
+impl ReplicateArgs {
+    /// The metadata store holding the job's state: --metadata, or the embedded one in --data.
+    async fn meta(&self) -> anyhow::Result<std::sync::Arc<dyn breakwater::meta::Meta>> {
+        let data = self.data.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
+        let metadata = match &self.metadata {
+            Some(m) => m.clone(),
+            None => {
+                std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+                config::sqlite_url(&data)
+            }
+        };
+        breakwater::meta::open(&metadata).await.context("opening the metadata store")
+    }
+}
+
+/// `replicate --distributed` (`enqueue`) and `worker`: work the job's queue until it is done, or a signal
+/// (then the unit in hand is given back, its lease released, and the exit is 128 + the signal).
+async fn work_queue(args: ReplicateArgs, enqueue: bool) -> anyhow::Result<std::process::ExitCode> {
     init_logging(LogFormat::Text);
     let policy = args.policy()?;
-    let data = args.data.clone().unwrap_or_else(|| PathBuf::from(config::DEFAULT_DATA));
-    let metadata = match &args.metadata {
-        Some(m) => m.clone(),
-        None => {
-            std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-            config::sqlite_url(&data)
+    let meta = args.meta().await?;
+    let job = policy.job.clone();
+    let worker = breakwater::replicate::distributed::Worker::new(std::time::Duration::from_secs(args.lease_secs.max(1)), enqueue);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let signalled = tokio::spawn(stop_on_signal(cancel.clone()));
+    let record = breakwater::replicate::distributed::work(policy, std::sync::Arc::clone(&meta), worker, cancel).await?;
+    print_failures(&*meta, &job).await?;
+    print_summary(&job, &record, 0, 0);
+    exit_code(&record, signalled).await
+}
+
+/// Prints the failures job `job` recorded, one a line, on stderr.
+async fn print_failures(meta: &dyn breakwater::meta::Meta, job: &str) -> anyhow::Result<()> {
+    let mut last: Option<(String, String)> = None;
+    loop {
+        let page = meta.failures(job, last.as_ref().map(|(r, t)| (r.as_str(), t.as_str())), 1000).await?;
+        for f in &page.items {
+            eprintln!("failed: {}{}{}: {}", f.repo, if f.tag.is_empty() { "" } else { ":" }, f.tag, f.reason);
         }
-    };
-    let meta = breakwater::meta::open(&metadata).await.context("opening the metadata store")?;
+        match page.items.last() {
+            Some(f) if page.more => last = Some((f.repo.clone(), f.tag.clone())),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The run's summary: a line for people on stderr, and the JSON line scripts read on stdout.
+fn print_summary(job: &str, record: &breakwater::meta::JobRecord, conflicts: u64, tags_held_max: u64) {
+    eprintln!(
+        "{job}: {} pages, {} repositories seen, {} matched; {} artifacts copied, {} skipped ({conflicts} left alone because the destination tag differs), {} failed; {} bytes",
+        record.pages, record.repos_seen, record.repos_matched, record.copied, record.skipped, record.failed, record.bytes
+    );
+    let summary = serde_json::json!({
+        "job": job, "pages": record.pages, "repos_seen": record.repos_seen, "repos_matched": record.repos_matched,
+        "copied": record.copied, "skipped": record.skipped, "failed": record.failed, "bytes": record.bytes,
+        "conflicts": conflicts, "mark": record.mark, "status": record.status,
+        "tags_held_max": tags_held_max,
+    });
+    println!("{summary}");
+}
+
+/// 0 for a finished job, 1 for a failed one, 128 + the signal for one a signal interrupted.
+async fn exit_code(record: &breakwater::meta::JobRecord, signalled: tokio::task::JoinHandle<Signal>) -> anyhow::Result<std::process::ExitCode> {
+    if record.status == breakwater::replicate::INTERRUPTED {
+        // The shell's convention for a process stopped by a signal: 128 + its number.
+        // Only a signal interrupts this run, so the watcher has returned it (or is about to).
+        let signal = signalled.await.unwrap_or(Signal::Terminate);
+        return Ok(std::process::ExitCode::from(signal.exit_code()));
+    }
+    Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+}
+
+async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode> {
+    if args.distributed {
+        return work_queue(args, true).await;
+    }
+    init_logging(LogFormat::Text);
+    let policy = args.policy()?;
+    let meta = args.meta().await?;
     let mode = match (args.resume, args.retry_failed) {
         (true, _) => breakwater::replicate::Mode::Resume,
         (_, true) => breakwater::replicate::Mode::RetryFailed,
@@ -333,36 +409,10 @@ async fn replicate(args: ReplicateArgs) -> anyhow::Result<std::process::ExitCode
         breakwater::replicate::run(policy, std::sync::Arc::clone(&meta), mode, Some(std::sync::Arc::clone(&progress)), cancel).await;
     drop(reporter);
     let record = result?;
-    let mut last: Option<(String, String)> = None;
-    loop {
-        let page = meta.failures(&job, last.as_ref().map(|(r, t)| (r.as_str(), t.as_str())), 1000).await?;
-        for f in &page.items {
-            eprintln!("failed: {}{}{}: {}", f.repo, if f.tag.is_empty() { "" } else { ":" }, f.tag, f.reason);
-        }
-        match page.items.last() {
-            Some(f) if page.more => last = Some((f.repo.clone(), f.tag.clone())),
-            _ => break,
-        }
-    }
+    print_failures(&*meta, &job).await?;
     let conflicts = progress.conflicts.load(std::sync::atomic::Ordering::Relaxed);
-    eprintln!(
-        "{job}: {} pages, {} repositories seen, {} matched; {} artifacts copied, {} skipped ({conflicts} left alone because the destination tag differs), {} failed; {} bytes",
-        record.pages, record.repos_seen, record.repos_matched, record.copied, record.skipped, record.failed, record.bytes
-    );
-    let summary = serde_json::json!({
-        "job": job, "pages": record.pages, "repos_seen": record.repos_seen, "repos_matched": record.repos_matched,
-        "copied": record.copied, "skipped": record.skipped, "failed": record.failed, "bytes": record.bytes,
-        "conflicts": conflicts, "mark": record.mark, "status": record.status,
-        "tags_held_max": progress.tags_held_max.load(std::sync::atomic::Ordering::Relaxed),
-    });
-    println!("{summary}");
-    if record.status == breakwater::replicate::INTERRUPTED {
-        // The shell's convention for a process stopped by a signal: 128 + its number.
-        // Only a signal interrupts this run, so the watcher has returned it (or is about to).
-        let signal = signalled.await.unwrap_or(Signal::Terminate);
-        return Ok(std::process::ExitCode::from(signal.exit_code()));
-    }
-    Ok(if record.status == "finished" { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE })
+    print_summary(&job, &record, conflicts, progress.tags_held_max.load(std::sync::atomic::Ordering::Relaxed));
+    exit_code(&record, signalled).await
 }
 
 /// Stops the run at the first SIGINT or SIGTERM (it saves its checkpoint and ends `interrupted`); a second one
@@ -923,6 +973,7 @@ async fn main() -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => serve(*args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Warm(args) => warm(args).await.map(|()| std::process::ExitCode::SUCCESS),
         Command::Replicate(args) => replicate(*args).await,
+        Command::Worker(args) => work_queue(*args, false).await,
         Command::Fsck(args) => fsck(args).await,
         Command::Gc(args) => gc(args).await,
         Command::Token(args) => token(args).await,

@@ -1465,3 +1465,214 @@ async fn repositories_without_tags_are_not_failures() {
     assert_eq!((out.n("repos_matched"), out.n("copied")), (3, 1), "{}", out.describe());
     assert_eq!(Api::new(&dst.addr).head("a/tagged", "v1").await, Some(tagged.digest));
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Distributed replication (issue 13 item 4): a job's units in a PostgreSQL queue, worked by several processes.
+
+/// `CMD --from SRC --to DST --metadata URL --job JOB EXTRA...` (CMD: `replicate` or `worker`).
+fn queue_args(cmd: &str, from: &str, to: &str, metadata: &str, job: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = [cmd, "--from", &format!("http://{from}"), "--to", &format!("http://{to}"), "--metadata", metadata, "--job", job]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+/// The job's units as stored: (unit, state, attempts, pending list).
+async fn stored_units(url: &str, job: &str) -> Vec<(i64, String, i64, String)> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    let rows = sqlx::query("SELECT unit, state, attempts, pending FROM replication_units WHERE job = $1 ORDER BY unit")
+        .bind(job)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    use sqlx::Row;
+    let units = rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<String, _>(1), r.get::<i64, _>(2), r.get::<String, _>(3))).collect();
+    pool.close().await;
+    units
+}
+
+/// Tag pushes (`PUT .../manifests/v1`) that got 201, per repository.
+fn tag_pushes(relay: &Relay) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for r in relay.requests().iter().filter(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1")) {
+        let repo = r.path.strip_prefix("/v2/").unwrap().strip_suffix("/manifests/v1").unwrap().to_string();
+        *out.entry(repo).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn distributed_workers_one_killed_copy_every_artifact_once_and_the_checkpoint_is_exact() {
+    const N: u64 = 600;
+    let pg = common::pg::PgDatabase::create().await;
+    // 300 two-letter namespaces: the units cut before listing hold names.
+    let src = Synthetic::start_with(Options { count: N, namespaces: 300, unique_images: true, layer_size: 512 });
+    // Slow enough that the kill lands midway.
+    src.delay_on("GET /v2/", Duration::from_millis(3));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let relay = Relay::start(&dst.addr);
+    let opts = ["--walkers", "2", "--concurrency", "2", "--page-size", "20", "--lease-secs", "3"];
+    let a = |cmd: &str, extra: &[&str]| queue_args(cmd, &src.addr, &relay.addr, &pg.url, "D", &[&opts[..], extra].concat());
+    let starter = Job::spawn(&a("replicate", &["--distributed"]));
+    let mut victim = Job::spawn(&a("worker", &[]));
+    let other = Job::spawn(&a("worker", &[]));
+    assert!(relay.wait_for_async("PUT", "/manifests/v1", 150, Duration::from_secs(120)).await, "150 tags were never pushed");
+    assert!(victim.running(), "the worker ended before the kill; slow the source down");
+    assert_eq!(victim.kill9().code, None);
+
+    let (o1, o2) = tokio::task::spawn_blocking(move || (starter.wait(Duration::from_secs(240)), other.wait(Duration::from_secs(240))))
+        .await
+        .unwrap();
+    o1.assert_ok();
+    o2.assert_ok();
+    assert_eq!(o1.summary()["status"], "finished", "{}", o1.describe());
+
+    // Every tag pushed once, every blob uploaded once (an upload the kill cut before its answer counts once: the
+    // destination may have stored it, and then the next claim found it there).
+    let pushes = tag_pushes(&relay);
+    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
+    let missing: Vec<&String> = names.iter().filter(|n| !pushes.contains_key(*n)).take(5).collect();
+    assert!(missing.is_empty(), "tags never pushed, e.g. {missing:?}");
+    let twice: Vec<_> = pushes.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(twice.is_empty(), "tags pushed twice, e.g. {twice:?}");
+    let mut all = uploads(&relay, false);
+    for d in uploads(&relay, true).into_keys() {
+        all.entry(d).or_insert(1);
+    }
+    assert_eq!(all.len() as u64, 2 * N, "distinct blobs uploaded");
+    let again: Vec<_> = all.iter().filter(|(_, c)| **c > 1).take(5).collect();
+    assert!(again.is_empty(), "blobs uploaded twice, e.g. {again:?}");
+    let d = Api::new(&dst.addr);
+    assert_eq!(d.catalog().await, names, "destination catalog");
+    let inv = d.inventory(Some(names.clone())).await;
+    for i in 0..N {
+        assert_eq!(inv.get(&src.name(i)).and_then(|t| t.get("v1")), Some(&src.image(i).digest), "{}", src.name(i));
+    }
+    // The checkpoint is exact: 4 units per walker, all done, none with work outstanding or a failed attempt.
+    let units = stored_units(&pg.url, "D").await;
+    assert_eq!(units.len(), 8, "{units:?}");
+    assert!(units.iter().all(|u| u.1 == "done" && u.2 == 0 && u.3 == "[]"), "{units:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_distributed_starts_of_one_job_enqueue_once() {
+    let pg = common::pg::PgDatabase::create().await;
+    two_starts_enqueue_once(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_distributed_starts_of_one_job_enqueue_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    two_starts_enqueue_once(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await;
+}
+
+/// Two `replicate --distributed` of one job at once, with job state at `url`.
+async fn two_starts_enqueue_once(url: &str) {
+    const N: u64 = 200;
+    let src = Synthetic::start_with(Options { count: N, namespaces: 100, unique_images: false, layer_size: 64 });
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let relay = Relay::start(&dst.addr);
+    let a = queue_args("replicate", &src.addr, &relay.addr, url, "B", &["--distributed", "--walkers", "2", "--page-size", "20"]);
+    let (one, two) = (Job::spawn(&a), Job::spawn(&a));
+    let (o1, o2) = tokio::task::spawn_blocking(move || (one.wait(Duration::from_secs(240)), two.wait(Duration::from_secs(240)))).await.unwrap();
+    o1.assert_ok();
+    o2.assert_ok();
+    let enqueued = [&o1, &o2].iter().filter(|o| o.stderr.contains("enqueued the job's units")).count();
+    assert_eq!(enqueued, 1, "one start enqueued\n{}\n{}", o1.describe(), o2.describe());
+    let units = stored_units(url, "B").await;
+    assert_eq!(units.len(), 8, "4 units per walker, once: {units:?}");
+    assert!(units.iter().all(|u| u.1 == "done"), "{units:?}");
+    // Each repository was listed once and its tag pushed once, by one of the two.
+    let listed = listings(&src);
+    assert_eq!(listed.len() as u64, N);
+    assert!(listed.values().all(|c| *c == 1), "repositories listed twice: {listed:?}");
+    let pushes = tag_pushes(&relay);
+    assert_eq!(pushes.len() as u64, N);
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_that_always_fails_is_given_up_after_four_attempts_and_reported() {
+    let pg = common::pg::PgDatabase::create().await;
+    a_failing_unit_is_given_up(&pg.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_unit_that_always_fails_is_given_up_after_four_attempts_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    a_failing_unit_is_given_up(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await;
+}
+
+/// A job whose one unit with names always fails, with job state at `url`.
+async fn a_failing_unit_is_given_up(url: &str) {
+    const N: u64 = 200;
+    // Flat names r0000000..: all in one unit (the known limit of units cut before listing), whose page after
+    // r0000099 always fails.
+    let src = Synthetic::start_with(Options { count: N, namespaces: 0, unique_images: false, layer_size: 64 });
+    let relay = Relay::start(&src.addr);
+    relay.fail("last=r0000099", 500, None, 100_000);
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let a = queue_args("replicate", &relay.addr, &dst.addr, url, "C", &["--distributed", "--walkers", "1", "--page-size", "50"]);
+    let out = replicate(a).await;
+    assert_eq!(out.code, Some(1), "the job failed: exit 1\n{}", out.describe());
+    assert_eq!(out.summary()["status"], "failed", "{}", out.describe());
+    assert_eq!(out.n("failed"), 1, "{}", out.describe());
+    assert!(
+        out.stderr.contains("failed: <catalog>:r0000099: unit") && out.stderr.contains("gave up after 4 attempts"),
+        "the failure names the unit and where its walk stopped\n{}",
+        out.describe()
+    );
+    let units = stored_units(url, "C").await;
+    assert_eq!(units.len(), 4, "{units:?}");
+    let failed: Vec<_> = units.iter().filter(|u| u.1 == "failed").collect();
+    assert_eq!(failed.len(), 1, "{units:?}");
+    assert_eq!(failed[0].2, 4, "four attempts: {units:?}");
+    assert!(units.iter().filter(|u| u.1 != "failed").all(|u| u.1 == "done" && u.2 == 0), "{units:?}");
+    // Each attempt resumed from the unit's checkpoint: the first 100 repositories were listed once, and the
+    // failing page asked of every attempt (after the walk's own retries).
+    let listed = listings(&src);
+    assert_eq!(listed.len(), 100, "the repositories before the failing page");
+    assert!(listed.values().all(|c| *c == 1), "a retried attempt redid finished work: {listed:?}");
+    assert!(relay.count("GET", "last=r0000099") >= 4);
+    assert_eq!(Api::new(&dst.addr).catalog().await.len(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_to_a_distributed_worker_gives_its_unit_back_releases_its_lease_and_exits_143() {
+    const N: u64 = 300;
+    let pg = common::pg::PgDatabase::create().await;
+    let src = Synthetic::start_with(Options { count: N, namespaces: 100, unique_images: true, layer_size: 256 });
+    src.delay_on("GET /v2/", Duration::from_millis(10));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let relay = Relay::start(&dst.addr);
+    let a = queue_args("replicate", &src.addr, &relay.addr, &pg.url, "T", &["--distributed", "--walkers", "1", "--page-size", "10"]);
+    let mut job = Job::spawn(&a);
+    assert!(relay.wait_for_async("PUT", "/manifests/v1", 20, Duration::from_secs(120)).await, "20 tags were never pushed");
+    assert!(job.running(), "the run ended before the signal; slow the source down");
+    let pid = job.child.as_ref().unwrap().id();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let out = tokio::task::spawn_blocking(move || job.wait(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(out.code, Some(143), "{}", out.describe());
+    // The unit it held is pending again and its lease is gone: another worker takes it over at once.
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&pg.url).await.unwrap();
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE 'replicate:%'").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(leases, 0, "the worker released its lease before it exited");
+    let units = stored_units(&pg.url, "T").await;
+    assert!(units.iter().all(|u| u.1 != "claimed"), "{units:?}");
+    assert!(units.iter().any(|u| u.1 == "pending"), "work was left: {units:?}");
+    // A worker finishes the job from the checkpoint, pushing no tag twice.
+    let w = queue_args("worker", &src.addr, &relay.addr, &pg.url, "T", &["--walkers", "1", "--page-size", "10"]);
+    replicate(w).await.assert_ok();
+    let pushes = tag_pushes(&relay);
+    assert_eq!(pushes.len() as u64, N);
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice");
+}

@@ -215,13 +215,15 @@ fn count_flight(role: &'static str) {
 /// A lease kept alive by a task renewing it every third of its life; dropped, it stops and gives the lease up.
 pub struct Renewal {
     stop: CancellationToken,
+    /// The renewing task, which releases the lease as it ends: [`Renewal::end`] waits for it.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Renewal {
-    pub(super) fn start(meta: Arc<dyn Meta>, name: String, holder: String, ttl: Duration) -> Renewal {
+    pub fn start(meta: Arc<dyn Meta>, name: String, holder: String, ttl: Duration) -> Renewal {
         let stop = CancellationToken::new();
         let stopped = stop.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut ticks = tokio::time::interval(ttl / 3);
             ticks.tick().await;
             loop {
@@ -238,7 +240,16 @@ impl Renewal {
                 tracing::warn!(lease = %name, error = %e, "releasing a lease failed; it lapses");
             }
         });
-        Renewal { stop }
+        Renewal { stop, task: Some(task) }
+    }
+
+    /// Stops renewing and waits until the lease is released (a process about to exit, whose drop would leave the
+    /// release unsent).
+    pub async fn end(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 

@@ -11,6 +11,12 @@ use super::sql::{digest_of, now_millis, record, SqlMeta};
 use super::{Cutoffs, ManifestRow, MetaError};
 use crate::oci::Digest;
 
+/// Takes or renews lease `$1` for holder `$2` (= `$5`) until `$3`, unless another holder's is live at `$4`
+/// (Unix milliseconds): one row affected if taken. Shared by `Meta::lease` and the replication queue's claims.
+pub(super) const LEASE_TAKE: &str = "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                          ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
+                          WHERE leases.expires_at < $4 OR leases.holder = $5";
+
 /// Creates `digest`'s `blob_state` row if needed and locks it for the transaction (the update changes nothing).
 pub(super) const LOCK_ROW: &str = "INSERT INTO blob_state (digest, claimed_at, deleting) VALUES ($1, 0, 0) \
                         ON CONFLICT (digest) DO UPDATE SET deleting = blob_state.deleting";
@@ -289,11 +295,7 @@ impl SqlMeta {
 
     pub(super) async fn take_lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, MetaError> {
         let now = now_millis();
-        let done = sqlx::query(
-            "INSERT INTO leases (name, holder, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at \
-             WHERE leases.expires_at < $4 OR leases.holder = $5",
-        )
+        let done = sqlx::query(LEASE_TAKE)
         .bind(name)
         .bind(holder)
         .bind(now.saturating_add(ttl_ms))

@@ -7,6 +7,7 @@
 
 mod collect;
 mod members;
+mod queue;
 mod retention;
 mod schema;
 mod sql;
@@ -87,6 +88,44 @@ pub struct RangeRecord {
     pub position: Option<String>,
     /// `None`: the catalog's end.
     pub end: Option<String>,
+}
+
+/// One unit of a distributed replication job's work: a key range of the source's catalog, `(start, end]`, and
+/// where its walk is (`crate::replicate::distributed` has the protocol).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Unit {
+    pub job: String,
+    /// The unit's number within the job: its lease is `replicate:<job>:<unit>`.
+    pub unit: u64,
+    /// Where the range starts (exclusive); `None`: the catalog's start.
+    pub start: Option<String>,
+    /// The range's last name; `None`: the catalog's end.
+    pub end: Option<String>,
+    /// The checkpoint: the last name of the range handed on (`None`: nothing yet).
+    pub position: Option<String>,
+    /// Repositories handed on but not finished at the last save: a worker that takes the unit over re-queues them.
+    pub pending: Vec<String>,
+    /// `pending`, `claimed`, `done` or `failed`.
+    pub state: String,
+    /// Failed attempts so far.
+    pub attempts: u64,
+    /// Grows at every claim: saves carry it, so a worker that lost its claim cannot overwrite its successor's.
+    pub epoch: u64,
+    pub claimed_by: Option<String>,
+    /// Artifacts copied and skipped, and bytes copied, by this unit over all its attempts.
+    pub copied: u64,
+    pub skipped: u64,
+    pub bytes: u64,
+    /// Why the last attempt failed.
+    pub error: Option<String>,
+}
+
+/// The counters a unit's save carries (its attempts' totals).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitCounts {
+    pub copied: u64,
+    pub skipped: u64,
+    pub bytes: u64,
 }
 
 /// An item a replication job could not copy.
@@ -291,12 +330,41 @@ pub trait Meta: Send + Sync + 'static {
     /// who fetches what).
     async fn leases(&self, prefix: &str) -> Result<Vec<Lease>, MetaError>;
 
+    // ---- distributed replication: a job's units in a queue (`crate::replicate::distributed`) -------------
+
+    /// Enqueues job `job`'s units, one per range (numbered in order), unless it has units already: the job's row
+    /// is locked first, so that two starts at once enqueue once. Returns whether this call enqueued them.
+    async fn enqueue_units(&self, job: &str, ranges: &[RangeRecord]) -> Result<bool, MetaError>;
+    /// Claims a unit of `job` for `holder`: one pending past its backoff, or claimed by a worker whose lease
+    /// (`lease_prefix<job>:<unit>`) lapsed. Takes that lease for `ttl_ms` and bumps the unit's epoch, in one
+    /// transaction (PostgreSQL: `FOR UPDATE SKIP LOCKED`, so workers never wait on each other's candidate).
+    async fn claim_unit(&self, job: &str, holder: &str, lease_prefix: &str, ttl_ms: i64) -> Result<Option<Unit>, MetaError>;
+    /// Saves a claimed unit's checkpoint; false (nothing written) if `epoch` is no longer the unit's.
+    async fn save_unit(&self, job: &str, unit: u64, epoch: u64, position: Option<&str>, pending: &[String], counts: UnitCounts) -> Result<bool, MetaError>;
+    /// Ends a claimed unit: `done`, or back to `pending` (`release`: a worker stopping gives it up, no attempt is
+    /// counted). False if `epoch` is no longer the unit's.
+    async fn settle_unit(&self, job: &str, unit: u64, epoch: u64, state: UnitEnd<'_>) -> Result<bool, MetaError>;
+    /// The job's units, by number.
+    async fn units(&self, job: &str) -> Result<Vec<Unit>, MetaError>;
+
     /// What a cluster member last learnt from upstream about `reference` of the cached repository `repo`.
     async fn cache_check(&self, repo: &RepoName, reference: &str) -> Result<Option<Check>, MetaError>;
     /// Records that upstream was asked about `reference` now (`check.checked_at`), and whether it had it.
     async fn record_check(&self, repo: &RepoName, reference: &str, check: Check) -> Result<(), MetaError>;
     /// Forgets checks made before `before_ms`; how many went.
     async fn forget_checks(&self, before_ms: i64) -> Result<u64, MetaError>;
+}
+
+/// How a claimed unit ends ([`Meta::settle_unit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitEnd<'a> {
+    /// Its range is walked and every repository in it finished.
+    Done,
+    /// Given up by its worker (stopping): back to `pending` at once, no attempt counted.
+    Released,
+    /// The attempt failed: one more attempt counted; back to `pending` not before `not_before` (Unix
+    /// milliseconds), or `failed` for good once `max_attempts` are reached.
+    Failed { reason: &'a str, not_before: i64, max_attempts: u64 },
 }
 
 /// An upstream's answer about a cached reference, shared by a cluster's members: when (Unix milliseconds), and

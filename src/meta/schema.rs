@@ -38,6 +38,7 @@ const SQLITE: &[Step] = &[
     (8, "gc indexes", include_str!("../../migrations/sqlite/0008_gc_indexes.sql")),
     (9, "cache checks", include_str!("../../migrations/sqlite/0009_cache_checks.sql")),
     (10, "replication walks", include_str!("../../migrations/sqlite/0010_replication_walks.sql")),
+    (11, "replication units", include_str!("../../migrations/sqlite/0011_replication_units.sql")),
 ];
 
 const POSTGRES: &[Step] = &[
@@ -51,6 +52,7 @@ const POSTGRES: &[Step] = &[
     (8, "gc indexes", include_str!("../../migrations/postgres/0008_gc_indexes.sql")),
     (9, "cache checks", include_str!("../../migrations/postgres/0009_cache_checks.sql")),
     (10, "replication walks", include_str!("../../migrations/postgres/0010_replication_walks.sql")),
+    (11, "replication units", include_str!("../../migrations/postgres/0011_replication_units.sql")),
 ];
 
 /// The migrations of one dialect, as sqlx's migrator takes them (`sqlx::migrate!` would do the same at compile

@@ -24,6 +24,8 @@ pub struct SqlMeta {
     /// that starts after a change has begun never joins one that started before, so the sharing never answers
     /// from before a change the caller could have seen complete (on this instance).
     link_generation: Arc<AtomicU64>,
+    /// Where the two dialects' SQL must differ (row locks: `crate::meta::queue`).
+    dialect: Dialect,
 }
 
 /// A `blob_linked` lookup: the generation of `blob_links`, the repository and the digest.
@@ -149,11 +151,15 @@ impl SqlMeta {
         }
         let pool = options.connect(url).await?;
         super::schema::migrate(&pool, dialect).await?;
-        Ok(SqlMeta { pool, link_lookups: Group::default(), link_generation: Arc::default() })
+        Ok(SqlMeta { pool, link_lookups: Group::default(), link_generation: Arc::default(), dialect })
     }
 
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub(super) fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// Moves the link generation on for a change of `blob_links` (see `link_generation`).
@@ -465,6 +471,7 @@ impl Meta for SqlMeta {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM replication_jobs WHERE name = $1").bind(name).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM replication_failures WHERE job = $1").bind(name).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM replication_units WHERE job = $1").bind(name).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -762,5 +769,33 @@ impl Meta for SqlMeta {
 
     async fn forget_checks(&self, before_ms: i64) -> Result<u64, MetaError> {
         self.drop_checks(before_ms).await
+    }
+
+    async fn enqueue_units(&self, job: &str, ranges: &[super::RangeRecord]) -> Result<bool, MetaError> {
+        self.enqueue(job, ranges).await
+    }
+
+    async fn claim_unit(&self, job: &str, holder: &str, lease_prefix: &str, ttl_ms: i64) -> Result<Option<super::Unit>, MetaError> {
+        self.claim_next(job, holder, lease_prefix, ttl_ms).await
+    }
+
+    async fn save_unit(
+        &self,
+        job: &str,
+        unit: u64,
+        epoch: u64,
+        position: Option<&str>,
+        pending: &[String],
+        counts: super::UnitCounts,
+    ) -> Result<bool, MetaError> {
+        self.save_position(job, unit, epoch, position, pending, counts).await
+    }
+
+    async fn settle_unit(&self, job: &str, unit: u64, epoch: u64, end: super::UnitEnd<'_>) -> Result<bool, MetaError> {
+        self.settle(job, unit, epoch, end).await
+    }
+
+    async fn units(&self, job: &str) -> Result<Vec<super::Unit>, MetaError> {
+        self.job_units(job).await
     }
 }

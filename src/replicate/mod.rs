@@ -23,6 +23,7 @@
 //! next run resumes like a crashed one.
 
 mod copy;
+pub mod distributed;
 mod filter;
 mod listing;
 mod progress;
@@ -42,7 +43,7 @@ pub use listing::SourceKind;
 pub use progress::{Progress, Reporter};
 pub use scheduler::{JobStatus, Scheduler, StartError, FAILURES_SHOWN};
 
-use crate::meta::{JobFailure, JobRecord, Meta};
+use crate::meta::{JobFailure, JobRecord, Meta, Unit, UnitCounts};
 use crate::oci::RepoName;
 use crate::upstream::{Upstream, UpstreamConfig, UpstreamError};
 
@@ -193,6 +194,19 @@ struct Run {
     /// Told whenever the walk's ranges change (a page taken in, a range finished or failed, a walker gone): a
     /// walker with nothing to take over waits for it, since a range becomes worth cutting once its first page is in.
     walk_changed: tokio::sync::Notify,
+    /// Set when the run walks one unit of a distributed job: its checkpoint goes to the unit, not the job.
+    unit: Option<UnitRun>,
+}
+
+/// A distributed job's unit as its run holds it (`distributed` has the protocol).
+struct UnitRun {
+    /// The unit as claimed: its range, and the epoch every save carries.
+    claim: Unit,
+    /// A save was refused (another worker claimed the unit since): the run stopped, and must not settle it.
+    lost: std::sync::atomic::AtomicBool,
+    /// The catalog failures of the walk, (where, why): the unit's attempt failed (the worker decides whether it is
+    /// retried or recorded as the job's failure).
+    failures: Mutex<Vec<(String, String)>>,
 }
 
 impl Run {
@@ -319,6 +333,9 @@ impl Run {
     /// Saves the checkpoint and counters; returns what was saved.
     async fn save(&self, status: &str) -> JobRecord {
         let _one_at_a_time = self.save_lock.lock().await;
+        if let Some(unit) = &self.unit {
+            return self.save_unit(unit, status).await;
+        }
         let mut r = self.progress.record(&self.policy.job);
         {
             let mut c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
@@ -338,6 +355,36 @@ impl Run {
         if let Err(e) = self.meta.save_job(&r).await {
             tracing::error!(error = %e, "saving the replication checkpoint failed");
         }
+        r
+    }
+
+    /// Saves a unit's checkpoint (its range's position and its outstanding repositories) under its epoch; a
+    /// refused save means another worker holds the unit now: this run stops at once.
+    async fn save_unit(&self, unit: &UnitRun, status: &str) -> JobRecord {
+        let mut r = self.progress.record(&self.policy.job);
+        let (position, pending) = {
+            let c = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+            let position = match c.walk.as_ref().and_then(|w| w.frontier()) {
+                Some(p) => p.map(str::to_string),
+                // The range is walked: its last name handed on (or where it was before this attempt).
+                None => c.max_listed.clone().or_else(|| unit.claim.position.clone()),
+            };
+            (position, c.outstanding.iter().cloned().collect::<Vec<_>>())
+        };
+        let counts = UnitCounts { copied: r.copied, skipped: r.skipped, bytes: r.bytes };
+        let c = &unit.claim;
+        match self.meta.save_unit(&c.job, c.unit, c.epoch, position.as_deref(), &pending, counts).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(job = %c.job, unit = c.unit, epoch = c.epoch, "the unit was claimed by another worker (this one's lease lapsed): stopping it");
+                unit.lost.store(true, Ordering::Relaxed);
+                self.cancel.cancel();
+            }
+            Err(e) => tracing::error!(error = %e, "saving the unit's checkpoint failed"),
+        }
+        r.position = position;
+        r.pending = pending;
+        r.status = status.to_string();
         r
     }
 
@@ -382,26 +429,16 @@ pub async fn run(
     progress: Option<Arc<Progress>>,
     cancel: CancellationToken,
 ) -> Result<JobRecord, ReplicateError> {
-    let src = Arc::new(Upstream::new(policy.from.clone())?);
-    let dst = Arc::new(Upstream::new(policy.to.clone())?);
-    let repos = RepoFilter::new(&policy.include, &policy.exclude).map_err(ReplicateError::Policy)?;
-    let tags = TagFilter::new(&policy.tags, &policy.exclude_tags, policy.latest).map_err(ReplicateError::Policy)?;
-    let rewrite = Rewrite::new(&policy.rewrite).map_err(ReplicateError::Policy)?;
-    let mut copier = Copier::new(src, dst);
-    copier.platforms = policy.platforms.clone();
-    copier.referrers = policy.referrers;
-    copier.override_tags = policy.override_tags;
-    copier.dry_run = policy.dry_run;
-    copier.cancel = cancel.clone();
-    copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
-
+    // Built first: a policy that cannot run (a bad filter) fails before the job's state is touched.
+    let progress = progress.unwrap_or_default();
+    let (run, repos) = engine(policy, Arc::clone(&meta), Arc::clone(&progress), cancel, Cursor::default(), 0, None)?;
+    let policy = &run.policy;
     let saved = meta.job(&policy.job).await?;
     // A retry of failures counts; any walk (below) starts the count again.
     let retries = match (mode, &saved) {
         (Mode::RetryFailed, Some(s)) => s.retries.saturating_add(1),
         _ => 0,
     };
-    let progress = progress.unwrap_or_default();
     let start = match mode {
         Mode::Fresh => {
             meta.reset_job(&policy.job).await?;
@@ -423,20 +460,8 @@ pub async fn run(
                 .unwrap_or_default()
         }
     };
-    let run = Arc::new(Run {
-        policy,
-        meta,
-        progress,
-        copier: Arc::new(copier),
-        tags,
-        rewrite,
-        cursor: Arc::new(Mutex::new(start)),
-        save_lock: tokio::sync::Mutex::new(()),
-        retries: AtomicU64::new(retries),
-        cancel,
-        interrupted: Default::default(),
-        walk_changed: tokio::sync::Notify::new(),
-    });
+    *run.cursor.lock().unwrap_or_else(|p| p.into_inner()) = start;
+    run.retries.store(retries, Ordering::Relaxed);
     match mode {
         Mode::Fresh => walk(run, repos).await,
         Mode::Resume => {
@@ -459,8 +484,100 @@ pub async fn run(
     }
 }
 
+/// The run's shared state from a policy: clients of the source and destination, filters, and where to start.
+fn engine(
+    policy: Policy,
+    meta: Arc<dyn Meta>,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+    start: Cursor,
+    retries: u64,
+    unit: Option<UnitRun>,
+) -> Result<(Arc<Run>, RepoFilter), ReplicateError> {
+    let src = Arc::new(Upstream::new(policy.from.clone())?);
+    let dst = Arc::new(Upstream::new(policy.to.clone())?);
+    let repos = RepoFilter::new(&policy.include, &policy.exclude).map_err(ReplicateError::Policy)?;
+    let tags = TagFilter::new(&policy.tags, &policy.exclude_tags, policy.latest).map_err(ReplicateError::Policy)?;
+    let rewrite = Rewrite::new(&policy.rewrite).map_err(ReplicateError::Policy)?;
+    let mut copier = Copier::new(src, dst);
+    copier.platforms = policy.platforms.clone();
+    copier.referrers = policy.referrers;
+    copier.override_tags = policy.override_tags;
+    copier.dry_run = policy.dry_run;
+    copier.cancel = cancel.clone();
+    copier.bandwidth = policy.bandwidth.filter(|b| *b > 0).map(|b| Arc::new(crate::pace::Pacer::per_second(b as f64)));
+    let run = Arc::new(Run {
+        policy,
+        meta,
+        progress,
+        copier: Arc::new(copier),
+        tags,
+        rewrite,
+        cursor: Arc::new(Mutex::new(start)),
+        save_lock: tokio::sync::Mutex::new(()),
+        retries: AtomicU64::new(retries),
+        cancel,
+        interrupted: Default::default(),
+        walk_changed: tokio::sync::Notify::new(),
+        unit,
+    });
+    Ok((run, repos))
+}
+
+/// How one attempt at a distributed job's unit ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnitOutcome {
+    /// The range is walked and every repository of it finished (failed items are recorded as the job's).
+    Done,
+    /// Stopped (the worker is stopping) with work left: the checkpoint is saved.
+    Interrupted,
+    /// A save was refused: another worker claimed the unit after this one's lease lapsed.
+    Lost,
+    /// The walk could not go on: the catalog failed at `at`.
+    Failed { at: String, reason: String },
+}
+
+/// Walks and copies one claimed unit of a distributed job: the existing pipeline over the unit's key range alone,
+/// from its checkpoint (its position, and the repositories its last attempt left unfinished, copied asking the
+/// destination first). One walker: the unit's checkpoint is one position.
+pub async fn run_unit(mut policy: Policy, meta: Arc<dyn Meta>, claim: Unit, cancel: CancellationToken) -> Result<UnitOutcome, ReplicateError> {
+    policy.walkers = 1;
+    let linear = policy.from_kind != SourceKind::Registry;
+    let range = crate::meta::RangeRecord { position: claim.position.clone(), end: claim.end.clone() };
+    let record = crate::meta::WalkRecord { ranges: vec![range], unsorted: false };
+    let start = Cursor {
+        walk: Some(ranges::Walk::restore(Some(&record), None, linear)),
+        outstanding: claim.pending.iter().cloned().collect(),
+        ..Cursor::default()
+    };
+    let progress = Arc::new(Progress::default());
+    progress.restore(&JobRecord { copied: claim.copied, skipped: claim.skipped, bytes: claim.bytes, ..JobRecord::default() });
+    let unit = UnitRun { claim, lost: Default::default(), failures: Mutex::new(Vec::new()) };
+    let (run, repos) = engine(policy, meta, progress, cancel, start, 0, Some(unit))?;
+    walk(Arc::clone(&run), repos).await?;
+    let Some(unit) = &run.unit else { return Ok(UnitOutcome::Interrupted) };
+    if unit.lost.load(Ordering::Relaxed) {
+        return Ok(UnitOutcome::Lost);
+    }
+    if run.interrupted.load(Ordering::Relaxed) {
+        return Ok(UnitOutcome::Interrupted);
+    }
+    let failed = unit.failures.lock().unwrap_or_else(|p| p.into_inner()).first().cloned();
+    Ok(match failed {
+        Some((at, reason)) => UnitOutcome::Failed { at, reason },
+        None => UnitOutcome::Done,
+    })
+}
+
+/// The new walk of a distributed job, cut into `units` key ranges (one if the source is not listed by its
+/// catalog): what its queue is filled with.
+pub fn unit_ranges(policy: &Policy, units: usize) -> Vec<crate::meta::RangeRecord> {
+    let linear = policy.from_kind != SourceKind::Registry;
+    ranges::Walk::fresh(units, linear).record().ranges
+}
+
 /// The name failures of the catalog walk are recorded under.
-const CATALOG: &str = "<catalog>";
+pub const CATALOG: &str = "<catalog>";
 
 /// Failures read from the metadata store at a time (a job may have recorded millions).
 const FAILURE_PAGE: u64 = 500;
@@ -469,6 +586,10 @@ const FAILURE_PAGE: u64 = 500;
 /// anything is recorded as failed. The records decide, not the run's counter: they include what earlier runs of
 /// the job left and is not copied since.
 async fn finish(run: &Run) -> JobRecord {
+    if run.unit.is_some() {
+        // The job's status is the queue's to decide (`distributed`); the unit's checkpoint is saved.
+        return run.save("running").await;
+    }
     match run.meta.count_failures(&run.policy.job).await {
         Ok(n) => run.progress.failed.store(n, Ordering::Relaxed),
         Err(e) => tracing::error!(error = %e, "counting the replication failures failed; the run's count stands"),
@@ -625,7 +746,11 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
         ));
     }
     for (at, why) in stopped {
-        run.fail(CATALOG, &at, why).await;
+        match &run.unit {
+            // A unit's attempt failed: its worker retries it, and records the failure once it gives up.
+            Some(unit) => unit.failures.lock().unwrap_or_else(|p| p.into_inner()).push((at, why)),
+            None => run.fail(CATALOG, &at, why).await,
+        }
     }
     Ok(finish(&run).await)
 }
