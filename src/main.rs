@@ -213,7 +213,8 @@ struct ReplicateArgs {
     /// Destination names: replace the prefix FROM with TO (repeatable; first match wins).
     #[arg(long, value_name = "FROM=TO")]
     rewrite: Vec<String>,
-    /// Keep only this platform from indexes (os/arch[/variant]; repeatable). Changes the index digest.
+    /// Keep only this platform from indexes (os/arch[/variant]; repeatable). An index that loses entries gets a new
+    /// digest; one whose every platform is kept is copied unchanged.
     #[arg(long)]
     platform: Vec<String>,
     /// Also copy the signatures, SBOMs and other artifacts that refer to copied manifests.

@@ -259,6 +259,12 @@ impl Api {
         self.manifest(repo, &sha256(&m), OCI_MANIFEST, &m).await
     }
 
+    /// The status of a blob HEAD.
+    async fn blob_status(&self, repo: &str, digest: &str) -> u16 {
+        let r = self.http.head(format!("{}/v2/{repo}/blobs/{digest}", self.base)).send().await.unwrap();
+        r.status().as_u16()
+    }
+
     /// `Docker-Content-Digest` of a manifest HEAD, `None` on 404.
     async fn head(&self, repo: &str, reference: &str) -> Option<String> {
         let r = self
@@ -1203,6 +1209,15 @@ async fn a_differing_destination_tag_is_left_alone_unless_override() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn platform_filter_keeps_only_the_chosen_children() {
     let fs = filter_source().await;
+    let src = Api::new(&fs.src.addr);
+    let (_, arm_manifest, _) = src.get_json(&format!("/v2/src/multi/manifests/{}", fs.arm)).await;
+    let arm_blobs: Vec<String> = std::iter::once(&arm_manifest["config"])
+        .chain(arm_manifest["layers"].as_array().unwrap())
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+    let (_, src_index, _) = src.get_json("/v2/src/multi/manifests/v1").await;
+
+    // One platform: the index keeps one entry, and only that child and its blobs are copied.
     let tmp = tempfile::tempdir().unwrap();
     let dst = quiet_breakwater(tmp.path());
     let out = replicate(args(&fs.src.addr, &dst.addr, &tmp.path().join("jobs"), &["--include", "src/multi", "--platform", "linux/amd64"])).await;
@@ -1210,13 +1225,28 @@ async fn platform_filter_keeps_only_the_chosen_children() {
     let d = Api::new(&dst.addr);
     assert_eq!(d.head("src/multi", &fs.amd).await.as_ref(), Some(&fs.amd), "amd64 child copied");
     assert_eq!(d.head("src/multi", &fs.arm).await, None, "arm64 child not copied");
-    // Whatever stands under the tag only references what the destination has.
+    for b in &arm_blobs {
+        assert_eq!(d.blob_status("src/multi", b).await, 404, "arm64 blob {b} not copied");
+    }
     let (st, idx, _) = d.get_json("/v2/src/multi/manifests/v1").await;
     assert_eq!(st, 200, "the tag exists");
-    if let Some(children) = idx["manifests"].as_array() {
-        let ds: Vec<&str> = children.iter().map(|c| c["digest"].as_str().unwrap()).collect();
-        assert_eq!(ds, vec![fs.amd.as_str()], "{idx}");
-    }
+    let ds: Vec<&str> = idx["manifests"].as_array().unwrap().iter().map(|c| c["digest"].as_str().unwrap()).collect();
+    assert_eq!(ds, vec![fs.amd.as_str()], "{idx}");
+    // Everything else in the index is as the source has it.
+    let (mut rest, mut src_rest) = (idx.clone(), src_index.clone());
+    rest["manifests"] = Value::Null;
+    src_rest["manifests"] = Value::Null;
+    assert_eq!(rest, src_rest);
+
+    // Every platform named: the index is copied as it is, so the tag keeps the source's digest.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let all = ["--include", "src/multi", "--platform", "linux/amd64", "--platform", "linux/arm64"];
+    let out = replicate(args(&fs.src.addr, &dst.addr, &tmp.path().join("jobs"), &all)).await;
+    out.assert_ok();
+    let d = Api::new(&dst.addr);
+    assert_eq!(d.head("src/multi", "v1").await, Some(fs.all["src/multi"]["v1"].clone()), "{}", out.describe());
+    assert_eq!(d.head("src/multi", &fs.arm).await.as_ref(), Some(&fs.arm), "arm64 child copied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
