@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::filter::{parse_created, Created};
 use crate::bounded::BoundedMap;
 use crate::flight::Group;
 use crate::pace::Pacer;
@@ -177,6 +178,47 @@ impl Copier {
             return Ok(None);
         }
         Ok(Some(Bytes::from(drop_entries(&bytes, &entries, &keep))))
+    }
+
+    /// When the source's `repo:tag` was created, for `--latest-by created`: its image config's `created`; for an
+    /// index, the newest `created` among the children `--platform` keeps (children that are not images count as
+    /// undated). `None` when nothing says (no `created`, not RFC 3339, no config). Each manifest and config is
+    /// read with the run's retries.
+    pub async fn created(&self, repo: &RepoName, tag: &str) -> Result<Created, UpstreamError> {
+        let m = retry(self.both(), || self.src.manifest(repo, tag, false)).await?;
+        let bytes = match self.select_platforms(&m)? {
+            Some(reduced) => reduced,
+            None => m.bytes.clone().unwrap_or_default(),
+        };
+        let info = ManifestInfo::parse(&bytes, Some(&m.media_type)).map_err(UpstreamError::Invalid)?;
+        if info.kind == ManifestKind::Image {
+            return self.config_created(repo, &bytes).await;
+        }
+        let mut newest: Created = None;
+        for child in &info.children {
+            let reference = child.to_string();
+            let c = retry(self.both(), || self.src.manifest(repo, &reference, false)).await?;
+            let cb = c.bytes.clone().unwrap_or_default();
+            let is_image = ManifestInfo::parse(&cb, Some(&c.media_type)).is_ok_and(|i| i.kind == ManifestKind::Image);
+            if is_image {
+                newest = newest.max(self.config_created(repo, &cb).await?);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// The `created` of the config an image manifest (`manifest`, its bytes) names.
+    async fn config_created(&self, repo: &RepoName, manifest: &[u8]) -> Result<Created, UpstreamError> {
+        let v: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| UpstreamError::Invalid(format!("manifest: {e}")))?;
+        let Some(config) = v["config"]["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else { return Ok(None) };
+        // A config larger than a small blob is no image config worth reading for a date.
+        let bytes = match retry(self.both(), || self.small_bytes(repo, &config)).await {
+            Ok(b) => b,
+            Err(UpstreamError::Invalid(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Ok(v["created"].as_str().and_then(parse_created))
     }
 
     /// Whether an index entry's `platform` is one of `--platform`'s (`os/arch`, or `os/arch/variant`).
