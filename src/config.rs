@@ -506,6 +506,9 @@ pub struct FileReplication {
     #[serde(default)]
     pub exclude_tags: Vec<String>,
     pub latest: Option<usize>,
+    /// `tag` (default: the last tags in tag order) or `created` (the newest by the image config's `created`).
+    #[serde(default)]
+    pub latest_by: crate::replicate::LatestBy,
     /// `FROM=TO` namespace prefixes.
     #[serde(default)]
     pub rewrite: Vec<String>,
@@ -568,6 +571,7 @@ impl FileReplication {
             tags: self.tags.clone(),
             exclude_tags: self.exclude_tags.clone(),
             latest: self.latest,
+            latest_by: self.latest_by,
             rewrite: self.rewrite.clone(),
             platforms: self.platforms.clone(),
             referrers: self.referrers,

@@ -212,10 +212,15 @@ struct ReplicateArgs {
     /// Only the last N tags of each repository, in tag order (v1.9 before v1.10).
     #[arg(long)]
     latest: Option<usize>,
+    /// What --latest counts: `tag` (tag order) or `created` (the image config's `created`, newest first; tags
+    /// without one count as oldest).
+    #[arg(long, value_enum, default_value = "tag")]
+    latest_by: breakwater::replicate::LatestBy,
     /// Destination names: replace the prefix FROM with TO (repeatable; first match wins).
     #[arg(long, value_name = "FROM=TO")]
     rewrite: Vec<String>,
-    /// Keep only this platform from indexes (os/arch[/variant]; repeatable). Changes the index digest.
+    /// Keep only this platform from indexes (os/arch[/variant]; repeatable). An index that loses entries gets a new
+    /// digest; one whose every platform is kept is copied unchanged.
     #[arg(long)]
     platform: Vec<String>,
     /// Also copy the signatures, SBOMs and other artifacts that refer to copied manifests.
@@ -293,6 +298,7 @@ impl ReplicateArgs {
             tags: self.tags.clone(),
             exclude_tags: self.exclude_tags.clone(),
             latest: self.latest,
+            latest_by: self.latest_by,
             rewrite: self.rewrite.clone(),
             platforms: self.platform.clone(),
             referrers: self.referrers,

@@ -259,6 +259,12 @@ impl Api {
         self.manifest(repo, &sha256(&m), OCI_MANIFEST, &m).await
     }
 
+    /// The status of a blob HEAD.
+    async fn blob_status(&self, repo: &str, digest: &str) -> u16 {
+        let r = self.http.head(format!("{}/v2/{repo}/blobs/{digest}", self.base)).send().await.unwrap();
+        r.status().as_u16()
+    }
+
     /// `Docker-Content-Digest` of a manifest HEAD, `None` on 404.
     async fn head(&self, repo: &str, reference: &str) -> Option<String> {
         let r = self
@@ -1203,6 +1209,15 @@ async fn a_differing_destination_tag_is_left_alone_unless_override() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn platform_filter_keeps_only_the_chosen_children() {
     let fs = filter_source().await;
+    let src = Api::new(&fs.src.addr);
+    let (_, arm_manifest, _) = src.get_json(&format!("/v2/src/multi/manifests/{}", fs.arm)).await;
+    let arm_blobs: Vec<String> = std::iter::once(&arm_manifest["config"])
+        .chain(arm_manifest["layers"].as_array().unwrap())
+        .map(|d| d["digest"].as_str().unwrap().to_string())
+        .collect();
+    let (_, src_index, _) = src.get_json("/v2/src/multi/manifests/v1").await;
+
+    // One platform: the index keeps one entry, and only that child and its blobs are copied.
     let tmp = tempfile::tempdir().unwrap();
     let dst = quiet_breakwater(tmp.path());
     let out = replicate(args(&fs.src.addr, &dst.addr, &tmp.path().join("jobs"), &["--include", "src/multi", "--platform", "linux/amd64"])).await;
@@ -1210,13 +1225,102 @@ async fn platform_filter_keeps_only_the_chosen_children() {
     let d = Api::new(&dst.addr);
     assert_eq!(d.head("src/multi", &fs.amd).await.as_ref(), Some(&fs.amd), "amd64 child copied");
     assert_eq!(d.head("src/multi", &fs.arm).await, None, "arm64 child not copied");
-    // Whatever stands under the tag only references what the destination has.
+    for b in &arm_blobs {
+        assert_eq!(d.blob_status("src/multi", b).await, 404, "arm64 blob {b} not copied");
+    }
     let (st, idx, _) = d.get_json("/v2/src/multi/manifests/v1").await;
     assert_eq!(st, 200, "the tag exists");
-    if let Some(children) = idx["manifests"].as_array() {
-        let ds: Vec<&str> = children.iter().map(|c| c["digest"].as_str().unwrap()).collect();
-        assert_eq!(ds, vec![fs.amd.as_str()], "{idx}");
-    }
+    let ds: Vec<&str> = idx["manifests"].as_array().unwrap().iter().map(|c| c["digest"].as_str().unwrap()).collect();
+    assert_eq!(ds, vec![fs.amd.as_str()], "{idx}");
+    // Everything else in the index is as the source has it.
+    let (mut rest, mut src_rest) = (idx.clone(), src_index.clone());
+    rest["manifests"] = Value::Null;
+    src_rest["manifests"] = Value::Null;
+    assert_eq!(rest, src_rest);
+
+    // Every platform named: the index is copied as it is, so the tag keeps the source's digest.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let all = ["--include", "src/multi", "--platform", "linux/amd64", "--platform", "linux/arm64"];
+    let out = replicate(args(&fs.src.addr, &dst.addr, &tmp.path().join("jobs"), &all)).await;
+    out.assert_ok();
+    let d = Api::new(&dst.addr);
+    assert_eq!(d.head("src/multi", "v1").await, Some(fs.all["src/multi"]["v1"].clone()), "{}", out.describe());
+    assert_eq!(d.head("src/multi", &fs.arm).await.as_ref(), Some(&fs.arm), "arm64 child copied");
+}
+
+/// An OCI image whose config says it was `created` then (or says nothing).
+async fn dated_image(s: &Api, repo: &str, tag: Option<&str>, seed: u64, arch: &str, created: Option<&str>) -> Pushed {
+    let created = created.map(|c| format!(r#""created":"{c}","#)).unwrap_or_default();
+    let config = format!(r#"{{"architecture":"{arch}","os":"linux",{created}"config":{{}},"rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#).into_bytes();
+    let layer = pseudo_random(300, seed);
+    let (cd, ld) = (s.blob(repo, &config).await, s.blob(repo, &layer).await);
+    let m = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    )
+    .into_bytes();
+    let reference = tag.map(str::to_string).unwrap_or_else(|| sha256(&m));
+    s.manifest(repo, &reference, OCI_MANIFEST, &m).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn latest_by_created_keeps_the_newest_images_not_the_last_tags() {
+    let src = Distribution::start();
+    let s = Api::new(&src.addr);
+    let repo = "src/dated";
+    // Creation order differs from tag order: v1 and v5 are newer than v2 and v3, v4 has no `created`, and v0 is an
+    // index whose amd64 child is the newest image of all (its arm64 child the oldest).
+    let amd = dated_image(&s, repo, None, 3000, "amd64", Some("2024-06-01T00:00:00Z")).await;
+    let arm = dated_image(&s, repo, None, 3001, "arm64", Some("2023-01-01T00:00:00Z")).await;
+    s.index(repo, "v0", &[(amd, "amd64"), (arm, "arm64")], false).await;
+    // +02:00: an hour before v5's 23:00Z, yet later in the text.
+    dated_image(&s, repo, Some("v1"), 3002, "amd64", Some("2024-05-01T23:00:00+02:00")).await;
+    dated_image(&s, repo, Some("v2"), 3003, "amd64", Some("2024-01-01T00:00:00Z")).await;
+    dated_image(&s, repo, Some("v3"), 3004, "amd64", Some("2024-03-01T00:00:00.5Z")).await;
+    dated_image(&s, repo, Some("v4"), 3005, "amd64", None).await;
+    dated_image(&s, repo, Some("v5"), 3006, "amd64", Some("2024-05-01T23:00:00Z")).await;
+    dated_image(&s, repo, Some("v6"), 3007, "amd64", Some("2024-05-01T23:00:00Z")).await;
+
+    let run = |extra: &'static [&'static str]| {
+        let src = src.addr.clone();
+        async move {
+            let tmp = tempfile::tempdir().unwrap();
+            let dst = quiet_breakwater(tmp.path());
+            let out = replicate(args(&src, &dst.addr, &tmp.path().join("jobs"), extra)).await;
+            out.assert_ok();
+            (Api::new(&dst.addr).tags(repo).await, out.describe())
+        }
+    };
+    let tags = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+    let (got, d) = run(&["--latest", "2", "--latest-by", "created"]).await;
+    assert_eq!(got, tags(&["v0", "v6"]), "v0's newest child, then v5/v6 tied (the later tag wins)\n{d}");
+    let (got, d) = run(&["--latest", "3", "--latest-by", "created", "--platform", "linux/arm64"]).await;
+    assert_eq!(got, tags(&["v1", "v5", "v6"]), "with --platform, v0 is dated by its arm64 child\n{d}");
+    let (got, d) = run(&["--latest", "6", "--latest-by", "created"]).await;
+    assert_eq!(got, tags(&["v0", "v1", "v2", "v3", "v5", "v6"]), "v4 has no created: the oldest\n{d}");
+    let (got, d) = run(&["--latest", "2"]).await;
+    assert_eq!(got, tags(&["v5", "v6"]), "the default is still tag order\n{d}");
+    let (got, d) = run(&["--latest", "2", "--latest-by", "tag"]).await;
+    assert_eq!(got, tags(&["v5", "v6"]), "{d}");
+
+    // The policy file says the same with `latest_by = "created"`.
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = quiet_breakwater(tmp.path());
+    let config = tmp.path().join("policy.toml");
+    std::fs::write(
+        &config,
+        format!("[[replication]]\nname = \"dated\"\nfrom = \"http://{}\"\nto = \"http://{}\"\nlatest = 2\nlatest_by = \"created\"\n", src.addr, dst.addr),
+    )
+    .unwrap();
+    let a: Vec<String> = ["replicate", "--policy", "dated", "--config", config.to_str().unwrap(), "--data", tmp.path().join("jobs").to_str().unwrap()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let out = replicate(a).await;
+    out.assert_ok();
+    assert_eq!(Api::new(&dst.addr).tags(repo).await, tags(&["v0", "v6"]), "{}", out.describe());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

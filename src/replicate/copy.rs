@@ -1,6 +1,7 @@
 //! Copying one artifact from the source to the destination: index children before the index, blobs before
 //! their manifest, the tag last. The manifest bytes (and so the digests) are unchanged, except that
-//! `--platform` rewrites an index to the platforms kept.
+//! `--platform` cuts the entries of other platforms out of an index (an index whose every platform is kept is
+//! copied as it is).
 //!
 //! Every request that changes nothing is avoided: a tag already at the source's digest costs one HEAD, a blob this
 //! run already put in another destination repository is mounted. A small blob costs one or two destination
@@ -14,6 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
+use super::filter::{parse_created, Created};
 use crate::bounded::BoundedMap;
 use crate::flight::Group;
 use crate::pace::Pacer;
@@ -157,24 +159,73 @@ impl Copier {
         Ok(Outcome::Copied { bytes: copied })
     }
 
-    /// With `--platform` and an index: the index reduced to the kept platforms (new bytes, new digest).
-    fn select_platforms(&self, m: &RemoteManifest) -> Result<Option<Bytes>, UpstreamError> {
+    /// With `--platform` and an index: the index reduced to the kept platforms (new bytes, new digest), or `None`
+    /// when nothing changes (not an index, no `--platform`, or every entry kept: the original bytes and digest).
+    /// The reduced index is the original text with the dropped entries cut out (see [`drop_entries`]).
+    pub fn select_platforms(&self, m: &RemoteManifest) -> Result<Option<Bytes>, UpstreamError> {
         let bytes = m.bytes.clone().unwrap_or_default();
         let is_index = matches!(m.media_type.as_str(), crate::oci::OCI_INDEX | crate::oci::DOCKER_LIST);
         if self.platforms.is_empty() || !is_index {
             return Ok(None);
         }
-        let mut v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Invalid(format!("index: {e}")))?;
-        if let Some(list) = v.get_mut("manifests").and_then(|l| l.as_array_mut()) {
-            list.retain(|d| {
-                let p = &d["platform"];
-                let name = [p["os"].as_str(), p["architecture"].as_str()].iter().flatten().copied().collect::<Vec<_>>().join("/");
-                let with_variant = p["variant"].as_str().map(|var| format!("{name}/{var}"));
-                self.platforms.iter().any(|want| *want == name || Some(want) == with_variant.as_ref())
-            });
+        let entries = manifest_entries(&bytes).map_err(|e| UpstreamError::Invalid(format!("index: {e}")))?;
+        let mut keep = Vec::with_capacity(entries.len());
+        for &(start, end) in &entries {
+            let d: serde_json::Value = serde_json::from_slice(&bytes[start..end]).map_err(|e| UpstreamError::Invalid(format!("index entry: {e}")))?;
+            keep.push(self.keeps_platform(&d["platform"]));
         }
-        let out = serde_json::to_vec(&v).map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-        Ok(Some(Bytes::from(out)))
+        if keep.iter().all(|k| *k) {
+            return Ok(None);
+        }
+        Ok(Some(Bytes::from(drop_entries(&bytes, &entries, &keep))))
+    }
+
+    /// When the source's `repo:tag` was created, for `--latest-by created`: its image config's `created`; for an
+    /// index, the newest `created` among the children `--platform` keeps (children that are not images count as
+    /// undated). `None` when nothing says (no `created`, not RFC 3339, no config). Each manifest and config is
+    /// read with the run's retries.
+    pub async fn created(&self, repo: &RepoName, tag: &str) -> Result<Created, UpstreamError> {
+        let m = retry(self.both(), || self.src.manifest(repo, tag, false)).await?;
+        let bytes = match self.select_platforms(&m)? {
+            Some(reduced) => reduced,
+            None => m.bytes.clone().unwrap_or_default(),
+        };
+        let info = ManifestInfo::parse(&bytes, Some(&m.media_type)).map_err(UpstreamError::Invalid)?;
+        if info.kind == ManifestKind::Image {
+            return self.config_created(repo, &bytes).await;
+        }
+        let mut newest: Created = None;
+        for child in &info.children {
+            let reference = child.to_string();
+            let c = retry(self.both(), || self.src.manifest(repo, &reference, false)).await?;
+            let cb = c.bytes.clone().unwrap_or_default();
+            let is_image = ManifestInfo::parse(&cb, Some(&c.media_type)).is_ok_and(|i| i.kind == ManifestKind::Image);
+            if is_image {
+                newest = newest.max(self.config_created(repo, &cb).await?);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// The `created` of the config an image manifest (`manifest`, its bytes) names.
+    async fn config_created(&self, repo: &RepoName, manifest: &[u8]) -> Result<Created, UpstreamError> {
+        let v: serde_json::Value = serde_json::from_slice(manifest).map_err(|e| UpstreamError::Invalid(format!("manifest: {e}")))?;
+        let Some(config) = v["config"]["digest"].as_str().and_then(|d| d.parse::<Digest>().ok()) else { return Ok(None) };
+        // A config larger than a small blob is no image config worth reading for a date.
+        let bytes = match retry(self.both(), || self.small_bytes(repo, &config)).await {
+            Ok(b) => b,
+            Err(UpstreamError::Invalid(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        Ok(v["created"].as_str().and_then(parse_created))
+    }
+
+    /// Whether an index entry's `platform` is one of `--platform`'s (`os/arch`, or `os/arch/variant`).
+    fn keeps_platform(&self, p: &serde_json::Value) -> bool {
+        let name = [p["os"].as_str(), p["architecture"].as_str()].iter().flatten().copied().collect::<Vec<_>>().join("/");
+        let with_variant = p["variant"].as_str().map(|var| format!("{name}/{var}"));
+        self.platforms.iter().any(|want| *want == name || Some(want) == with_variant.as_ref())
     }
 
     /// Copies what a manifest refers to: an index's children (each pushed by digest), an image's blobs.
@@ -418,5 +469,134 @@ impl Copier {
                 }))
             }
         }
+    }
+}
+
+/// The byte spans of the entries of an index's top-level `manifests` array, in order (empty if it has none).
+fn manifest_entries(b: &[u8]) -> Result<Vec<(usize, usize)>, String> {
+    let mut i = skip_ws(b, 0);
+    if b.get(i) != Some(&b'{') {
+        return Err("not a JSON object".into());
+    }
+    i += 1;
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i) {
+            Some(b'}') => return Ok(Vec::new()),
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'"') => {}
+            _ => return Err(format!("unexpected byte at {i}")),
+        }
+        let key_end = value_end(b, i)?;
+        let is_manifests = &b[i..key_end] == b"\"manifests\"";
+        i = skip_ws(b, key_end);
+        if b.get(i) != Some(&b':') {
+            return Err(format!("expected ':' at {i}"));
+        }
+        i = skip_ws(b, i + 1);
+        if is_manifests && b.get(i) == Some(&b'[') {
+            return array_entries(b, i);
+        }
+        i = value_end(b, i)?;
+    }
+}
+
+/// The spans of the values of the array opening at `b[i]`.
+fn array_entries(b: &[u8], mut i: usize) -> Result<Vec<(usize, usize)>, String> {
+    let mut out = Vec::new();
+    i += 1;
+    loop {
+        i = skip_ws(b, i);
+        match b.get(i) {
+            Some(b']') => return Ok(out),
+            Some(b',') => i += 1,
+            Some(_) => {
+                let end = value_end(b, i)?;
+                out.push((i, end));
+                i = end;
+            }
+            None => return Err("unterminated array".into()),
+        }
+    }
+}
+
+fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b.get(i).is_some_and(|c| c.is_ascii_whitespace()) {
+        i += 1;
+    }
+    i
+}
+
+/// Where the JSON value starting at `b[i]` ends (exclusive): strings with their escapes, nested objects and
+/// arrays, or a scalar up to the next delimiter.
+fn value_end(b: &[u8], mut i: usize) -> Result<usize, String> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let start = i;
+    while let Some(&c) = b.get(i) {
+        i += 1;
+        if in_string {
+            match c {
+                b'\\' => i += 1,
+                b'"' => {
+                    in_string = false;
+                    if depth == 0 {
+                        return Ok(i);
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    return Ok(i);
+                }
+            }
+            b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n' if depth == 0 => return Ok(i - 1),
+            _ => {}
+        }
+    }
+    match depth == 0 && !in_string && i > start {
+        true => Ok(i),
+        false => Err("truncated JSON value".into()),
+    }
+}
+
+/// The index text with the entries whose `keep` is false cut out, everything else byte for byte: the kept entries
+/// are joined by the text that separated the first two entries of the original (`,` plus its whitespace), so a
+/// pretty-printed index stays pretty-printed. What changes: the entries dropped, and their separators.
+fn drop_entries(b: &[u8], entries: &[(usize, usize)], keep: &[bool]) -> Vec<u8> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else { return b.to_vec() };
+    let sep: &[u8] = match entries.get(1) {
+        Some(second) => &b[first.1..second.0],
+        None => b",",
+    };
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(&b[..first.0]);
+    let kept: Vec<&[u8]> = entries.iter().zip(keep).filter(|(_, k)| **k).map(|(&(s, e), _)| &b[s..e]).collect();
+    out.extend_from_slice(&kept.join(sep));
+    out.extend_from_slice(&b[last.1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropping_index_entries_keeps_the_rest_of_the_text() {
+        let pretty = b"{\n  \"schemaVersion\": 2,\n  \"manifests\": [\n    {\"digest\": \"a\", \"x\": [1, {\"s\": \"]\\\"\"}]},\n    {\"digest\": \"b\"},\n    {\"digest\": \"c\"}\n  ],\n  \"z\": 1\n}";
+        let entries = manifest_entries(pretty).unwrap();
+        assert_eq!(entries.len(), 3);
+        let out = drop_entries(pretty, &entries, &[false, true, true]);
+        assert_eq!(String::from_utf8(out).unwrap(), "{\n  \"schemaVersion\": 2,\n  \"manifests\": [\n    {\"digest\": \"b\"},\n    {\"digest\": \"c\"}\n  ],\n  \"z\": 1\n}");
+        let out = drop_entries(pretty, &entries, &[true, false, false]);
+        assert!(serde_json::from_slice::<serde_json::Value>(&out).is_ok());
+        assert_eq!(manifest_entries(b"{\"a\":\"manifests\",\"b\":[1]}").unwrap(), vec![]);
     }
 }

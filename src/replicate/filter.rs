@@ -145,6 +145,69 @@ impl Latest {
     }
 }
 
+/// What `--latest N` counts as the latest tags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LatestBy {
+    /// The last N in tag order ([`natural_cmp`]): nothing fetched to decide.
+    #[default]
+    Tag,
+    /// The N whose image config says they were `created` last (a manifest and a config GET per candidate).
+    Created,
+}
+
+/// When an image was created, as its config's `created` says (nanoseconds since the epoch); `None` (no `created`,
+/// or not RFC 3339) sorts before every time.
+pub type Created = Option<i128>;
+
+/// The N newest tags by creation time among those offered, ties going to the later tag in tag order: a bounded set
+/// like [`Latest`] (at most N entries however many tags are offered).
+pub struct NewestCreated {
+    n: usize,
+    kept: BTreeSet<(Created, NaturalTag)>,
+}
+
+impl NewestCreated {
+    pub fn new(n: usize) -> NewestCreated {
+        NewestCreated { n, kept: BTreeSet::new() }
+    }
+
+    pub fn offer(&mut self, created: Created, tag: String) {
+        if self.n == 0 {
+            return;
+        }
+        let entry = (created, NaturalTag(tag));
+        if self.kept.len() == self.n && self.kept.first().is_some_and(|least| entry <= *least) {
+            return;
+        }
+        self.kept.insert(entry);
+        if self.kept.len() > self.n {
+            self.kept.pop_first();
+        }
+    }
+
+    /// Tags held now (never more than N).
+    pub fn len(&self) -> usize {
+        self.kept.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+
+    /// The kept tags, in tag order.
+    pub fn into_sorted(self) -> Vec<String> {
+        let mut tags: Vec<String> = self.kept.into_iter().map(|(_, t)| t.0).collect();
+        tags.sort_by(|a, b| natural_cmp(a, b));
+        tags
+    }
+}
+
+/// Parses an image config's `created` (RFC 3339); anything else is `None`.
+pub fn parse_created(s: &str) -> Created {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok().map(|t| t.unix_timestamp_nanos())
+}
+
 /// Orders tags as people number them: digit runs compare by value, so `v1.10` comes after `v1.9`.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {
     let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
@@ -250,6 +313,28 @@ mod tests {
         let mut none = Latest::new(0);
         none.offer("v1".into());
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn newest_created_holds_n_and_breaks_ties_by_tag_order() {
+        let mut newest = NewestCreated::new(2);
+        let t = |s: &str| parse_created(s);
+        assert!(t("2024-01-01T00:00:00+02:00") < t("2024-01-01T00:00:00.5Z"), "offsets and fractions compare as times");
+        newest.offer(t("2024-03-01T00:00:00Z"), "v1".into());
+        newest.offer(None, "v9".into());
+        newest.offer(t("2024-01-01T00:00:00Z"), "v2".into());
+        newest.offer(t("2024-02-01T00:00:00Z"), "v3".into());
+        newest.offer(t("garbage"), "v10".into());
+        assert!(newest.len() <= 2);
+        assert_eq!(newest.into_sorted(), s(&["v1", "v3"]));
+        let mut tie = NewestCreated::new(1);
+        tie.offer(t("2024-01-01T00:00:00Z"), "v10".into());
+        tie.offer(t("2024-01-01T00:00:00Z"), "v9".into());
+        assert_eq!(tie.into_sorted(), s(&["v10"]), "a tie goes to the later tag");
+        let mut none = NewestCreated::new(1);
+        none.offer(None, "v1".into());
+        none.offer(None, "v2".into());
+        assert_eq!(none.into_sorted(), s(&["v2"]), "without created, tag order");
     }
 
     #[test]

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use copy::{Copier, Outcome};
-pub use filter::{natural_cmp, Latest, RepoFilter, Rewrite, TagFilter};
+pub use filter::{natural_cmp, Latest, LatestBy, NewestCreated, RepoFilter, Rewrite, TagFilter};
 pub use listing::SourceKind;
 pub use progress::{Progress, Reporter};
 pub use scheduler::{JobStatus, Scheduler, StartError, FAILURES_SHOWN};
@@ -61,6 +61,8 @@ pub struct Policy {
     pub tags: Vec<String>,
     pub exclude_tags: Vec<String>,
     pub latest: Option<usize>,
+    /// What `latest` counts: tag order, or the image configs' `created`.
+    pub latest_by: LatestBy,
     pub rewrite: Vec<String>,
     pub platforms: Vec<String>,
     pub referrers: bool,
@@ -237,7 +239,9 @@ impl Run {
     /// Lists a repository's tags page by page (where the source pages them) and hands the ones to copy to
     /// `sink`, a page at a time, so a repository with a million tags never has them all in memory. With
     /// `--latest N` the last N (in tag order, across every page) are kept in a bounded set and handed on at the
-    /// end. Returns false if `sink` asked to stop.
+    /// end; with `--latest-by created` the N newest by creation time, each page's candidates dated a few at a time
+    /// (`concurrency` in flight), so memory holds a page, N tags and those in flight. Returns false if `sink` asked
+    /// to stop.
     async fn list_tags<F, Fut>(&self, repo: &RepoName, mut sink: F) -> Result<bool, UpstreamError>
     where
         F: FnMut(Vec<String>) -> Fut,
@@ -245,7 +249,9 @@ impl Run {
     {
         inject_panic("listing", repo.as_str());
         let src = &self.copier.src;
-        let mut latest = self.tags.latest().map(Latest::new);
+        let by_created = self.policy.latest_by == LatestBy::Created;
+        let mut latest = self.tags.latest().filter(|_| !by_created).map(Latest::new);
+        let mut newest = self.tags.latest().filter(|_| by_created).map(NewestCreated::new);
         let mut last: Option<String> = None;
         loop {
             let page = match copy::retry([src, src], || src.tags_page(repo, last.as_deref(), 1000)).await {
@@ -256,12 +262,16 @@ impl Run {
                 Err(e) => return Err(e),
             };
             let selected = self.tags.select_page(page.items);
-            match &mut latest {
-                Some(l) => {
+            match (&mut latest, &mut newest) {
+                (Some(l), _) => {
                     selected.into_iter().for_each(|t| l.offer(t));
                     self.progress.tags_held(l.len());
                 }
-                None => {
+                (None, Some(n)) => {
+                    self.date_tags(repo, selected, n).await?;
+                    self.progress.tags_held(n.len());
+                }
+                (None, None) => {
                     self.progress.tags_held(selected.len());
                     if !selected.is_empty() && !sink(selected).await {
                         return Ok(false);
@@ -273,10 +283,24 @@ impl Run {
                 _ => break,
             }
         }
-        match latest {
-            Some(l) if !l.is_empty() => Ok(sink(l.into_sorted()).await),
+        match (latest, newest) {
+            (Some(l), _) if !l.is_empty() => Ok(sink(l.into_sorted()).await),
+            (_, Some(n)) if !n.is_empty() => Ok(sink(n.into_sorted()).await),
             _ => Ok(true),
         }
+    }
+
+    /// Offers `tags` to `newest` with their creation times, read from the source `concurrency` at a time.
+    async fn date_tags(&self, repo: &RepoName, tags: Vec<String>, newest: &mut NewestCreated) -> Result<(), UpstreamError> {
+        use futures_util::StreamExt;
+        let mut dated = futures_util::stream::iter(tags)
+            .map(|t| async move { self.copier.created(repo, &t).await.map(|c| (c, t)) })
+            .buffer_unordered(self.policy.concurrency.max(1));
+        while let Some(r) = dated.next().await {
+            let (created, tag) = r?;
+            newest.offer(created, tag);
+        }
+        Ok(())
     }
 
     /// Forgets the failure recorded for an item that has now succeeded, and uncounts it.
