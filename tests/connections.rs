@@ -187,6 +187,31 @@ async fn connections_beyond_the_cap_wait_until_others_close() {
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
 }
 
+/// A herd connecting at once finds room in the listen backlog: with the server serving no one new (its one
+/// connection is held), 600 connections still complete their handshakes, queued by the kernel. With the backlog
+/// of 128 that `TcpListener::bind` asks for, the kernel dropped the SYNs past it and those clients retried a
+/// second, then three, later: the slowest first bytes of an 800-client herd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_herd_of_connections_fits_in_the_listen_backlog() {
+    let server = Server::start(&["--max-connections", "1"], &[]);
+    let mut held = TcpStream::connect(&server.addr).await.unwrap();
+    assert!(get_head(&mut held, "GET", "/v2/").await.starts_with("HTTP/1.1 200"));
+    let herd: Vec<_> = (0..600)
+        .map(|_| {
+            let addr = server.addr.clone();
+            // A dropped SYN is retried after 1 s, 3 s, 7 s...: 5 s tells a queued connection from a dropped one.
+            tokio::spawn(async move { tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await })
+        })
+        .collect();
+    let mut connected = Vec::new();
+    for h in herd {
+        if let Ok(Ok(s)) = h.await.unwrap() {
+            connected.push(s);
+        }
+    }
+    assert_eq!(connected.len(), 600, "connections left out of the listen backlog");
+}
+
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
