@@ -12,17 +12,24 @@ use common::oci::{get, metric, pseudo_random, push_blob, sha256};
 use common::pg::PgDatabase;
 use common::relay::Relay;
 use common::s3::S3Server;
+use common::synthetic::{Options, Synthetic};
 use common::{Breakwater, Distribution};
 
 const SECRET: &str = "a-cluster-secret-for-the-tests";
 
 /// A member of the cluster on `pg` and `s3` beating every second, with `extra` flags.
 fn member(pg: &PgDatabase, s3: &S3Server, log: &std::path::Path, extra: &[&str]) -> Breakwater {
+    member_configured(pg, s3, log, extra, "")
+}
+
+/// `member`, with `config` after its `[cluster]` table's `heartbeat_secs` (more of that table, then other tables).
+fn member_configured(pg: &PgDatabase, s3: &S3Server, log: &std::path::Path, extra: &[&str], config: &str) -> Breakwater {
     let url = s3.url("cluster");
     let mut args = vec!["--metadata", pg.url.as_str(), "--storage", url.as_str(), "--cluster-secret", SECRET];
     args.extend_from_slice(extra);
+    let text = format!("[cluster]\nheartbeat_secs = 1\n{config}");
     let config = log.with_extension("toml");
-    std::fs::write(&config, "[cluster]\nheartbeat_secs = 1\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     args.extend_from_slice(&["--config", config.to_str().unwrap()]);
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -420,4 +427,68 @@ async fn a_member_evicts_in_its_turn_and_spares_what_another_member_downloads() 
     assert_eq!(relay.count("GET", &layers[0]), 0, "the digest another member downloads was evicted");
     pull(&layers[1]).await;
     assert_eq!(relay.count("GET", &layers[1]), 1, "the next candidate was evicted");
+}
+
+/// Issue 13 item 4: `serve` members work the queue of a job that `replicate --distributed` enqueued, when their
+/// policies name the job. Two members claim units (the units name who finished them) and every tag is pushed
+/// once; a member with `[cluster] replication_work = false` claims none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_members_work_a_distributed_job_and_one_told_not_to_claims_nothing() {
+    const N: u64 = 48;
+    let pg = PgDatabase::create().await;
+    let s3 = S3Server::start();
+    let src = Synthetic::start_with(Options { count: N, namespaces: 24, unique_images: true, layer_size: 128 });
+    // Slow enough that the starter cannot finish every unit before the members poll the queue.
+    src.delay_on("GET /v2/", Duration::from_millis(40));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = Breakwater::start_logged(&[], "warn", &tmp.path().join("dst.log"));
+    let relay = Relay::start(&dst.addr);
+    let policy = format!(
+        "[[replication]]\nname = \"M\"\nfrom = \"http://{}\"\nto = \"http://{}\"\nwalkers = 2\nconcurrency = 1\npage_size = 10\n",
+        src.addr, relay.addr
+    );
+    let a = member_configured(&pg, &s3, &tmp.path().join("a.log"), &[], &policy);
+    let b = member_configured(&pg, &s3, &tmp.path().join("b.log"), &[], &policy);
+    let idle = member_configured(&pg, &s3, &tmp.path().join("c.log"), &[], &format!("replication_work = false\n{policy}"));
+    wait_for(&a, "three members", |m| m.len() == 3).await;
+    let mut ids = Vec::new();
+    for bw in [&a, &b, &idle] {
+        ids.push(view(bw).await.0);
+    }
+
+    let starter = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["replicate", "--distributed", "--metadata", &pg.url, "--job", "M", "--walkers", "2", "--concurrency", "1"])
+        .args(["--page-size", "10", "--from", &format!("http://{}", src.addr), "--to", &format!("http://{}", relay.addr)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&starter.stderr);
+    assert!(starter.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&starter.stdout).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}\n{stderr}");
+
+    // 4 units per walker, all done, each naming the worker that finished it.
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let units: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, claimed_by FROM replication_units WHERE job = 'M' ORDER BY unit").fetch_all(&pool).await.unwrap();
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE 'replicate:%'").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(units.len(), 8, "{units:?}");
+    assert!(units.iter().all(|(state, by)| state == "done" && by.is_some()), "{units:?}");
+    assert_eq!(leases, 0, "every claim's lease released");
+    let by = |id: &str| units.iter().filter(|(_, b)| b.as_deref() == Some(id)).count();
+    assert!(by(&ids[0]) >= 1 && by(&ids[1]) >= 1, "both working members claimed units: {ids:?} {units:?}");
+    assert_eq!(by(&ids[2]), 0, "the member with replication_work = false claimed none: {units:?}");
+
+    // Every tag pushed once, and the destination lists every repository.
+    let mut pushes = std::collections::HashMap::<String, usize>::new();
+    for r in relay.requests().iter().filter(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1")) {
+        *pushes.entry(r.path.clone()).or_default() += 1;
+    }
+    assert_eq!(pushes.len() as u64, N, "tags pushed");
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice: {pushes:?}");
+    let (status, body) = get(&dst.url("/v2/_catalog?n=1000")).await.unwrap();
+    assert_eq!(status, 200);
+    let catalog: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
+    assert_eq!(catalog["repositories"], serde_json::json!(names), "the destination's catalog");
 }
