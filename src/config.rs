@@ -132,6 +132,8 @@ pub struct FileCluster {
     pub advertise: Option<String>,
     /// Seconds between heartbeats [default: 5].
     pub heartbeat_secs: Option<u64>,
+    /// Whether this member works the queues of distributed replication jobs its policies name [default: true].
+    pub replication_work: Option<bool>,
 }
 
 /// Resolves cluster membership. A cluster shares its state: members need PostgreSQL and object storage, since
@@ -145,7 +147,7 @@ pub fn cluster(
 ) -> anyhow::Result<Option<crate::cluster::Settings>> {
     let advertise = advertise.or(file.advertise);
     let Some(secret) = secret.or(file.secret) else {
-        if advertise.is_some() || file.heartbeat_secs.is_some() {
+        if advertise.is_some() || file.heartbeat_secs.is_some() || file.replication_work.is_some() {
             anyhow::bail!("--advertise and [cluster] settings need a cluster secret (--cluster-secret)");
         }
         return Ok(None);
@@ -168,7 +170,8 @@ pub fn cluster(
         None => crate::cluster::DEFAULT_HEARTBEAT,
     };
     let advertise = advertise.map(|a| a.trim_end_matches('/').to_string());
-    Ok(Some(crate::cluster::Settings { secret, advertise, heartbeat }))
+    let replication_work = file.replication_work.unwrap_or(true);
+    Ok(Some(crate::cluster::Settings { secret, advertise, heartbeat, replication_work }))
 }
 
 /// The `[gc]` table: garbage collection inside `serve` (on a schedule, and through `POST /api/gc`).
@@ -855,19 +858,28 @@ secret = "cluster-secret-6-long-enough"
         let alone = resolve(None, None, FileCluster::default(), pg, &s3).unwrap();
         assert!(alone.is_none());
         let member = resolve(secret(), None, FileCluster::default(), pg, &s3).unwrap().unwrap();
-        assert_eq!((member.advertise, member.heartbeat), (None, crate::cluster::DEFAULT_HEARTBEAT));
-        let file = FileCluster { advertise: Some("http://10.0.0.5:5000/".into()), heartbeat_secs: Some(2), ..Default::default() };
+        assert_eq!((member.advertise, member.heartbeat, member.replication_work), (None, crate::cluster::DEFAULT_HEARTBEAT, true));
+        let file = FileCluster {
+            advertise: Some("http://10.0.0.5:5000/".into()),
+            heartbeat_secs: Some(2),
+            replication_work: Some(false),
+            ..Default::default()
+        };
         let member = resolve(secret(), None, file, pg, &s3).unwrap().unwrap();
-        assert_eq!((member.advertise.as_deref(), member.heartbeat), (Some("http://10.0.0.5:5000"), Duration::from_secs(2)));
+        assert_eq!(
+            (member.advertise.as_deref(), member.heartbeat, member.replication_work),
+            (Some("http://10.0.0.5:5000"), Duration::from_secs(2), false)
+        );
         let refused = [
             resolve(secret(), None, FileCluster::default(), "sqlite:///d/meta.db", &s3).unwrap_err(),
             resolve(secret(), None, FileCluster::default(), pg, &local).unwrap_err(),
             resolve(Some(Secret::from("short".to_string())), None, FileCluster::default(), pg, &s3).unwrap_err(),
             resolve(None, Some("http://h:1"), FileCluster::default(), pg, &s3).unwrap_err(),
+            resolve(None, None, FileCluster { replication_work: Some(false), ..Default::default() }, pg, &s3).unwrap_err(),
             resolve(secret(), Some("h:1"), FileCluster::default(), pg, &s3).unwrap_err(),
             resolve(secret(), None, FileCluster { heartbeat_secs: Some(0), ..Default::default() }, pg, &s3).unwrap_err(),
         ];
-        for (e, expected) in refused.iter().zip(["postgres", "s3://", "16 characters", "cluster secret", "base URL", "at least 1"]) {
+        for (e, expected) in refused.iter().zip(["postgres", "s3://", "16 characters", "cluster secret", "cluster secret", "base URL", "at least 1"]) {
             assert!(e.to_string().contains(expected), "{e}");
         }
     }

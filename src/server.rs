@@ -63,6 +63,9 @@ pub async fn build(
         Some(settings) => {
             let cluster = crate::cluster::Cluster::join(settings.clone(), local_url, Arc::clone(&meta)).await.context("joining the cluster")?;
             cluster.spawn_heartbeat(tasks);
+            if settings.replication_work {
+                spawn_replication_work(config, local_url, &cluster, Arc::clone(&meta), tasks)?;
+            }
             Some(cluster)
         }
         None => None,
@@ -128,6 +131,28 @@ pub async fn build(
     }
     let gc = config.gc.options.clone();
     Ok(Arc::new(App { registry, proxy, replication, metrics, auth, https: config.tls.is_some(), gc, cluster }))
+}
+
+/// A cluster member works the queues of distributed replication jobs its `[[replication]]` policies name,
+/// claiming as this member (the units' `claimed_by` is its id), until shutdown begins: then its unit is given
+/// back and its lease released, like a `breakwater worker`'s at SIGTERM.
+fn spawn_replication_work(
+    config: &Config,
+    local_url: &str,
+    cluster: &crate::cluster::Cluster,
+    meta: Arc<dyn crate::meta::Meta>,
+    tasks: &Tasks,
+) -> anyhow::Result<()> {
+    use crate::replicate::distributed::{self, Worker};
+    if config.replication.is_empty() {
+        return Ok(());
+    }
+    let policies = config.replication.iter().map(|p| p.policy(local_url)).collect::<anyhow::Result<Vec<_>>>()?;
+    // The lease a member's claim lasts unrenewed: as long as its membership does without a beat.
+    let lease = cluster.heartbeat() * crate::cluster::ALIVE_BEATS;
+    let me = Worker { id: cluster.id().to_string(), ..Worker::new(lease, false) };
+    tasks.spawn("replication work", distributed::work_policies(policies, meta, me, tasks.closing()));
+    Ok(())
 }
 
 /// Garbage collection every `interval`, the first at start-up. A collection while another instance or `breakwater

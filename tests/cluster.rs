@@ -2,7 +2,8 @@
 //! (s3s-fs). Members register and beat, list each other through `/api/cluster`, leave at once on SIGTERM, turn
 //! not alive when killed, share what is stored, and answer `/internal/` only to signed requests. A cold blob
 //! pulled through every member at once is fetched from upstream (a real `docker-registry` behind the counting
-//! relay) once for the cluster, and once more, with a `Range`, when the member fetching it is killed.
+//! relay) once for the cluster, and once more, with a `Range`, when the member fetching it is killed. Members work
+//! the queue of a distributed replication job (issue 13 item 4), and give their unit back at SIGTERM.
 
 mod common;
 
@@ -12,17 +13,24 @@ use common::oci::{get, metric, pseudo_random, push_blob, sha256};
 use common::pg::PgDatabase;
 use common::relay::Relay;
 use common::s3::S3Server;
+use common::synthetic::{Options, Synthetic};
 use common::{Breakwater, Distribution};
 
 const SECRET: &str = "a-cluster-secret-for-the-tests";
 
 /// A member of the cluster on `pg` and `s3` beating every second, with `extra` flags.
 fn member(pg: &PgDatabase, s3: &S3Server, log: &std::path::Path, extra: &[&str]) -> Breakwater {
+    member_configured(pg, s3, log, extra, "")
+}
+
+/// `member`, with `config` after its `[cluster]` table's `heartbeat_secs` (more of that table, then other tables).
+fn member_configured(pg: &PgDatabase, s3: &S3Server, log: &std::path::Path, extra: &[&str], config: &str) -> Breakwater {
     let url = s3.url("cluster");
     let mut args = vec!["--metadata", pg.url.as_str(), "--storage", url.as_str(), "--cluster-secret", SECRET];
     args.extend_from_slice(extra);
+    let text = format!("[cluster]\nheartbeat_secs = 1\n{config}");
     let config = log.with_extension("toml");
-    std::fs::write(&config, "[cluster]\nheartbeat_secs = 1\n").unwrap();
+    std::fs::write(&config, text).unwrap();
     args.extend_from_slice(&["--config", config.to_str().unwrap()]);
     let env = s3.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -420,4 +428,134 @@ async fn a_member_evicts_in_its_turn_and_spares_what_another_member_downloads() 
     assert_eq!(relay.count("GET", &layers[0]), 0, "the digest another member downloads was evicted");
     pull(&layers[1]).await;
     assert_eq!(relay.count("GET", &layers[1]), 1, "the next candidate was evicted");
+}
+
+/// Issue 13 item 4: `serve` members work the queue of a job that `replicate --distributed` enqueued, when their
+/// policies name the job. Two members claim units (the units name who finished them) and every tag is pushed
+/// once; a member with `[cluster] replication_work = false` claims none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_members_work_a_distributed_job_and_one_told_not_to_claims_nothing() {
+    const N: u64 = 48;
+    let pg = PgDatabase::create().await;
+    let s3 = S3Server::start();
+    let src = Synthetic::start_with(Options { count: N, namespaces: 24, unique_images: true, layer_size: 128 });
+    // Slow enough that the starter cannot finish every unit before the members poll the queue.
+    src.delay_on("GET /v2/", Duration::from_millis(40));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = Breakwater::start_logged(&[], "warn", &tmp.path().join("dst.log"));
+    let relay = Relay::start(&dst.addr);
+    let policy = format!(
+        "[[replication]]\nname = \"M\"\nfrom = \"http://{}\"\nto = \"http://{}\"\nwalkers = 2\nconcurrency = 1\npage_size = 10\n",
+        src.addr, relay.addr
+    );
+    let a = member_configured(&pg, &s3, &tmp.path().join("a.log"), &[], &policy);
+    let b = member_configured(&pg, &s3, &tmp.path().join("b.log"), &[], &policy);
+    let idle = member_configured(&pg, &s3, &tmp.path().join("c.log"), &[], &format!("replication_work = false\n{policy}"));
+    wait_for(&a, "three members", |m| m.len() == 3).await;
+    let mut ids = Vec::new();
+    for bw in [&a, &b, &idle] {
+        ids.push(view(bw).await.0);
+    }
+
+    let starter = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["replicate", "--distributed", "--metadata", &pg.url, "--job", "M", "--walkers", "2", "--concurrency", "1"])
+        .args(["--page-size", "10", "--from", &format!("http://{}", src.addr), "--to", &format!("http://{}", relay.addr)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&starter.stderr);
+    assert!(starter.status.success(), "{stderr}");
+    let summary: serde_json::Value = serde_json::from_slice(&starter.stdout).unwrap();
+    assert_eq!(summary["status"], "finished", "{summary}\n{stderr}");
+
+    // 4 units per walker, all done, each naming the worker that finished it.
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let units: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT state, claimed_by FROM replication_units WHERE job = 'M' ORDER BY unit").fetch_all(&pool).await.unwrap();
+    let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE 'replicate:%'").fetch_one(&pool).await.unwrap();
+    pool.close().await;
+    assert_eq!(units.len(), 8, "{units:?}");
+    assert!(units.iter().all(|(state, by)| state == "done" && by.is_some()), "{units:?}");
+    assert_eq!(leases, 0, "every claim's lease released");
+    let by = |id: &str| units.iter().filter(|(_, b)| b.as_deref() == Some(id)).count();
+    assert!(by(&ids[0]) >= 1 && by(&ids[1]) >= 1, "both working members claimed units: {ids:?} {units:?}");
+    assert_eq!(by(&ids[2]), 0, "the member with replication_work = false claimed none: {units:?}");
+
+    // Every tag pushed once, and the destination lists every repository.
+    let mut pushes = std::collections::HashMap::<String, usize>::new();
+    for r in relay.requests().iter().filter(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1")) {
+        *pushes.entry(r.path.clone()).or_default() += 1;
+    }
+    assert_eq!(pushes.len() as u64, N, "tags pushed");
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice: {pushes:?}");
+    let (status, body) = get(&dst.url("/v2/_catalog?n=1000")).await.unwrap();
+    assert_eq!(status, 200);
+    let catalog: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let names: Vec<String> = (0..N).map(|i| src.name(i)).collect();
+    assert_eq!(catalog["repositories"], serde_json::json!(names), "the destination's catalog");
+}
+
+/// A member stops cleanly mid-job at SIGTERM: the unit it held is given back and its lease released (the shutdown
+/// token stops its queue work), and the job's other worker finishes, pushing no tag twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_to_a_member_working_a_job_gives_its_unit_back_and_releases_its_lease() {
+    const N: u64 = 48;
+    let pg = PgDatabase::create().await;
+    let s3 = S3Server::start();
+    let src = Synthetic::start_with(Options { count: N, namespaces: 24, unique_images: true, layer_size: 128 });
+    src.delay_on("GET /v2/", Duration::from_millis(40));
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = Breakwater::start_logged(&[], "warn", &tmp.path().join("dst.log"));
+    let relay = Relay::start(&dst.addr);
+    let policy = format!(
+        "[[replication]]\nname = \"S\"\nfrom = \"http://{}\"\nto = \"http://{}\"\nwalkers = 2\nconcurrency = 1\npage_size = 10\n",
+        src.addr, relay.addr
+    );
+    let m = member_configured(&pg, &s3, &tmp.path().join("m.log"), &[], &policy);
+    let (id, _) = view(&m).await;
+    // Its log in a file: a pipe nobody reads until the end could fill and stall it.
+    let starter_log = tmp.path().join("starter.log");
+    let starter = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater"))
+        .args(["replicate", "--distributed", "--metadata", &pg.url, "--job", "S", "--walkers", "2", "--concurrency", "1"])
+        .args(["--page-size", "10", "--from", &format!("http://{}", src.addr), "--to", &format!("http://{}", relay.addr)])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&starter_log).unwrap())
+        .spawn()
+        .unwrap();
+
+    let pool = sqlx::PgPool::connect(&pg.url).await.unwrap();
+    let held = |pool: sqlx::PgPool, id: String| async move {
+        let units: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM replication_units WHERE state = 'claimed' AND claimed_by = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let leases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM leases WHERE name LIKE 'replicate:%' AND holder = $1")
+            .bind(&id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        (units, leases)
+    };
+    // A hang guard, not a measure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while held(pool.clone(), id.clone()).await != (1, 1) {
+        assert!(Instant::now() < deadline, "the member never claimed a unit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = std::process::Command::new("kill").args(["-TERM", &m.pid().to_string()]).status().unwrap();
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || m.stop_after_exit()).await.unwrap();
+    assert_eq!(held(pool.clone(), id.clone()).await, (0, 0), "the stopped member holds no unit and no lease");
+
+    let status = tokio::task::spawn_blocking(move || starter.wait_with_output().unwrap().status).await.unwrap();
+    assert!(status.success(), "{}", std::fs::read_to_string(&starter_log).unwrap());
+    let units: Vec<String> = sqlx::query_scalar("SELECT state FROM replication_units WHERE job = 'S'").fetch_all(&pool).await.unwrap();
+    pool.close().await;
+    assert!(units.len() == 8 && units.iter().all(|s| s == "done"), "{units:?}");
+    let mut pushes = std::collections::HashMap::<String, usize>::new();
+    for r in relay.requests().iter().filter(|r| r.method == "PUT" && r.status == 201 && r.path.ends_with("/manifests/v1")) {
+        *pushes.entry(r.path.clone()).or_default() += 1;
+    }
+    assert_eq!(pushes.len() as u64, N, "tags pushed");
+    assert!(pushes.values().all(|c| *c == 1), "tags pushed twice: {pushes:?}");
 }

@@ -38,6 +38,9 @@ pub struct Settings {
     /// listens on.
     pub advertise: Option<String>,
     pub heartbeat: Duration,
+    /// Work the queues of distributed replication jobs named by this member's policies (`[cluster]
+    /// replication_work`); `false` keeps a member to serving.
+    pub replication_work: bool,
 }
 
 /// A blob download of the cluster as `/api/cluster` shows it: which member fetches it from upstream (the others

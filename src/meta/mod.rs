@@ -111,6 +111,7 @@ pub struct Unit {
     pub attempts: u64,
     /// Grows at every claim: saves carry it, so a worker that lost its claim cannot overwrite its successor's.
     pub epoch: u64,
+    /// The worker holding the claim; on a `done` unit, the one that finished it.
     pub claimed_by: Option<String>,
     /// Artifacts copied and skipped, and bytes copied, by this unit over all its attempts.
     pub copied: u64,

@@ -163,7 +163,8 @@ impl SqlMeta {
 
     pub(super) async fn settle(&self, job: &str, unit: u64, epoch: u64, end: UnitEnd<'_>) -> Result<bool, MetaError> {
         let set = match end {
-            UnitEnd::Done => "state = 'done', claimed_by = NULL",
+            // A done unit keeps the name of the worker that finished it (who did what, after the fact).
+            UnitEnd::Done => "state = 'done'",
             UnitEnd::Released => "state = 'pending', claimed_by = NULL",
             UnitEnd::Failed { .. } => {
                 "attempts = attempts + 1, claimed_by = NULL, error = $4, not_before = $5, \

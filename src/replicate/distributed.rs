@@ -61,6 +61,39 @@ impl Worker {
 /// How often a worker with nothing to claim looks at the queue again.
 const POLL: Duration = Duration::from_millis(250);
 
+/// A `serve` cluster member's share (issue 13 item 4): until `cancel`, works every job of `policies` that has
+/// units left (enqueued by a `replicate --distributed` of the job's name), one job at a time, through `work`
+/// (its claims, leases and give-back at `cancel`). A job without units, or whose units are all settled, is
+/// looked at again every `POLL`: a member never enqueues, so it starts nothing the operator did not.
+pub async fn work_policies(policies: Vec<Policy>, meta: Arc<dyn Meta>, me: Worker, cancel: CancellationToken) {
+    let me = Worker { enqueue: false, ..me };
+    while !cancel.is_cancelled() {
+        for policy in &policies {
+            if cancel.is_cancelled() {
+                return;
+            }
+            let job = policy.job.clone();
+            match meta.units(&job).await {
+                Ok(units) if units.iter().any(|u| u.state != "done" && u.state != "failed") => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(%job, error = %e, "reading the job's queue failed");
+                    continue;
+                }
+            }
+            tracing::info!(%job, worker = %me.id, "working the job's queue");
+            match work(policy.clone(), Arc::clone(&meta), me.clone(), cancel.clone()).await {
+                Ok(r) => tracing::info!(%job, status = %r.status, copied = r.copied, "stopped working the job's queue"),
+                Err(e) => tracing::warn!(%job, error = %e, "working the job's queue failed"),
+            }
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            () = tokio::time::sleep(POLL) => {}
+        }
+    }
+}
+
 /// Works job `policy.job`'s queue until every unit is done or failed for good (then returns the job's record,
 /// `finished` or `failed`), or until `cancel` (then it gives its unit back and returns `interrupted`).
 pub async fn work(policy: Policy, meta: Arc<dyn Meta>, me: Worker, cancel: CancellationToken) -> Result<JobRecord, ReplicateError> {
