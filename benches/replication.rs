@@ -99,6 +99,11 @@ fn main() {
         let delay: u64 = env_parse("BENCH_WALK_DELAY_MS", 50);
         report.extend(part_c(n, delay, &support::env_list("BENCH_WALKERS", "1,8")));
     }
+    if parts.contains('d') {
+        let n: u64 = env_parse("BENCH_DIST_N", 4000);
+        let delay: u64 = env_parse("BENCH_DIST_DELAY_MS", 5);
+        report.extend(part_d(&rt, n, delay));
+    }
     println!();
     println!("================================================================ results");
     for l in &report {
@@ -539,6 +544,78 @@ fn part_c(count: u64, delay_ms: u64, walkers: &[usize]) -> Vec<String> {
             mib(r.hwm_kib),
             r.cpu,
             r.n("repos_seen")
+        ));
+    }
+    lines.push(String::new());
+    lines
+}
+
+fn part_d(rt: &tokio::runtime::Runtime, count: u64, delay_ms: u64) -> Vec<String> {
+    println!();
+    println!("== (d) distributed replication: {count} repositories, every source request {delay_ms} ms, 1 and 3 workers ==");
+    let mut lines = vec![
+        format!("(d) {count} repositories (synthetic source, one image each), every source request {delay_ms} ms, job state in PostgreSQL, each process --concurrency 8 --walkers 2 (8 units)"),
+        format!("destination: {}", std::env::var("BENCH_DIST_DEST").unwrap_or_else(|_| "breakwater".into())),
+        "| workers | wall | repos/s | × 1 worker | workers' CPU | destination CPU | destination catalog | exits | load before |".into(),
+        "|---|---|---|---|---|---|---|---|---|".into(),
+    ];
+    let mut one = None;
+    for workers in [1usize, 3] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        // The destination: a breakwater (SQLite metadata), or with `BENCH_DIST_DEST=registry` a docker-registry, to
+        // tell the workers' pace from the destination's ingest.
+        let (bw, reg);
+        let (dst_addr, dst_pid) = if std::env::var("BENCH_DIST_DEST").as_deref() == Ok("registry") {
+            reg = common::Distribution::start();
+            (reg.addr.clone(), registry_pid(&reg))
+        } else {
+            bw = common::Breakwater::start_logged(&[], "breakwater=warn", &tmp.path().join("dst.log"));
+            (bw.addr.clone(), bw.pid())
+        };
+        let dst_cpu0 = cpu_seconds(dst_pid);
+        // 300 two-letter namespaces: units are cut before listing, and names under one prefix would all be one unit.
+        let src = Synthetic::start_with(Options { count, namespaces: 300, unique_images: true, layer_size: 512 });
+        src.delay_on("GET /v2/", Duration::from_millis(delay_ms));
+        let pg = rt.block_on(common::pg::PgDatabase::create());
+        let load = loadavg();
+        let args = |cmd: &str, extra: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = [cmd, "--from", &format!("http://{}", src.addr), "--to", &format!("http://{dst_addr}")]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            v.extend(["--metadata", &pg.url, "--job", "dist", "--concurrency", "8", "--walkers", "2"].iter().map(|s| s.to_string()));
+            v.extend(extra.iter().map(|s| s.to_string()));
+            v
+        };
+        let cpu0 = children_cpu();
+        let t0 = Instant::now();
+        let mut runs = vec![args("replicate", &["--distributed"])];
+        runs.extend((1..workers).map(|_| args("worker", &[])));
+        let handles: Vec<_> = runs
+            .into_iter()
+            .map(|a| std::thread::spawn(move || run_replicate(&a, Watch::default(), Duration::from_secs(1800))))
+            .collect();
+        let done: Vec<Run> = handles.into_iter().map(|h| h.join().expect("worker thread")).collect();
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = children_cpu() - cpu0;
+        let dst_cpu = cpu_seconds(dst_pid) - dst_cpu0;
+        let copied = rt.block_on(catalog_count(&format!("http://{dst_addr}")));
+        let exits: Vec<String> = done.iter().map(|r| format!("{:?}", r.code)).collect();
+        if workers == 1 {
+            one = Some(wall);
+        }
+        let speedup = one.map_or("-".to_string(), |t| format!("{:.2}x", t / wall));
+        println!(
+            "{workers} worker(s): wall {wall:.2} s ({:.0} repos/s, {speedup}), CPU {cpu:.2} s (destination {dst_cpu:.2} s), destination catalog {copied}/{count}, exits {exits:?} (load before {load})",
+            count as f64 / wall
+        );
+        for r in done.iter().filter(|r| r.code != Some(0)) {
+            println!("A WORKER FAILED\n{}", r.describe());
+        }
+        lines.push(format!(
+            "| {workers} | {wall:.2} s | {:.0} | {speedup} | {cpu:.2} s | {dst_cpu:.2} s | {copied}/{count} | {} | {load} |",
+            count as f64 / wall,
+            exits.join(" ")
         ));
     }
     lines.push(String::new());
