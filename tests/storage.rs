@@ -19,6 +19,8 @@ struct Backend {
     store: Arc<dyn BlobStore>,
     /// Opens another store over the same bytes: what a restart, or a second instance, sees.
     reopen: Box<dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn BlobStore>>>,
+    /// Whether `open` opens the bytes with the size (local disk) or leaves them to `read` (an object store).
+    opens_bytes: bool,
     _keep: Box<dyn std::any::Any>,
 }
 
@@ -30,7 +32,7 @@ async fn local() -> Backend {
         let path = path.clone();
         Box::pin(async move { Arc::new(LocalStore::open(&path).await.unwrap()) as Arc<dyn BlobStore> }) as _
     });
-    Backend { store, reopen, _keep: Box::new(dir) }
+    Backend { store, reopen, opens_bytes: true, _keep: Box::new(dir) }
 }
 
 /// S3 settings for `server`, with the smallest part size S3 allows (so that a test's few MiB span parts).
@@ -53,7 +55,7 @@ async fn s3() -> Backend {
         let s = s.clone();
         Box::pin(async move { Arc::new(S3Store::open(&s).await.unwrap()) as Arc<dyn BlobStore> }) as _
     });
-    Backend { store, reopen, _keep: Box::new(server) }
+    Backend { store, reopen, opens_bytes: false, _keep: Box::new(server) }
 }
 
 fn stream(parts: Vec<io::Result<Bytes>>) -> ByteStream {
@@ -94,6 +96,32 @@ async fn put_verifies_and_reads_ranges(b: Backend) {
         // Stored once: putting it again keeps the size and the bytes.
         assert_eq!(b.store.put(&d, chunked(&bytes, MIB)).await.unwrap(), len as u64);
         assert_eq!(collect((b.reopen)().await.read(&d, None).await.unwrap()).await, bytes);
+    }
+}
+
+/// `open` gives a blob's size and, where the store opens its bytes with it (local disk), streams any window of
+/// them: empty, small (read whole), at the 64 KiB border, mapped; a window past the end is an error, not a fault.
+async fn open_gives_the_size_and_streams_windows(b: Backend) {
+    let absent = Digest::of(Algorithm::Sha256, b"never stored");
+    assert!(b.store.open(&absent).await.unwrap().is_none());
+    for len in [0, 11, 64 * 1024, 64 * 1024 + 1, 3 * MIB + 5] {
+        let bytes = data(len, 7 + len as u64);
+        let d = Digest::of(Algorithm::Sha256, &bytes);
+        b.store.put(&d, chunked(&bytes, MIB)).await.unwrap();
+        let windows = [None, Some((0, len)), Some((len / 3, len)), Some((len / 2, len / 2)), Some((len / 4, len - len / 4))];
+        for w in windows {
+            let opened = b.store.open(&d).await.unwrap().expect("stored");
+            assert_eq!(opened.size, len as u64);
+            assert_eq!(opened.bytes.is_some(), b.opens_bytes);
+            let Some(opened_bytes) = opened.bytes else { continue };
+            let range = w.map(|(s, e)| ByteRange { start: s as u64, end: e as u64 });
+            let (s, e) = w.unwrap_or((0, len));
+            assert_eq!(collect(opened_bytes.stream(range).unwrap()).await, &bytes[s..e], "{len} bytes, window {w:?}");
+        }
+        if let Some(opened_bytes) = b.store.open(&d).await.unwrap().and_then(|o| o.bytes) {
+            let past = ByteRange { start: 0, end: len as u64 + 1 };
+            assert!(opened_bytes.stream(Some(past)).is_err(), "{len} bytes: a window past the end streams");
+        }
     }
 }
 
@@ -263,6 +291,7 @@ macro_rules! on_each_backend {
 
 on_each_backend!(
     put_verifies_and_reads_ranges,
+    open_gives_the_size_and_streams_windows,
     mismatch_and_broken_body_leave_nothing_visible,
     chunked_upload_spans_parts_and_restarts,
     broken_chunk_keeps_what_arrived,

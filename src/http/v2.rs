@@ -19,8 +19,8 @@ use crate::meta::{ManifestRecord, Page};
 use crate::flight::BlobFlight;
 use crate::oci::{Digest, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
 use crate::proxy::{Cached, ProxiedBlob, ReferrersPage, TagPage, Target};
-use crate::registry::RegistryError;
-use crate::storage::ByteStream;
+use crate::registry::{Registry, RegistryError};
+use crate::storage::{ByteStream, OpenBlob};
 
 type Result<T> = std::result::Result<T, RegistryError>;
 
@@ -163,10 +163,10 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
             let (digest, head) = (digest_param(digest)?, m == "HEAD");
             let source = match app.proxy.target(name, ns)? {
-                Target::Local(repo) => BlobSource::Stored(reg.blob_size(&repo, &digest).await?),
+                Target::Local(repo) => BlobSource::Stored(stored_blob(reg, &repo, &digest, head).await?),
                 Target::Cached(c) => proxied_blob(app, &c, &digest, head).await?,
-                Target::LocalOrCached(repo, c) => match reg.blob_size(&repo, &digest).await {
-                    Ok(size) => BlobSource::Stored(size),
+                Target::LocalOrCached(repo, c) => match stored_blob(reg, &repo, &digest, head).await {
+                    Ok(blob) => BlobSource::Stored(blob),
                     Err(RegistryError::BlobUnknown) => proxied_blob(app, &c, &digest, head).await?,
                     Err(e) => return Err(e),
                 },
@@ -321,9 +321,18 @@ async fn proxied_blob(app: &App, c: &Cached, digest: &Digest, head: bool) -> Res
     Ok(blob.into())
 }
 
+/// Blob `digest` of `repo` as stored: its size for a HEAD, opened for a GET.
+async fn stored_blob(reg: &Registry, repo: &RepoName, digest: &Digest, head: bool) -> Result<OpenBlob> {
+    if head {
+        Ok(OpenBlob::sized(reg.blob_size(repo, digest).await?))
+    } else {
+        reg.open_blob(repo, digest).await
+    }
+}
+
 /// Where a blob's bytes come from.
 enum BlobSource {
-    Stored(u64),
+    Stored(OpenBlob),
     Flight(Arc<BlobFlight>, u64),
     /// Nowhere here: only its size is known, from the upstream (answers a HEAD only).
     SizeOnly(u64),
@@ -332,7 +341,7 @@ enum BlobSource {
 impl From<ProxiedBlob> for BlobSource {
     fn from(b: ProxiedBlob) -> Self {
         match b {
-            ProxiedBlob::Stored(size) => BlobSource::Stored(size),
+            ProxiedBlob::Stored(blob) => BlobSource::Stored(blob),
             ProxiedBlob::Flight(f, size) => BlobSource::Flight(f, size),
             ProxiedBlob::Upstream(size) => BlobSource::SizeOnly(size),
         }
@@ -514,7 +523,7 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
 
 async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
     let size = match &source {
-        BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
+        BlobSource::Stored(OpenBlob { size, .. }) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
     if let (BlobSource::Stored(_), false) = (&source, head) {
         if let Some(url) = app.registry.blob_redirect(digest).await? {
@@ -539,7 +548,7 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
     let len = window.map_or(size, |r| r.end - r.start);
     let body = match source {
         _ if head => Body::empty(),
-        BlobSource::Stored(_) => Body::from_stream(app.registry.read_blob(digest, window).await?),
+        BlobSource::Stored(blob) => Body::from_stream(app.registry.read_open(digest, blob, window).await?),
         BlobSource::Flight(flight, _) => Body::from_stream(
             flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
         ),

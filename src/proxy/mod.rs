@@ -25,6 +25,7 @@ use crate::bounded::BoundedMap;
 use crate::flight::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, FlightError, Group, Join};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::registry::{Registry, RegistryError};
+use crate::storage::OpenBlob;
 use crate::upstream::{Upstream, UpstreamError};
 
 type Result<T> = std::result::Result<T, RegistryError>;
@@ -57,7 +58,8 @@ pub struct Resolved {
 
 /// A blob the proxy can serve.
 pub enum ProxiedBlob {
-    Stored(u64),
+    /// In the cache: opened for a GET, its size only for a HEAD.
+    Stored(OpenBlob),
     Flight(Arc<BlobFlight>, u64),
     /// Known only from an upstream HEAD, with this size: enough for a HEAD, which is the only request answered so
     /// (nothing is cached; a GET starts the download).
@@ -465,7 +467,7 @@ impl Proxy {
         if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
             count_cache("blob", "hit");
             self.touch(digest).await;
-            return Ok(ProxiedBlob::Stored(size));
+            return Ok(ProxiedBlob::Stored(OpenBlob::sized(size)));
         }
         match self.flights.peek(digest).await? {
             Some(Join::Flight { flight, .. }) => {
@@ -481,7 +483,7 @@ impl Proxy {
             Some(Join::Stored(size)) if self.registry.link_blob(&c.local, digest, size).await.is_ok() => {
                 count_cache("blob", "hit");
                 self.touch(digest).await;
-                return Ok(ProxiedBlob::Stored(size));
+                return Ok(ProxiedBlob::Stored(OpenBlob::sized(size)));
             }
             Some(Join::Stored(_)) | None => {}
         }
@@ -519,10 +521,10 @@ impl Proxy {
 
     /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
     pub async fn blob(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
-        if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
+        if let Ok(blob) = self.registry.open_blob(&c.local, digest).await {
             count_cache("blob", "hit");
             self.touch(digest).await;
-            return Ok(ProxiedBlob::Stored(size));
+            return Ok(ProxiedBlob::Stored(blob));
         }
         if self.is_missing(&c.local, &blob_reference(digest)).await {
             count_cache("blob", "negative");
@@ -558,7 +560,7 @@ impl Proxy {
                 // Cached for another repository already: content is shared, only the link is new.
                 count_cache("blob", "hit");
                 self.touch(digest).await;
-                Ok(ProxiedBlob::Stored(size))
+                Ok(ProxiedBlob::Stored(OpenBlob::sized(size)))
             }
             Join::Flight { flight, joined } => {
                 count_cache("blob", if joined { "coalesced" } else { "miss" });

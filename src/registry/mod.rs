@@ -20,7 +20,7 @@ pub use locks::{DigestLocks, Referencing, Removal};
 
 use crate::meta::{ManifestRecord, Meta, Page};
 use crate::oci::{Algorithm, Digest, ManifestInfo, Reference, RepoName, Tag, MAX_MANIFEST_BYTES};
-use crate::storage::{BlobStore, ByteRange, ByteStream, StorageError, UploadClaim};
+use crate::storage::{BlobStore, ByteRange, ByteStream, OpenBlob, StorageError, UploadClaim};
 
 /// Outcome of a manifest push, for the response headers.
 #[derive(Debug)]
@@ -83,12 +83,27 @@ impl Registry {
         size?.ok_or(RegistryError::BlobUnknown)
     }
 
+    /// Blob `digest` of `repo` opened for a download: its size and, where the store opens them at once, its
+    /// bytes. The link and the open are asked at once, for the reason `blob_size` gives.
+    pub async fn open_blob(&self, repo: &RepoName, digest: &Digest) -> Result<OpenBlob> {
+        let (linked, opened) = futures_util::join!(self.meta.blob_linked(repo, digest), self.store.open(digest));
+        if !linked? {
+            return Err(RegistryError::BlobUnknown);
+        }
+        opened.map_err(not_found)?.ok_or(RegistryError::BlobUnknown)
+    }
+
     /// Streams blob `digest` (or a window of it) from `repo`.
     pub async fn read_blob(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream> {
-        self.store.read(digest, range).await.map_err(|e| match e {
-            StorageError::NotFound => RegistryError::BlobUnknown,
-            e => e.into(),
-        })
+        self.store.read(digest, range).await.map_err(not_found)
+    }
+
+    /// Streams an opened blob (or a window of it): from the bytes opened with it, or else from the store.
+    pub async fn read_open(&self, digest: &Digest, blob: OpenBlob, range: Option<ByteRange>) -> Result<ByteStream> {
+        match blob.bytes {
+            Some(bytes) => bytes.stream(range).map_err(not_found),
+            None => self.read_blob(digest, range).await,
+        }
     }
 
     /// Where the client may fetch stored blob `digest` from the store itself, if the store redirects downloads.
@@ -539,5 +554,13 @@ impl Registry {
     /// referenced right now (then eviction skips the digest).
     pub fn try_removal(&self, digest: &Digest) -> Option<Removal> {
         self.locks.try_remove(digest)
+    }
+}
+
+/// A store's error for a blob it was asked for, as the registry's: not stored is the blob unknown.
+fn not_found(e: StorageError) -> RegistryError {
+    match e {
+        StorageError::NotFound => RegistryError::BlobUnknown,
+        e => e.into(),
     }
 }

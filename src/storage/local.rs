@@ -18,12 +18,12 @@ use tokio::fs::{self, File};
 use tokio_util::io::ReaderStream;
 
 use super::carry::{Carry, Running};
-use super::{BlobStore, ByteRange, ByteStream, StorageError, StoredBlob, UploadClaim, UploadSessions};
+use super::{BlobStore, ByteRange, ByteStream, OpenBlob, OpenBytes, StorageError, StoredBlob, UploadClaim, UploadSessions};
 use crate::oci::Digest;
 
-/// Windows of a blob up to this size are read into memory whole instead of mapped: for a manifest or a config,
+/// Blobs up to this size are read into memory whole instead of mapped: for a manifest or a config,
 /// one read costs less than a map's syscalls and page faults, and it is no more memory than a read buffer was.
-const SMALL_WINDOW: usize = 64 * 1024;
+const SMALL_BLOB: usize = 64 * 1024;
 /// How much of a mapped blob one slice handed to hyper holds. A slice costs no memory (it points into the map), so
 /// large slices mean few polls; bounded because HTTP/2's stuck-response bound (`connection.rs`) sees a client
 /// only between slices: one that reads less than this within the idle timeout is taken for one that stopped.
@@ -187,38 +187,62 @@ fn sorted_names(dir: &Path) -> io::Result<Vec<String>> {
     Ok(names)
 }
 
-/// Opens the window `range` of the stored blob at `path` (all of it without a range) as the stream a download
-/// sends: a small window read whole, a larger one as slices of a memory map of the file, which hyper writes to
-/// the socket straight from page cache (no copy through a buffer of ours, no blocking-pool trip per chunk).
-fn open_window(path: &Path, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+/// Opens the stored blob at `path` for a download, in the one blocking trip it needs: its size, and its bytes
+/// (read whole when small, else a memory map of the file, which hyper writes to the socket straight from page
+/// cache: no copy through a buffer of ours, no blocking-pool trip per chunk). `None` if it is not stored.
+fn open_whole(path: &Path) -> Result<Option<OpenBlob>, StorageError> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StorageError::NotFound),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let size = file.metadata()?.len();
-    let r = range.unwrap_or(ByteRange { start: 0, end: size });
-    // A map read past the file's end faults (SIGBUS), so a window the file does not hold is refused here.
-    let len = match r.end.checked_sub(r.start) {
-        Some(len) if r.end <= size => usize::try_from(len).map_err(io::Error::other)?,
-        _ => {
-            let why = format!("bytes {}..{} of a {size}-byte blob", r.start, r.end);
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why).into());
-        }
-    };
-    if len == 0 {
-        return Ok(Box::pin(futures_util::stream::empty()));
-    }
-    if len <= SMALL_WINDOW {
+    let len = usize::try_from(size).map_err(io::Error::other)?;
+    let bytes = if len <= SMALL_BLOB {
         let mut buf = vec![0; len];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, r.start)?;
-        return Ok(Box::pin(futures_util::stream::once(std::future::ready(Ok(Bytes::from(buf))))));
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut buf, 0)?;
+        Opened::Read(Bytes::from(buf))
+    } else {
+        // SAFETY: a map is sound while nothing writes to or truncates the file under it. A file under `blobs/` is
+        // never written to once linked there (the storage invariant; `UploadClaim` for uploads), and eviction and
+        // fsck only unlink it, which leaves a mapped file's pages valid until they are unmapped.
+        Opened::Mapped(unsafe { memmap2::MmapOptions::new().len(len).map(&file)? })
+    };
+    Ok(Some(OpenBlob { size, bytes: Some(Box::new(bytes)) }))
+}
+
+/// A stored blob's bytes as `open_whole` opened them.
+enum Opened {
+    /// A small blob, read whole.
+    Read(Bytes),
+    Mapped(memmap2::Mmap),
+}
+
+impl OpenBytes for Opened {
+    fn stream(self: Box<Self>, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+        let size = match &*self {
+            Opened::Read(b) => b.len(),
+            Opened::Mapped(m) => m.len(),
+        };
+        // A map read past the file's end faults (SIGBUS), so a window the file does not hold is refused here.
+        let window = match range {
+            None => 0..size,
+            Some(r) => match (usize::try_from(r.start), usize::try_from(r.end)) {
+                (Ok(start), Ok(end)) if start <= end && end <= size => start..end,
+                _ => {
+                    let why = format!("bytes {}..{} of a {size}-byte blob", r.start, r.end);
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, why).into());
+                }
+            },
+        };
+        if window.is_empty() {
+            return Ok(Box::pin(futures_util::stream::empty()));
+        }
+        Ok(match *self {
+            Opened::Read(b) => Box::pin(futures_util::stream::once(std::future::ready(Ok(b.slice(window))))),
+            Opened::Mapped(m) => Box::pin(MappedSlices::new(m, window)),
+        })
     }
-    // SAFETY: a map is sound while nothing writes to or truncates the file under it. A file under `blobs/` is
-    // never written to once linked there (the storage invariant; `UploadClaim` for uploads), and eviction and
-    // fsck only unlink it, which leaves a mapped file's pages valid until they are unmapped.
-    let map = unsafe { memmap2::MmapOptions::new().offset(r.start).len(len).map(&file)? };
-    Ok(Box::pin(MappedSlices::new(map)))
 }
 
 /// A memory map shared by the slices handed out of it (`Bytes::from_owner` needs its owner to be the bytes).
@@ -230,13 +254,15 @@ impl AsRef<[u8]> for SharedMap {
     }
 }
 
-/// A mapped window of a blob as a stream of `SERVE_SLICE` slices of it. Each slice keeps the map alive, so the map
-/// is unmapped when the stream and the last slice in hyper's queue are gone; while the stream runs, the kernel is
-/// asked to read ahead (`MADV_WILLNEED`, which starts the reads and does not wait for them).
+/// A window of a mapped blob as a stream of `SERVE_SLICE` slices of it. Each slice keeps the map alive, so the
+/// map is unmapped when the stream and the last slice in hyper's queue are gone; while the stream runs, the kernel
+/// is asked to read ahead (`MADV_WILLNEED`, which starts the reads and does not wait for them).
 struct MappedSlices {
     /// The map itself, for the read-ahead advice.
     map: Arc<memmap2::Mmap>,
-    /// What is still to be sent, a view of `map` (so `map.len() - rest.len()` is where it starts).
+    /// Where the window starts and ends in the map.
+    window: std::ops::Range<usize>,
+    /// What is still to be sent, a view of `map` (so `window.end - rest.len()` is where it starts).
     rest: Bytes,
     /// Whether the stream has let the runtime run other tasks since its last slice. It does between slices: a
     /// socket on loopback takes megabytes at once, and without a yield one connection would hold a runtime
@@ -246,19 +272,19 @@ struct MappedSlices {
 }
 
 impl MappedSlices {
-    fn new(map: memmap2::Mmap) -> MappedSlices {
+    fn new(map: memmap2::Mmap, window: std::ops::Range<usize>) -> MappedSlices {
         let map = Arc::new(map);
-        let rest = Bytes::from_owner(SharedMap(Arc::clone(&map)));
+        let rest = Bytes::from_owner(SharedMap(Arc::clone(&map))).slice(window.clone());
         // The first slice goes out at once: a first byte never waits for the yield.
-        let stream = MappedSlices { map, rest, yielded: true };
-        stream.read_ahead(0, 2 * READ_AHEAD);
+        let stream = MappedSlices { map, rest, yielded: true, window };
+        stream.read_ahead(stream.window.start, 2 * READ_AHEAD);
         stream
     }
 
-    /// Advises the kernel that `[from, from + len)` of the map will be read soon. Only advice: a failure changes
-    /// nothing but speed.
+    /// Advises the kernel that `[from, from + len)` of the window will be read soon. Only advice: a failure
+    /// changes nothing but speed.
     fn read_ahead(&self, from: usize, len: usize) {
-        let len = len.min(self.map.len().saturating_sub(from));
+        let len = len.min(self.window.end.saturating_sub(from));
         if len > 0 {
             let _ = self.map.advise_range(memmap2::Advice::WillNeed, from, len);
         }
@@ -281,10 +307,11 @@ impl futures_util::Stream for MappedSlices {
         self.yielded = false;
         let n = SERVE_SLICE.min(self.rest.len());
         let slice = self.rest.split_to(n);
-        // At each READ_AHEAD boundary, the advice moves on by READ_AHEAD: it stays one to two of them ahead.
-        let sent = self.map.len() - self.rest.len();
-        if sent % READ_AHEAD == 0 {
-            self.read_ahead(sent + READ_AHEAD, READ_AHEAD);
+        // At each READ_AHEAD boundary of the window, the advice moves on by READ_AHEAD: it stays one to two of
+        // them ahead.
+        let at = self.window.end - self.rest.len();
+        if (at - self.window.start) % READ_AHEAD == 0 {
+            self.read_ahead(at + READ_AHEAD, READ_AHEAD);
         }
         Poll::Ready(Some(Ok(slice)))
     }
@@ -504,9 +531,16 @@ impl BlobStore for LocalStore {
     }
 
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
+        match self.open(digest).await?.and_then(|b| b.bytes) {
+            Some(bytes) => bytes.stream(range),
+            None => Err(StorageError::NotFound),
+        }
+    }
+
+    async fn open(&self, digest: &Digest) -> Result<Option<OpenBlob>, StorageError> {
         let path = self.blob_path(digest);
-        // Opening and mapping are the only blocking steps of a download: one trip to the blocking pool.
-        match tokio::task::spawn_blocking(move || open_window(&path, range)).await {
+        // Opening, sizing and mapping are the only blocking steps of a download: one trip to the blocking pool.
+        match tokio::task::spawn_blocking(move || open_whole(&path)).await {
             Ok(opened) => opened,
             Err(e) => Err(StorageError::Io(io::Error::other(format!("open thread failed: {e}")))),
         }
@@ -960,7 +994,7 @@ mod tests {
         assert_eq!(parts.len(), len.div_ceil(SERVE_SLICE));
         assert_eq!(parts.concat(), content);
 
-        let (s, w) = (SERVE_SLICE as u64, SMALL_WINDOW as u64);
+        let (s, w) = (SERVE_SLICE as u64, SMALL_BLOB as u64);
         let windows = [
             (0, 1),
             (0, w),
@@ -1019,8 +1053,8 @@ mod tests {
     async fn a_window_past_the_end_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::open(dir.path()).await.unwrap();
-        let (d, _) = stored(&store, SMALL_WINDOW + 10).await;
-        let size = (SMALL_WINDOW + 10) as u64;
+        let (d, _) = stored(&store, SMALL_BLOB + 10).await;
+        let size = (SMALL_BLOB + 10) as u64;
         for (start, end) in [(0, size + 1), (size - 1, size + SERVE_SLICE as u64), (5, 4)] {
             assert!(matches!(store.read(&d, Some(ByteRange { start, end })).await, Err(StorageError::Io(_))), "{start}..{end}");
         }

@@ -57,6 +57,26 @@ pub struct ByteRange {
     pub end: u64,
 }
 
+/// A committed blob opened for a download (`BlobStore::open`).
+pub struct OpenBlob {
+    pub size: u64,
+    /// The bytes, when the store opened them with the size; `None` means `BlobStore::read` streams them.
+    pub bytes: Option<Box<dyn OpenBytes>>,
+}
+
+impl OpenBlob {
+    /// A blob known by its size only (a HEAD needs no more; a store that opens nothing ahead).
+    pub fn sized(size: u64) -> OpenBlob {
+        OpenBlob { size, bytes: None }
+    }
+}
+
+/// The bytes of an opened blob, ready to be streamed with no further trip to another thread.
+pub trait OpenBytes: Send + Sync {
+    /// Streams all of it, or the window `range` (which the caller has checked against the size).
+    fn stream(self: Box<Self>, range: Option<ByteRange>) -> Result<ByteStream, StorageError>;
+}
+
 /// A committed blob as a listing of the store shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredBlob {
@@ -126,6 +146,14 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Streams a committed blob, or the window `range` of it (which the caller has checked against the size).
     async fn read(&self, digest: &Digest, range: Option<ByteRange>) -> Result<ByteStream, StorageError>;
+
+    /// Opens a committed blob for a download, `None` if it is not stored: its size and, where the store can
+    /// open its bytes in the same trip to another thread (a local file, opened and mapped at once), those bytes,
+    /// so that the download needs no second trip. Behind hundreds of busy downloads each trip is a round of the
+    /// run queue before a first byte. By default only the size; the bytes come from `read`.
+    async fn open(&self, digest: &Digest) -> Result<Option<OpenBlob>, StorageError> {
+        Ok(self.size(digest).await?.map(OpenBlob::sized))
+    }
 
     /// A URL where a client may fetch committed blob `digest` itself, for a short while (an object store's
     /// presigned URL), when the store is set to redirect downloads; `None` when its bytes go through breakwater.
