@@ -533,6 +533,9 @@ pub struct FileReplication {
     pub bandwidth: Option<u64>,
     /// Inside `breakwater serve`: run every this many seconds.
     pub schedule_secs: Option<u64>,
+    /// The bearer token a source's notifications (`POST /api/replication/NAME/events`) may carry instead of an
+    /// admin's credentials; when set, it is required even with access control off.
+    pub events_secret: Option<Secret>,
 }
 
 pub const DEFAULT_REPLICATION_CONCURRENCY: usize = 8;
@@ -790,6 +793,7 @@ from_username = "reader"
 from_password = "from-secret-3"
 to_username = "writer"
 to_password = "to-secret-4"
+events_secret = "events-secret-7"
 [storage]
 url = "s3://bucket/prefix"
 access_key_id = "AKIDEXAMPLE"
@@ -798,7 +802,7 @@ secret_access_key = "s3-secret-5"
 secret = "cluster-secret-6-long-enough"
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
-        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5", "cluster-secret-6"];
+        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5", "cluster-secret-6", "events-secret-7"];
         let check = |what: &str, debug: String| {
             assert!(debug.contains("***"), "{what}: the redaction shows: {debug}");
             for s in secrets {
@@ -841,6 +845,7 @@ secret = "cluster-secret-6-long-enough"
         assert_eq!(policy.from.password.as_deref(), Some("from-secret-3"));
         assert_eq!(policy.to.password.as_deref(), Some("to-secret-4"));
         assert_eq!(config.upstreams[0].password.as_deref(), Some("up-secret-2"));
+        assert_eq!(config.replication[0].events_secret.as_deref(), Some("events-secret-7"));
         assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
         let StorageConfig::S3(s3) = &config.storage else { panic!("[storage] url is s3://") };
         assert_eq!(s3.secret_access_key.as_deref(), Some("s3-secret-5"));
