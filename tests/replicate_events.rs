@@ -241,6 +241,21 @@ include = ["team/**"]
             assert_eq!(answer, nothing, "{who}");
         }
     }
+    // A notification that does not fit in the policy's queue is refused whole, with Retry-After, so the sender
+    // retries it. (One envelope over the queue's 1024 events: whatever the worker did meanwhile.)
+    let many: Vec<Value> = (0..1025).map(|i| json!({"action": "push", "target": {"repository": "team/app", "tag": format!("t{i}")}})).collect();
+    let r = reqwest::Client::new()
+        .post(url("with-secret"))
+        .header("authorization", &secret)
+        .header("content-type", ENVELOPE)
+        .body(json!({ "events": many }).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(r.headers().get("retry-after").is_some(), "{:?}", r.headers());
+    let answer: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert!(answer["error"].as_str().is_some_and(|e| e.contains("full")), "{answer}");
     // Without a secret, only an admin.
     assert_eq!(post(&url("admins-only"), Some(&root), ENVELOPE, body()).await.0, 202);
     assert_eq!(post(&url("admins-only"), Some(&secret), ENVELOPE, body()).await.0, 401, "another policy's secret");
@@ -250,6 +265,7 @@ include = ["team/**"]
     assert_eq!(r.status().as_u16(), 401);
     let r = reqwest::Client::new().get(bw.url("/api/replication/with-secret")).header("authorization", &root).send().await.unwrap();
     let status: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
-    assert_eq!(status["events"]["received"], 2, "{status}");
+    assert_eq!(status["events"]["received"], 2 + 1025, "{status}");
     assert_eq!(status["events"]["accepted"], 0, "{status}");
+    assert_eq!(status["events"]["refused"], 1025, "{status}");
 }

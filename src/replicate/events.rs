@@ -33,6 +33,9 @@ use crate::secret::Secret;
 /// gives up, and the next walk copies what it announced).
 pub const QUEUE_CAPACITY: usize = 1024;
 
+/// Looks at the source for a pushed tag before copying it (50 ms doubling: about 6 s in all).
+const SOURCE_WAITS: u32 = 7;
+
 /// What an event asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Action {
@@ -241,6 +244,9 @@ impl EventQueue {
 
     async fn apply(&self, e: Event) {
         let run = &*self.run;
+        if e.action == Action::Push {
+            self.await_source(&e.repo, &e.reference).await;
+        }
         match (e.action, &e.reference) {
             (Action::Push, _) if run.tags.latest().is_some() => super::copy_repository(run, &e.repo).await,
             (Action::Push, reference) => {
@@ -253,6 +259,22 @@ impl EventQueue {
                 }
             }
             (Action::Delete, reference) => self.delete(&e.repo, reference).await,
+        }
+    }
+
+    /// Waits (a few seconds at most) until the source serves `repo:reference`: distribution notifies a manifest
+    /// push before it links the tag, so a copy started at once can find no such tag. Any other answer ends the
+    /// wait, and the copy then meets (and records) what it has to.
+    async fn await_source(&self, repo: &RepoName, reference: &Reference) {
+        let src = &self.run.copier.src;
+        let reference = reference.to_string();
+        let mut pause = std::time::Duration::from_millis(50);
+        for _ in 0..SOURCE_WAITS {
+            match src.manifest_digest(repo, &reference).await {
+                Ok(None) => tokio::time::sleep(pause).await,
+                Ok(Some(_)) | Err(_) => return,
+            }
+            pause *= 2;
         }
     }
 
@@ -434,6 +456,60 @@ mod tests {
         assert_eq!(summary(parse(delete.as_bytes()).unwrap()), vec![Some((Action::Delete, "p/app".into(), D.into()))]);
         let scan = r#"{"type":"SCANNING_COMPLETED","event_data":{"resources":[{"tag":"v2"}],"repository":{"repo_full_name":"p/app"}}}"#;
         assert_eq!(summary(parse(scan.as_bytes()).unwrap()), vec![None]);
+    }
+
+    fn envelope(events: &[(&str, &str)]) -> String {
+        let events: Vec<serde_json::Value> = events
+            .iter()
+            .map(|(action, tag)| serde_json::json!({"action": action, "target": {"repository": "team/app", "tag": tag}}))
+            .collect();
+        serde_json::json!({ "events": events }).to_string()
+    }
+
+    async fn queue(dir: &tempfile::TempDir) -> Arc<EventQueue> {
+        let meta = crate::meta::open(&format!("sqlite://{}?mode=rwc", dir.path().join("meta.db").display())).await.unwrap();
+        let file = FileReplication {
+            name: "p".into(),
+            from: "http://127.0.0.1:9".into(),
+            to: "local".into(),
+            include: vec!["team/**".into()],
+            exclude_tags: vec!["tmp-*".into()],
+            ..Default::default()
+        };
+        EventQueue::new(&file, "http://127.0.0.1:9", meta, CancellationToken::new()).unwrap()
+    }
+
+    fn queued(q: &EventQueue) -> Vec<(Action, String)> {
+        q.queue.lock().unwrap().iter().map(|e| (e.action, e.reference.to_string())).collect()
+    }
+
+    #[tokio::test]
+    async fn the_later_event_for_a_tag_replaces_the_queued_one_at_the_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir).await;
+        let r = q.receive(envelope(&[("push", "a"), ("push", "b"), ("push", "tmp-1"), ("delete", "a"), ("pull", "b")]).as_bytes()).unwrap();
+        assert_eq!(r, Received { accepted: 3, ignored: 2 }, "tmp-* is excluded, pulls are nothing to do");
+        assert_eq!(queued(&q), [(Action::Push, "b".to_string()), (Action::Delete, "a".to_string())]);
+        q.receive(envelope(&[("push", "a")]).as_bytes()).unwrap();
+        assert_eq!(queued(&q), [(Action::Push, "b".to_string()), (Action::Push, "a".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_takes_nothing_of_a_notification_but_coalesces() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = queue(&dir).await;
+        let tags: Vec<String> = (0..QUEUE_CAPACITY).map(|i| format!("t{i}")).collect();
+        let pushes: Vec<(&str, &str)> = tags.iter().map(|t| ("push", t.as_str())).collect();
+        q.receive(envelope(&pushes).as_bytes()).unwrap();
+        // One new tag with one already queued: refused whole, the queue unchanged.
+        let over = envelope(&[("push", "t0"), ("push", "new")]);
+        assert!(matches!(q.receive(over.as_bytes()), Err(EventError::Full(n)) if n == QUEUE_CAPACITY));
+        assert_eq!(q.queue.lock().unwrap().len(), QUEUE_CAPACITY);
+        // A tag already queued still fits: it replaces its predecessor.
+        assert_eq!(q.receive(envelope(&[("delete", "t0")]).as_bytes()).unwrap(), Received { accepted: 1, ignored: 0 });
+        assert_eq!(queued(&q).last(), Some(&(Action::Delete, "t0".to_string())));
+        let c = q.counts();
+        assert_eq!((c.received, c.accepted, c.refused, c.queued), (QUEUE_CAPACITY as u64 + 3, QUEUE_CAPACITY as u64 + 1, 2, QUEUE_CAPACITY as u64));
     }
 
     #[test]
