@@ -6,12 +6,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use common::oci::push_image;
 use common::relay::Relay;
-use common::{images, Breakwater, Distribution};
+use common::auth::{basic, htpasswd};
+use common::{Breakwater, Distribution};
 use serde_json::{json, Value};
 
 const SECRET: &str = "events-secret-4c1d9e";
@@ -68,6 +68,11 @@ fn push_envelope(repo: &str, tag: &str, digest: &str) -> String {
     .to_string()
 }
 
+/// A `[[replication]]` table copying `include` from `from` into this breakwater, with `extra` lines.
+fn policy(name: &str, from: &str, include: &str, extra: &str) -> String {
+    format!("[[replication]]\nname = \"{name}\"\nfrom = \"{from}\"\nto = \"local\"\ninclude = [\"{include}\"]\n{extra}\n\n")
+}
+
 fn config(dir: &Path, text: &str) -> String {
     let path = dir.join("bw.toml");
     std::fs::write(&path, text).unwrap();
@@ -81,34 +86,12 @@ async fn a_notifying_source_is_replicated_without_a_walk() {
     let relay = Relay::start("127.0.0.1:9");
     let from = relay.url("");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(
-        dir.path(),
-        &format!(
-            r#"
-[[replication]]
-name = "mirror"
-from = "{from}"
-to = "local"
-include = ["team/**"]
-rewrite = ["team/=copy/"]
-events_secret = "{SECRET}"
-
-[[replication]]
-name = "harbor"
-from = "{from}"
-to = "local"
-include = ["team/**"]
-rewrite = ["team/=harbor/"]
-
-[[replication]]
-name = "elsewhere"
-from = "{from}"
-to = "local"
-include = ["elsewhere/**"]
-rewrite = ["team/=nomatch/"]
-"#
-        ),
-    );
+    let text = [
+        policy("mirror", &from, "team/**", &format!("rewrite = [\"team/=copy/\"]\nevents_secret = \"{SECRET}\"")),
+        policy("harbor", &from, "team/**", "rewrite = [\"team/=harbor/\"]"),
+        policy("elsewhere", &from, "elsewhere/**", "rewrite = [\"team/=nomatch/\"]"),
+    ];
+    let cfg = config(dir.path(), &text.concat());
     let bw = Breakwater::start_with(&["--config", &cfg]);
     let source = Distribution::start_notifying(&bw.url("/api/replication/mirror/events"), &format!("Bearer {SECRET}"));
     relay.retarget(&source.addr);
@@ -174,53 +157,17 @@ rewrite = ["team/=nomatch/"]
     assert!(relay.count("GET", "/manifests/v1") >= 2, "the copies read the source through the relay: {:?}", relay.requests());
 }
 
-/// An htpasswd file written by the real `htpasswd -B`.
-fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> String {
-    images::require("htpasswd");
-    let file = dir.join("htpasswd");
-    for (i, (user, pass)) in users.iter().enumerate() {
-        let mut cmd = Command::new("htpasswd");
-        cmd.args(["-B", "-b"]);
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        images::run(cmd.arg(&file).args([user, pass]));
-    }
-    file.to_str().unwrap().to_string()
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    use base64::Engine;
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_access_control_an_admin_or_the_policy_secret_may_send_events() {
     let dir = tempfile::tempdir().unwrap();
     let users = htpasswd(dir.path(), &[("root", "root-pw-1"), ("alice", "alice-pw-2")]);
-    let cfg = config(
-        dir.path(),
-        &format!(
-            r#"
-[auth]
-htpasswd = "{users}"
-admins = ["root"]
-
-[[replication]]
-name = "with-secret"
-from = "http://127.0.0.1:9"
-to = "local"
-include = ["team/**"]
-events_secret = "{SECRET}"
-
-[[replication]]
-name = "admins-only"
-from = "http://127.0.0.1:9"
-to = "local"
-include = ["team/**"]
-"#
-        ),
-    );
+    let users = users.display();
+    let text = [
+        format!("[auth]\nhtpasswd = \"{users}\"\nadmins = [\"root\"]\n\n"),
+        policy("with-secret", "http://127.0.0.1:9", "team/**", &format!("events_secret = \"{SECRET}\"")),
+        policy("admins-only", "http://127.0.0.1:9", "team/**", ""),
+    ];
+    let cfg = config(dir.path(), &text.concat());
     let bw = Breakwater::start_with(&["--config", &cfg, "--auth", "basic"]);
     // Events of a repository the policies do not copy: accepted as nothing to do, so only who may send counts.
     let body = || push_envelope("other/app", "v1", "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef");
