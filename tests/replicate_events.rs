@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::oci::push_image;
@@ -215,4 +216,34 @@ async fn under_access_control_an_admin_or_the_policy_secret_may_send_events() {
     assert_eq!(status["events"]["received"], 2 + 1025, "{status}");
     assert_eq!(status["events"]["accepted"], 0, "{status}");
     assert_eq!(status["events"]["refused"], 1025, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_event_worker_mid_copy_and_drops_the_queue() {
+    // A source that never answers: the worker's first copy hangs on it.
+    let relay = Relay::start("127.0.0.1:9");
+    relay.hang(true);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), &policy("mirror", &relay.url(""), "team/**", ""));
+    let log = dir.path().join("bw.log");
+    let bw = Breakwater::start_logged(&["--config", &cfg], "breakwater=info", &log);
+    let url = bw.url("/api/replication/mirror/events");
+    let digest = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    assert_eq!(post(&url, None, ENVELOPE, push_envelope("team/app", "v1", digest)).await.0, 202);
+    assert!(relay.wait_for_async("", "/v2/team/app/manifests/v1", 1, Duration::from_secs(20)).await, "the worker asks the source");
+    assert_eq!(post(&url, None, ENVELOPE, push_envelope("team/app", "v2", digest)).await.0, 202);
+    assert_eq!(events(&bw, "mirror").await["queued"], 1, "v2 waits behind v1");
+
+    let ok = Command::new("kill").args(["-TERM", &bw.pid().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let data = bw.stop_after_exit();
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(!logged.contains("abandoned"), "the worker stopped at the signal, not after the grace period:\n{logged}");
+
+    // The copy cut short is no failure (the next walk copies both tags anyway).
+    let bw = Breakwater::start_in(data, &["--config", &cfg]);
+    let r = reqwest::get(bw.url("/api/replication/mirror")).await.unwrap();
+    let status: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(status["failure_count"], 0, "{status}");
+    assert_eq!(status["events"]["received"], 0, "counters start again with the server: {status}");
 }
