@@ -91,6 +91,7 @@ async fn a_notifying_source_is_replicated_without_a_walk() {
         policy("mirror", &from, "team/**", &format!("rewrite = [\"team/=copy/\"]\nevents_secret = \"{SECRET}\"")),
         policy("harbor", &from, "team/**", "rewrite = [\"team/=harbor/\"]"),
         policy("elsewhere", &from, "elsewhere/**", "rewrite = [\"team/=nomatch/\"]"),
+        policy("newest", &from, "team/**", "rewrite = [\"team/=newest/\"]\nlatest = 1"),
     ];
     let cfg = config(dir.path(), &text.concat());
     let bw = Breakwater::start_with(&["--config", &cfg]);
@@ -156,6 +157,18 @@ async fn a_notifying_source_is_replicated_without_a_walk() {
     assert_eq!(relay.count("GET", "/v2/_catalog"), 0, "{:?}", relay.requests());
     assert_eq!(relay.count("GET", "/tags/list"), 0, "{:?}", relay.requests());
     assert!(relay.count("GET", "/manifests/v1") >= 2, "the copies read the source through the relay: {:?}", relay.requests());
+
+    // With `latest`, an event copies what a walk would for its repository: the latest tags, which takes a listing
+    // (of that repository alone).
+    let v3 = push_image(&src, "team/app", "v3", &[1_000], 12).await;
+    let v2 = push_image(&src, "team/app", "v2", &[1_000], 13).await;
+    wait_for(&bw, "copy/app", "v2", Some(&v2.digest)).await;
+    let (status, body) = post(&bw.url("/api/replication/newest/events"), None, ENVELOPE, push_envelope("team/app", "v2", &v2.digest)).await;
+    assert_eq!((status, &body), (202, &json!({"accepted": 1, "ignored": 0})));
+    wait_for(&bw, "newest/app", "v3", Some(&v3.digest)).await;
+    assert_eq!(digest_at(&bw, "newest/app", "v2").await, None, "v2 is not among the latest 1");
+    assert_eq!(relay.count("GET", "/v2/team/app/tags/list"), 1, "{:?}", relay.requests());
+    assert_eq!(relay.count("GET", "/v2/_catalog"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
