@@ -564,6 +564,9 @@ impl FileReplication {
         if let Some(rate) = self.rate.filter(|r| r.is_nan() || *r <= 0.0) {
             anyhow::bail!("replication {}: rate {rate} must be a positive number of requests per second", self.name);
         }
+        if self.events_secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            anyhow::bail!("replication {}: events_secret is empty (leave it out for admins only)", self.name);
+        }
         if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             anyhow::bail!("replication name {:?} must be letters, digits, '-', '_' or '.'", self.name);
         }
@@ -921,6 +924,19 @@ secret = "cluster-secret-6-long-enough"
         }
         // A tiny rate is allowed (the pacer caps what one request may wait).
         assert_eq!(policy(Some(1e-300)).policy("http://l").unwrap().from.requests_per_sec, Some(1e-300));
+    }
+
+    #[test]
+    fn an_empty_events_secret_is_refused() {
+        let policy = |secret: &str| FileReplication {
+            name: "r".into(),
+            from: "http://a".into(),
+            to: "http://b".into(),
+            events_secret: Some(secret.into()),
+            ..Default::default()
+        };
+        assert!(policy("  ").policy("http://l").unwrap_err().to_string().contains("events_secret is empty"));
+        assert!(policy("s3cret").policy("http://l").is_ok());
     }
 
     #[test]
