@@ -533,6 +533,9 @@ pub struct FileReplication {
     pub bandwidth: Option<u64>,
     /// Inside `breakwater serve`: run every this many seconds.
     pub schedule_secs: Option<u64>,
+    /// The bearer token a source's notifications (`POST /api/replication/NAME/events`) may carry instead of an
+    /// admin's credentials; when set, it is required even with access control off.
+    pub events_secret: Option<Secret>,
 }
 
 pub const DEFAULT_REPLICATION_CONCURRENCY: usize = 8;
@@ -560,6 +563,9 @@ impl FileReplication {
         };
         if let Some(rate) = self.rate.filter(|r| r.is_nan() || *r <= 0.0) {
             anyhow::bail!("replication {}: rate {rate} must be a positive number of requests per second", self.name);
+        }
+        if self.events_secret.as_deref().is_some_and(|s| s.trim().is_empty()) {
+            anyhow::bail!("replication {}: events_secret is empty (leave it out for admins only)", self.name);
         }
         if self.name.is_empty() || !self.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
             anyhow::bail!("replication name {:?} must be letters, digits, '-', '_' or '.'", self.name);
@@ -790,6 +796,7 @@ from_username = "reader"
 from_password = "from-secret-3"
 to_username = "writer"
 to_password = "to-secret-4"
+events_secret = "events-secret-7"
 [storage]
 url = "s3://bucket/prefix"
 access_key_id = "AKIDEXAMPLE"
@@ -798,7 +805,7 @@ secret_access_key = "s3-secret-5"
 secret = "cluster-secret-6-long-enough"
 "#;
         let file: FileConfig = toml::from_str(text).unwrap();
-        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5", "cluster-secret-6"];
+        let secrets = ["pg-secret-1", "up-secret-2", "from-secret-3", "to-secret-4", "s3-secret-5", "cluster-secret-6", "events-secret-7"];
         let check = |what: &str, debug: String| {
             assert!(debug.contains("***"), "{what}: the redaction shows: {debug}");
             for s in secrets {
@@ -841,6 +848,7 @@ secret = "cluster-secret-6-long-enough"
         assert_eq!(policy.from.password.as_deref(), Some("from-secret-3"));
         assert_eq!(policy.to.password.as_deref(), Some("to-secret-4"));
         assert_eq!(config.upstreams[0].password.as_deref(), Some("up-secret-2"));
+        assert_eq!(config.replication[0].events_secret.as_deref(), Some("events-secret-7"));
         assert_eq!(&*config.metadata, "postgres://bw:pg-secret-1@db.example/bw");
         let StorageConfig::S3(s3) = &config.storage else { panic!("[storage] url is s3://") };
         assert_eq!(s3.secret_access_key.as_deref(), Some("s3-secret-5"));
@@ -916,6 +924,19 @@ secret = "cluster-secret-6-long-enough"
         }
         // A tiny rate is allowed (the pacer caps what one request may wait).
         assert_eq!(policy(Some(1e-300)).policy("http://l").unwrap().from.requests_per_sec, Some(1e-300));
+    }
+
+    #[test]
+    fn an_empty_events_secret_is_refused() {
+        let policy = |secret: &str| FileReplication {
+            name: "r".into(),
+            from: "http://a".into(),
+            to: "http://b".into(),
+            events_secret: Some(secret.into()),
+            ..Default::default()
+        };
+        assert!(policy("  ").policy("http://l").unwrap_err().to_string().contains("events_secret is empty"));
+        assert!(policy("s3cret").policy("http://l").is_ok());
     }
 
     #[test]

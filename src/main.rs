@@ -309,6 +309,7 @@ impl ReplicateArgs {
             rate: self.rate,
             bandwidth: self.bandwidth,
             schedule_secs: None,
+            events_secret: None,
         };
         let mut policy = file_policy.unwrap_or_else(from_flags).policy(&self.local_url)?;
         policy.dry_run = self.dry_run;

@@ -33,6 +33,7 @@ pub async fn build(
     let replication =
         crate::replicate::Scheduler::new(config.replication.clone(), Arc::clone(&meta), local_url.to_string(), tasks.clone());
     replication.spawn_schedules();
+    replication.spawn_event_workers();
     let registry = Arc::new(Registry::new(Arc::clone(&store), Arc::clone(&meta), config.delete_enabled));
     {
         // Abandoned upload sessions are discarded, checked as often as a tenth of their lifetime (at most hourly).

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use base64::Engine as _;
+use common::auth::{basic, htpasswd};
 use common::images::{self, Podman};
 use common::oci::{pseudo_random, sha256, OCI_MANIFEST};
 use common::Breakwater;
@@ -16,21 +17,6 @@ use serde_json::Value;
 const ALICE: (&str, &str) = ("alice", "alice-pw-7f3a");
 const BOB: (&str, &str) = ("bob", "bob-pw-91c2");
 const ROOT: (&str, &str) = ("root", "root-pw-5d0e");
-
-/// An htpasswd file written by the real `htpasswd -B`.
-fn htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    images::require("htpasswd");
-    let file = dir.join("htpasswd");
-    for (i, (user, pass)) in users.iter().enumerate() {
-        let mut cmd = Command::new("htpasswd");
-        cmd.arg("-B").arg("-b");
-        if i == 0 {
-            cmd.arg("-c");
-        }
-        images::run(cmd.arg(&file).args([user, pass]));
-    }
-    file
-}
 
 /// The policy most tests use: alice pushes to `team/**`, `other/**` and `public/**`, bob only pulls `team/**`,
 /// root is the admin, anyone may pull `public/**`.
@@ -64,10 +50,6 @@ actions = ["pull"]
     let path = dir.join("breakwater.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
 }
 
 /// One request; returns status, headers and body.

@@ -7,6 +7,7 @@
 //!   tag) order after `last` (default and largest `n`: 100 and 1000), with `next` and a `Link` to the next page.
 //! - `POST /api/replication/{name}/run`: starts a run now (202), 409 if one is running, 404 if no such policy,
 //!   503 once the server is shutting down.
+//! - `POST /api/replication/{name}/events`: a source's notifications (`events.rs`).
 //! - `GET /api/cluster`: this member's id, every registered member (id, url, start, last heartbeat, alive) and
 //!   the blob flights of the cluster (digest, the member fetching it from upstream, its lease's expiry); 404 when
 //!   the instance is not a cluster member.
@@ -38,6 +39,7 @@ pub fn routes() -> Router<Arc<App>> {
         .route("/api/replication/{name}", get(one))
         .route("/api/replication/{name}/failures", get(failures))
         .route("/api/replication/{name}/run", post(start))
+        .route("/api/replication/{name}/events", post(super::events::receive))
         .route("/api/gc", post(collect))
         .route("/api/cluster", get(cluster))
         .route("/api/status", get(status))
@@ -93,7 +95,7 @@ async fn cluster(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-fn error(status: StatusCode, message: String) -> Response {
+pub(super) fn error(status: StatusCode, message: String) -> Response {
     (status, Json(serde_json::json!({ "error": message }))).into_response()
 }
 
@@ -150,9 +152,18 @@ async fn failures(State(app): State<Arc<App>>, Path(name): Path<String>, Query(q
 async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Response {
     match app.replication.start(&name).await {
         Ok(()) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "started": name }))).into_response(),
-        Err(e @ StartError::Unknown(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ StartError::Running(_)) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e @ StartError::Invalid(..)) => error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
-        Err(e @ StartError::ShuttingDown(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => start_error(e),
     }
+}
+
+/// A policy that cannot take a request: unknown (404), already running (409), invalid (422), or the server is
+/// shutting down (503).
+pub(super) fn start_error(e: StartError) -> Response {
+    let status = match e {
+        StartError::Unknown(_) => StatusCode::NOT_FOUND,
+        StartError::Running(_) => StatusCode::CONFLICT,
+        StartError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
+        StartError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    error(status, e.to_string())
 }

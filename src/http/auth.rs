@@ -25,6 +25,9 @@ enum Need {
     Public,
     /// `/api/` (and `/metrics` unless opened).
     Admin,
+    /// `POST /api/replication/{name}/events`: an admin, unless the policy's `events_secret` came as a bearer
+    /// token (which the gate checks before any credentials).
+    PolicyEvents { name: String },
     /// `/v2/`: any valid credentials (a login check).
     Base,
     Catalog,
@@ -34,6 +37,9 @@ enum Need {
 fn need_of(method: &Method, path: &str, metrics_public: bool) -> Need {
     if path == "/metrics" {
         return if metrics_public { Need::Public } else { Need::Admin };
+    }
+    if let Some(name) = events_policy(method, path) {
+        return Need::PolicyEvents { name: name.to_string() };
     }
     if path == "/api" || path.starts_with("/api/") {
         return Need::Admin;
@@ -53,13 +59,36 @@ fn need_of(method: &Method, path: &str, metrics_public: bool) -> Need {
     Need::Repo { name: name.to_string(), action }
 }
 
+/// The policy whose notifications a request posts (`POST /api/replication/{name}/events`), if it does.
+fn events_policy<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    let name = path.strip_prefix("/api/replication/")?.strip_suffix("/events")?;
+    (*method == Method::POST && !name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// Whether a request posting notifications carries its policy's `events_secret` (`Authorization: Bearer
+/// SECRET`); `None` when it posts none, or the policy has no secret (or no queue: the handler says why).
+fn events_secret(app: &App, method: &Method, path: &str, authorization: Option<&str>) -> Option<bool> {
+    let queue = app.replication.events_of(events_policy(method, path)?).ok()?;
+    queue.secret_matches(authorization)
+}
+
 /// The gate: with access control on, a request reaches its handler only with an `Identity` allowed what it
 /// needs (inserted into the request's extensions for the handlers that filter or check more: the catalog, a
 /// cross-repository mount). Writes that succeed get an audit line, with access control on or off.
 pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    // A policy's own secret lets its notifications in, with access control on or off; once set, it is required
+    // of everyone but an admin.
+    let secret = events_secret(&app, &method, &path, header);
+    if secret == Some(true) {
+        return next.run(req).await;
+    }
     let Some(auth) = app.auth.clone() else {
+        if secret == Some(false) {
+            return wrong_events_secret();
+        }
         let resp = next.run(req).await;
         audit("anonymous", &method, &path, &resp);
         return resp;
@@ -68,7 +97,6 @@ pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> 
     if need == Need::Public {
         return next.run(req).await;
     }
-    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let creds = Credentials::parse(header);
     let from = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
     let mount_from = mount_source(&method, &need, req.uri().query());
@@ -135,7 +163,7 @@ impl Challenge<'_> {
             Need::Public => true,
             // Any valid token; with passwords, a login check needs a user.
             Need::Base => id.token_access.is_some() || !anonymous,
-            Need::Admin => self.auth.is_admin(id),
+            Need::Admin | Need::PolicyEvents { .. } => self.auth.is_admin(id),
             Need::Catalog => self.auth.may_list_catalog(id),
             Need::Repo { name, action } => self.auth.actions(id, name).contains(*action),
         };
@@ -185,7 +213,7 @@ impl Challenge<'_> {
 
     /// 401 `UNAUTHORIZED` with the challenge that tells the client how to get in.
     fn unauthorized(&self, error: Option<&str>, message: &str) -> Response {
-        let basic = self.auth.mode == Mode::Basic || *self.need == Need::Admin;
+        let basic = self.auth.mode == Mode::Basic || matches!(self.need, Need::Admin | Need::PolicyEvents { .. });
         let value = if basic {
             format!("Basic realm=\"{}\"", self.auth.service())
         } else {
@@ -231,6 +259,14 @@ impl Challenge<'_> {
             .all(|b| b.is_ascii_graphic() && b != b'"')
             .then(|| Scope::Repository { name: from.to_string(), actions: Actions::of(&[Action::Pull]) })
     }
+}
+
+/// 401 for notifications without their policy's secret while access control is off (with it on, an admin may
+/// send them too, and the usual challenge answers).
+fn wrong_events_secret() -> Response {
+    let mut resp = (StatusCode::UNAUTHORIZED, json_type(), error_body("UNAUTHORIZED", "this policy's events need its secret: Authorization: Bearer SECRET")).into_response();
+    resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"events\""));
+    resp
 }
 
 /// 429 after too many failed logins, with the window's length as `Retry-After`.
@@ -438,6 +474,10 @@ mod tests {
         // Unknown methods on a manifest are not reads.
         assert_eq!(need_of(&Method::PATCH, "/v2/a/manifests/x", false), repo("a", Action::Push));
         assert_eq!(need_of(&Method::GET, "/api/replication", false), Need::Admin);
+        assert_eq!(need_of(&Method::POST, "/api/replication/p/events", false), Need::PolicyEvents { name: "p".into() });
+        assert_eq!(need_of(&Method::GET, "/api/replication/p/events", false), Need::Admin);
+        assert_eq!(need_of(&Method::POST, "/api/replication/a/b/events", false), Need::Admin);
+        assert_eq!(need_of(&Method::POST, "/api/replication/p/run", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", true), Need::Public);
         assert_eq!(need_of(&Method::GET, "/healthz", false), Need::Public);

@@ -7,6 +7,7 @@ pub(crate) mod accept;
 mod api;
 mod auth;
 mod error;
+mod events;
 mod internal;
 pub(crate) mod range;
 pub(crate) mod route;

@@ -24,6 +24,7 @@
 
 mod copy;
 pub mod distributed;
+mod events;
 mod filter;
 mod listing;
 mod progress;
@@ -38,6 +39,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub use copy::{Copier, Outcome};
+pub use events::{EventCounts, EventError, EventQueue, Received};
 pub use filter::{natural_cmp, Latest, LatestBy, NewestCreated, RepoFilter, Rewrite, TagFilter};
 pub use listing::SourceKind;
 pub use progress::{Progress, Reporter};
@@ -1010,6 +1012,12 @@ async fn retry_cleared(run: &Run, f: &JobFailure, repo: &RepoName) {
         run.copy(repo, &f.tag, true).await;
         return;
     }
+    copy_repository(run, repo).await;
+}
+
+/// Lists `repo`'s tags and copies the ones the policy selects, as the walk does for one repository (asking the
+/// destination first); a listing that fails is recorded as the repository's failure.
+async fn copy_repository(run: &Run, repo: &RepoName) {
     let r = repo;
     let copied = caught(run.list_tags(r, |tags| async move {
         for tag in tags {
@@ -1019,8 +1027,8 @@ async fn retry_cleared(run: &Run, f: &JobFailure, repo: &RepoName) {
     }));
     match copied.await {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => run.fail(&f.repo, "", format!("listing tags: {e}")).await,
-        Err(panic) => run.fail(&f.repo, "", format!("listing tags panicked: {panic}")).await,
+        Ok(Err(e)) => run.fail(repo.as_str(), "", format!("listing tags: {e}")).await,
+        Err(panic) => run.fail(repo.as_str(), "", format!("listing tags panicked: {panic}")).await,
     }
 }
 

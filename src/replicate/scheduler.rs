@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use super::events::{EventCounts, EventQueue};
 use super::{Mode, Progress, INTERRUPTED};
 use crate::config::FileReplication;
 use crate::meta::{JobFailure, JobRecord, Meta, MetaError, Page};
@@ -40,6 +41,8 @@ pub struct JobStatus {
     /// Whether failures follow those shown.
     #[serde(skip)]
     pub more_failures: bool,
+    /// What its notifications (`POST /api/replication/NAME/events`) came to since the server started.
+    pub events: Option<EventCounts>,
 }
 
 /// How a run goes on from the job its predecessor left (README, "Replicate a registry"):
@@ -69,11 +72,35 @@ pub struct Scheduler {
     running: Mutex<HashMap<String, Arc<Progress>>>,
     /// The server's background tasks: runs and schedules are among them, and stop at its shutdown.
     tasks: Tasks,
+    /// Each policy's event queue, or why the policy cannot take events (it could not run either).
+    events: HashMap<String, Result<Arc<EventQueue>, String>>,
 }
 
 impl Scheduler {
     pub fn new(policies: Vec<FileReplication>, meta: Arc<dyn Meta>, local_url: String, tasks: Tasks) -> Arc<Scheduler> {
-        Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()), tasks })
+        let events = policies
+            .iter()
+            .map(|p| (p.name.clone(), EventQueue::new(p, &local_url, Arc::clone(&meta), tasks.closing())))
+            .collect();
+        Arc::new(Scheduler { policies, meta, local_url, running: Mutex::new(HashMap::new()), tasks, events })
+    }
+
+    /// Policy `name`'s event queue: unknown, invalid, or refused once shutdown has begun (its worker is stopping).
+    pub fn events_of(&self, name: &str) -> Result<Arc<EventQueue>, StartError> {
+        match self.events.get(name) {
+            None => Err(StartError::Unknown(name.to_string())),
+            Some(Err(e)) => Err(StartError::Invalid(name.to_string(), e.clone())),
+            Some(Ok(_)) if self.tasks.is_closing() => Err(StartError::ShuttingDown(name.to_string())),
+            Some(Ok(q)) => Ok(Arc::clone(q)),
+        }
+    }
+
+    /// Starts every policy's event worker; each stops when shutdown begins, dropping the events still queued
+    /// (the scheduled walk is the safety net).
+    pub fn spawn_event_workers(&self) {
+        for q in self.events.values().flatten() {
+            self.tasks.spawn("replication events", Arc::clone(q).work(self.tasks.closing()));
+        }
     }
 
     /// Starts a run of policy `name` in the background, continuing what the job's last run left (`next_mode`).
@@ -165,6 +192,7 @@ impl Scheduler {
             failure_count: self.meta.count_failures(&p.name).await.unwrap_or(first.items.len() as u64),
             failures: first.items,
             more_failures: first.more,
+            events: self.events.get(&p.name).and_then(|q| q.as_ref().ok()).map(|q| q.counts()),
         }
     }
 

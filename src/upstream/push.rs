@@ -1,5 +1,6 @@
 //! Writing to a registry: what replication needs of its destination. Blob existence checks, cross-repository
-//! mounts, uploads (monolithic, or streamed with resumption from the registry's upload offset), manifest pushes.
+//! mounts, uploads (monolithic, or streamed with resumption from the registry's upload offset), manifest pushes
+//! and deletes (event-driven replication).
 
 use bytes::Bytes;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -23,6 +24,10 @@ pub enum Posted {
     /// The registry does not take a blob in its POST (distribution ignores the body) and opened an upload
     /// session at this location instead, which the blob can still be PUT to.
     Session(String),
+}
+
+fn delete_scope(repo: &RepoName) -> String {
+    format!("repository:{repo}:delete")
 }
 
 fn push_scope(repo: &RepoName) -> String {
@@ -167,6 +172,17 @@ impl Upstream {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
         self.exchange(Method::PUT, &push_scope(repo), &with_digest(location, digest), h, Some(reqwest::Body::from(Bytes::new()))).await?;
         Ok(())
+    }
+
+    /// Deletes the manifest (by digest) or the tag `reference` in `repo`; false if the registry has no such thing
+    /// (already gone: what a delete wants).
+    pub async fn delete_manifest(&self, repo: &RepoName, reference: &str) -> Result<bool, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        match self.exchange(Method::DELETE, &delete_scope(repo), &path, HeaderMap::new(), None).await {
+            Ok(_) => Ok(true),
+            Err(UpstreamError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Pushes a manifest's exact bytes under `reference` (a tag or its digest).

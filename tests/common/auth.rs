@@ -239,3 +239,23 @@ pub fn base64(input: &[u8]) -> String {
     }
     out
 }
+
+/// An htpasswd file of `users` (name, password) in `dir`, written by the real `htpasswd -B`.
+pub fn htpasswd(dir: &std::path::Path, users: &[(&str, &str)]) -> std::path::PathBuf {
+    super::images::require("htpasswd");
+    let file = dir.join("htpasswd");
+    for (i, (user, pass)) in users.iter().enumerate() {
+        let mut cmd = std::process::Command::new("htpasswd");
+        cmd.arg("-B").arg("-b");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        super::images::run(cmd.arg(&file).args([user, pass]));
+    }
+    file
+}
+
+/// The `Authorization` value of HTTP Basic credentials.
+pub fn basic(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
+}

@@ -225,15 +225,26 @@ impl Distribution {
 
     /// With `Some(url)`, distribution runs as a pull-through cache of `url`.
     pub fn start_proxy(remote: Option<&str>) -> Self {
+        Self::start_with(&remote.map(|r| format!("proxy:\n  remoteurl: {r}\n")).unwrap_or_default())
+    }
+
+    /// Sends its notifications (every push, pull and delete) to `url` with `Authorization: <authorization>`, the
+    /// way an operator configures distribution's `notifications.endpoints`.
+    pub fn start_notifying(url: &str, authorization: &str) -> Self {
+        Self::start_with(&format!(
+            "notifications:\n  endpoints:\n    - name: breakwater\n      url: {url}\n      headers:\n        Authorization: [{authorization}]\n      timeout: 2s\n      threshold: 3\n      backoff: 1s\n"
+        ))
+    }
+
+    /// With `extra`, YAML appended to its configuration (top-level sections).
+    pub fn start_with(extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let (child, port) = spawn_listening("docker-registry (apt-get install docker-registry)", |port| {
             let mut config = format!(
                 "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
                 dir.path().join("storage").display()
             );
-            if let Some(remote) = remote {
-                config.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
-            }
+            config.push_str(extra);
             let config_path = dir.path().join("config.yml");
             std::fs::write(&config_path, config).expect("write config");
             let mut c = Command::new(registry_binary());

@@ -91,7 +91,7 @@ impl Relay {
         let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).no_proxy().build().expect("reqwest client");
         let (changed, _) = watch::channel(());
         let shared = Arc::new(Shared {
-            target: target.to_string(),
+            target: Mutex::new(target.to_string()),
             self_addr: addr.clone(),
             client,
             t0: Instant::now(),
@@ -111,6 +111,13 @@ impl Relay {
             let _ = axum::serve(listener, app.into_make_service_with_connect_info::<Conn>()).await;
         });
         Relay { addr, shared, _background: background }
+    }
+
+    /// Relays to `target` from now on: for an upstream that must know who talks to it before it starts (a
+    /// registry whose notifications go to the server the relay serves), the relay starts first, in front of
+    /// nothing.
+    pub fn retarget(&self, target: &str) {
+        *self.shared.target.lock().unwrap() = target.to_string();
     }
 
     /// `http://ADDR{path}`.
@@ -345,7 +352,8 @@ impl Drop for Background {
 // State.
 
 struct Shared {
-    target: String,
+    /// `127.0.0.1:PORT` of the upstream; replaced by [`Relay::retarget`].
+    target: Mutex<String>,
     self_addr: String,
     client: reqwest::Client,
     t0: Instant,
@@ -758,7 +766,8 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
         .get(header::TRANSFER_ENCODING)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
-    let mut rb = shared.client.request(method.clone(), format!("http://{}{}", shared.target, path)).headers(headers);
+    let target = shared.target.lock().unwrap().clone();
+    let mut rb = shared.client.request(method.clone(), format!("http://{target}{path}")).headers(headers);
     if content_length == Some(0) {
         rb = rb.body(Bytes::new());
     } else if content_length.is_some() || chunked {
@@ -780,7 +789,7 @@ async fn handle(State(shared): State<Arc<Shared>>, ConnectInfo(conn): ConnectInf
     let status = resp.status();
     entry.status.store(status.as_u16(), Ordering::SeqCst);
     let mut out = Response::builder().status(status);
-    let upstream_prefix = format!("http://{}", shared.target);
+    let upstream_prefix = format!("http://{target}");
     for (k, v) in resp.headers() {
         if hop_by_hop(k) {
             continue;
