@@ -35,7 +35,8 @@ fn need_of(method: &Method, path: &str, metrics_public: bool) -> Need {
     if path == "/metrics" {
         return if metrics_public { Need::Public } else { Need::Admin };
     }
-    if path == "/api" || path.starts_with("/api/") {
+    // The status page shows what `/api/` does, and its button starts runs: an operator's page, like the API.
+    if path == "/" || path == "/api" || path.starts_with("/api/") {
         return Need::Admin;
     }
     let Some(route) = route::parse(path) else { return Need::Public };
@@ -438,6 +439,7 @@ mod tests {
         // Unknown methods on a manifest are not reads.
         assert_eq!(need_of(&Method::PATCH, "/v2/a/manifests/x", false), repo("a", Action::Push));
         assert_eq!(need_of(&Method::GET, "/api/replication", false), Need::Admin);
+        assert_eq!(need_of(&Method::GET, "/", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", true), Need::Public);
         assert_eq!(need_of(&Method::GET, "/healthz", false), Need::Public);

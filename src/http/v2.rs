@@ -162,16 +162,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
             let (digest, head) = (digest_param(digest)?, m == "HEAD");
-            let source = match app.proxy.target(name, ns)? {
-                Target::Local(repo) => BlobSource::Stored(reg.blob_size(&repo, &digest).await?),
-                Target::Cached(c) => proxied_blob(app, &c, &digest, head).await?,
+            // With the upstream whose namespace served it, whose `bytes_served` it counts.
+            let (source, upstream) = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => (BlobSource::Stored(reg.blob_size(&repo, &digest).await?), None),
+                Target::Cached(c) => (proxied_blob(app, &c, &digest, head).await?, Some(c.upstream)),
                 Target::LocalOrCached(repo, c) => match reg.blob_size(&repo, &digest).await {
-                    Ok(size) => BlobSource::Stored(size),
-                    Err(RegistryError::BlobUnknown) => proxied_blob(app, &c, &digest, head).await?,
+                    Ok(size) => (BlobSource::Stored(size), None),
+                    Err(RegistryError::BlobUnknown) => (proxied_blob(app, &c, &digest, head).await?, Some(c.upstream)),
                     Err(e) => return Err(e),
                 },
             };
-            serve_blob(app, &digest, source, headers, head).await
+            serve_blob(app, &digest, source, headers, head, upstream.as_deref().map(|u| u.stats())).await
         }
         (Route::Blob { name, digest }, "DELETE") => {
             reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
@@ -512,7 +513,15 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     Ok(Some((start, end)))
 }
 
-async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
+/// `served_for`: the counters of the upstream whose cached blob this is, which count the bytes answered.
+async fn serve_blob(
+    app: &App,
+    digest: &Digest,
+    source: BlobSource,
+    headers: &HeaderMap,
+    head: bool,
+    served_for: Option<&crate::upstream::stats::Stats>,
+) -> Result<Response> {
     let size = match &source {
         BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
@@ -547,6 +556,9 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
         // answered with fewer bytes than its Content-Length.
         BlobSource::SizeOnly(_) => return Err(RegistryError::UpstreamUnavailable("the blob is not cached".into())),
     };
+    if let (Some(stats), false) = (served_for, head) {
+        stats.served(len);
+    }
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();

@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use crate::meta::JobRecord;
 
 /// Counters of one run. Each field is what its name says; `copied`, `skipped` and `failed` count artifacts (tags).
-#[derive(Default)]
 pub struct Progress {
     pub pages: AtomicU64,
     pub repos_seen: AtomicU64,
@@ -23,6 +22,36 @@ pub struct Progress {
     /// The most tags one repository's listing held at once (a page, or the `--latest` set): the listing's memory,
     /// which stays bounded whatever the number of tags.
     pub tags_held_max: AtomicU64,
+    /// When the run started, and the artifacts and bytes it took over from a saved job (`restore`): its rate
+    /// is of what it did itself.
+    started: Instant,
+    restored: (AtomicU64, AtomicU64),
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            pages: AtomicU64::new(0),
+            repos_seen: AtomicU64::new(0),
+            repos_matched: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            tags_held_max: AtomicU64::new(0),
+            started: Instant::now(),
+            restored: (AtomicU64::new(0), AtomicU64::new(0)),
+        }
+    }
+}
+
+/// How fast a run goes, for `/api/status`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Rate {
+    /// Artifacts settled (copied, skipped or failed) per second.
+    pub artifacts_per_sec: f64,
+    pub bytes_per_sec: f64,
 }
 
 /// Metric names of the counters, in `Progress` order.
@@ -46,6 +75,17 @@ impl Progress {
         self.skipped.store(r.skipped, Ordering::Relaxed);
         self.failed.store(r.failed, Ordering::Relaxed);
         self.bytes.store(r.bytes, Ordering::Relaxed);
+        self.restored.0.store(r.copied + r.skipped + r.failed, Ordering::Relaxed);
+        self.restored.1.store(r.bytes, Ordering::Relaxed);
+    }
+
+    /// Artifacts and bytes per second since the run started, of what it did itself.
+    pub fn rate(&self) -> Rate {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let artifacts = (g(&self.copied) + g(&self.skipped) + g(&self.failed)).saturating_sub(g(&self.restored.0));
+        let bytes = g(&self.bytes).saturating_sub(g(&self.restored.1));
+        Rate { artifacts_per_sec: artifacts as f64 / secs, bytes_per_sec: bytes as f64 / secs }
     }
 
     fn counter(&self, i: usize) -> &AtomicU64 {

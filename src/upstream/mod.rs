@@ -12,6 +12,7 @@ mod harbor;
 mod push;
 mod referrers;
 pub mod realm;
+pub mod stats;
 
 pub use catalog::{AllTags, Page as ListPage};
 pub use harbor::HARBOR_PAGE;
@@ -165,6 +166,9 @@ pub struct Upstream {
     foreign_realm_warned: std::sync::atomic::AtomicBool,
     /// The last `ratelimit-remaining` the upstream sent, and when.
     ratelimit: Mutex<Option<RateLimitSeen>>,
+    /// Requests, bytes, cache answers and the last success and error, kept once for `/api/status` and the
+    /// metrics (shared with token fetches and blob bodies, which outlive a borrow of the upstream).
+    stats: Arc<stats::Stats>,
 }
 
 
@@ -257,14 +261,12 @@ fn renew_at(now: Instant, lifetime: Duration) -> Instant {
 
 /// Asks a token endpoint for a bearer token; returns it with its lifetime. `timeout` bounds the wait for the
 /// answer and each silence in its body.
-async fn fetch_token(req: reqwest::RequestBuilder, upstream: String, timeout: Duration) -> Result<(String, Duration), UpstreamError> {
+async fn fetch_token(req: reqwest::RequestBuilder, stats: Arc<stats::Stats>, timeout: Duration) -> Result<(String, Duration), UpstreamError> {
     let resp = match tokio::time::timeout(timeout, req.send()).await {
         Err(_) => return Err(UpstreamError::Unavailable(format!("token request: no answer within {timeout:?}"))),
         Ok(r) => r.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?,
     };
-    metrics::counter!("breakwater_upstream_requests_total",
-        "upstream" => upstream, "method" => "GET", "status" => resp.status().as_str().to_string())
-    .increment(1);
+    stats.request("GET", resp.status().as_str());
     if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
         return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status())));
     }
@@ -332,7 +334,6 @@ impl Upstream {
         };
         let tokens = Arc::new(BoundedMap::new("upstream_tokens", config.token_entries, None));
         Ok(Upstream {
-            config,
             base,
             client,
             downloads,
@@ -345,6 +346,8 @@ impl Upstream {
             allowed,
             foreign_realm_warned: std::sync::atomic::AtomicBool::new(false),
             ratelimit: Mutex::new(None),
+            stats: Arc::new(stats::Stats::new(&config.name)),
+            config,
         })
     }
 
@@ -358,9 +361,17 @@ impl Upstream {
     }
 
     fn count(&self, method: &Method, status: &str) {
-        metrics::counter!("breakwater_upstream_requests_total",
-            "upstream" => self.config.name.clone(), "method" => method.to_string(), "status" => status.to_string())
-        .increment(1);
+        self.stats.request(method.as_str(), status);
+    }
+
+    /// What this upstream has done: requests, bytes, cache answers, last success and error.
+    pub fn stats(&self) -> &stats::Stats {
+        &self.stats
+    }
+
+    /// The last `ratelimit-remaining` the upstream sent, if it ever sent one.
+    pub fn ratelimit_remaining(&self) -> Option<u64> {
+        self.ratelimit.lock().unwrap_or_else(|p| p.into_inner()).map(|s| s.remaining)
     }
 
     fn basic_header(&self) -> Option<HeaderValue> {
@@ -422,7 +433,7 @@ impl Upstream {
                 if let Some(v) = self.cached_token(scope) {
                     return Ok(v);
                 }
-                let fetch = fetch_token(req, self.config.name.clone(), self.config.timeout);
+                let fetch = fetch_token(req, Arc::clone(&self.stats), self.config.timeout);
                 let value = match shared_token(&self.tokens, &self.token_fetches, scope, fetch).await {
                     Ok(value) => value,
                     Err(e) => {
@@ -496,8 +507,29 @@ impl Upstream {
         self.exchange_watched(&self.client, method, scope, target, headers, Some(body), Some(watch)).await
     }
 
+    /// [`Upstream::exchange_answered`], recording whether the upstream answered (its last success) or not (its
+    /// last error: unreachable, 5xx, 429, credentials refused, an answer that makes no sense).
     #[allow(clippy::too_many_arguments)]
     async fn exchange_watched(
+        &self,
+        client: &reqwest::Client,
+        method: Method,
+        scope: &str,
+        target: &str,
+        headers: HeaderMap,
+        body: Option<reqwest::Body>,
+        watch: Option<Arc<UploadWatch>>,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let result = self.exchange_answered(client, method, scope, target, headers, body, watch).await;
+        match &result {
+            Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Refused(_)) => self.stats.succeeded(),
+            Err(e) => self.stats.failed(e.to_string()),
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange_answered(
         &self,
         client: &reqwest::Client,
         method: Method,
@@ -723,11 +755,11 @@ impl Upstream {
         } else {
             resp.content_length()
         };
-        let upstream = self.config.name.clone();
+        let stats = Arc::clone(&self.stats);
         let idle = self.config.timeout;
         let stream = resp.bytes_stream();
         let body = futures_util::stream::unfold(Some(stream), move |s| {
-            let upstream = upstream.clone();
+            let stats = Arc::clone(&stats);
             async move {
                 let mut s = s?;
                 match tokio::time::timeout(idle, s.next()).await {
@@ -735,7 +767,7 @@ impl Upstream {
                     Ok(None) => None,
                     Ok(Some(Err(e))) => Some((Err(std::io::Error::other(without_url(&e))), None)),
                     Ok(Some(Ok(b))) => {
-                        metrics::counter!("breakwater_upstream_bytes_total", "upstream" => upstream).increment(b.len() as u64);
+                        stats.fetched(b.len() as u64);
                         Some((Ok(b), Some(s)))
                     }
                 }
