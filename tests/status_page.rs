@@ -87,6 +87,9 @@ async fn the_page_shows_flights_jobs_and_a_down_upstream_without_errors() {
 
     let browser = Browser::start().await;
     browser.goto(&s.bw.url("/")).await;
+    // The console is read for real: an error logged on purpose is seen (and taken off the log).
+    browser.execute("console.error('probe of the console check'); return null;").await;
+    assert!(severe(&browser.console().await).iter().any(|m| m.contains("probe of the console check")));
     let state = browser.wait_for("the upstream as ok", SHOWN_WITHIN, || async { browser.text("upstream-state-up").await.filter(|t| t.starts_with("ok")) }).await;
     assert!(state.contains("not asked yet"), "{state}");
     assert_eq!(browser.text("job-state-mirror").await.as_deref(), Some("never run"));
@@ -147,7 +150,7 @@ async fn the_page_shows_flights_jobs_and_a_down_upstream_without_errors() {
     // (c) With the upstream down, a pull fails and the page marks the upstream with its error.
     s.relay.down(true);
     let (code, _) = get(&s.blob_url("team/app", &other)).await.unwrap();
-    assert_eq!(code, 503);
+    assert_eq!(code, 502, "the upstream is unavailable");
     let state = browser
         .wait_for("the upstream's error", SHOWN_WITHIN, || async { browser.text("upstream-state-up").await.filter(|t| t.starts_with("error")) })
         .await;
@@ -286,7 +289,7 @@ async fn the_status_counts_what_coalescing_and_the_cache_saved() {
 
     s.relay.down(true);
     let (code, _) = get(&s.bw.url("/v2/up/team/img/manifests/v2")).await.unwrap();
-    assert_eq!(code, 503);
+    assert_eq!(code, 502, "the upstream is unavailable");
     let st = s.status().await;
     let err = &st["upstreams"][0]["last_error"];
     assert!(err["at_ms"].as_u64().unwrap() >= st["upstreams"][0]["last_success_ms"].as_u64().unwrap(), "{st}");
