@@ -307,35 +307,42 @@ async fn screenshot() {
     for (i, repo) in ["rep/web", "rep/api", "rep/db", "rep/cache"].iter().enumerate() {
         push_image(&src, repo, "v1", &[3 << 20, 1 << 20], 200 + i as u64).await;
     }
+    let repos = ["team/web", "team/api", "lib/base"];
     let mut digests = Vec::new();
-    for (i, size) in [24 << 20, 9 << 20, 5 << 20].iter().enumerate() {
-        digests.push(push_blob(&s.upstream_url(), ["team/web", "team/api", "lib/base"][i], &pseudo_random(*size, 300 + i as u64)).await);
+    for (i, size) in [24 << 20, 16 << 20, 12 << 20].iter().enumerate() {
+        digests.push(push_blob(&s.upstream_url(), repos[i], &pseudo_random(*size, 300 + i as u64)).await);
     }
-    let image = push_image(&s.upstream_url(), "lib/base", "1.4", &[1000], 310).await;
-    for _ in 0..5 {
-        let r = reqwest::Client::new().get(s.bw.url("/v2/up/lib/base/manifests/1.4")).header("accept", OCI_MANIFEST).send().await.unwrap();
-        assert_eq!(r.headers()["docker-content-digest"].to_str().unwrap(), image.digest);
-    }
-    s.relay.throttle_on("/blobs/", 1 << 20);
-    s.source_relay.throttle_on("/blobs/", 1 << 20);
-    let mut clients = Vec::new();
-    for (i, d) in digests.iter().enumerate() {
-        for _ in 0..[12, 3, 1][i] {
-            let url = s.blob_url(["team/web", "team/api", "lib/base"][i], d);
-            clients.push(tokio::spawn(async move { get(&url).await.map(|(code, _)| code) }));
+    for (i, (repo, tag, pulls)) in [("lib/base", "1.4", 9), ("team/web", "2024.6", 5), ("team/api", "v3", 2)].iter().enumerate() {
+        let image = push_image(&s.upstream_url(), repo, tag, &[1000], 310 + i as u64).await;
+        for _ in 0..*pulls {
+            let url = s.bw.url(&format!("/v2/up/{repo}/manifests/{tag}"));
+            let r = reqwest::Client::new().get(url).header("accept", OCI_MANIFEST).send().await.unwrap();
+            assert_eq!(r.headers()["docker-content-digest"].to_str().unwrap(), image.digest);
         }
     }
+    s.relay.throttle_on("/blobs/", 1 << 20);
+    s.source_relay.throttle_on("/blobs/", 128 << 10);
     let browser = Browser::start().await;
-    browser.resize(1400, 1000).await;
+    browser.resize(1400, 900).await;
     browser.goto(&s.bw.url("/")).await;
     assert!(browser.wait_for("the Run button", SHOWN_WITHIN, || async { browser.click("job-run-mirror").await.then_some(true) }).await);
     browser
-        .wait_for("copies", Duration::from_secs(60), || async {
-            let done: u64 = browser.attribute("job-artifacts-mirror", "data-done").await?.parse().ok()?;
-            (done >= 1).then_some(())
+        .wait_for("the job running", SHOWN_WITHIN, || async { (browser.text("job-state-mirror").await? == "running").then_some(()) })
+        .await;
+    let mut clients = Vec::new();
+    for (i, d) in digests.iter().enumerate() {
+        for _ in 0..[12, 3, 1][i] {
+            let url = s.blob_url(repos[i], d);
+            clients.push(tokio::spawn(async move { get(&url).await.map(|(code, _)| code) }));
+        }
+    }
+    let bytes_id = format!("flight-bytes-{}", key(&digests[0]));
+    browser
+        .wait_for("three flights under way", SHOWN_WITHIN, || async {
+            let bytes: u64 = browser.attribute(&bytes_id, "data-bytes").await?.parse().ok()?;
+            (browser.text("flights-count").await? == "3" && bytes > 4 << 20).then_some(())
         })
         .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/status-page.png");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, browser.screenshot().await).unwrap();

@@ -172,7 +172,7 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
                     Err(e) => return Err(e),
                 },
             };
-            serve_blob(app, &digest, source, headers, head, upstream.as_deref().map(|u| u.stats())).await
+            serve_blob(app, &digest, source, headers, head, upstream.map(|u| Arc::clone(u.stats()))).await
         }
         (Route::Blob { name, digest }, "DELETE") => {
             reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
@@ -513,14 +513,14 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     Ok(Some((start, end)))
 }
 
-/// `served_for`: the counters of the upstream whose cached blob this is, which count the bytes answered.
+/// `served_for`: the counters of the upstream whose cached blob this is, which count the bytes as they are sent.
 async fn serve_blob(
     app: &App,
     digest: &Digest,
     source: BlobSource,
     headers: &HeaderMap,
     head: bool,
-    served_for: Option<&crate::upstream::stats::Stats>,
+    served_for: Option<Arc<crate::upstream::stats::Stats>>,
 ) -> Result<Response> {
     let size = match &source {
         BlobSource::Stored(size) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
@@ -546,19 +546,21 @@ async fn serve_blob(
         }
     };
     let len = window.map_or(size, |r| r.end - r.start);
-    let body = match source {
-        _ if head => Body::empty(),
-        BlobSource::Stored(_) => Body::from_stream(app.registry.read_blob(digest, window).await?),
-        BlobSource::Flight(flight, _) => Body::from_stream(
-            flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
-        ),
+    let stream = match source {
+        _ if head => None,
+        BlobSource::Stored(_) => Some(app.registry.read_blob(digest, window).await?),
+        BlobSource::Flight(flight, _) => {
+            Some(flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?)
+        }
         // Only the HEAD path gives a size without bytes; a GET reaching here is a bug, refused rather than
         // answered with fewer bytes than its Content-Length.
         BlobSource::SizeOnly(_) => return Err(RegistryError::UpstreamUnavailable("the blob is not cached".into())),
     };
-    if let (Some(stats), false) = (served_for, head) {
-        stats.served(len);
-    }
+    let body = match (stream, served_for) {
+        (None, _) => Body::empty(),
+        (Some(stream), None) => Body::from_stream(stream),
+        (Some(stream), Some(stats)) => Body::from_stream(stream.inspect_ok(move |bytes| stats.served(bytes.len() as u64))),
+    };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();

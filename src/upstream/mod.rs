@@ -364,8 +364,9 @@ impl Upstream {
         self.stats.request(method.as_str(), status);
     }
 
-    /// What this upstream has done: requests, bytes, cache answers, last success and error.
-    pub fn stats(&self) -> &stats::Stats {
+    /// What this upstream has done: requests, bytes, cache answers, last success and error (shared: a blob
+    /// streamed to a client counts its bytes as they go).
+    pub fn stats(&self) -> &Arc<stats::Stats> {
         &self.stats
     }
 

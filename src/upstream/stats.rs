@@ -14,7 +14,7 @@ pub struct Stats {
     requests: AtomicU64,
     /// Blob body bytes received from the upstream.
     fetched: AtomicU64,
-    /// Blob bytes answered to clients from this upstream's namespace (from storage or a flight): against
+    /// Blob bytes sent to clients from this upstream's namespace (from storage or a flight): against
     /// `fetched`, what caching and coalescing saved.
     served: AtomicU64,
     /// Cache answers without an upstream request of their own (`hit`), joined to one in progress
@@ -96,7 +96,7 @@ impl Stats {
         metrics::counter!("breakwater_upstream_bytes_total", "upstream" => self.name.clone()).increment(n);
     }
 
-    /// Blob bytes answered to a client.
+    /// Blob bytes sent to a client.
     pub fn served(&self, n: u64) {
         self.served.fetch_add(n, Ordering::Relaxed);
     }
