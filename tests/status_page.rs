@@ -352,3 +352,25 @@ async fn screenshot() {
         assert_eq!(c.await.unwrap(), Ok(200));
     }
 }
+
+/// Evictions show in `/api/status`: two blobs of 1 MiB pulled through a cache of 1.5 MB, the first is evicted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_counts_evictions() {
+    let s = Setup::start("[cache]\nmax_bytes = 1_500_000\n");
+    let blobs: Vec<Vec<u8>> = (0..2).map(|i| pseudo_random(1 << 20, 500 + i)).collect();
+    for blob in &blobs {
+        let digest = push_blob(&s.upstream_url(), "team/big", blob).await;
+        assert_eq!(get(&s.blob_url("team/big", &digest)).await.unwrap(), (200, blob.clone()));
+    }
+    let mut st = s.status().await;
+    for _ in 0..2000 {
+        if st["cache"]["evictions"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        st = s.status().await;
+    }
+    let cache = &st["cache"];
+    assert_eq!((cache["evictions"].as_u64(), cache["evicted_bytes"].as_u64()), (Some(1), Some(1 << 20)), "{st}");
+    assert_eq!((cache["bytes"].as_u64(), cache["max_bytes"].as_u64()), (Some(1 << 20), Some(1_500_000)), "{st}");
+}
