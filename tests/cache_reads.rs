@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::oci::{get, metric, pseudo_random, push_blob, sha256};
+use common::oci::{get, metric, pseudo_random, push_blob, sha256, spawn_gets};
 use common::relay::Relay;
 use common::{Breakwater, Distribution};
 
@@ -451,12 +451,7 @@ async fn the_status_shows_a_flight_in_progress_and_its_clients() {
     let blob = pseudo_random(4 << 20, 41);
     let digest = push_blob(&c.upstream_url(), "team/app", &blob).await;
     c.relay.throttle_on("/blobs/", 1 << 20);
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let url = c.blob_url("team/app", &digest);
-            tokio::spawn(async move { get(&url).await.map(|(status, body)| (status, sha256(&body))) })
-        })
-        .collect();
+    let clients = spawn_gets((0..2).map(|_| c.blob_url("team/app", &digest)));
     let status = || async {
         let (code, body) = get(&c.bw.url("/api/status")).await.unwrap();
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));

@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::browser::Browser;
-use common::oci::{get, pseudo_random, push_blob, push_image, sha256, OCI_MANIFEST};
+use common::oci::{get, pseudo_random, push_blob, push_image, spawn_gets, OCI_MANIFEST};
 use common::relay::Relay;
 use common::{images, Breakwater, Distribution};
 use serde_json::Value;
@@ -96,12 +96,7 @@ async fn the_page_shows_flights_jobs_and_a_down_upstream_without_errors() {
 
     // (a) A download held slow by the upstream shows, with its clients, and its byte count grows.
     s.relay.throttle_on("/blobs/", 512 << 10);
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let url = s.blob_url("team/app", &digest);
-            tokio::spawn(async move { get(&url).await.map(|(code, body)| (code, sha256(&body))) })
-        })
-        .collect();
+    let clients = spawn_gets((0..2).map(|_| s.blob_url("team/app", &digest)));
     let (k, bytes_id) = (key(&digest), format!("flight-bytes-{}", key(&digest)));
     let first: u64 = browser
         .wait_for("the flight with bytes and 2 clients", SHOWN_WITHIN, || async {
@@ -174,13 +169,7 @@ async fn many_flights_are_summarised() {
         digests.push(push_blob(&s.upstream_url(), "team/many", &pseudo_random(2000, 1000 + i as u64)).await);
     }
     s.relay.hang_on("GET /v2/team/many/blobs/");
-    let clients: Vec<_> = digests
-        .iter()
-        .map(|d| {
-            let url = s.blob_url("team/many", d);
-            tokio::spawn(async move { get(&url).await.map(|(code, body)| (code, sha256(&body))) })
-        })
-        .collect();
+    let clients = spawn_gets(digests.iter().map(|d| s.blob_url("team/many", d)));
     let mut status = s.status().await;
     for _ in 0..3000 {
         if status["flights"]["count"] == N {
@@ -251,12 +240,7 @@ async fn the_status_counts_what_coalescing_and_the_cache_saved() {
     let digest = push_blob(&s.upstream_url(), "team/app", &blob).await;
     let image = push_image(&s.upstream_url(), "team/img", "v1", &[1000], 92).await;
     s.relay.hang_on("GET /v2/team/app/blobs/");
-    let clients: Vec<_> = (0..N)
-        .map(|_| {
-            let url = s.blob_url("team/app", &digest);
-            tokio::spawn(async move { get(&url).await.map(|(code, body)| (code, sha256(&body))) })
-        })
-        .collect();
+    let clients = spawn_gets((0..N).map(|_| s.blob_url("team/app", &digest)));
     assert!(s.relay.wait_for_async("GET", "/v2/team/app/blobs/", 1, Duration::from_secs(20)).await);
     s.relay.hang(false);
     for client in clients {
@@ -329,13 +313,8 @@ async fn screenshot() {
     browser
         .wait_for("the job running", SHOWN_WITHIN, || async { (browser.text("job-state-mirror").await? == "running").then_some(()) })
         .await;
-    let mut clients = Vec::new();
-    for (i, d) in digests.iter().enumerate() {
-        for _ in 0..[12, 3, 1][i] {
-            let url = s.blob_url(repos[i], d);
-            clients.push(tokio::spawn(async move { get(&url).await.map(|(code, _)| code) }));
-        }
-    }
+    let herds = digests.iter().enumerate().flat_map(|(i, d)| std::iter::repeat_n(s.blob_url(repos[i], d), [12, 3, 1][i]));
+    let clients = spawn_gets(herds.collect::<Vec<_>>());
     let bytes_id = format!("flight-bytes-{}", key(&digests[0]));
     browser
         .wait_for("three flights under way", SHOWN_WITHIN, || async {
@@ -349,7 +328,7 @@ async fn screenshot() {
     s.relay.clear_faults();
     s.source_relay.clear_faults();
     for c in clients {
-        assert_eq!(c.await.unwrap(), Ok(200));
+        assert_eq!(c.await.unwrap().map(|(code, _)| code), Ok(200));
     }
 }
 

@@ -508,29 +508,8 @@ impl Upstream {
         self.exchange_watched(&self.client, method, scope, target, headers, Some(body), Some(watch)).await
     }
 
-    /// [`Upstream::exchange_answered`], recording whether the upstream answered (its last success) or not (its
-    /// last error: unreachable, 5xx, 429, credentials refused, an answer that makes no sense).
     #[allow(clippy::too_many_arguments)]
     async fn exchange_watched(
-        &self,
-        client: &reqwest::Client,
-        method: Method,
-        scope: &str,
-        target: &str,
-        headers: HeaderMap,
-        body: Option<reqwest::Body>,
-        watch: Option<Arc<UploadWatch>>,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let result = self.exchange_answered(client, method, scope, target, headers, body, watch).await;
-        match &result {
-            Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Refused(_)) => self.stats.succeeded(),
-            Err(e) => self.stats.failed(e.to_string()),
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn exchange_answered(
         &self,
         client: &reqwest::Client,
         method: Method,
@@ -540,85 +519,95 @@ impl Upstream {
         mut body: Option<reqwest::Body>,
         mut watch: Option<Arc<UploadWatch>>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
-            if Instant::now() < t {
-                return Err(UpstreamError::RateLimited);
-            }
-        }
-        if let Some(pacer) = &self.pacer {
-            pacer.spend(1.0).await;
-        }
-        let absolute = target.starts_with("http://") || target.starts_with("https://");
-        let url = if absolute { target.to_string() } else { format!("{}{target}", self.base) };
-        // An upload `Location` may point at another host (a storage service); our credentials stay with the
-        // registry they belong to.
-        let foreign = absolute && origin(target) != origin(&self.base);
-        let mut auth = if foreign { None } else { self.known_auth(scope) };
-        for attempt in 0..2 {
-            let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
-            let mut req = client.request(method.clone(), &url).headers(headers.clone());
-            if let Some(a) = &auth {
-                req = req.header(header::AUTHORIZATION, a.clone());
-            }
-            if let Some(b) = body.take() {
-                req = req.body(b);
-            }
-            let timeout = self.config.timeout;
-            let answer = match &watch {
-                None => tokio::time::timeout(timeout, req.send()).await.map_err(|_| format!("no answer within {timeout:?}")),
-                Some(w) => tokio::select! {
-                    r = req.send() => Ok(r),
-                    stalled = w.stalled(timeout) => Err(stalled),
-                },
-            };
-            let resp = match answer {
-                Err(why) => {
-                    self.count(&method, "timeout");
-                    return Err(UpstreamError::Unavailable(why));
+        // Whether the upstream answered (its last success) or not (its last error: unreachable, 5xx, 429,
+        // credentials refused, an answer that makes no sense), whichever way the exchange below ends.
+        let result = async {
+            if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
+                if Instant::now() < t {
+                    return Err(UpstreamError::RateLimited);
                 }
-                Ok(Err(e)) => {
-                    self.count(&method, "error");
-                    return Err(UpstreamError::Unavailable(without_url(&e)));
+            }
+            if let Some(pacer) = &self.pacer {
+                pacer.spend(1.0).await;
+            }
+            let absolute = target.starts_with("http://") || target.starts_with("https://");
+            let url = if absolute { target.to_string() } else { format!("{}{target}", self.base) };
+            // An upload `Location` may point at another host (a storage service); our credentials stay with the
+            // registry they belong to.
+            let foreign = absolute && origin(target) != origin(&self.base);
+            let mut auth = if foreign { None } else { self.known_auth(scope) };
+            for attempt in 0..2 {
+                let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
+                let mut req = client.request(method.clone(), &url).headers(headers.clone());
+                if let Some(a) = &auth {
+                    req = req.header(header::AUTHORIZATION, a.clone());
                 }
-                Ok(Ok(r)) => r,
-            };
-            let status = resp.status();
-            self.count(&method, status.as_str());
-            self.observe_ratelimit(resp.headers());
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
-                let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
-                match challenge {
-                    Some(c) => {
-                        auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
-                        body = replay.map(reqwest::Body::from);
-                        // A streamed body is not replayed, so nothing is left to watch: the plain timeout applies.
-                        watch = None;
-                        continue;
+                if let Some(b) = body.take() {
+                    req = req.body(b);
+                }
+                let timeout = self.config.timeout;
+                let answer = match &watch {
+                    None => tokio::time::timeout(timeout, req.send()).await.map_err(|_| format!("no answer within {timeout:?}")),
+                    Some(w) => tokio::select! {
+                        r = req.send() => Ok(r),
+                        stalled = w.stalled(timeout) => Err(stalled),
+                    },
+                };
+                let resp = match answer {
+                    Err(why) => {
+                        self.count(&method, "timeout");
+                        return Err(UpstreamError::Unavailable(why));
                     }
-                    None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
+                    Ok(Err(e)) => {
+                        self.count(&method, "error");
+                        return Err(UpstreamError::Unavailable(without_url(&e)));
+                    }
+                    Ok(Ok(r)) => r,
+                };
+                let status = resp.status();
+                self.count(&method, status.as_str());
+                self.observe_ratelimit(resp.headers());
+                if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
+                    let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    match challenge {
+                        Some(c) => {
+                            auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
+                            body = replay.map(reqwest::Body::from);
+                            // A streamed body is not replayed, so nothing is left to watch: the plain timeout applies.
+                            watch = None;
+                            continue;
+                        }
+                        None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
+                    }
                 }
+                if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+                    if let Some(wait) = retry_after(resp.headers()) {
+                        *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+                    }
+                }
+                return match status {
+                    s if s.is_success() => Ok(resp),
+                    StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+                    s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                        Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
+                    s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
+                    s => {
+                        let text = read_limited(resp, 64 * 1024, timeout).await.unwrap_or_default();
+                        let text = String::from_utf8_lossy(&text);
+                        Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
+                    }
+                };
             }
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-                if let Some(wait) = retry_after(resp.headers()) {
-                    *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
-                }
-            }
-            return match status {
-                s if s.is_success() => Ok(resp),
-                StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
-                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                    Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
-                }
-                StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
-                s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
-                s => {
-                    let text = read_limited(resp, 64 * 1024, timeout).await.unwrap_or_default();
-                    let text = String::from_utf8_lossy(&text);
-                    Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
-                }
-            };
+            Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
         }
-        Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
+        .await;
+        match &result {
+            Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Refused(_)) => self.stats.succeeded(),
+            Err(e) => self.stats.failed(e.to_string()),
+        }
+        result
     }
 
     /// Records the rate-limit headers of an answer: as gauges, and the remaining count for `ratelimit_low`.
