@@ -133,6 +133,9 @@ async fn the_page_shows_flights_jobs_and_a_down_upstream_without_errors() {
         .wait_for("the job running", SHOWN_WITHIN, || async { (browser.text("job-state-mirror").await? == "running").then_some(()) })
         .await;
     assert_eq!(browser.text("job-msg-mirror").await.as_deref(), Some("started"));
+    let st = s.status().await;
+    let job = &st["replication"][0];
+    assert!(job["running"] == true && job["rate"]["artifacts_per_sec"].is_f64() && job["rate"]["bytes_per_sec"].is_f64(), "{st}");
     s.source_relay.clear_faults();
     browser
         .wait_for("the job finished", Duration::from_secs(60), || async { (browser.text("job-state-mirror").await? == "finished").then_some(()) })
