@@ -423,6 +423,11 @@ async fn a_low_rate_limit_defers_tag_revalidations() {
     assert_eq!(pull(false).await, v1.digest);
     assert_eq!(relay.count("HEAD", "/manifests/v1"), 1, "{:?}", relay.requests());
     assert_eq!(metric(&base, "breakwater_upstream_ratelimit_remaining", &["upstream=\"up\""]).await, 10.0);
+    // The same headroom on /api/status (and so on the status page).
+    let (code, body) = get(&bw.url("/api/status")).await.unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["upstreams"][0]["ratelimit_remaining"], 10, "{status}");
 
     // At the reserve: the tag moves upstream, but the cache serves what it has without asking, with a Warning.
     common::oci::push_image(&up, "team/app", "v1", &[1000], 39).await;
