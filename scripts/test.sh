@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Each tool is COMMAND or COMMAND:PACKAGE (its Debian 12 package, when the names differ).
-tools=(docker-registry skopeo umoci podman containerd curl htpasswd:apache2-utils)
+tools=(docker-registry skopeo umoci podman containerd curl htpasswd:apache2-utils chromium chromedriver:chromium-driver)
 
 have() {
   command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ] || [ -x "/usr/sbin/$1" ]

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::oci::{get, metric, pseudo_random, push_blob, sha256};
+use common::oci::{get, metric, pseudo_random, push_blob, sha256, spawn_gets};
 use common::relay::Relay;
 use common::{Breakwater, Distribution};
 
@@ -423,6 +423,11 @@ async fn a_low_rate_limit_defers_tag_revalidations() {
     assert_eq!(pull(false).await, v1.digest);
     assert_eq!(relay.count("HEAD", "/manifests/v1"), 1, "{:?}", relay.requests());
     assert_eq!(metric(&base, "breakwater_upstream_ratelimit_remaining", &["upstream=\"up\""]).await, 10.0);
+    // The same headroom on /api/status (and so on the status page).
+    let (code, body) = get(&bw.url("/api/status")).await.unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(status["upstreams"][0]["ratelimit_remaining"], 10, "{status}");
 
     // At the reserve: the tag moves upstream, but the cache serves what it has without asking, with a Warning.
     common::oci::push_image(&up, "team/app", "v1", &[1000], 39).await;
@@ -451,12 +456,7 @@ async fn the_status_shows_a_flight_in_progress_and_its_clients() {
     let blob = pseudo_random(4 << 20, 41);
     let digest = push_blob(&c.upstream_url(), "team/app", &blob).await;
     c.relay.throttle_on("/blobs/", 1 << 20);
-    let clients: Vec<_> = (0..2)
-        .map(|_| {
-            let url = c.blob_url("team/app", &digest);
-            tokio::spawn(async move { get(&url).await.map(|(status, body)| (status, sha256(&body))) })
-        })
-        .collect();
+    let clients = spawn_gets((0..2).map(|_| c.blob_url("team/app", &digest)));
     let status = || async {
         let (code, body) = get(&c.bw.url("/api/status")).await.unwrap();
         assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));

@@ -104,6 +104,9 @@ pub struct BlobFlight {
     store: Arc<dyn BlobStore>,
     /// When it started, for the status page (age, rate).
     started: Instant,
+    /// The repository whose pull started it, for the status page (later pulls of the digest from other
+    /// repositories join it: content is shared).
+    repository: String,
     /// Clients streaming from it now (for the status page; a reader's stream counts until it is dropped).
     readers: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -111,6 +114,8 @@ pub struct BlobFlight {
 /// A flight in progress as `/api/status` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct FlightStatus {
+    /// The repository whose pull started the flight.
+    pub repository: String,
     pub digest: String,
     /// Bytes downloaded so far.
     pub bytes: u64,
@@ -119,6 +124,8 @@ pub struct FlightStatus {
     /// Clients streaming it now.
     pub clients: usize,
     pub age_ms: u64,
+    /// Bytes per second since the flight started.
+    pub rate: u64,
 }
 
 /// How a request for a blob is served.
@@ -229,12 +236,13 @@ impl BlobFlights {
 
     /// Serves `digest` from storage, from the flight already running, or from a new flight using `fetch`.
     /// Exactly one caller is told it started a new flight (`joined: false`).
-    pub async fn join(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Join, StorageError> {
-        let (flights, d) = (Arc::clone(self), digest.clone());
+    /// `repository` is the one pulling, shown with the flight if this starts it.
+    pub async fn join(self: &Arc<Self>, digest: &Digest, repository: &str, fetch: Fetcher) -> Result<Join, StorageError> {
+        let (flights, d, repository) = (Arc::clone(self), digest.clone(), repository.to_string());
         let (shared, joined_pass) = self
             .starts
             .run(digest.clone(), move || async move {
-                flights.join_or_start(&d, fetch).await.map_err(|e| Arc::<str>::from(e.to_string()))
+                flights.join_or_start(&d, repository, fetch).await.map_err(|e| Arc::<str>::from(e.to_string()))
             })
             .await;
         match shared {
@@ -246,7 +254,7 @@ impl BlobFlights {
         }
     }
 
-    async fn join_or_start(self: &Arc<Self>, digest: &Digest, fetch: Fetcher) -> Result<Started, StorageError> {
+    async fn join_or_start(self: &Arc<Self>, digest: &Digest, repository: String, fetch: Fetcher) -> Result<Started, StorageError> {
         let mut inflight = self.inflight.lock().await;
         if let Some(f) = inflight.get(digest) {
             return Ok(Started::Flight { flight: Arc::clone(f), new: false });
@@ -265,6 +273,7 @@ impl BlobFlights {
             progress: rx,
             store: Arc::clone(&self.store),
             started: Instant::now(),
+            repository,
             readers: Arc::default(),
         });
         inflight.insert(digest.clone(), Arc::clone(&flight));
@@ -508,12 +517,15 @@ impl SpoolWriter {
 impl BlobFlight {
     fn status(&self) -> FlightStatus {
         let p = self.progress.borrow();
+        let age = self.started.elapsed();
         FlightStatus {
+            repository: self.repository.clone(),
             digest: self.digest.to_string(),
             bytes: p.written,
             total: p.total,
             clients: self.readers.load(std::sync::atomic::Ordering::Relaxed),
-            age_ms: self.started.elapsed().as_millis() as u64,
+            age_ms: age.as_millis() as u64,
+            rate: (p.written as f64 / age.as_secs_f64().max(0.001)) as u64,
         }
     }
 
@@ -762,7 +774,7 @@ mod tests {
 
     /// Joins `digest` and expects a new flight (not a join of a dead one) that delivers `blob`.
     async fn fresh_flight_delivers(flights: &Arc<BlobFlights>, digest: &Digest, fetch: Fetcher, blob: &[u8]) {
-        let Join::Flight { flight, joined } = flights.join(digest, fetch).await.unwrap() else {
+        let Join::Flight { flight, joined } = flights.join(digest, "test", fetch).await.unwrap() else {
             panic!("nothing is stored yet")
         };
         assert!(!joined, "the key was released: this call starts a new flight");
@@ -772,7 +784,7 @@ mod tests {
             .unwrap();
         assert_eq!(body, blob);
         flight.finished().await.unwrap();
-        assert!(matches!(flights.join(digest, fetcher(Bytes::new(), 0)).await.unwrap(), Join::Stored(n) if n == blob.len() as u64));
+        assert!(matches!(flights.join(digest, "test", fetcher(Bytes::new(), 0)).await.unwrap(), Join::Stored(n) if n == blob.len() as u64));
     }
 
     /// Every waiter of a flight whose task panicked gets an error, and nothing is left running.
@@ -814,7 +826,7 @@ mod tests {
         let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from((0..3 * SERVE_SLICE + 12_345).map(|i| (i * 7 % 251) as u8).collect::<Vec<u8>>());
         let digest = Digest::of(Algorithm::Sha256, &blob);
-        let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 40_000)).await.unwrap() else {
+        let Join::Flight { flight, .. } = flights.join(&digest, "test", trickling(blob.clone(), 40_000)).await.unwrap() else {
             panic!("not stored")
         };
         let len = blob.len() as u64;
@@ -857,7 +869,7 @@ mod tests {
         let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from((0..2_000_000).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
         let digest = Digest::of(Algorithm::Sha256, &blob);
-        let Join::Flight { flight, .. } = flights.join(&digest, trickling(blob.clone(), 50_000)).await.unwrap() else {
+        let Join::Flight { flight, .. } = flights.join(&digest, "test", trickling(blob.clone(), 50_000)).await.unwrap() else {
             panic!("not stored")
         };
         tokio::time::timeout(Duration::from_secs(30), async {
@@ -885,7 +897,7 @@ mod tests {
         let blob = Bytes::from(vec![7u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
         let fetch = fetcher(blob.clone(), 1);
-        let Join::Flight { flight, .. } = flights.join(&digest, Arc::clone(&fetch)).await.unwrap() else { panic!("not stored") };
+        let Join::Flight { flight, .. } = flights.join(&digest, "test", Arc::clone(&fetch)).await.unwrap() else { panic!("not stored") };
         waiters_fail(&flights, &flight).await;
         fresh_flight_delivers(&flights, &digest, fetch, &blob).await;
     }
@@ -898,7 +910,7 @@ mod tests {
         let flights = BlobFlights::new(store, dir.path().join("spool"), crate::shutdown::Tasks::new(), crate::flight::downloads()).await.unwrap();
         let blob = Bytes::from(vec![9u8; 100_000]);
         let digest = Digest::of(Algorithm::Sha256, &blob);
-        let Join::Flight { flight, .. } = flights.join(&digest, fetcher(blob.clone(), 0)).await.unwrap() else { panic!("not stored") };
+        let Join::Flight { flight, .. } = flights.join(&digest, "test", fetcher(blob.clone(), 0)).await.unwrap() else { panic!("not stored") };
         // A client streaming the flight when it dies is cut, not left waiting. (The flight may also have died
         // before the client began: the download and the panicking adoption race the client's first read.)
         if let Ok(reader) = flight.reader(None).await {

@@ -11,9 +11,13 @@
 //! - `GET /api/cluster`: this member's id, every registered member (id, url, start, last heartbeat, alive) and
 //!   the blob flights of the cluster (digest, the member fetching it from upstream, its lease's expiry); 404 when
 //!   the instance is not a cluster member.
-//! - `GET /api/status`: what the cache is doing now: the blob downloads in flight (`flights.count`, and the
-//!   oldest `FLIGHTS_SHOWN` with digest, bytes so far, total, clients streaming, age), the cache's size against
-//!   its budget, the upstreams.
+//! - `GET /api/status`: what breakwater is doing now (README, "Watch it"): the blob downloads in flight
+//!   (`flights.count`, and the oldest `FLIGHTS_SHOWN` with repository, digest, bytes so far, total, rate,
+//!   clients streaming, age), the cache (size against its budget, evictions, the `MOST_PULLED_SHOWN` most pulled
+//!   artifacts), each upstream (requests, bytes fetched and served, hits, coalesced and misses with the hit
+//!   ratio, stale serves, last success and last error, the last `ratelimit-remaining` it sent or null), and each
+//!   replication job (state, counters, rate; its failures are paged by `/api/replication`). Its size does not
+//!   grow with the number of flights, artifacts or failures.
 //! - `POST /api/gc` (`?dry_run=true` to only report): collects garbage with the `[gc]` settings and answers
 //!   with the report (200), or 409 while another collection runs on the metadata store.
 
@@ -49,18 +53,51 @@ pub fn routes() -> Router<Arc<App>> {
 /// flights stay one small answer.
 const FLIGHTS_SHOWN: usize = 100;
 
+/// Most pulled artifacts listed by `/api/status`.
+const MOST_PULLED_SHOWN: usize = 10;
+
 async fn status(State(app): State<Arc<App>>) -> Response {
     let (count, shown) = app.proxy.flights().status(FLIGHTS_SHOWN).await;
     let cache_bytes = match app.registry.meta().cache_bytes().await {
         Ok(b) => b,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
-    let upstreams: Vec<_> =
-        app.proxy.upstreams().iter().map(|u| serde_json::json!({ "name": u.name(), "url": u.config.url })).collect();
+    let upstreams: Vec<_> = app
+        .proxy
+        .upstreams()
+        .iter()
+        .map(|u| {
+            let mut v = serde_json::to_value(u.stats().view()).unwrap_or_default();
+            v["name"] = u.name().into();
+            v["url"] = u.config.url.clone().into();
+            v["ratelimit_remaining"] = u.ratelimit_remaining().into();
+            v
+        })
+        .collect();
+    let (evictions, evicted_bytes) = app.proxy.activity().evictions();
+    let jobs: Vec<_> = app
+        .replication
+        .status()
+        .await
+        .into_iter()
+        .map(|j| {
+            serde_json::json!({
+                "name": j.name, "running": j.running, "progress": j.progress, "rate": j.rate,
+                "failure_count": j.failure_count,
+            })
+        })
+        .collect();
     Json(serde_json::json!({
         "flights": { "count": count, "shown": shown },
-        "cache": { "bytes": cache_bytes, "max_bytes": app.proxy.eviction_policy().max_bytes },
+        "cache": {
+            "bytes": cache_bytes,
+            "max_bytes": app.proxy.eviction_policy().max_bytes,
+            "evictions": evictions,
+            "evicted_bytes": evicted_bytes,
+            "most_pulled": app.proxy.activity().most_pulled(MOST_PULLED_SHOWN),
+        },
         "upstreams": upstreams,
+        "replication": jobs,
     }))
     .into_response()
 }

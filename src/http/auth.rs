@@ -41,7 +41,8 @@ fn need_of(method: &Method, path: &str, metrics_public: bool) -> Need {
     if let Some(name) = events_policy(method, path) {
         return Need::PolicyEvents { name: name.to_string() };
     }
-    if path == "/api" || path.starts_with("/api/") {
+    // The status page shows what `/api/` does, and its button starts runs: an operator's page, like the API.
+    if path == "/" || path == "/api" || path.starts_with("/api/") {
         return Need::Admin;
     }
     let Some(route) = route::parse(path) else { return Need::Public };
@@ -478,6 +479,7 @@ mod tests {
         assert_eq!(need_of(&Method::GET, "/api/replication/p/events", false), Need::Admin);
         assert_eq!(need_of(&Method::POST, "/api/replication/a/b/events", false), Need::Admin);
         assert_eq!(need_of(&Method::POST, "/api/replication/p/run", false), Need::Admin);
+        assert_eq!(need_of(&Method::GET, "/", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", false), Need::Admin);
         assert_eq!(need_of(&Method::GET, "/metrics", true), Need::Public);
         assert_eq!(need_of(&Method::GET, "/healthz", false), Need::Public);

@@ -1,4 +1,5 @@
-//! The HTTP face of breakwater: the distribution API under `/v2/`, plus `/metrics`, `/healthz` and `/readyz`.
+//! The HTTP face of breakwater: the distribution API under `/v2/`, plus `/metrics`, `/healthz`, `/readyz`, the
+//! API under `/api/` and the status page at `/`.
 //!
 //! Architecture invariant: this module holds no registry policy. It parses requests, calls `Registry`, and
 //! writes the answers (headers, bodies, error JSON) the spec asks for.
@@ -9,6 +10,7 @@ mod auth;
 mod error;
 mod events;
 mod internal;
+mod page;
 pub(crate) mod range;
 pub(crate) mod route;
 pub(crate) mod v2;
@@ -66,6 +68,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v2", any(v2::handle))
         .route("/v2/", any(v2::handle))
         .route("/v2/{*path}", any(v2::handle))
+        .route("/", get(page::page))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -112,7 +115,7 @@ async fn observe(req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
     let kind = match route::parse(&path) {
         Some(r) => r.kind(),
-        None if path == "/metrics" || path == "/healthz" || path == "/readyz" => "ops",
+        None if path == "/" || path == "/metrics" || path == "/healthz" || path == "/readyz" => "ops",
         None if path == "/auth/token" => "token",
         None => "other",
     };

@@ -162,16 +162,17 @@ async fn dispatch(app: &App, req: &Req<'_>, body: Body) -> Result<Response> {
         }
         (Route::Blob { name, digest }, "GET" | "HEAD") => {
             let (digest, head) = (digest_param(digest)?, m == "HEAD");
-            let source = match app.proxy.target(name, ns)? {
-                Target::Local(repo) => BlobSource::Stored(stored_blob(reg, &repo, &digest, head).await?),
-                Target::Cached(c) => proxied_blob(app, &c, &digest, head).await?,
+            // With the upstream whose namespace served it, whose `bytes_served` it counts.
+            let (source, upstream) = match app.proxy.target(name, ns)? {
+                Target::Local(repo) => (BlobSource::Stored(stored_blob(reg, &repo, &digest, head).await?), None),
+                Target::Cached(c) => (proxied_blob(app, &c, &digest, head).await?, Some(c.upstream)),
                 Target::LocalOrCached(repo, c) => match stored_blob(reg, &repo, &digest, head).await {
-                    Ok(blob) => BlobSource::Stored(blob),
-                    Err(RegistryError::BlobUnknown) => proxied_blob(app, &c, &digest, head).await?,
+                    Ok(blob) => (BlobSource::Stored(blob), None),
+                    Err(RegistryError::BlobUnknown) => (proxied_blob(app, &c, &digest, head).await?, Some(c.upstream)),
                     Err(e) => return Err(e),
                 },
             };
-            serve_blob(app, &digest, source, headers, head).await
+            serve_blob(app, &digest, source, headers, head, upstream.map(|u| Arc::clone(u.stats()))).await
         }
         (Route::Blob { name, digest }, "DELETE") => {
             reg.delete_blob(&writable(app, name)?, &digest_param(digest)?).await?;
@@ -521,7 +522,15 @@ pub(crate) fn content_range(headers: &HeaderMap) -> Result<Option<(u64, u64)>> {
     Ok(Some((start, end)))
 }
 
-async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &HeaderMap, head: bool) -> Result<Response> {
+/// `served_for`: the counters of the upstream whose cached blob this is, which count the bytes as they are sent.
+async fn serve_blob(
+    app: &App,
+    digest: &Digest,
+    source: BlobSource,
+    headers: &HeaderMap,
+    head: bool,
+    served_for: Option<Arc<crate::upstream::stats::Stats>>,
+) -> Result<Response> {
     let size = match &source {
         BlobSource::Stored(OpenBlob { size, .. }) | BlobSource::Flight(_, size) | BlobSource::SizeOnly(size) => *size,
     };
@@ -546,15 +555,20 @@ async fn serve_blob(app: &App, digest: &Digest, source: BlobSource, headers: &He
         }
     };
     let len = window.map_or(size, |r| r.end - r.start);
-    let body = match source {
-        _ if head => Body::empty(),
-        BlobSource::Stored(blob) => Body::from_stream(app.registry.read_open(digest, blob, window).await?),
-        BlobSource::Flight(flight, _) => Body::from_stream(
-            flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?,
-        ),
+    let stream = match source {
+        _ if head => None,
+        BlobSource::Stored(blob) => Some(app.registry.read_open(digest, blob, window).await?),
+        BlobSource::Flight(flight, _) => {
+            Some(flight.reader(window).await.map_err(|e| RegistryError::UpstreamUnavailable(e.to_string()))?)
+        }
         // Only the HEAD path gives a size without bytes; a GET reaching here is a bug, refused rather than
         // answered with fewer bytes than its Content-Length.
         BlobSource::SizeOnly(_) => return Err(RegistryError::UpstreamUnavailable("the blob is not cached".into())),
+    };
+    let body = match (stream, served_for) {
+        (None, _) => Body::empty(),
+        (Some(stream), None) => Body::from_stream(stream),
+        (Some(stream), Some(stats)) => Body::from_stream(stream.inspect_ok(move |bytes| stats.served(bytes.len() as u64))),
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

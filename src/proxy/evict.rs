@@ -101,8 +101,7 @@ impl Proxy {
                     Eviction::Removed => {
                         done.blobs += 1;
                         done.bytes += size;
-                        metrics::counter!("breakwater_cache_evictions_total").increment(1);
-                        metrics::counter!("breakwater_cache_evicted_bytes_total").increment(size);
+                        self.activity.evicted(size);
                     }
                     Eviction::Kept => {}
                 }

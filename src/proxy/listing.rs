@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::bounded::BoundedMap;
 use crate::flight::Group;
+use crate::upstream::stats::Stats;
 use crate::upstream::UpstreamError;
 
 /// What the upstream listed, sorted as the answer is paged.
@@ -42,17 +43,17 @@ where
     }
 
     /// The listing of `key` if it was fetched less than `ttl` ago.
-    pub fn fresh(&self, key: &K, ttl: Duration) -> Option<Arc<Listing<T>>> {
+    pub fn fresh(&self, key: &K, ttl: Duration, stats: &Stats) -> Option<Arc<Listing<T>>> {
         let held = self.held.get(key).filter(|l| l.fetched.elapsed() < ttl);
         if held.is_some() {
-            super::count_cache(self.kind, "hit");
+            super::count_cache(stats, self.kind, "hit");
         }
         held
     }
 
     /// Joins the fetch of `key` in progress, or starts `make()`'s. A listing is held before its waiters wake, so
     /// no request can miss both the fetch and what it fetched.
-    pub async fn fetch<F, Fut>(&self, key: K, make: F) -> Fetched<T>
+    pub async fn fetch<F, Fut>(&self, key: K, stats: &Stats, make: F) -> Fetched<T>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<T>, UpstreamError>> + Send + 'static,
@@ -66,7 +67,7 @@ where
                 Ok(listing)
             }
         });
-        super::count_cache(self.kind, if joined { "coalesced" } else { "miss" });
+        super::count_cache(stats, self.kind, if joined { "coalesced" } else { "miss" });
         outcome.await.unwrap_or_else(|e| Err(e.into()))
     }
 
@@ -133,11 +134,12 @@ mod tests {
     #[tokio::test]
     async fn a_fetched_listing_is_held_and_shared() {
         let l: Listings<u8, u8> = Listings::new("test", "test_lists", 100, Duration::from_secs(60));
-        let got = l.fetch(1, || async { Ok(vec![1, 2, 3]) }).await.unwrap();
+        let stats = Stats::new("test");
+        let got = l.fetch(1, &stats, || async { Ok(vec![1, 2, 3]) }).await.unwrap();
         assert_eq!(got.items, vec![1, 2, 3]);
-        assert_eq!(l.fresh(&1, Duration::from_secs(60)).map(|l| l.items.clone()), Some(vec![1, 2, 3]));
-        assert!(l.fresh(&1, Duration::ZERO).is_none(), "older than a TTL of zero");
-        assert!(l.fetch(2, || async { Err(UpstreamError::NotFound) }).await.is_err());
-        assert!(l.fresh(&2, Duration::from_secs(60)).is_none(), "a failed fetch holds nothing");
+        assert_eq!(l.fresh(&1, Duration::from_secs(60), &stats).map(|l| l.items.clone()), Some(vec![1, 2, 3]));
+        assert!(l.fresh(&1, Duration::ZERO, &stats).is_none(), "older than a TTL of zero");
+        assert!(l.fetch(2, &stats, || async { Err(UpstreamError::NotFound) }).await.is_err());
+        assert!(l.fresh(&2, Duration::from_secs(60), &stats).is_none(), "a failed fetch holds nothing");
     }
 }

@@ -8,11 +8,13 @@
 //! Architecture invariant: for a given (upstream, repository, reference) at most one manifest request, and for a
 //! given blob digest at most one download, is in flight at any time, whatever the number of clients.
 
+mod activity;
 mod evict;
 mod listing;
 mod referrers;
 mod tags;
 
+pub use activity::{Activity, Pulled};
 pub use evict::{EvictionPolicy, Evicted};
 pub use referrers::{ReferrersPage, MAX_LISTED_REFERRERS};
 pub use tags::{TagPage, MAX_LISTED_TAGS};
@@ -26,6 +28,7 @@ use crate::flight::{BlobFlight, BlobFlights, FetchBody, FetchError, Fetcher, Fli
 use crate::oci::{Digest, Reference, RepoName, Tag};
 use crate::registry::{Registry, RegistryError};
 use crate::storage::OpenBlob;
+use crate::upstream::stats::{Lookup, Stats};
 use crate::upstream::{Upstream, UpstreamError};
 
 type Result<T> = std::result::Result<T, RegistryError>;
@@ -102,6 +105,8 @@ pub struct Proxy {
     eviction: EvictionPolicy,
     /// Serialises eviction passes.
     eviction_pass: tokio::sync::Mutex<()>,
+    /// Evictions and the most pulled artifacts, for `/api/status`.
+    activity: Activity,
     /// Blobs whose access time was written recently: a herd of hits costs one write, not one per client.
     touched: BoundedMap<Digest, ()>,
     /// Un-prefixed names that may be pushed although a default upstream serves un-prefixed names (a local
@@ -167,6 +172,7 @@ impl Proxy {
             negative_ttl,
             eviction,
             eviction_pass: tokio::sync::Mutex::new(()),
+            activity: Activity::default(),
             touched: BoundedMap::new("blob_accesses", memory_entries, Some(TOUCH_INTERVAL)),
             shadowing: globset::GlobSet::empty(),
             tag_lists: listing::Listings::new("tags", "tag_lists", memory_entries.saturating_mul(LISTED_TAGS_PER_ENTRY), longest_ttl),
@@ -193,6 +199,11 @@ impl Proxy {
     pub fn checks_keep(&self) -> Duration {
         let longest = self.upstreams.iter().map(|u| u.config.tag_ttl).max().unwrap_or(Duration::ZERO);
         longest.max(self.negative_ttl)
+    }
+
+    /// Evictions and the most pulled artifacts.
+    pub fn activity(&self) -> &Activity {
+        &self.activity
     }
 
     /// The limits on cached content.
@@ -348,10 +359,14 @@ impl Proxy {
     /// what the client's `Accept` listed, forwarded upstream besides the types the cache stores (see
     /// `fetch_manifest`); whether the client may be served the result is the caller's to judge.
     pub async fn manifest(&self, c: &Cached, reference: &Reference, accept: &[String]) -> Result<Resolved> {
+        self.activity.pulled(&match reference {
+            Reference::Tag(t) => format!("{}:{t}", c.local),
+            Reference::Digest(d) => format!("{}@{d}", c.local),
+        });
         match reference {
             Reference::Digest(d) => {
                 if self.registry.manifest_record(&c.local, reference).await.is_ok() {
-                    count_cache("manifest", "hit");
+                    count_cache(c.upstream.stats(), "manifest", "hit");
                     return Ok(Resolved { digest: d.clone(), stale: false });
                 }
                 self.fetch_manifest(c, &d.to_string(), None, None, accept).await.map(|digest| Resolved { digest, stale: false })
@@ -360,13 +375,13 @@ impl Proxy {
                 let held = self.registry.resolve_tag(&c.local, t).await?;
                 if let Some(d) = &held {
                     if self.fresh(c, t).await {
-                        count_cache("manifest", "hit");
+                        count_cache(c.upstream.stats(), "manifest", "hit");
                         return Ok(Resolved { digest: d.clone(), stale: false });
                     }
                     // Near the end of the upstream's rate-limit window a revalidation is the request to save:
                     // the cached tag is served, with a `Warning`, since it was not checked.
                     if c.upstream.ratelimit_low() {
-                        count_cache("manifest", "deferred");
+                        count_cache(c.upstream.stats(), "manifest", "deferred");
                         metrics::counter!("breakwater_cache_deferred_revalidations_total", "upstream" => c.upstream.name().to_string())
                             .increment(1);
                         return Ok(Resolved { digest: d.clone(), stale: true });
@@ -382,7 +397,7 @@ impl Proxy {
                         Some(digest) => {
                             tracing::warn!(upstream = c.upstream.name(), repo = %c.remote, tag = %t, error = %e,
                                 "upstream unavailable; serving the cached tag");
-                            metrics::counter!("breakwater_cache_stale_serves_total", "upstream" => c.upstream.name().to_string()).increment(1);
+                            c.upstream.stats().stale_serve();
                             Ok(Resolved { digest, stale: true })
                         }
                         None => Err(e),
@@ -412,7 +427,7 @@ impl Proxy {
         accept: &[String],
     ) -> Result<Digest> {
         if self.is_missing(&c.local, reference).await {
-            count_cache("manifest", "negative");
+            count_cache(c.upstream.stats(), "manifest", "negative");
             return Err(RegistryError::ManifestUnknown);
         }
         let key = (c.upstream.name().to_string(), c.remote.to_string(), reference.to_string());
@@ -444,7 +459,7 @@ impl Proxy {
                 }
                 answer
             });
-        count_cache("manifest", if joined { "coalesced" } else { "miss" });
+        count_cache(c.upstream.stats(), "manifest", if joined { "coalesced" } else { "miss" });
         match outcome.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(d) => Ok(d),
             Err(e) => {
@@ -465,13 +480,13 @@ impl Proxy {
             return self.blob(c, digest).await;
         }
         if let Ok(size) = self.registry.blob_size(&c.local, digest).await {
-            count_cache("blob", "hit");
+            count_cache(c.upstream.stats(), "blob", "hit");
             self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(OpenBlob::sized(size)));
         }
         match self.flights.peek(digest).await? {
             Some(Join::Flight { flight, .. }) => {
-                count_cache("blob", "coalesced");
+                count_cache(c.upstream.stats(), "blob", "coalesced");
                 let size = match flight.size().await {
                     Ok(size) => size,
                     Err(e) => return Err(self.flight_failed(c, digest, e).await),
@@ -481,7 +496,7 @@ impl Proxy {
             // Cached for another repository: content is shared, only the link is new (as for a GET). If the link
             // fails, the bytes were evicted meanwhile, and the upstream says whether the blob exists.
             Some(Join::Stored(size)) if self.registry.link_blob(&c.local, digest, size).await.is_ok() => {
-                count_cache("blob", "hit");
+                count_cache(c.upstream.stats(), "blob", "hit");
                 self.touch(digest).await;
                 return Ok(ProxiedBlob::Stored(OpenBlob::sized(size)));
             }
@@ -493,13 +508,13 @@ impl Proxy {
     /// One coalesced upstream HEAD of a blob; a 404 is remembered for the negative TTL like a manifest's.
     async fn head_upstream(&self, c: &Cached, digest: &Digest) -> Result<u64> {
         if self.is_missing(&c.local, &blob_reference(digest)).await {
-            count_cache("blob_head", "negative");
+            count_cache(c.upstream.stats(), "blob_head", "negative");
             return Err(RegistryError::BlobUnknown);
         }
         let key = (c.upstream.name().to_string(), c.remote.to_string(), digest.clone());
         let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
         let (outcome, joined) = self.blob_heads.join(key, move || async move { upstream.blob_head(&remote, &d).await });
-        count_cache("blob_head", if joined { "coalesced" } else { "miss" });
+        count_cache(c.upstream.stats(), "blob_head", if joined { "coalesced" } else { "miss" });
         match outcome.await.unwrap_or_else(|e| Err(e.into())) {
             Ok(size) => Ok(size),
             Err(e) => {
@@ -522,12 +537,12 @@ impl Proxy {
     /// A blob through the cache: from storage if it is there, else from the one download of it in flight.
     pub async fn blob(self: &Arc<Self>, c: &Cached, digest: &Digest) -> Result<ProxiedBlob> {
         if let Ok(blob) = self.registry.open_blob(&c.local, digest).await {
-            count_cache("blob", "hit");
+            count_cache(c.upstream.stats(), "blob", "hit");
             self.touch(digest).await;
             return Ok(ProxiedBlob::Stored(blob));
         }
         if self.is_missing(&c.local, &blob_reference(digest)).await {
-            count_cache("blob", "negative");
+            count_cache(c.upstream.stats(), "blob", "negative");
             return Err(RegistryError::BlobUnknown);
         }
         let (upstream, remote, d) = (Arc::clone(&c.upstream), c.remote.clone(), digest.clone());
@@ -546,7 +561,7 @@ impl Proxy {
         let mut attempts = 0;
         let joined = loop {
             attempts += 1;
-            match self.flights.join(digest, Arc::clone(&fetch)).await? {
+            match self.flights.join(digest, c.local.as_str(), Arc::clone(&fetch)).await? {
                 Join::Stored(size) => match self.registry.link_blob(&c.local, digest, size).await {
                     Ok(()) => break Join::Stored(size),
                     Err(RegistryError::BlobUnknown) if attempts < 3 => continue,
@@ -558,12 +573,12 @@ impl Proxy {
         match joined {
             Join::Stored(size) => {
                 // Cached for another repository already: content is shared, only the link is new.
-                count_cache("blob", "hit");
+                count_cache(c.upstream.stats(), "blob", "hit");
                 self.touch(digest).await;
                 Ok(ProxiedBlob::Stored(OpenBlob::sized(size)))
             }
             Join::Flight { flight, joined } => {
-                count_cache("blob", if joined { "coalesced" } else { "miss" });
+                count_cache(c.upstream.stats(), "blob", if joined { "coalesced" } else { "miss" });
                 let size = match flight.size().await {
                     Ok(size) => size,
                     Err(e) => return Err(self.flight_failed(c, digest, e).await),
@@ -669,6 +684,13 @@ fn flight_error(c: &Cached, e: FlightError) -> RegistryError {
     }
 }
 
-fn count_cache(kind: &'static str, result: &'static str) {
+/// One cache answer: `breakwater_cache_requests_total`, and the hit ratio of the upstream whose namespace it is.
+fn count_cache(stats: &Stats, kind: &'static str, result: &'static str) {
     metrics::counter!("breakwater_cache_requests_total", "kind" => kind, "result" => result).increment(1);
+    match result {
+        "hit" | "deferred" => stats.lookup(Lookup::Hit),
+        "coalesced" => stats.lookup(Lookup::Coalesced),
+        "miss" => stats.lookup(Lookup::Miss),
+        _ => {}
+    }
 }

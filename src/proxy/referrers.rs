@@ -65,8 +65,8 @@ impl Proxy {
             Err(e) => {
                 tracing::warn!(upstream = c.upstream.name(), repo = %c.remote, %subject, error = %e,
                     "upstream unavailable; listing the cached referrers");
-                count_cache("referrers", "stale");
-                metrics::counter!("breakwater_cache_stale_serves_total", "upstream" => c.upstream.name().to_string()).increment(1);
+                count_cache(c.upstream.stats(), "referrers", "stale");
+                c.upstream.stats().stale_serve();
                 return Ok(ReferrersPage { page: held, stale: true });
             }
         };
@@ -82,12 +82,12 @@ impl Proxy {
     /// from the one fetch of them in progress.
     async fn upstream_referrers(&self, c: &Cached, subject: &Digest) -> Result<Arc<Listing<ManifestRecord>>> {
         let key = (c.local.clone(), subject.clone());
-        if let Some(listed) = self.referrer_lists.fresh(&key, c.upstream.config.tag_ttl) {
+        if let Some(listed) = self.referrer_lists.fresh(&key, c.upstream.config.tag_ttl, c.upstream.stats()) {
             return Ok(listed);
         }
         let (upstream, remote, subject) = (Arc::clone(&c.upstream), c.remote.clone(), subject.clone());
         self.referrer_lists
-            .fetch(key, move || async move {
+            .fetch(key, c.upstream.stats(), move || async move {
                 let found = upstream.referrers_of(&remote, &subject, MAX_LISTED_REFERRERS).await?;
                 if found.truncated {
                     tracing::warn!(upstream = upstream.name(), repo = %remote, %subject, held = MAX_LISTED_REFERRERS,

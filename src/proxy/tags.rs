@@ -65,8 +65,8 @@ impl Proxy {
             (Err(e), Some(page)) => {
                 tracing::warn!(upstream = c.upstream.name(), repo = %c.remote, error = %e,
                     "upstream unavailable; listing the cached tags");
-                count_cache("tags", "stale");
-                metrics::counter!("breakwater_cache_stale_serves_total", "upstream" => c.upstream.name().to_string()).increment(1);
+                count_cache(c.upstream.stats(), "tags", "stale");
+                c.upstream.stats().stale_serve();
                 Ok(TagPage { page, stale: true })
             }
             (Err(e), None) => Err(e),
@@ -76,17 +76,17 @@ impl Proxy {
     /// The upstream's tags of `c`, sorted byte-wise: held if listed within the tag TTL, else from the one listing
     /// of the repository in progress.
     async fn upstream_tags(&self, c: &Cached) -> Result<Arc<Listing<String>>> {
-        if let Some(listed) = self.tag_lists.fresh(&c.local, c.upstream.config.tag_ttl) {
+        if let Some(listed) = self.tag_lists.fresh(&c.local, c.upstream.config.tag_ttl, c.upstream.stats()) {
             return Ok(listed);
         }
         if self.is_missing(&c.local, TAGS_MISSING).await {
-            count_cache("tags", "negative");
+            count_cache(c.upstream.stats(), "tags", "negative");
             return Err(RegistryError::NameUnknown);
         }
         let (upstream, remote) = (Arc::clone(&c.upstream), c.remote.clone());
         let listed = self
             .tag_lists
-            .fetch(c.local.clone(), move || async move {
+            .fetch(c.local.clone(), c.upstream.stats(), move || async move {
                 let all = upstream.all_tags(&remote, MAX_LISTED_TAGS).await?;
                 if all.truncated {
                     tracing::warn!(upstream = upstream.name(), repo = %remote, held = MAX_LISTED_TAGS,

@@ -164,10 +164,13 @@ impl PageState {
 }
 
 impl RepoWork {
-    fn item_finished(&self) {
+    /// One of the repository's items (its listing, a tag's copy) is done; counts the repository as finished in
+    /// `progress` when it was the last.
+    fn item_finished(&self, progress: &Progress) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.page.cursor.lock().unwrap_or_else(|p| p.into_inner()).outstanding.remove(self.name.as_str());
             self.page.repo_finished();
+            progress.repo_finished();
         }
     }
 }
@@ -674,7 +677,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                     Ok(Err(e)) => run.fail(repo.name.as_str(), "", format!("listing tags: {e}")).await,
                     Err(panic) => run.fail(repo.name.as_str(), "", format!("listing tags panicked: {panic}")).await,
                 }
-                repo.item_finished();
+                repo.item_finished(&run.progress);
             }
         }));
     }
@@ -695,7 +698,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
                 if copied && a.repo.requeued {
                     run.forget_failure(a.repo.name.as_str(), &a.tag).await;
                 }
-                a.repo.item_finished();
+                a.repo.item_finished(&run.progress);
             }
         }));
     }
@@ -746,6 +749,7 @@ async fn walk(run: Arc<Run>, filter: RepoFilter) -> Result<JobRecord, ReplicateE
             Err(e) => crashes.push(panic_of(e)),
         }
     }
+    run.progress.walk_ended();
     for h in listers.into_iter().chain(workers).chain([checkpoint]) {
         if let Err(e) = h.await {
             crashes.push(panic_of(e));
@@ -964,6 +968,7 @@ async fn hand_on(
             going = false;
             break;
         }
+        run.progress.repo_handed();
     }
     // The page's own token: released once all its repositories were handed on.
     state.repo_finished();

@@ -2,14 +2,13 @@
 //! terminal or as periodic log lines, exported as metrics, and saved with the checkpoint.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::meta::JobRecord;
 
 /// Counters of one run. Each field is what its name says; `copied`, `skipped` and `failed` count artifacts (tags).
-#[derive(Default)]
 pub struct Progress {
     pub pages: AtomicU64,
     pub repos_seen: AtomicU64,
@@ -23,6 +22,47 @@ pub struct Progress {
     /// The most tags one repository's listing held at once (a page, or the `--latest` set): the listing's memory,
     /// which stays bounded whatever the number of tags.
     pub tags_held_max: AtomicU64,
+    /// When the run started, and the artifacts and bytes it took over from a saved job (`restore`): its rate
+    /// is of what it did itself.
+    started: Instant,
+    restored: (AtomicU64, AtomicU64),
+    /// Repositories this run handed on to be listed and copied, and those of them finished; once the walk has
+    /// ended, the first is this run's total, which gives its ETA.
+    repos_handed: AtomicU64,
+    repos_finished: AtomicU64,
+    walk_ended: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Progress {
+        Progress {
+            pages: AtomicU64::new(0),
+            repos_seen: AtomicU64::new(0),
+            repos_matched: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            conflicts: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            tags_held_max: AtomicU64::new(0),
+            started: Instant::now(),
+            restored: (AtomicU64::new(0), AtomicU64::new(0)),
+            repos_handed: AtomicU64::new(0),
+            repos_finished: AtomicU64::new(0),
+            walk_ended: AtomicBool::new(false),
+        }
+    }
+}
+
+/// How fast a run goes, for `/api/status`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Rate {
+    /// Artifacts settled (copied, skipped or failed) per second.
+    pub artifacts_per_sec: f64,
+    pub bytes_per_sec: f64,
+    /// Seconds left, at the pace of the repositories finished so far, once the walk has ended (before, the
+    /// total is not known); `None` until then.
+    pub eta_secs: Option<u64>,
 }
 
 /// Metric names of the counters, in `Progress` order.
@@ -46,6 +86,35 @@ impl Progress {
         self.skipped.store(r.skipped, Ordering::Relaxed);
         self.failed.store(r.failed, Ordering::Relaxed);
         self.bytes.store(r.bytes, Ordering::Relaxed);
+        self.restored.0.store(r.copied + r.skipped + r.failed, Ordering::Relaxed);
+        self.restored.1.store(r.bytes, Ordering::Relaxed);
+    }
+
+    /// Artifacts and bytes per second since the run started, of what it did itself.
+    pub fn rate(&self) -> Rate {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        let artifacts = (g(&self.copied) + g(&self.skipped) + g(&self.failed)).saturating_sub(g(&self.restored.0));
+        let bytes = g(&self.bytes).saturating_sub(g(&self.restored.1));
+        let (handed, finished) = (g(&self.repos_handed), g(&self.repos_finished));
+        let eta_secs = (self.walk_ended.load(Ordering::Relaxed) && (finished > 0 || handed == 0))
+            .then(|| (handed.saturating_sub(finished) as f64 * secs / finished.max(1) as f64).ceil() as u64);
+        Rate { artifacts_per_sec: artifacts as f64 / secs, bytes_per_sec: bytes as f64 / secs, eta_secs }
+    }
+
+    /// A repository was handed on to be listed and copied.
+    pub fn repo_handed(&self) {
+        self.repos_handed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A repository handed on is finished (its tags listed and each copied, skipped or failed).
+    pub fn repo_finished(&self) {
+        self.repos_finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The catalog walk is over: every repository this run will work on was handed on.
+    pub fn walk_ended(&self) {
+        self.walk_ended.store(true, Ordering::Relaxed);
     }
 
     fn counter(&self, i: usize) -> &AtomicU64 {
@@ -157,5 +226,28 @@ impl Drop for Reporter {
         if let Some(b) = &self.bar {
             b.finish_and_clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_eta_is_known_once_the_walk_has_ended() {
+        let p = Progress::default();
+        p.repo_handed();
+        p.repo_handed();
+        p.repo_finished();
+        assert_eq!(p.rate().eta_secs, None, "the walk may hand on more");
+        p.walk_ended();
+        assert!(p.rate().eta_secs.is_some());
+        p.repo_finished();
+        assert_eq!(p.rate().eta_secs, Some(0));
+        // A resumed run rates only what it did itself.
+        let r = Progress::default();
+        r.restore(&JobRecord { copied: 1_000_000, bytes: 1 << 40, ..JobRecord::default() });
+        let rate = r.rate();
+        assert_eq!((rate.artifacts_per_sec, rate.bytes_per_sec), (0.0, 0.0));
     }
 }

@@ -33,6 +33,8 @@ pub struct JobStatus {
     pub schedule_secs: Option<u64>,
     /// Counters of the run in progress, or of the last run.
     pub progress: JobRecord,
+    /// How fast the run in progress goes; `None` when none runs.
+    pub rate: Option<super::progress::Rate>,
     /// How many items the job has recorded as failed.
     pub failure_count: u64,
     /// The first `FAILURES_SHOWN` of them in (repository, tag) order; the rest are paged through
@@ -187,6 +189,7 @@ impl Scheduler {
         JobStatus {
             name: p.name.clone(),
             running: live.is_some(),
+            rate: live.as_ref().map(|l| l.rate()),
             schedule_secs: p.schedule_secs,
             progress,
             failure_count: self.meta.count_failures(&p.name).await.unwrap_or(first.items.len() as u64),

@@ -12,6 +12,7 @@ mod harbor;
 mod push;
 mod referrers;
 pub mod realm;
+pub mod stats;
 
 pub use catalog::{AllTags, Page as ListPage};
 pub use harbor::HARBOR_PAGE;
@@ -165,6 +166,9 @@ pub struct Upstream {
     foreign_realm_warned: std::sync::atomic::AtomicBool,
     /// The last `ratelimit-remaining` the upstream sent, and when.
     ratelimit: Mutex<Option<RateLimitSeen>>,
+    /// Requests, bytes, cache answers and the last success and error, kept once for `/api/status` and the
+    /// metrics (shared with token fetches and blob bodies, which outlive a borrow of the upstream).
+    stats: Arc<stats::Stats>,
 }
 
 
@@ -257,14 +261,12 @@ fn renew_at(now: Instant, lifetime: Duration) -> Instant {
 
 /// Asks a token endpoint for a bearer token; returns it with its lifetime. `timeout` bounds the wait for the
 /// answer and each silence in its body.
-async fn fetch_token(req: reqwest::RequestBuilder, upstream: String, timeout: Duration) -> Result<(String, Duration), UpstreamError> {
+async fn fetch_token(req: reqwest::RequestBuilder, stats: Arc<stats::Stats>, timeout: Duration) -> Result<(String, Duration), UpstreamError> {
     let resp = match tokio::time::timeout(timeout, req.send()).await {
         Err(_) => return Err(UpstreamError::Unavailable(format!("token request: no answer within {timeout:?}"))),
         Ok(r) => r.map_err(|e| UpstreamError::Unavailable(format!("token request: {}", without_url(&e))))?,
     };
-    metrics::counter!("breakwater_upstream_requests_total",
-        "upstream" => upstream, "method" => "GET", "status" => resp.status().as_str().to_string())
-    .increment(1);
+    stats.request("GET", resp.status().as_str());
     if resp.status() == StatusCode::UNAUTHORIZED || resp.status() == StatusCode::FORBIDDEN {
         return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status())));
     }
@@ -332,7 +334,6 @@ impl Upstream {
         };
         let tokens = Arc::new(BoundedMap::new("upstream_tokens", config.token_entries, None));
         Ok(Upstream {
-            config,
             base,
             client,
             downloads,
@@ -345,6 +346,8 @@ impl Upstream {
             allowed,
             foreign_realm_warned: std::sync::atomic::AtomicBool::new(false),
             ratelimit: Mutex::new(None),
+            stats: Arc::new(stats::Stats::new(&config.name)),
+            config,
         })
     }
 
@@ -358,9 +361,18 @@ impl Upstream {
     }
 
     fn count(&self, method: &Method, status: &str) {
-        metrics::counter!("breakwater_upstream_requests_total",
-            "upstream" => self.config.name.clone(), "method" => method.to_string(), "status" => status.to_string())
-        .increment(1);
+        self.stats.request(method.as_str(), status);
+    }
+
+    /// What this upstream has done: requests, bytes, cache answers, last success and error (shared: a blob
+    /// streamed to a client counts its bytes as they go).
+    pub fn stats(&self) -> &Arc<stats::Stats> {
+        &self.stats
+    }
+
+    /// The last `ratelimit-remaining` the upstream sent, if it ever sent one.
+    pub fn ratelimit_remaining(&self) -> Option<u64> {
+        self.ratelimit.lock().unwrap_or_else(|p| p.into_inner()).map(|s| s.remaining)
     }
 
     fn basic_header(&self) -> Option<HeaderValue> {
@@ -422,7 +434,7 @@ impl Upstream {
                 if let Some(v) = self.cached_token(scope) {
                     return Ok(v);
                 }
-                let fetch = fetch_token(req, self.config.name.clone(), self.config.timeout);
+                let fetch = fetch_token(req, Arc::clone(&self.stats), self.config.timeout);
                 let value = match shared_token(&self.tokens, &self.token_fetches, scope, fetch).await {
                     Ok(value) => value,
                     Err(e) => {
@@ -507,85 +519,95 @@ impl Upstream {
         mut body: Option<reqwest::Body>,
         mut watch: Option<Arc<UploadWatch>>,
     ) -> Result<reqwest::Response, UpstreamError> {
-        if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
-            if Instant::now() < t {
-                return Err(UpstreamError::RateLimited);
-            }
-        }
-        if let Some(pacer) = &self.pacer {
-            pacer.spend(1.0).await;
-        }
-        let absolute = target.starts_with("http://") || target.starts_with("https://");
-        let url = if absolute { target.to_string() } else { format!("{}{target}", self.base) };
-        // An upload `Location` may point at another host (a storage service); our credentials stay with the
-        // registry they belong to.
-        let foreign = absolute && origin(target) != origin(&self.base);
-        let mut auth = if foreign { None } else { self.known_auth(scope) };
-        for attempt in 0..2 {
-            let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
-            let mut req = client.request(method.clone(), &url).headers(headers.clone());
-            if let Some(a) = &auth {
-                req = req.header(header::AUTHORIZATION, a.clone());
-            }
-            if let Some(b) = body.take() {
-                req = req.body(b);
-            }
-            let timeout = self.config.timeout;
-            let answer = match &watch {
-                None => tokio::time::timeout(timeout, req.send()).await.map_err(|_| format!("no answer within {timeout:?}")),
-                Some(w) => tokio::select! {
-                    r = req.send() => Ok(r),
-                    stalled = w.stalled(timeout) => Err(stalled),
-                },
-            };
-            let resp = match answer {
-                Err(why) => {
-                    self.count(&method, "timeout");
-                    return Err(UpstreamError::Unavailable(why));
+        // Whether the upstream answered (its last success) or not (its last error: unreachable, 5xx, 429,
+        // credentials refused, an answer that makes no sense), whichever way the exchange below ends.
+        let result = async {
+            if let Some(t) = *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) {
+                if Instant::now() < t {
+                    return Err(UpstreamError::RateLimited);
                 }
-                Ok(Err(e)) => {
-                    self.count(&method, "error");
-                    return Err(UpstreamError::Unavailable(without_url(&e)));
+            }
+            if let Some(pacer) = &self.pacer {
+                pacer.spend(1.0).await;
+            }
+            let absolute = target.starts_with("http://") || target.starts_with("https://");
+            let url = if absolute { target.to_string() } else { format!("{}{target}", self.base) };
+            // An upload `Location` may point at another host (a storage service); our credentials stay with the
+            // registry they belong to.
+            let foreign = absolute && origin(target) != origin(&self.base);
+            let mut auth = if foreign { None } else { self.known_auth(scope) };
+            for attempt in 0..2 {
+                let replay = body.as_ref().and_then(|b| b.as_bytes()).map(Bytes::copy_from_slice);
+                let mut req = client.request(method.clone(), &url).headers(headers.clone());
+                if let Some(a) = &auth {
+                    req = req.header(header::AUTHORIZATION, a.clone());
                 }
-                Ok(Ok(r)) => r,
-            };
-            let status = resp.status();
-            self.count(&method, status.as_str());
-            self.observe_ratelimit(resp.headers());
-            if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
-                let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
-                match challenge {
-                    Some(c) => {
-                        auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
-                        body = replay.map(reqwest::Body::from);
-                        // A streamed body is not replayed, so nothing is left to watch: the plain timeout applies.
-                        watch = None;
-                        continue;
+                if let Some(b) = body.take() {
+                    req = req.body(b);
+                }
+                let timeout = self.config.timeout;
+                let answer = match &watch {
+                    None => tokio::time::timeout(timeout, req.send()).await.map_err(|_| format!("no answer within {timeout:?}")),
+                    Some(w) => tokio::select! {
+                        r = req.send() => Ok(r),
+                        stalled = w.stalled(timeout) => Err(stalled),
+                    },
+                };
+                let resp = match answer {
+                    Err(why) => {
+                        self.count(&method, "timeout");
+                        return Err(UpstreamError::Unavailable(why));
                     }
-                    None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
+                    Ok(Err(e)) => {
+                        self.count(&method, "error");
+                        return Err(UpstreamError::Unavailable(without_url(&e)));
+                    }
+                    Ok(Ok(r)) => r,
+                };
+                let status = resp.status();
+                self.count(&method, status.as_str());
+                self.observe_ratelimit(resp.headers());
+                if status == StatusCode::UNAUTHORIZED && attempt == 0 && !foreign {
+                    let challenge = resp.headers().get(header::WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).map(str::to_string);
+                    match challenge {
+                        Some(c) => {
+                            auth = Some(self.authorize(&c, scope, auth.as_ref()).await?);
+                            body = replay.map(reqwest::Body::from);
+                            // A streamed body is not replayed, so nothing is left to watch: the plain timeout applies.
+                            watch = None;
+                            continue;
+                        }
+                        None => return Err(UpstreamError::Unauthorized("401 without a challenge".into())),
+                    }
                 }
+                if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+                    if let Some(wait) = retry_after(resp.headers()) {
+                        *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+                    }
+                }
+                return match status {
+                    s if s.is_success() => Ok(resp),
+                    StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
+                    s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
+                        Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
+                    }
+                    StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
+                    s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
+                    s => {
+                        let text = read_limited(resp, 64 * 1024, timeout).await.unwrap_or_default();
+                        let text = String::from_utf8_lossy(&text);
+                        Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
+                    }
+                };
             }
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-                if let Some(wait) = retry_after(resp.headers()) {
-                    *self.not_before.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
-                }
-            }
-            return match status {
-                s if s.is_success() => Ok(resp),
-                StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
-                s @ (StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) => {
-                    Err(UpstreamError::Unauthorized(format!("upstream answered {s}")))
-                }
-                StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited),
-                s if s.is_server_error() => Err(UpstreamError::Unavailable(format!("upstream answered {s}"))),
-                s => {
-                    let text = read_limited(resp, 64 * 1024, timeout).await.unwrap_or_default();
-                    let text = String::from_utf8_lossy(&text);
-                    Err(UpstreamError::Refused(format!("{method} answered {s}: {}", text.chars().take(300).collect::<String>())))
-                }
-            };
+            Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
         }
-        Err(UpstreamError::Unauthorized("credentials refused after the challenge was answered".into()))
+        .await;
+        match &result {
+            Ok(_) | Err(UpstreamError::NotFound | UpstreamError::Refused(_)) => self.stats.succeeded(),
+            Err(e) => self.stats.failed(e.to_string()),
+        }
+        result
     }
 
     /// Records the rate-limit headers of an answer: as gauges, and the remaining count for `ratelimit_low`.
@@ -723,11 +745,11 @@ impl Upstream {
         } else {
             resp.content_length()
         };
-        let upstream = self.config.name.clone();
+        let stats = Arc::clone(&self.stats);
         let idle = self.config.timeout;
         let stream = resp.bytes_stream();
         let body = futures_util::stream::unfold(Some(stream), move |s| {
-            let upstream = upstream.clone();
+            let stats = Arc::clone(&stats);
             async move {
                 let mut s = s?;
                 match tokio::time::timeout(idle, s.next()).await {
@@ -735,7 +757,7 @@ impl Upstream {
                     Ok(None) => None,
                     Ok(Some(Err(e))) => Some((Err(std::io::Error::other(without_url(&e))), None)),
                     Ok(Some(Ok(b))) => {
-                        metrics::counter!("breakwater_upstream_bytes_total", "upstream" => upstream).increment(b.len() as u64);
+                        stats.fetched(b.len() as u64);
                         Some((Ok(b), Some(s)))
                     }
                 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod browser;
 pub mod containerd;
 pub mod harbor;
 pub mod images;

@@ -101,6 +101,11 @@ pub async fn push_image(base: &str, repo: &str, tag: &str, layer_sizes: &[usize]
     Image { manifest, digest, config, config_digest, layers, layer_digests }
 }
 
+/// GETs every one of `urls` at once, each on a task of its own; a task gives (status, sha256 of the body).
+pub fn spawn_gets(urls: impl IntoIterator<Item = String>) -> Vec<tokio::task::JoinHandle<Result<(u16, String), String>>> {
+    urls.into_iter().map(|url| tokio::spawn(async move { get(&url).await.map(|(status, body)| (status, sha256(&body))) })).collect()
+}
+
 /// GETs `url` and returns (status, body); a body that breaks midway is an `Err`.
 pub async fn get(url: &str) -> Result<(u16, Vec<u8>), String> {
     let r = reqwest::get(url).await.map_err(|e| e.to_string())?;
