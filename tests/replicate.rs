@@ -1773,6 +1773,15 @@ async fn sigterm_to_a_distributed_worker_gives_its_unit_back_releases_its_lease_
     let units = stored_units(&pg.url, "T").await;
     assert!(units.iter().all(|u| u.1 != "claimed"), "{units:?}");
     assert!(units.iter().any(|u| u.1 == "pending"), "work was left: {units:?}");
+    // A plain run of the job (not --distributed) is refused while its units are open, and changes none of them:
+    // a fresh one would reset the workers' checkpoint.
+    for extra in [&[][..], &["--resume"][..]] {
+        let plain = queue_args("replicate", &src.addr, &relay.addr, &pg.url, "T", &[&["--walkers", "1"][..], extra].concat());
+        let out = replicate(plain).await;
+        assert_ne!(out.code, Some(0), "{}", out.describe());
+        assert!(out.stderr.contains("is a distributed job"), "{}", out.describe());
+        assert_eq!(stored_units(&pg.url, "T").await, units, "a refused run changed the units");
+    }
     // A worker finishes the job from the checkpoint, pushing no tag twice.
     let w = queue_args("worker", &src.addr, &relay.addr, &pg.url, "T", &["--walkers", "1", "--page-size", "10"]);
     replicate(w).await.assert_ok();

@@ -99,6 +99,8 @@ pub enum ReplicateError {
     Meta(#[from] crate::meta::MetaError),
     #[error("upstream: {0}")]
     Upstream(#[from] UpstreamError),
+    #[error("job {job} is a distributed job with {open} units pending or claimed: work it with `breakwater worker` or `replicate --distributed`, or wait until they are done")]
+    Distributed { job: String, open: usize },
 }
 
 /// A repository in the pipeline: its artifacts still pending, and the page it belongs to.
@@ -462,6 +464,12 @@ pub async fn run(
     let progress = progress.unwrap_or_default();
     let (run, repos) = engine(policy, Arc::clone(&meta), Arc::clone(&progress), cancel, Cursor::default(), 0, None)?;
     let policy = &run.policy;
+    // A job whose units workers share is theirs: a plain run would reset (fresh) or overwrite (resume) the
+    // checkpoint and counters they keep.
+    let open = meta.units(&policy.job).await?.iter().filter(|u| u.state == "pending" || u.state == "claimed").count();
+    if open > 0 {
+        return Err(ReplicateError::Distributed { job: policy.job.clone(), open });
+    }
     let saved = meta.job(&policy.job).await?;
     // A retry of failures counts; any walk (below) starts the count again.
     let retries = match (mode, &saved) {
