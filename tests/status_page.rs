@@ -232,6 +232,32 @@ async fn with_access_control_the_page_is_the_admins() {
     assert!(page.contains("/api/status") && !page.contains("https://"), "the page polls the API and loads nothing else");
 }
 
+/// The page makes the admin API a browser's, so a write to `/api/` that another site's page sends (a form or a
+/// `fetch`, with the browser's saved credentials) is refused: 403 `DENIED`, and no run starts. The page's own
+/// origin, and clients that send no `Origin` (curl, a registry's notifications), are let through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_the_api_from_another_site_are_refused() {
+    let s = Setup::start("");
+    let http = reqwest::Client::new();
+    let run = s.bw.url("/api/replication/mirror/run");
+    let own = format!("http://{}", s.bw.url("/").trim_start_matches("http://").trim_end_matches('/'));
+    for origin in ["http://evil.example", "null", "https://127.0.0.1", &own.replace("http://", "http://x")] {
+        let r = http.post(&run).header("origin", origin).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 403, "Origin {origin}");
+        let body: Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["errors"][0]["code"], "DENIED", "Origin {origin}: {body}");
+    }
+    let (_, body) = get(&s.bw.url("/api/replication/mirror")).await.unwrap();
+    let job: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(job["running"], false, "a refused request started a run: {job}");
+    assert_eq!(s.source_relay.count("GET", "/v2/_catalog"), 0, "a refused request reached the source");
+    // The page's own origin, and no Origin at all, start the run (then 409 while it runs).
+    let r = http.post(&run).header("origin", &own).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "the page's own origin");
+    let r = http.post(&run).send().await.unwrap();
+    assert!(matches!(r.status().as_u16(), 202 | 409), "no Origin: {}", r.status());
+}
+
 /// `/api/status` at the JSON level: after a herd of N pulls of one blob, the upstream fetched it once and served
 /// it N times (the herd's misses, coalesced joins and hits say the same); manifest pulls rank the most pulled;
 /// a failed upstream request is its last error; no rate-limit header was sent, so no headroom is known.

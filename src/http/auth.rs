@@ -73,12 +73,30 @@ fn events_secret(app: &App, method: &Method, path: &str, authorization: Option<&
     queue.secret_matches(authorization)
 }
 
+/// Whether a browser sent the request for a page of another origin. The status page makes the admin API a
+/// browser's: another site's form or `fetch` would carry the browser's saved credentials (CSRF), and browsers name
+/// the page's origin in `Origin` on such writes. Clients that are not browsers (curl, a registry's notifications)
+/// send none, and are let through.
+fn cross_site(req: &Request) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else { return false };
+    let host = req.uri().authority().map(|a| a.as_str()).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()));
+    // `Origin: null` (a sandboxed or file page) and an unreadable one are another site's too.
+    let origin_host = origin.to_str().ok().and_then(|o| o.split_once("://")).map(|(_, h)| h);
+    match (origin_host, host) {
+        (Some(o), Some(h)) => !o.eq_ignore_ascii_case(h),
+        _ => true,
+    }
+}
+
 /// The gate: with access control on, a request reaches its handler only with an `Identity` allowed what it
 /// needs (inserted into the request's extensions for the handlers that filter or check more: the catalog, a
 /// cross-repository mount). Writes that succeed get an audit line, with access control on or off.
 pub async fn gate(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if path.starts_with("/api/") && !matches!(method, Method::GET | Method::HEAD) && cross_site(&req) {
+        return denied("a write to /api/ from another site's page is refused (its Origin is not this server)");
+    }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     // A policy's own secret lets its notifications in, with access control on or off; once set, it is required
     // of everyone but an admin.
