@@ -5,11 +5,12 @@
 //! client 2 ─┼─> BlobFlights::join ───┤                      ├─> verify digest, adopt into storage
 //! client N ─┘    one fetch task      └─ watch: Progress ────┘
 //! ```
-//! The fetch task appends to the spool and publishes how many bytes are there; each client maps the spool's
-//! published prefix (through its own file handle) and hands hyper slices of the map, then waits for the next
-//! change. So late joiners replay from disk (page cache), a slow client only slows itself, and a client costs no
-//! buffer of ours whatever N is: its slices are page cache, shared with every other reader, not the process's
-//! anonymous memory.
+//! The fetch task appends to the spool and publishes how many bytes are there; the spool is mapped once for the
+//! blob's whole size, and each client hands hyper slices of that one map below the published count, then waits
+//! for the next change. So late joiners replay from disk (page cache), a slow client only slows itself, and a
+//! client costs no buffer of ours whatever N is: its slices are page cache, shared with every other reader, not
+//! the process's anonymous memory; and one map means the page tables and first-touch faults are paid once per
+//! flight, not once per client.
 //!
 //! A flight outlives the clients that wait on it (it fills the cache), but not the server: at shutdown, after
 //! the HTTP drain, its download is cancelled and it ends as a failed flight does, its spool removed. Only the
@@ -109,6 +110,9 @@ pub struct BlobFlight {
     repository: String,
     /// Clients streaming from it now (for the status page; a reader's stream counts until it is dropped).
     readers: Arc<std::sync::atomic::AtomicUsize>,
+    /// The spool mapped for the blob's whole size, made by the first reader once the size is known and shared by
+    /// all: a map per reader cost each client of a herd its own page tables and a fault per 64 KiB it sent.
+    map: std::sync::OnceLock<Bytes>,
 }
 
 /// A flight in progress as `/api/status` shows it.
@@ -275,6 +279,7 @@ impl BlobFlights {
             started: Instant::now(),
             repository,
             readers: Arc::default(),
+            map: std::sync::OnceLock::new(),
         });
         inflight.insert(digest.clone(), Arc::clone(&flight));
         drop(inflight);
@@ -567,41 +572,55 @@ impl BlobFlight {
     pub async fn reader(self: &Arc<Self>, range: Option<ByteRange>) -> Result<ByteStream, FlightError> {
         let size = self.size().await?;
         let range = range.unwrap_or(ByteRange { start: 0, end: size });
-        let mut rx = self.progress.clone();
-        // Opened in place: one metadata operation, where a trip to the blocking pool would put this client's first
-        // byte behind a full round of the run queue.
-        let file = match std::fs::File::open(&self.spool) {
-            Ok(f) => Some(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // The spool has just been moved into storage (or removed after a failure).
-                let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
-                match phase {
-                    Ok(Phase::Done) => None,
-                    Ok(Phase::Failed(e)) => return Err(e),
-                    _ => return Err(FlightError::Failed("the download task ended unexpectedly".into())),
-                }
-            }
-            Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
-        };
-        let Some(file) = file else {
+        let rx = self.progress.clone();
+        let Some(map) = self.map(size).await? else {
             return self.store.read(&self.digest, Some(range)).await.map_err(|e| FlightError::Failed(e.to_string().into()));
         };
         let counted = ReaderCount::new(&self.readers);
-        let state = ReadState { file, pos: range.start, end: range.end, size, rx, rest: Bytes::new(), yielded: true, _counted: counted };
+        // Clamped to the map, whatever the caller resolved the range against.
+        let end = range.end.min(size);
+        let state = ReadState { map, pos: range.start.min(end), end, size, rx, rest: Bytes::new(), yielded: true, _counted: counted };
         Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
+    }
+
+    /// The flight's map of its spool (`size` bytes), made now if no reader has made it yet; `None` if the spool
+    /// has just been moved into storage, where the blob is to be read instead.
+    async fn map(&self, size: u64) -> Result<Option<Bytes>, FlightError> {
+        if let Some(map) = self.map.get() {
+            return Ok(Some(map.clone()));
+        }
+        // Opened in place: one metadata operation, where a trip to the blocking pool would put this client's first
+        // byte behind a full round of the run queue.
+        let file = match std::fs::File::open(&self.spool) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The spool has just been moved into storage (or removed after a failure).
+                let mut rx = self.progress.clone();
+                let phase = rx.wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_))).await.map(|p| p.phase.clone());
+                return match phase {
+                    Ok(Phase::Done) => Ok(None),
+                    Ok(Phase::Failed(e)) => Err(e),
+                    _ => Err(FlightError::Failed("the download task ended unexpectedly".into())),
+                };
+            }
+            Err(e) => return Err(FlightError::Failed(format!("opening the spool: {e}").into())),
+        };
+        let map = if size == 0 { Bytes::new() } else { map_spool(&file, size).map_err(|e| FlightError::Failed(format!("mapping the spool: {e}").into()))? };
+        // Two first readers may both map; one map is kept, the other is dropped unused.
+        Ok(Some(self.map.get_or_init(|| map).clone()))
     }
 }
 
 struct ReadState {
-    /// The spool, through this client's own handle (it stays valid when the spool is renamed into storage or
-    /// removed).
-    file: std::fs::File,
-    /// The first byte not yet mapped.
+    /// The flight's map of the whole spool (it stays valid when the spool is renamed into storage or removed).
+    /// Only what lies below the published `written` is ever sliced from it, so only that is touched.
+    map: Bytes,
+    /// The first byte not yet handed out.
     pos: u64,
     end: u64,
     size: u64,
     rx: watch::Receiver<Progress>,
-    /// What is mapped and not yet handed out: a view of a map of `[.., pos)`.
+    /// What is readable and not yet handed out: a view of `map` ending at `pos`.
     rest: Bytes,
     /// Whether the task has let others run since its last slice.
     yielded: bool,
@@ -625,17 +644,19 @@ impl Drop for ReaderCount {
     }
 }
 
-/// Maps `[from, to)` of the spool (a non-empty range the download has written) as `Bytes`, unmapped when the
-/// last slice of it is dropped.
-fn map_spool(file: &std::fs::File, from: u64, to: u64) -> io::Result<Bytes> {
-    let len = usize::try_from(to - from).map_err(io::Error::other)?;
-    // SAFETY: a map is sound while nothing writes to or truncates the file under it. A spool's bytes below the
-    // published `written` are written once and never again: the download only appends (a resumed download skips
-    // what it has), the file was created empty before the flight was visible, and what follows its end is an
-    // unlink (a failed flight, or one whose digest was stored meanwhile) or a link into storage (a stored blob is never written: the storage invariant),
-    // neither of which touches a mapped page. `written` is published only after the write has completed, so
-    // the range is within the file.
-    let map = unsafe { memmap2::MmapOptions::new().offset(from).len(len).map(file)? };
+/// Maps the first `size` bytes of the spool (a non-empty blob, which the download may not have written yet) as
+/// `Bytes`, unmapped when the last slice of it is dropped. Only the part below the published `written` may be
+/// read: a page past the file's end raises SIGBUS when touched.
+fn map_spool(file: &std::fs::File, size: u64) -> io::Result<Bytes> {
+    let len = usize::try_from(size).map_err(io::Error::other)?;
+    // SAFETY: a map is sound while nothing truncates the file under it or writes what is read through it. A
+    // spool's bytes below the published `written` are written once and never again: the download only appends
+    // (a resumed download skips what it has), the file was created empty before the flight was visible, and what
+    // follows its end is an unlink (a failed flight, or one whose digest was stored meanwhile) or a link into
+    // storage (a stored blob is never written: the storage invariant), neither of which touches a mapped page or
+    // shortens the file. `written` is published only after the write has completed, so what `read_next` slices
+    // (below it) is within the file; the rest of the map is not touched until it is.
+    let map = unsafe { memmap2::MmapOptions::new().len(len).map(file)? };
     Ok(Bytes::from_owner(map))
 }
 
@@ -667,14 +688,10 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
             return Some((Err(io::Error::other(reason)), None));
         }
         if readable > st.pos {
-            match map_spool(&st.file, st.pos, readable) {
-                Ok(mapped) => {
-                    st.pos = readable;
-                    st.rest = mapped;
-                    continue;
-                }
-                Err(e) => return Some((Err(e), None)),
-            }
+            // Within the map: `readable` is at most `end`, which is at most the blob's size, the map's length.
+            st.rest = st.map.slice(st.pos as usize..readable as usize);
+            st.pos = readable;
+            continue;
         }
         // Fresh from a wait, the next slice goes out at once: other tasks ran meanwhile.
         st.yielded = true;
