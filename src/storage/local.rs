@@ -18,6 +18,7 @@ use tokio::fs::{self, File};
 use tokio_util::io::ReaderStream;
 
 use super::carry::{Carry, Running};
+use super::open_maps::{OpenMaps, StoredMap};
 use super::{BlobStore, ByteRange, ByteStream, OpenBlob, OpenBytes, StorageError, StoredBlob, UploadClaim, UploadSessions};
 use crate::oci::Digest;
 
@@ -47,6 +48,8 @@ pub struct LocalStore {
     sessions: UploadSessions,
     /// The running digests of upload sessions, so that a commit need not read its upload back.
     carry: Carry,
+    /// The maps of blobs being downloaded, reused by downloads of the same blob that start meanwhile.
+    maps: Arc<OpenMaps>,
 }
 
 impl LocalStore {
@@ -81,7 +84,7 @@ impl LocalStore {
     /// A handle on the store under `root` that creates nothing, for `fsck` and its sweep: they check what is
     /// there (a missing directory is a finding, not something to create).
     pub fn existing(root: &Path) -> LocalStore {
-        LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default() }
+        LocalStore { root: root.to_path_buf(), sessions: UploadSessions::default(), carry: Carry::default(), maps: Arc::default() }
     }
 
     fn blob_path(&self, d: &Digest) -> PathBuf {
@@ -189,14 +192,16 @@ fn sorted_names(dir: &Path) -> io::Result<Vec<String>> {
 
 /// Opens the stored blob at `path` for a download, in the one blocking trip it needs: its size, and its bytes
 /// (read whole when small, else a memory map of the file, which hyper writes to the socket straight from page
-/// cache: no copy through a buffer of ours, no blocking-pool trip per chunk). `None` if it is not stored.
-fn open_whole(path: &Path) -> Result<Option<OpenBlob>, StorageError> {
+/// cache: no copy through a buffer of ours, no blocking-pool trip per chunk), which `maps` then shares with the
+/// downloads of `digest` that start while it lives. `None` if it is not stored.
+fn open_whole(path: &Path, digest: &Digest, maps: &OpenMaps) -> Result<Option<OpenBlob>, StorageError> {
     let file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let size = file.metadata()?.len();
+    let metadata = file.metadata()?;
+    let size = metadata.len();
     let len = usize::try_from(size).map_err(io::Error::other)?;
     let bytes = if len <= SMALL_BLOB {
         let mut buf = vec![0; len];
@@ -206,7 +211,8 @@ fn open_whole(path: &Path) -> Result<Option<OpenBlob>, StorageError> {
         // SAFETY: a map is sound while nothing writes to or truncates the file under it. A file under `blobs/` is
         // never written to once linked there (the storage invariant; `UploadClaim` for uploads), and eviction and
         // fsck only unlink it, which leaves a mapped file's pages valid until they are unmapped.
-        Opened::Mapped(unsafe { memmap2::MmapOptions::new().len(len).map(&file)? })
+        let map = unsafe { memmap2::MmapOptions::new().len(len).map(&file)? };
+        Opened::Mapped(maps.insert(digest, StoredMap::new(map, &metadata)))
     };
     Ok(Some(OpenBlob { size, bytes: Some(Box::new(bytes)) }))
 }
@@ -215,14 +221,14 @@ fn open_whole(path: &Path) -> Result<Option<OpenBlob>, StorageError> {
 enum Opened {
     /// A small blob, read whole.
     Read(Bytes),
-    Mapped(memmap2::Mmap),
+    Mapped(Arc<StoredMap>),
 }
 
 impl OpenBytes for Opened {
     fn stream(self: Box<Self>, range: Option<ByteRange>) -> Result<ByteStream, StorageError> {
         let size = match &*self {
             Opened::Read(b) => b.len(),
-            Opened::Mapped(m) => m.len(),
+            Opened::Mapped(m) => m.map.len(),
         };
         // A map read past the file's end faults (SIGBUS), so a window the file does not hold is refused here.
         let window = match range {
@@ -246,11 +252,11 @@ impl OpenBytes for Opened {
 }
 
 /// A memory map shared by the slices handed out of it (`Bytes::from_owner` needs its owner to be the bytes).
-struct SharedMap(Arc<memmap2::Mmap>);
+struct SharedMap(Arc<StoredMap>);
 
 impl AsRef<[u8]> for SharedMap {
     fn as_ref(&self) -> &[u8] {
-        &self.0
+        &self.0.map
     }
 }
 
@@ -259,7 +265,7 @@ impl AsRef<[u8]> for SharedMap {
 /// is asked to read ahead (`MADV_WILLNEED`, which starts the reads and does not wait for them).
 struct MappedSlices {
     /// The map itself, for the read-ahead advice.
-    map: Arc<memmap2::Mmap>,
+    map: Arc<StoredMap>,
     /// Where the window starts and ends in the map.
     window: std::ops::Range<usize>,
     /// What is still to be sent, a view of `map` (so `window.end - rest.len()` is where it starts).
@@ -272,8 +278,7 @@ struct MappedSlices {
 }
 
 impl MappedSlices {
-    fn new(map: memmap2::Mmap, window: std::ops::Range<usize>) -> MappedSlices {
-        let map = Arc::new(map);
+    fn new(map: Arc<StoredMap>, window: std::ops::Range<usize>) -> MappedSlices {
         let rest = Bytes::from_owner(SharedMap(Arc::clone(&map))).slice(window.clone());
         // The first slice goes out at once: a first byte never waits for the yield.
         let stream = MappedSlices { map, rest, yielded: true, window };
@@ -286,7 +291,7 @@ impl MappedSlices {
     fn read_ahead(&self, from: usize, len: usize) {
         let len = len.min(self.window.end.saturating_sub(from));
         if len > 0 {
-            let _ = self.map.advise_range(memmap2::Advice::WillNeed, from, len);
+            let _ = self.map.map.advise_range(memmap2::Advice::WillNeed, from, len);
         }
     }
 }
@@ -539,8 +544,13 @@ impl BlobStore for LocalStore {
 
     async fn open(&self, digest: &Digest) -> Result<Option<OpenBlob>, StorageError> {
         let path = self.blob_path(digest);
+        if let Some(map) = self.maps.get(digest, &path) {
+            let size = map.map.len() as u64;
+            return Ok(Some(OpenBlob { size, bytes: Some(Box::new(Opened::Mapped(map))) }));
+        }
         // Opening, sizing and mapping are the only blocking steps of a download: one trip to the blocking pool.
-        match tokio::task::spawn_blocking(move || open_whole(&path)).await {
+        let (digest, maps) = (digest.clone(), Arc::clone(&self.maps));
+        match tokio::task::spawn_blocking(move || open_whole(&path, &digest, &maps)).await {
             Ok(opened) => opened,
             Err(e) => Err(StorageError::Io(io::Error::other(format!("open thread failed: {e}")))),
         }
@@ -1012,6 +1022,29 @@ mod tests {
             let got = collect(store.read(&d, Some(ByteRange { start, end })).await.unwrap()).await;
             assert_eq!(got, &content[start as usize..end as usize], "bytes {start}..{end}");
         }
+    }
+
+    /// Downloads of one blob that overlap share its map; one that starts after the file under the blob's name was
+    /// replaced (removed and stored again, here by a rename as another process could) reads the new file, not the
+    /// map an older download still holds.
+    #[tokio::test]
+    async fn overlapping_downloads_share_a_map_only_of_the_file_the_name_still_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::open(dir.path()).await.unwrap();
+        let (d, content) = stored(&store, 3 * SERVE_SLICE).await;
+        let mut first = store.read(&d, None).await.unwrap();
+        let head = first.next().await.unwrap().unwrap();
+        let second = collect(store.read(&d, None).await.unwrap()).await;
+        assert_eq!(second, content);
+        assert_eq!(store.maps.get(&d, &store.blob_path(&d)).map(|m| m.map.as_ptr()), Some(head.as_ptr()), "one map, shared");
+
+        let other: Vec<u8> = content.iter().map(|b| b ^ 0xff).collect();
+        let replacement = dir.path().join("replacement");
+        std::fs::write(&replacement, &other).unwrap();
+        std::fs::rename(&replacement, store.blob_path(&d)).unwrap();
+        assert_eq!(collect(store.read(&d, None).await.unwrap()).await, other, "the file the name names now");
+        let rest = collect(first).await;
+        assert_eq!([head.to_vec(), rest].concat(), content, "the older download keeps its own file's bytes");
     }
 
     /// Between two slices the stream yields once, waking itself (so the task goes to the back of the run queue);

@@ -9,6 +9,7 @@ mod aws_profile;
 pub mod carry;
 mod local;
 pub mod migrate;
+mod open_maps;
 mod s3;
 
 use std::collections::HashSet;
