@@ -1786,6 +1786,15 @@ async fn sigterm_to_a_distributed_worker_gives_its_unit_back_releases_its_lease_
     let w = queue_args("worker", &src.addr, &relay.addr, &pg.url, "T", &["--walkers", "1", "--page-size", "10"]);
     replicate(w).await.assert_ok();
     let pushes = tag_pushes(&relay);
-    assert_eq!(pushes.len() as u64, N);
     assert!(pushes.values().all(|c| *c == 1), "tags pushed twice");
+    // Every tag is in the destination. A PUT cut by the signal may have been stored without its answer reaching
+    // the relay (which then records no status): the next worker finds that tag there and does not push it again.
+    let cut = relay.requests().iter().filter(|r| r.method == "PUT" && r.status == 0 && r.path.ends_with("/manifests/v1")).count();
+    assert!(pushes.len() + cut >= N as usize, "{} answered pushes, {cut} cut", pushes.len());
+    let api = Api::new(&dst.addr);
+    let catalog = api.catalog().await;
+    assert_eq!(catalog.len() as u64, N);
+    for repo in &catalog {
+        assert!(api.head(repo, "v1").await.is_some(), "{repo}:v1 is missing from the destination");
+    }
 }
