@@ -399,8 +399,7 @@ async fn overlapping_downloads_of_a_stored_blob_share_one_map() {
 async fn the_clients_of_a_flight_share_one_map_of_its_spool() {
     let source = Distribution::start();
     let blob: Vec<u8> = (0..16_000_000u32).map(|i| (i * 13 % 251) as u8).collect();
-    let digest = sha256(&blob);
-    push_to_distribution(&source, "lib/app", &blob, &digest).await;
+    let digest = common::oci::push_blob(&source.url(""), "lib/app", &blob).await;
     let relay = Relay::start(&source.addr);
     // 8 s for the blob: the flight is in progress while the clients join and stop.
     relay.throttle(2_000_000);
@@ -408,7 +407,7 @@ async fn the_clients_of_a_flight_share_one_map_of_its_spool() {
     let hex = digest.strip_prefix("sha256:").unwrap().to_string();
     let conns = stalled_downloads(&server, &format!("/v2/up/lib/app/blobs/{digest}"), 20).await;
     assert_eq!(relay.count("GET", &hex), 1, "one download upstream");
-    // Once a part of the blob is there, every client has been handed some of it (and holds it, unread).
+    // Counted once a part of the blob has reached breakwater, so that its clients have had bytes to send.
     let deadline = Instant::now() + Duration::from_secs(30);
     while relay.body_bytes() < 2_000_000 {
         assert!(Instant::now() < deadline, "the download stalled at {} bytes", relay.body_bytes());
@@ -420,18 +419,6 @@ async fn the_clients_of_a_flight_share_one_map_of_its_spool() {
     relay.throttle(0);
     let got = reqwest::get(server.url(&format!("/v2/up/lib/app/blobs/{digest}"))).await.unwrap().bytes().await.unwrap();
     assert_eq!(sha256(&got), digest);
-}
-
-/// Pushes `blob` (whose digest is `digest`) to a `docker-registry` with a POST and a PUT.
-async fn push_to_distribution(d: &Distribution, repo: &str, blob: &[u8], digest: &str) {
-    let http = reqwest::Client::new();
-    let r = http.post(d.url(&format!("/v2/{repo}/blobs/uploads/"))).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 202);
-    let location = r.headers()["location"].to_str().unwrap().to_string();
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let url = if location.starts_with("http") { location.clone() } else { d.url(&location) };
-    let r = http.put(format!("{url}{sep}digest={digest}")).body(blob.to_vec()).send().await.unwrap();
-    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap_or_default());
 }
 
 #[tokio::test]

@@ -579,7 +579,7 @@ impl BlobFlight {
         let counted = ReaderCount::new(&self.readers);
         // Clamped to the map, whatever the caller resolved the range against.
         let end = range.end.min(size);
-        let state = ReadState { map, pos: range.start.min(end), end, size, rx, rest: Bytes::new(), yielded: true, _counted: counted };
+        let state = ReadState { map, pos: range.start.min(end), end, rx, rest: Bytes::new(), yielded: true, _counted: counted };
         Ok(Box::pin(futures_util::stream::unfold(Some(state), read_next)))
     }
 
@@ -612,13 +612,13 @@ impl BlobFlight {
 }
 
 struct ReadState {
-    /// The flight's map of the whole spool (it stays valid when the spool is renamed into storage or removed).
+    /// The flight's map of the whole spool, as long as the blob (it stays valid when the spool is renamed into
+    /// storage or removed).
     /// Only what lies below the published `written` is ever sliced from it, so only that is touched.
     map: Bytes,
     /// The first byte not yet handed out.
     pos: u64,
     end: u64,
-    size: u64,
     rx: watch::Receiver<Progress>,
     /// What is readable and not yet handed out: a view of `map` ending at `pos`.
     rest: Bytes,
@@ -677,7 +677,7 @@ async fn read_next(state: Option<ReadState>) -> Option<(io::Result<Bytes>, Optio
         let (readable, failed) = {
             let p = st.rx.borrow_and_update();
             // Until verified, the blob's final byte is withheld (see `reader`).
-            let limit = if p.phase == Phase::Done { p.written } else { p.written.min(st.size.saturating_sub(1)) };
+            let limit = if p.phase == Phase::Done { p.written } else { p.written.min((st.map.len() as u64).saturating_sub(1)) };
             let failed = match &p.phase {
                 Phase::Failed(e) => Some(e.to_string()),
                 _ => None,
